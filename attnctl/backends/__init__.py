@@ -1,0 +1,1 @@
+"""Backends: thin launchers that implement the op contract (attnctl.reference defines it)."""

@@ -1,0 +1,187 @@
+"""attnctl.attention: validate, choose a backend, run.
+
+Backend policy for ``backend="auto"`` (the ``ATTNCTL_BACKEND`` environment variable, when
+set, replaces "auto" by a fixed backend for every call):
+
+* no bias, no prob_mult, no capture -> ``"sdpa"`` (torch.nn.functional.scaled_dot_product_
+  attention). For plain attention torch's FlashAttention/cuDNN kernels are the tuned path
+  and attnctl has nothing to add; the fused kernel is used where it does work SDPA cannot.
+* CUDA tensors -> ``"triton"``; if Triton cannot be imported -> ``"torch"`` with a warning.
+* CPU tensors -> ``"torch"``, the reference.
+
+``last_dispatch()`` tells which backend ran last and why; the ``attnctl`` logger prints
+the same at DEBUG level.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .backends._layout import empty_output
+from .capture import Capture
+from .reference import attention_reference
+from .validation import check_capture, validate
+
+logger = logging.getLogger("attnctl")
+
+BACKENDS = ("auto", "torch", "triton", "sdpa")
+ENV_BACKEND = "ATTNCTL_BACKEND"
+
+
+class Dispatch(NamedTuple):
+    backend: str
+    reason: str
+
+
+_last_dispatch = Dispatch("none", "no attention call yet")
+_triton_import_error: Optional[str] = None
+_warned: set = set()
+
+
+def last_dispatch() -> Dispatch:
+    """The backend the most recent attnctl.attention call ran on, and why."""
+    return _last_dispatch
+
+
+def _triton_available() -> Optional[str]:
+    """None if the Triton backend can be imported, else the reason it cannot."""
+    global _triton_import_error
+    if _triton_import_error is None:
+        try:
+            from .backends import triton_backend  # noqa: F401
+            _triton_import_error = ""
+        except Exception as exc:  # ImportError, or a Triton that fails to initialise
+            _triton_import_error = f"{type(exc).__name__}: {exc}"
+    return _triton_import_error or None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _check_backend_name(name, source: str) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"{source}: expected one of {', '.join(BACKENDS)}, got {name!r}")
+
+
+def choose_backend(requested: str, q: torch.Tensor, has_work: bool) -> Dispatch:
+    _check_backend_name(requested, "backend")
+    source = "backend argument"
+    if requested == "auto" and os.environ.get(ENV_BACKEND, "auto") != "auto":
+        requested = os.environ[ENV_BACKEND]
+        _check_backend_name(requested, ENV_BACKEND)
+        source = f"{ENV_BACKEND}={requested}"
+
+    if requested == "sdpa" and has_work:
+        raise ValueError(f"{source}: 'sdpa' computes plain attention only; this call has "
+                         "bias, prob_mult or capture, which need 'torch' or 'triton'")
+    if requested == "triton":
+        err = _triton_available()
+        if err:
+            raise RuntimeError(f"{source}: the Triton backend cannot be imported ({err})")
+        if not q.is_cuda and not _interpreting():
+            raise ValueError(f"{source}: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 "
+                             f"for the CPU interpreter); got q on {q.device}")
+    if requested != "auto":
+        return Dispatch(requested, f"requested by {source}")
+
+    if not has_work:
+        return Dispatch("sdpa", "auto: no bias, prob_mult or capture, so torch SDPA runs plain attention")
+    if not q.is_cuda:
+        return Dispatch("torch", f"auto: tensors on {q.device}, so the PyTorch reference runs")
+    err = _triton_available()
+    if err:
+        return Dispatch("torch", f"auto: Triton unavailable ({err}); the reference materialises P")
+    return Dispatch("triton", "auto: CUDA tensors with controls or captures, so the fused Triton kernel runs")
+
+
+def _note(dispatch: Dispatch) -> None:
+    global _last_dispatch
+    _last_dispatch = dispatch
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("attnctl.attention -> %s (%s)", dispatch.backend, dispatch.reason)
+    if dispatch.backend == "torch" and "unavailable" in dispatch.reason and dispatch.reason not in _warned:
+        _warned.add(dispatch.reason)
+        logger.warning("attnctl: falling back to the slow reference path: %s", dispatch.reason)
+
+
+def _run(q, k, v, scale, bias, prob_mult, capture, backend) -> torch.Tensor:
+    has_work = bias is not None or prob_mult is not None or (capture is not None and not capture.empty)
+    dispatch = choose_backend(backend, q, has_work)
+    _note(dispatch)
+    if dispatch.backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if dispatch.backend == "triton":
+        from .backends.triton_backend import attention_triton
+        return attention_triton(q, k, v, scale=scale, bias=bias, prob_mult=prob_mult, capture=capture)
+    return attention_reference(q, k, v, scale=scale, bias=bias, prob_mult=prob_mult, capture=capture)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: Optional[float] = None,
+    bias: Optional[torch.Tensor] = None,
+    prob_mult: Optional[torch.Tensor] = None,
+    capture: Optional[Capture] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention with controls and captures in one pass.
+
+    Args:
+        q, k, v: (B, H, M, D), (B, H, N, D), (B, H, N, Dv); fp16, bf16 or fp32; any strides.
+            D and Dv are multiples of 8 up to 256.
+        scale: softmax scale; default 1/sqrt(D).
+        bias: additive pre-softmax logits, broadcastable to (B, H, M, N); -inf masks a key.
+        prob_mult: factor on the normalised probabilities in the numerator only
+            (O = Σ_n P·f·v, no renormalisation), broadcastable to (B, H, M, N).
+        capture: an attnctl.Capture whose fp32 buffers receive statistics of P (before
+            prob_mult), added to what they hold.
+        backend: "auto", "torch" (reference), "triton" or "sdpa" (plain attention only).
+
+    Returns:
+        (B, H, M, Dv) in q's dtype, laid out in q's memory order.
+    """
+    compiling = torch.compiler.is_compiling()
+    scale = validate(q, k, v, scale, bias, prob_mult, capture, check_token_values=not compiling)
+    if compiling:
+        cap = capture if capture is not None else Capture()
+        return torch.ops.attnctl.attention(
+            q, k, v, scale, bias, prob_mult, cap.token_mass, cap.maps, cap.head_maps, cap.lse,
+            cap.tokens, cap.head_weights, backend)
+    return _run(q, k, v, scale, bias, prob_mult, capture, backend)
+
+
+# ---- torch.library registration, so torch.compile traces through without a graph break ----
+
+@torch.library.custom_op("attnctl::attention", mutates_args=("token_mass", "maps", "head_maps", "lse"))
+def _attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+    bias: Optional[torch.Tensor], prob_mult: Optional[torch.Tensor],
+    token_mass: Optional[torch.Tensor], maps: Optional[torch.Tensor],
+    head_maps: Optional[torch.Tensor], lse: Optional[torch.Tensor],
+    tokens: Optional[torch.Tensor], head_weights: Optional[torch.Tensor], backend: str,
+) -> torch.Tensor:
+    capture = Capture(token_mass=token_mass, maps=maps, head_maps=head_maps, lse=lse,
+                      tokens=tokens, head_weights=head_weights)
+    B, H, M, _ = q.shape
+    check_capture(capture, B, H, M, k.shape[2], q.device, check_token_values=True)
+    result = _run(q, k, v, scale, bias, prob_mult, capture, backend)
+    # The compiled graph plans with the fake's layout; hold every backend to it.
+    expected = empty_output(q, v.shape[-1])
+    if result.stride() != expected.stride():
+        expected.copy_(result)
+        return expected
+    return result
+
+
+@_attention_op.register_fake
+def _attention_fake(q, k, v, scale, bias, prob_mult, token_mass, maps, head_maps, lse,
+                    tokens, head_weights, backend):
+    return empty_output(q, v.shape[-1])

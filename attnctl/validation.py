@@ -1,0 +1,147 @@
+"""Argument checks for attnctl.attention, run before any kernel launch.
+
+Every error names the argument, what was expected and what was received.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from .capture import Capture
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+def _shape(t: torch.Tensor) -> tuple:
+    return tuple(t.shape)
+
+
+def check_qkv(q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}: expected dtype float16, bfloat16 or float32, got {t.dtype}")
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected 4 dims (B, H, seq, head_dim), got shape {_shape(t)}")
+        if 0 in t.shape:
+            raise ValueError(f"{name}: every dim must be >= 1, got shape {_shape(t)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v: expected one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v: expected one device, got q {q.device}, k {k.device}, v {v.device}")
+    (B, H, M, D), (Bk, Hk, N, Dk), (Bv, Hv, Nv, Dv) = q.shape, k.shape, v.shape
+    if not (B == Bk == Bv):
+        raise ValueError(f"batch (dim 0): expected q, k, v to agree, got q {B}, k {Bk}, v {Bv}")
+    if not (H == Hk == Hv):
+        raise ValueError(f"heads (dim 1): expected q, k, v to agree, got q {H}, k {Hk}, v {Hv}")
+    if N != Nv:
+        raise ValueError(f"v: expected {N} keys (dim 2) like k {_shape(k)}, got v {_shape(v)}")
+    if D != Dk:
+        raise ValueError(f"k: expected head_dim {D} (dim 3) like q {_shape(q)}, got k {_shape(k)}")
+    for name, d in (("q/k head_dim", D), ("v head_dim", Dv)):
+        if d % 8 != 0 or d > MAX_HEAD_DIM:
+            raise ValueError(f"{name}: expected a multiple of 8 up to {MAX_HEAD_DIM}, got {d}")
+
+
+def resolve_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1:
+            raise ValueError(f"scale: expected a number, got a tensor of shape {_shape(scale)}")
+        scale = scale.item()
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale: expected a float, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite number, got {scale}")
+    return float(scale)
+
+
+def check_broadcastable(name: str, t, target: Sequence[int], device: torch.device) -> None:
+    """``t`` must broadcast to ``target`` (B, H, M, N) without being expanded."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected dtype float16, bfloat16 or float32, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name}: expected device {device} (that of q), got {t.device}")
+    shape = _shape(t)
+    ok = len(shape) <= 4 and all(s in (1, g) for s, g in zip(reversed(shape), reversed(target)))
+    if not ok:
+        raise ValueError(
+            f"{name}: expected a shape broadcastable to (B, H, M, N) = {tuple(target)}, got {shape}"
+        )
+
+
+def check_capture(capture, B: int, H: int, M: int, N: int, device: torch.device,
+                  check_token_values: bool) -> None:
+    if capture is None:
+        return
+    if not isinstance(capture, Capture):
+        raise TypeError(f"capture: expected attnctl.Capture or None, got {type(capture).__name__}")
+    expected = {"token_mass": (B, H, N), "lse": (B, H, M)}
+    if capture.wants_token_columns:
+        tokens = capture.tokens
+        if tokens is None:
+            raise ValueError("capture.tokens: maps and head_maps need token indices, got None")
+        _check_tokens(tokens, B, N, device, capture if check_token_values else None)
+        T = tokens.shape[-1]
+        expected["maps"] = (B, M, T)
+        expected["head_maps"] = (B, H, M, T)
+    for name, buf in capture.buffers().items():
+        if not isinstance(buf, torch.Tensor):
+            raise TypeError(f"capture.{name}: expected a torch.Tensor, got {type(buf).__name__}")
+        if buf.dtype != torch.float32:
+            raise TypeError(f"capture.{name}: expected dtype float32, got {buf.dtype}")
+        if buf.device != device:
+            raise ValueError(f"capture.{name}: expected device {device} (that of q), got {buf.device}")
+        if _shape(buf) != expected[name]:
+            raise ValueError(f"capture.{name}: expected shape {expected[name]}, got {_shape(buf)}")
+    w = capture.head_weights
+    if w is not None:
+        if capture.maps is None:
+            raise ValueError("capture.head_weights: given without capture.maps, which is what they weight")
+        if not isinstance(w, torch.Tensor) or w.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"capture.head_weights: expected a float tensor, got {getattr(w, 'dtype', type(w).__name__)}")
+        if w.device != device:
+            raise ValueError(f"capture.head_weights: expected device {device} (that of q), got {w.device}")
+        if _shape(w) not in ((H,), (B, H)):
+            raise ValueError(f"capture.head_weights: expected shape ({H},) or ({B}, {H}), got {_shape(w)}")
+
+
+def _check_tokens(tokens, B: int, N: int, device: torch.device, memo: Optional[Capture]) -> None:
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"capture.tokens: expected a tensor (use Capture.zeros to build one), got {type(tokens).__name__}")
+    if tokens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"capture.tokens: expected dtype int32 or int64, got {tokens.dtype}")
+    if tokens.device != device:
+        raise ValueError(f"capture.tokens: expected device {device} (that of q), got {tokens.device}")
+    if tokens.dim() not in (1, 2) or tokens.shape[-1] == 0 or (tokens.dim() == 2 and tokens.shape[0] != B):
+        raise ValueError(f"capture.tokens: expected a non-empty shape (T,) or ({B}, T), got {_shape(tokens)}")
+    if memo is None:
+        return
+    key = (id(tokens), tokens._version, N)
+    if key in memo._checked_tokens:
+        return
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= N:
+        raise ValueError(f"capture.tokens: expected indices in [0, {N}) (N = number of keys), got range [{lo}, {hi}]")
+    memo._checked_tokens.add(key)
+
+
+def validate(q, k, v, scale, bias, prob_mult, capture, check_token_values: bool = True) -> float:
+    """Check every argument; return the resolved softmax scale."""
+    check_qkv(q, k, v)
+    B, H, M, D = q.shape
+    N = k.shape[2]
+    scale = resolve_scale(scale, D)
+    check_broadcastable("bias", bias, (B, H, M, N), q.device)
+    check_broadcastable("prob_mult", prob_mult, (B, H, M, N), q.device)
+    check_capture(capture, B, H, M, N, q.device, check_token_values)
+    return scale

@@ -1,0 +1,1 @@
+"""Triton kernels (installed as attnctl.kernels). No diffusers, no policy."""

@@ -1,0 +1,170 @@
+"""Fused attention-control forward kernel (Triton).
+
+One program owns BLOCK_M query rows of one (batch, head). It runs flash-style online
+softmax over key blocks, applying the additive ``bias`` before the softmax and the
+``prob_mult`` factor after it (numerator only), then writes
+
+    O = (Σ_n exp(S - m) · f · v) / Σ_n exp(S - m)
+
+Statistics of P (before f) are added into fp32 caller buffers:
+
+* token mass Σ_m P (B, H, N): when every key fits one block the last running sum *is*
+  the final normaliser, so it is taken in the main loop; otherwise a second pass over
+  all key blocks recomputes S and normalises with the final (m, l): one extra QKᵀ, no PV.
+* maps / head maps at token columns: after the main loop, the captured key columns are
+  gathered and their logits recomputed against the final (m, l) — an extra
+  BLOCK_M × D × T product, whatever N is.
+* row log-sum-exp.
+
+Logits live in the log2 domain (scale folded with log2 e) so the kernel uses exp2.
+A row whose logits are all -inf has l = 0: its output, P and maps are 0 and its LSE -inf.
+"""
+import triton
+import triton.language as tl
+
+# log2(e): the launcher folds it into the softmax scale; literals inside @jit bodies
+# below are log2(e) and ln(2) (module globals are not visible to every Triton version).
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _logits_log2(q, k_base, bias_base, offs_m, mask_m, cols, col_mask,
+                 stride_kn, stride_kd, stride_bias_m, stride_bias_n, qk_scale_log2,
+                 D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """log2-domain logits of the query block against key columns ``cols`` (-inf where masked)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    k_t = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                  mask=col_mask[None, :] & (offs_d[:, None] < D), other=0.0)
+    s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale_log2
+    if HAS_BIAS:
+        bias = tl.load(bias_base + offs_m[:, None] * stride_bias_m + cols[None, :] * stride_bias_n,
+                       mask=mask_m[:, None] & col_mask[None, :], other=0.0)
+        s += bias.to(tl.float32) * 1.4426950408889634
+    return tl.where(col_mask[None, :], s, float("-inf"))
+
+
+@triton.jit
+def attention_fwd_kernel(
+    Q, K, V, Out, Bias, ProbMult, TokenMass, Maps, HeadMaps, Lse, Tokens, HeadWeights,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
+    stride_pm_b, stride_pm_h, stride_pm_m, stride_pm_n,
+    stride_tm_b, stride_tm_h, stride_tm_n,
+    stride_map_b, stride_map_m, stride_map_t,
+    stride_hm_b, stride_hm_h, stride_hm_m, stride_hm_t,
+    stride_lse_b, stride_lse_h, stride_lse_m,
+    stride_tok_b, stride_tok_t,
+    stride_w_b, stride_w_h,
+    H, M, N, T, qk_scale_log2,
+    D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_PROB_MULT: tl.constexpr,
+    CAPTURE_TOKEN_MASS: tl.constexpr, CAPTURE_MAPS: tl.constexpr,
+    CAPTURE_HEAD_MAPS: tl.constexpr, CAPTURE_LSE: tl.constexpr,
+    HAS_HEAD_WEIGHTS: tl.constexpr, SINGLE_KEY_BLOCK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    # int64 so that batch/head offsets of large (B, H, M, N) bias tensors cannot overflow.
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + b * stride_qb + h * stride_qh
+                + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=mask_m[:, None] & (offs_d[None, :] < D), other=0.0)
+
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    bias_base = Bias + b * stride_bias_b + h * stride_bias_h
+    pm_base = ProbMult + b * stride_pm_b + h * stride_pm_h
+    tm_base = TokenMass + b * stride_tm_b + h * stride_tm_h
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    # ---- main pass: online softmax over key blocks ------------------------------------
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        s = _logits_log2(q, k_base, bias_base, offs_m, mask_m, offs_n, mask_n,
+                         stride_kn, stride_kd, stride_bias_m, stride_bias_n, qk_scale_log2,
+                         D, BLOCK_D, HAS_BIAS, DOT_PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with only -inf so far keeps a finite reference so exp2 gives 0, not NaN.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(s - m_ref[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+
+        if CAPTURE_TOKEN_MASS and SINGLE_KEY_BLOCK:
+            # Only one key block: l_i is already the final normaliser.
+            inv_l = tl.where(mask_m & (l_i > 0), 1.0 / l_i, 0.0)
+            tl.atomic_add(tm_base + offs_n * stride_tm_n, tl.sum(p * inv_l[:, None], 0), mask=mask_n)
+
+        if HAS_PROB_MULT:
+            f = tl.load(pm_base + offs_m[:, None] * stride_pm_m + offs_n[None, :] * stride_pm_n,
+                        mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+            p = p * f.to(tl.float32)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                    mask=mask_n[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+
+    # Rows outside M get inv_l = 0 so they add nothing to any capture.
+    inv_l = tl.where(mask_m & (l_i > 0), 1.0 / l_i, 0.0)
+    m_ref = tl.where(m_i == float("-inf"), 0.0, m_i)
+    out = acc * inv_l[:, None]
+    tl.store(Out + b * stride_ob + h * stride_oh
+             + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+             out.to(Out.dtype.element_ty), mask=mask_m[:, None] & (offs_dv[None, :] < DV))
+
+    if CAPTURE_LSE:
+        lse_ptr = Lse + b * stride_lse_b + h * stride_lse_h + offs_m * stride_lse_m
+        lse = (m_ref + tl.log2(l_i)) * 0.6931471805599453
+        tl.store(lse_ptr, tl.load(lse_ptr, mask=mask_m, other=0.0) + lse, mask=mask_m)
+
+    # ---- second pass for token mass when N spans several key blocks --------------------
+    if CAPTURE_TOKEN_MASS and not SINGLE_KEY_BLOCK:
+        for start_n in range(0, N, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N
+            s = _logits_log2(q, k_base, bias_base, offs_m, mask_m, offs_n, mask_n,
+                             stride_kn, stride_kd, stride_bias_m, stride_bias_n, qk_scale_log2,
+                             D, BLOCK_D, HAS_BIAS, DOT_PRECISION)
+            p = tl.exp2(s - m_ref[:, None]) * inv_l[:, None]
+            tl.atomic_add(tm_base + offs_n * stride_tm_n, tl.sum(p, 0), mask=mask_n)
+
+    # ---- token-column pass for maps: recompute logits of the captured keys only ----------
+    if CAPTURE_MAPS or CAPTURE_HEAD_MAPS:
+        weight = 1.0
+        if HAS_HEAD_WEIGHTS:
+            weight = tl.load(HeadWeights + b * stride_w_b + h * stride_w_h).to(tl.float32)
+        for start_t in range(0, T, BLOCK_T):
+            offs_t = start_t + tl.arange(0, BLOCK_T)
+            mask_t = offs_t < T
+            cols = tl.load(Tokens + b * stride_tok_b + offs_t * stride_tok_t, mask=mask_t, other=0)
+            s = _logits_log2(q, k_base, bias_base, offs_m, mask_m, cols, mask_t,
+                             stride_kn, stride_kd, stride_bias_m, stride_bias_n, qk_scale_log2,
+                             D, BLOCK_D, HAS_BIAS, DOT_PRECISION)
+            p = tl.exp2(s - m_ref[:, None]) * inv_l[:, None]
+            mask_mt = mask_m[:, None] & mask_t[None, :]
+            if CAPTURE_HEAD_MAPS:
+                hm_ptr = (HeadMaps + b * stride_hm_b + h * stride_hm_h
+                          + offs_m[:, None] * stride_hm_m + offs_t[None, :] * stride_hm_t)
+                tl.store(hm_ptr, tl.load(hm_ptr, mask=mask_mt, other=0.0) + p, mask=mask_mt)
+            if CAPTURE_MAPS:
+                # Heads of one batch item add into the same map: atomics.
+                map_ptr = (Maps + b * stride_map_b
+                           + offs_m[:, None] * stride_map_m + offs_t[None, :] * stride_map_t)
+                tl.atomic_add(map_ptr, p * weight, mask=mask_mt)
