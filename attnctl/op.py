@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .backends._layout import empty_output
-from .capture import Capture
+from .capture import BUFFER_FIELDS, Capture
 from .reference import attention_reference
 from .validation import check_capture, validate
 
@@ -152,9 +152,12 @@ def attention(
     scale = validate(q, k, v, scale, bias, prob_mult, capture, check_token_values=not compiling)
     if compiling:
         cap = capture if capture is not None else Capture()
+        buffers = [getattr(cap, name) for name in BUFFER_FIELDS]
+        # Inductor cannot lower a custom op whose mutated Optional argument is None, so an
+        # absent buffer travels as an empty tensor (real buffers are never empty).
+        buffers = [b if b is not None else q.new_empty(0, dtype=torch.float32) for b in buffers]
         return torch.ops.attnctl.attention(
-            q, k, v, scale, bias, prob_mult, cap.token_mass, cap.maps, cap.head_maps, cap.lse,
-            cap.tokens, cap.head_weights, backend)
+            q, k, v, scale, bias, prob_mult, *buffers, cap.tokens, cap.head_weights, backend)
     return _run(q, k, v, scale, bias, prob_mult, capture, backend)
 
 
@@ -164,12 +167,13 @@ def attention(
 def _attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     bias: Optional[torch.Tensor], prob_mult: Optional[torch.Tensor],
-    token_mass: Optional[torch.Tensor], maps: Optional[torch.Tensor],
-    head_maps: Optional[torch.Tensor], lse: Optional[torch.Tensor],
+    token_mass: torch.Tensor, maps: torch.Tensor, head_maps: torch.Tensor, lse: torch.Tensor,
     tokens: Optional[torch.Tensor], head_weights: Optional[torch.Tensor], backend: str,
 ) -> torch.Tensor:
-    capture = Capture(token_mass=token_mass, maps=maps, head_maps=head_maps, lse=lse,
-                      tokens=tokens, head_weights=head_weights)
+    """The op as torch.compile sees it; an empty buffer means "not captured"."""
+    present = {name: (buf if buf.numel() else None)
+               for name, buf in zip(BUFFER_FIELDS, (token_mass, maps, head_maps, lse))}
+    capture = Capture(**present, tokens=tokens, head_weights=head_weights)
     B, H, M, _ = q.shape
     check_capture(capture, B, H, M, k.shape[2], q.device, check_token_values=True)
     result = _run(q, k, v, scale, bias, prob_mult, capture, backend)
