@@ -4,4 +4,5 @@ from setuptools import find_packages, setup
 setup(
     packages=find_packages(include=["attnctl", "attnctl.*"]) + ["attnctl.kernels"],
     package_dir={"attnctl.kernels": "kernels"},
+    package_data={"attnctl": ["configs/*.json"]},
 )
