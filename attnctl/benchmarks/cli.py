@@ -1,0 +1,59 @@
+"""`attnctl bench`: kernel benchmarks at real diffusion shapes."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from . import contenders, report, runner, shapes
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "bench", help="time attnctl against torch SDPA and a materialising baseline",
+        description="Kernel benchmarks at SD1.5/SD2/SDXL and long-text shapes. On a CPU only a "
+                    "smoke configuration runs, and its times mean nothing for speed.")
+    p.add_argument("--quick", action="store_true", help="the SD1.5/SDXL shapes that decide the targets, B=2, fp16")
+    p.add_argument("--json", metavar="PATH", help="write the raw results (with device and versions) here")
+    p.add_argument("--plot", metavar="PNG", help="write a plot of time versus shape per contender")
+    p.add_argument("--model", action="append", choices=shapes.MODELS, help="only these models' shapes")
+    p.add_argument("--kind", action="append", choices=("cross", "self"), help="only cross- or self-attention")
+    p.add_argument("--batch", type=int, action="append", help="batch sizes (default 2 and 8)")
+    p.add_argument("--dtype", action="append", choices=tuple(runner.DTYPES), help="default fp16 and bf16")
+    p.add_argument("--contender", action="append", choices=tuple(contenders.CONTENDERS),
+                   help="only these contenders (repeatable)")
+    p.set_defaults(func=main)
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        print("No CUDA device: running the CPU smoke configuration (times mean nothing for speed).")
+        todo, dtypes = shapes.smoke_catalog(), args.dtype or ["fp32"]
+    elif args.quick:
+        todo, dtypes = shapes.quick_catalog(), args.dtype or ["fp16"]
+    else:
+        todo, dtypes = shapes.catalog(), args.dtype or ["fp16", "bf16"]
+    todo = [s for s in todo
+            if (not args.model or device == "cpu" or s.model in args.model)
+            and (not args.kind or s.kind in args.kind)
+            and (not args.batch or device == "cpu" or s.B in args.batch)]
+    if not todo:
+        raise SystemExit("attnctl bench: no shape matches --model/--kind/--batch")
+    chosen = contenders.select(args.contender, device)
+
+    def progress(group):
+        print(report.format_table(group), flush=True)
+
+    result = runner.run(todo, dtypes, chosen, device, progress=progress)
+    if result["ceilings"]:
+        c = result["ceilings"]
+        print(f"ceilings: copy {c['copy_gbps']:.0f} GB/s, bf16 matmul {c['bf16_matmul_tflops']:.0f} TFLOP/s")
+    if args.json:
+        report.save(result, args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        report.plot(result, args.plot)
+        print(f"wrote {args.plot}")
+    return 0

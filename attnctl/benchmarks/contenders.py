@@ -1,0 +1,101 @@
+"""What a benchmark compares: each contender turns inputs into a zero-argument callable."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from attnctl.capture import Capture
+from attnctl.op import attention
+from attnctl.reference import attention_reference
+
+from .shapes import AttnShape
+
+# Self-attention maps over every key would be (B, M, M) per layer; tools keep a few columns.
+SELF_ATTENTION_CAPTURED_KEYS = 16
+
+
+@dataclass
+class Inputs:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    shape: AttnShape
+
+    @classmethod
+    def make(cls, shape: AttnShape, dtype: torch.dtype, device: str) -> "Inputs":
+        """q, k, v as diffusers passes them: (B, H, seq, D) views of (B, seq, H, D) memory."""
+        s = shape
+        def view(seq):
+            return torch.randn(s.B, seq, s.H, s.D, dtype=dtype, device=device).transpose(1, 2)
+        return cls(view(s.M), view(s.N), view(s.N), s)
+
+    def full_capture(self) -> Capture:
+        """Every statistic the op can emit; maps of all text tokens (a subset for self-attention)."""
+        N = self.shape.N
+        if self.shape.kind == "cross":
+            tokens = list(range(N))
+        else:
+            tokens = torch.linspace(0, N - 1, min(N, SELF_ATTENTION_CAPTURED_KEYS)).long().tolist()
+        return Capture.zeros(self.q, self.k, token_mass=True, tokens=tokens, maps=True,
+                             head_maps=True, lse=True)
+
+
+@dataclass
+class Contender:
+    name: str
+    captures: bool
+    build: Callable[[Inputs], Callable[[], object]]
+    cuda_only: bool = False
+
+
+def _sdpa(backend_name: Optional[str]):
+    def build(x: Inputs):
+        if backend_name is None:
+            ctx = nullcontext
+        else:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            backend = getattr(SDPBackend, backend_name)
+            ctx = lambda: sdpa_kernel(backend)  # noqa: E731
+        def run():
+            with ctx():
+                return F.scaled_dot_product_attention(x.q, x.k, x.v)
+        return run
+    return build
+
+
+def _materialised(x: Inputs):
+    # QKᵀ -> softmax -> keep maps -> PV in the inputs' precision, as DAAM and prompt-to-prompt do.
+    cap = x.full_capture()
+    scale = x.q.shape[-1] ** -0.5
+    return lambda: attention_reference(x.q, x.k, x.v, scale=scale, capture=cap, compute_dtype=x.q.dtype)
+
+
+def _attnctl(backend: str, with_capture: bool):
+    def build(x: Inputs):
+        cap = x.full_capture() if with_capture else None
+        return lambda: attention(x.q, x.k, x.v, capture=cap, backend=backend)
+    return build
+
+
+CONTENDERS: Dict[str, Contender] = {c.name: c for c in [
+    Contender("sdpa", False, _sdpa(None)),
+    Contender("sdpa-flash", False, _sdpa("FLASH_ATTENTION"), cuda_only=True),
+    Contender("sdpa-efficient", False, _sdpa("EFFICIENT_ATTENTION"), cuda_only=True),
+    Contender("sdpa-cudnn", False, _sdpa("CUDNN_ATTENTION"), cuda_only=True),
+    Contender("sdpa-math", False, _sdpa("MATH")),
+    Contender("materialised+capture", True, _materialised),
+    Contender("triton", False, _attnctl("triton", False)),
+    Contender("triton+capture", True, _attnctl("triton", True)),
+]}
+
+
+def select(names: Optional[List[str]], device: str) -> List[Contender]:
+    chosen = list(CONTENDERS) if not names else names
+    unknown = [n for n in chosen if n not in CONTENDERS]
+    if unknown:
+        raise ValueError(f"contenders: unknown {unknown}; expected some of {list(CONTENDERS)}")
+    return [CONTENDERS[n] for n in chosen if device == "cuda" or not CONTENDERS[n].cuda_only]

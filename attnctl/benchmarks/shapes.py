@@ -1,0 +1,78 @@
+"""Attention shapes of real text-to-image models (see design.md, "Shapes that matter")."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Iterable, List
+
+
+@dataclass(frozen=True)
+class AttnShape:
+    model: str      # e.g. "sd15-512"
+    level: str      # latent grid of the layer, e.g. "64x64"
+    kind: str       # "cross" or "self"
+    B: int
+    H: int
+    M: int          # queries
+    N: int          # keys
+    D: int          # head dim (= value dim)
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}/{self.level}/{self.kind}/B{self.B}/N{self.N}/D{self.D}"
+
+    @property
+    def flops(self) -> float:
+        """Multiply-adds of QKᵀ and PV, counted as 2 FLOPs each."""
+        return 4.0 * self.B * self.H * self.M * self.N * self.D
+
+    def io_bytes(self, elem: int) -> float:
+        """Least traffic of plain attention: read q, k, v and write o once."""
+        return float(elem * self.B * self.H * (2 * self.M * self.D + 2 * self.N * self.D))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# (model, [(level, M, heads, head_dim)], text tokens)
+_MODELS = {
+    "sd15-512": ([("64x64", 4096, 8, 40), ("32x32", 1024, 8, 80), ("16x16", 256, 8, 160),
+                  ("8x8", 64, 8, 160)], 77),
+    "sd2-768": ([("96x96", 9216, 5, 64), ("48x48", 2304, 10, 64), ("24x24", 576, 20, 64),
+                 ("12x12", 144, 20, 64)], 77),
+    "sdxl-1024": ([("64x64", 4096, 10, 64), ("32x32", 1024, 20, 64)], 77),
+    # Long text contexts (T5 encoders: N = 333 as in DeepFloyd/PixArt-style prompts, 512 max).
+    "t5ctx-333": ([("64x64", 4096, 24, 64)], 333),
+    "t5ctx-512": ([("64x64", 4096, 24, 64)], 512),
+}
+
+
+def catalog(batches: Iterable[int] = (2, 8), kinds: Iterable[str] = ("cross", "self"),
+            models: Iterable[str] | None = None) -> List[AttnShape]:
+    """Every (model, level, kind, batch) shape; self-attention only for the image models."""
+    shapes = []
+    for model, (levels, text_len) in _MODELS.items():
+        if models is not None and model not in models:
+            continue
+        for level, M, H, D in levels:
+            for kind in kinds:
+                if kind == "self" and model.startswith("t5ctx"):
+                    continue
+                N = text_len if kind == "cross" else M
+                shapes.extend(AttnShape(model, level, kind, B, H, M, N, D) for B in batches)
+    return shapes
+
+
+def quick_catalog() -> List[AttnShape]:
+    """A handful of the shapes that decide the targets: SD1.5 and SDXL, B = 2."""
+    wanted = {("sd15-512", "64x64"), ("sd15-512", "16x16"), ("sdxl-1024", "64x64"),
+              ("sdxl-1024", "32x32")}
+    return [s for s in catalog(batches=(2,)) if (s.model, s.level) in wanted]
+
+
+def smoke_catalog() -> List[AttnShape]:
+    """Tiny shapes for CPU smoke runs (speed meaningless)."""
+    return [AttnShape("smoke", "8x8", "cross", 1, 2, 64, 77, 40),
+            AttnShape("smoke", "8x8", "self", 1, 2, 64, 64, 64)]
+
+
+MODELS = tuple(_MODELS)

@@ -1,0 +1,92 @@
+"""The benchmark code runs on a CPU (smoke: times meaningless) and reports what it should."""
+import argparse
+import json
+
+import pytest
+
+from attnctl.benchmarks import cli, report
+from attnctl.benchmarks.shapes import catalog, quick_catalog
+from attnctl.configs import load_unet_config
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["bench", *argv])
+
+
+def test_catalog_matches_published_unet_configs():
+    """Head counts and head dims of the SD1.5/SDXL shapes follow from the shipped configs."""
+    for model, config_name, grid in (("sd15-512", "sd15_unet", 64), ("sdxl-1024", "sdxl_unet", 128)):
+        cfg = load_unet_config(config_name)
+        heads = cfg["attention_head_dim"]
+        expected = set()
+        for i, (block, channels) in enumerate(zip(cfg["down_block_types"], cfg["block_out_channels"])):
+            if block.startswith("CrossAttn"):
+                h = heads[i] if isinstance(heads, list) else heads
+                side = grid // 2**i
+                expected.add((side * side, h, channels // h))
+        got = {(s.M, s.H, s.D) for s in catalog(batches=(2,), kinds=("cross",), models=[model])}
+        if model == "sd15-512":  # the mid block at 8x8 runs cross-attention too
+            expected.add((64, 8, 160))
+        assert got == expected
+
+
+def test_quick_catalog_holds_the_target_shapes():
+    names = {(s.model, s.level, s.kind) for s in quick_catalog()}
+    assert ("sd15-512", "64x64", "cross") in names and ("sdxl-1024", "64x64", "self") in names
+
+
+def test_cli_smoke_run_writes_json_and_plot(tmp_path, capsys):
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    args = _parse(["--json", str(out), "--plot", str(png), "--contender", "sdpa",
+                   "--contender", "triton+capture", "--contender", "materialised+capture"])
+    assert args.func(args) == 0
+    result = json.loads(out.read_text())
+    assert result["environment"]["device"] == "cpu"
+    assert "smoke" in result["environment"]["device_name"]
+    rows = result["rows"]
+    assert {r["contender"] for r in rows} == {"sdpa", "triton+capture", "materialised+capture"}
+    assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
+    for r in rows:
+        assert r["median_ms"] > 0
+        assert r["time_vs_sdpa"] == pytest.approx(r["median_ms"] / next(
+            x["median_ms"] for x in rows if x["contender"] == "sdpa" and x["shape"] == r["shape"]))
+    assert png.stat().st_size > 0
+    assert "smoke" in capsys.readouterr().out
+
+
+def test_unknown_contender_is_rejected():
+    from attnctl.benchmarks.contenders import select
+    with pytest.raises(ValueError, match="unknown"):
+        select(["sdpa", "nope"], "cpu")
+
+
+def _gpu_result(date, ms):
+    rows = [{"shape": "sd15-512/64x64/cross/B2/N77/D40", "dtype": "fp16", "contender": c,
+             "status": "ok", "median_ms": t, "time_vs_sdpa": t / ms[0]}
+            for c, t in zip(("sdpa", "triton", "triton+capture"), ms)]
+    env = {"device": "cuda", "device_name": "NVIDIA H100 80GB HBM3", "torch": "2.11",
+           "triton": "3.6", "date": date}
+    return {"environment": env, "ceilings": {}, "rows": rows}
+
+
+def test_readme_table_is_generated_from_the_newest_gpu_result(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "a.json").write_text(json.dumps(_gpu_result("2026-01-01T00:00:00+00:00", [1.0, 2.0, 3.0])))
+    (results / "b.json").write_text(json.dumps(_gpu_result("2026-02-01T00:00:00+00:00", [0.5, 0.55, 0.6])))
+    cpu = _gpu_result("2026-03-01T00:00:00+00:00", [9.0, 9.0, 9.0])
+    cpu["environment"]["device"] = "cpu"
+    (results / "c.json").write_text(json.dumps(cpu))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.README_START}\nold\n{report.README_END}\nrest\n")
+    assert report.update_readme(str(readme), str(results))
+    text = readme.read_text()
+    assert "b.json" in text and "0.5000" in text and "1.20" in text  # 0.6 / 0.5
+    assert "9.0000" not in text and "old" not in text and text.endswith("rest\n")
+    assert not report.update_readme(str(readme), str(results))
+
+
+def test_readme_table_says_when_no_gpu_result_exists(tmp_path):
+    assert "No GPU benchmark" in report.readme_table(str(tmp_path))
