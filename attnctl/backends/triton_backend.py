@@ -16,39 +16,48 @@ def _pow2_at_least_16(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def launch_config(head_dim: int, value_dim: int, num_keys: int, num_tokens: int) -> dict:
-    """Block sizes by shape. N up to 128 keys (cross-attention, N = 77) fits a single key
-    block, which makes token-mass capture single-pass."""
+def launch_config(head_dim: int, value_dim: int, num_keys: int, num_tokens: int,
+                  captures: bool, elem_size: int) -> dict:
+    """Block sizes and warps by shape.
+
+    N up to 128 keys (cross-attention, N = 77) fits a single key block, which makes
+    token-mass capture single-pass. Tiles are sized so that ptxas neither spills much nor
+    exceeds shared memory (tests/compile_kernel.py reports both for sm_80/sm_90 without a
+    GPU): 128 query rows only for 16-bit inputs with head dims up to 64, and not with
+    captures on a 128-key tile; 8 warps for 128 x 128 tiles and for the capture passes.
+    """
     block_d = _pow2_at_least_16(head_dim)
     block_dv = _pow2_at_least_16(value_dim)
     block_n = _pow2_at_least_16(num_keys) if num_keys <= 128 else 64
-    wide = max(block_d, block_dv) > 64
+    narrow = max(block_d, block_dv) <= 64 and elem_size == 2 and not (captures and block_n == 128)
+    block_m = 128 if narrow else 64
+    big_tile = block_m * max(block_n, block_dv) >= 128 * 128
     return dict(
-        BLOCK_M=64 if wide else 128,
+        BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
         BLOCK_DV=block_dv,
         BLOCK_T=min(64, _pow2_at_least_16(num_tokens)),
-        num_warps=8 if wide else 4,
-        num_stages=2,
+        num_warps=8 if big_tile or captures else 4,
+        # fp32 tiles are twice the bytes: one stage keeps them inside sm_80's 163 KB.
+        num_stages=2 if elem_size == 2 else 1,
     )
 
 
-def attention_triton(q, k, v, *, scale: float, bias: Optional[torch.Tensor],
-                     prob_mult: Optional[torch.Tensor], capture: Optional[Capture]) -> torch.Tensor:
+def kernel_arguments(q, k, v, out, *, scale: float, bias: Optional[torch.Tensor],
+                     prob_mult: Optional[torch.Tensor], capture: Optional[Capture]):
+    """(grid, positional arguments, compile-time arguments) of one kernel launch."""
     B, H, M, D = q.shape
     N, DV = k.shape[2], v.shape[3]
-    out = empty_output(q, DV)
     cap = capture if capture is not None else Capture()
     tokens = cap.tokens if cap.wants_token_columns else None
     T = tokens.shape[-1] if tokens is not None else 0
-    cfg = launch_config(D, DV, N, T)
-    # Unused pointers get q: their loads are compiled out by the constexpr flags.
-    def ptr(t):
+    cfg = launch_config(D, DV, N, T, captures=not cap.empty, elem_size=q.element_size())
+
+    def ptr(t):  # absent operands get q: their loads are compiled out by the flags below
         return t if t is not None else q
 
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), B * H)
-    attention_fwd_kernel[grid](
+    args = [
         q, k, v, out, ptr(bias), ptr(prob_mult), ptr(cap.token_mass), ptr(cap.maps),
         ptr(cap.head_maps), ptr(cap.lse), ptr(tokens), ptr(cap.head_weights),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -57,13 +66,26 @@ def attention_triton(q, k, v, *, scale: float, bias: Optional[torch.Tensor],
         *broadcast_strides(cap.head_maps, 4), *broadcast_strides(cap.lse, 3),
         *broadcast_strides(tokens, 2), *broadcast_strides(cap.head_weights, 2),
         H, M, N, T, scale * LOG2E,
+    ]
+    meta = dict(
         D=D, DV=DV,
         HAS_BIAS=bias is not None, HAS_PROB_MULT=prob_mult is not None,
         CAPTURE_TOKEN_MASS=cap.token_mass is not None, CAPTURE_MAPS=cap.maps is not None,
         CAPTURE_HEAD_MAPS=cap.head_maps is not None, CAPTURE_LSE=cap.lse is not None,
         HAS_HEAD_WEIGHTS=cap.head_weights is not None,
         SINGLE_KEY_BLOCK=N <= cfg["BLOCK_N"],
+        # fp32 inputs must not be rounded to tf32 on tensor cores: the contract is fp32-exact.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         **cfg,
     )
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), B * H)
+    return grid, args, meta
+
+
+def attention_triton(q, k, v, *, scale: float, bias: Optional[torch.Tensor],
+                     prob_mult: Optional[torch.Tensor], capture: Optional[Capture]) -> torch.Tensor:
+    out = empty_output(q, v.shape[3])
+    grid, args, meta = kernel_arguments(q, k, v, out, scale=scale, bias=bias,
+                                        prob_mult=prob_mult, capture=capture)
+    attention_fwd_kernel[grid](*args, **meta)
     return out

@@ -1,0 +1,88 @@
+"""Compile the Triton kernel for a real NVIDIA target without a GPU (Triton's own LLVM and
+ptxas), so CI catches what the CPU interpreter cannot: type errors in the compiled
+dialect, unsupported ops, shared-memory overflow. Prints ptxas's resource use as JSON.
+
+    python tests/compile_kernel.py CASE ARCH     (run with TRITON_INTERPRET unset)
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from attnctl.backends._layout import empty_output
+from attnctl.backends.triton_backend import kernel_arguments
+from attnctl.capture import Capture
+from attnctl.kernels.attention import attention_fwd_kernel
+
+TRITON_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32",
+                torch.int32: "*i32"}
+
+
+CASES = {  # name: (dtype, head dim, keys)
+    "all-fp16-d40-n300": (torch.float16, 40, 300),
+    "all-bf16-d64-n77": (torch.bfloat16, 64, 77),
+    "all-fp16-d160-n77": (torch.float16, 160, 77),
+    "plain-bf16-d40-n77": (torch.bfloat16, 40, 77),
+    "plain-fp16-d64-n4096": (torch.float16, 64, 4096),
+    "plain-fp16-d80-n1024": (torch.float16, 80, 1024),
+    "all-fp32-d40-n77": (torch.float32, 40, 77),
+}
+
+
+def case(name: str):
+    """Inputs for a named case: which features, dtype and shape."""
+    dtype, D, N = CASES[name]
+    B, H, M = 2, 8, 256
+    q, k, v = (torch.zeros(B, H, n, D, dtype=dtype) for n in (M, N, N))
+    if not name.startswith("all"):
+        return q, k, v, dict(bias=None, prob_mult=None, capture=None)
+    capture = Capture.zeros(q, k, token_mass=True, tokens=list(range(20)), maps=True,
+                            head_maps=True, lse=True, head_weights=torch.ones(H))
+    extras = dict(bias=torch.zeros(1, H, 1, N), prob_mult=torch.zeros(B, 1, M, N, dtype=dtype),
+                  capture=capture)
+    return q, k, v, extras
+
+
+def compile_case(name: str, arch: int) -> dict:
+    q, k, v, extras = case(name)
+    _, args, meta = kernel_arguments(q, k, v, empty_output(q, v.shape[3]), scale=0.1, **extras)
+    options = {key: meta.pop(key) for key in ("num_warps", "num_stages")}
+    params = attention_fwd_kernel.arg_names
+    signature, constexprs = {}, {}
+    for i, pname in enumerate(params):
+        if pname in meta:
+            signature[pname] = "constexpr"
+            constexprs[(i,)] = meta[pname]
+        else:
+            value = args[i]
+            signature[pname] = (TRITON_TYPES[value.dtype] if isinstance(value, torch.Tensor)
+                                else "fp32" if isinstance(value, float) else "i32")
+    src = ASTSource(fn=attention_fwd_kernel, signature=signature, constexprs=constexprs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    return {"case": name, "arch": arch, "shared_bytes": compiled.metadata.shared,
+            **cubin_resources(compiled.asm["cubin"])}
+
+
+def cubin_resources(cubin: bytes) -> dict:
+    """Registers and spills of the cubin Triton built, read with its bundled cuobjdump."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        log = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", log)
+    stack = re.search(r"STACK:(\d+)", log)
+    return {"registers": int(regs.group(1)) if regs else None,
+            "stack_bytes": int(stack.group(1)) if stack else None}
+
+
+if __name__ == "__main__":
+    print(json.dumps(compile_case(sys.argv[1], int(sys.argv[2]))))
