@@ -1,0 +1,117 @@
+"""Composition of several controllers' plans into the one op call.
+
+Rules: biases add, prob_mults multiply, captures merge. One capture passes through
+untouched (the common case: zero overhead). Several captures are served by one kernel pass
+into a scratch :class:`Capture` and then added into each owner's buffers:
+
+* token mass and row LSE: one scratch buffer each, added to every owner that asked;
+* token columns: the owners' ``tokens`` are concatenated (no de-duplication, so no device
+  sync), each owner reading back its own slice of columns;
+* ``maps``: the scratch carries the first owner's ``head_weights``; an owner whose weights
+  are another tensor gets its maps from scratch per-head maps, weighted afterwards.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..capture import Capture
+from .controller import Plan
+
+_KNOWN_FIELDS = {"bias", "prob_mult", "capture"}
+
+
+def compose(plans: Sequence[Optional[Plan]], shape: Tuple[int, int, int, int],
+            device: torch.device) -> Tuple[Optional[Plan], Optional[Callable[[], None]]]:
+    """One plan for an op call of ``shape`` (B, H, M, N) on ``device``, and a function to
+    call after the op (None when there is nothing to route back)."""
+    plans = [p for p in plans if p is not None]
+    if not plans:
+        return None, None
+    for plan in plans:
+        unknown = {f.name for f in dataclasses.fields(plan)} - _KNOWN_FIELDS
+        set_unknown = [name for name in unknown if getattr(plan, name) is not None]
+        if set_unknown:
+            raise NotImplementedError(f"compose: plan field(s) {set_unknown} of {type(plan).__name__} "
+                                      "have no composition rule yet")
+    if len(plans) == 1:
+        return plans[0], None
+    bias = _combine([p.bias for p in plans], torch.add)
+    prob_mult = _combine([p.prob_mult for p in plans], torch.mul)
+    captures = [p.capture for p in plans if p.capture is not None and not p.capture.empty]
+    if len(captures) <= 1:
+        return Plan(bias, prob_mult, captures[0] if captures else None), None
+    merged = MergedCapture(captures, shape, device)
+    return Plan(bias, prob_mult, merged.scratch), merged.route
+
+
+def _combine(tensors: List[Optional[torch.Tensor]], op) -> Optional[torch.Tensor]:
+    present = [t for t in tensors if t is not None]
+    if not present:
+        return None
+    result = present[0]
+    for t in present[1:]:
+        result = op(result, t)
+    return result
+
+
+class MergedCapture:
+    """One scratch Capture serving several owners' captures of one (B, H, M, N) call."""
+
+    def __init__(self, owners: Sequence[Capture], shape: Tuple[int, int, int, int],
+                 device: torch.device):
+        self.owners = list(owners)
+        B, H, M, N = shape
+
+        def zeros_if(wanted: bool, *size: int) -> Optional[torch.Tensor]:
+            return torch.zeros(size, device=device) if wanted else None
+
+        column_owners = [c for c in self.owners if c.wants_token_columns]
+        self.columns = []  # (owner, first column, end column) in the scratch
+        tokens = None
+        if column_owners:
+            parts = [c.tokens for c in column_owners]
+            if any(t.dim() == 2 for t in parts):
+                parts = [t.expand(B, t.shape[-1]) if t.dim() == 1 else t for t in parts]
+            tokens = torch.cat(parts, dim=-1)
+            start = 0
+            for owner, part in zip(column_owners, parts):
+                self.columns.append((owner, start, start + part.shape[-1]))
+                start += part.shape[-1]
+        T = tokens.shape[-1] if tokens is not None else 0
+
+        map_owners = [c for c in column_owners if c.maps is not None]
+        self.weights = map_owners[0].head_weights if map_owners else None
+        need_head_maps = any(c.head_maps is not None for c in column_owners) or any(
+            c.head_weights is not self.weights for c in map_owners)
+        self.scratch = Capture(
+            token_mass=zeros_if(any(c.token_mass is not None for c in self.owners), B, H, N),
+            lse=zeros_if(any(c.lse is not None for c in self.owners), B, H, M),
+            maps=zeros_if(bool(map_owners), B, M, T),
+            head_maps=zeros_if(need_head_maps, B, H, M, T),
+            tokens=tokens,
+            head_weights=self.weights,
+        )
+
+    def route(self) -> None:
+        """Add the scratch statistics into every owner's buffers."""
+        s = self.scratch
+        for owner in self.owners:
+            if owner.token_mass is not None:
+                owner.token_mass += s.token_mass
+            if owner.lse is not None:
+                owner.lse += s.lse
+        for owner, start, stop in self.columns:
+            if owner.head_maps is not None:
+                owner.head_maps += s.head_maps[..., start:stop]
+            if owner.maps is None:
+                continue
+            if owner.head_weights is self.weights:
+                owner.maps += s.maps[..., start:stop]
+            else:
+                B, H = s.head_maps.shape[:2]
+                w = owner.head_weights
+                w = torch.ones(B, H, device=s.head_maps.device) if w is None else w.float().expand(B, H)
+                owner.maps += torch.einsum("bh,bhmt->bmt", w, s.head_maps[..., start:stop])

@@ -1,0 +1,188 @@
+"""The controller protocol: what a processor tells controllers, and what they answer.
+
+Per attention call the processor describes the call (:class:`AttentionCall`) and asks each
+installed :class:`Controller` for a :class:`Plan`. A controller answers ``None`` when it
+has nothing to do on that call. The plans of several controllers compose into the single
+op call (see :mod:`attnctl.diffusers.compose`):
+
+* ``bias``      pre-softmax logits; biases add.
+* ``prob_mult`` post-softmax factors on the numerator (no renormalisation); they multiply.
+* ``capture``   an :class:`attnctl.Capture` whose buffers the controller owns, shaped for
+  this call's (B, H, M, N); the op adds P's statistics into them. Several captures are
+  served by one kernel pass and routed back.
+
+Every tensor a controller returns must broadcast to (B, H, M, N) of the call and live on
+``call.device``. Controllers should cache what they return per layer (and per step when it
+changes with the step): ``plan`` runs on every attention call of the denoising loop, so it
+must not loop over tokens, sync the device or allocate (B, H, M, N) tensors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from ..capture import Capture
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """Which batch rows of a UNet call are what.
+
+    With classifier-free guidance the pipelines concatenate [uncond; cond] along the
+    batch, so rows ``[0, rows/2)`` are unconditional and the rest conditional. Within a
+    half, row ``i`` is image ``i`` of the generation, made from prompt
+    ``i // images_per_prompt``.
+    """
+
+    rows: int
+    cfg: bool
+    images_per_prompt: int = 1
+
+    @property
+    def images(self) -> int:
+        return self.rows // 2 if self.cfg else self.rows
+
+    @property
+    def uncond_rows(self) -> range:
+        return range(0, self.images) if self.cfg else range(0)
+
+    @property
+    def cond_rows(self) -> range:
+        return range(self.rows - self.images, self.rows)
+
+    def rows_of(self, half: str) -> range:
+        """Rows of ``half`` ("cond" or "uncond")."""
+        if half == "cond":
+            return self.cond_rows
+        if half == "uncond":
+            if not self.cfg:
+                raise ValueError("half: 'uncond' was requested but this generation ran without "
+                                 "classifier-free guidance, so it has no unconditional rows")
+            return self.uncond_rows
+        raise ValueError(f"half: expected 'cond' or 'uncond', got {half!r}")
+
+    def row(self, image: int, half: str = "cond") -> int:
+        """The batch row of ``image`` in ``half``."""
+        rows = self.rows_of(half)
+        if not 0 <= image < len(rows):
+            raise IndexError(f"image: expected an index in [0, {len(rows)}), got {image}")
+        return rows[image]
+
+    def prompt_of_image(self, image: int) -> int:
+        return image // self.images_per_prompt
+
+
+class DenoiseStep:
+    """The denoising step a UNet call belongs to: its index in the pipeline's loop, the
+    timestep passed to the UNet and the scheduler (for ``sigma``)."""
+
+    __slots__ = ("index", "timestep", "_scheduler", "_sigma")
+
+    def __init__(self, index: int, timestep, scheduler=None):
+        self.index = index
+        self.timestep = timestep
+        self._scheduler = scheduler
+        self._sigma: Optional[float] = None
+
+    @property
+    def sigma(self) -> float:
+        """The noise level σ of this step: the scheduler's ``sigmas[index]`` (k-diffusion
+        style schedulers) or sqrt((1 - ᾱ_t) / ᾱ_t) from ``alphas_cumprod`` (DDPM style).
+
+        Computed on first use only: reading a device timestep syncs the device once.
+        """
+        if self._sigma is None:
+            self._sigma = _sigma_of(self._scheduler, self.index, self.timestep)
+        return self._sigma
+
+
+def _sigma_of(scheduler, index: int, timestep) -> float:
+    if scheduler is None:
+        raise RuntimeError("sigma: no scheduler is known for this call (install attnctl on a pipeline, "
+                           "not on a bare UNet, to get the scheduler's noise levels)")
+    sigmas = getattr(scheduler, "sigmas", None)
+    if isinstance(sigmas, torch.Tensor) and index < sigmas.numel():
+        return float(sigmas[index])
+    alphas = getattr(scheduler, "alphas_cumprod", None)
+    if isinstance(alphas, torch.Tensor):
+        a = float(alphas[int(timestep)])
+        return ((1.0 - a) / a) ** 0.5
+    raise RuntimeError(f"sigma: scheduler {type(scheduler).__name__} has neither sigmas nor alphas_cumprod")
+
+
+class AttentionCall:
+    """One attention call as a controller sees it.
+
+    Attributes:
+        layer: the attention module's name in the UNet, e.g.
+            ``"down_blocks.0.attentions.0.transformer_blocks.0.attn2"``.
+        is_cross: True for cross-attention (keys are text tokens).
+        grid: (h, w) of the query positions, derived from the latent size seen by the UNet
+            and the layer's downsampling (any aspect ratio); None when unknown (a UNet
+            called outside a hooked forward with a 3-D input).
+        latent: (h, w) of the latent the UNet received (None when unknown).
+        factor: the layer's downsampling relative to the latent, a power of two (1, 2, 4,
+            8 in SD); None when the grid is unknown.
+        step: the :class:`DenoiseStep` (``step.index`` counts UNet calls since the
+            generation started: one per denoising step, with or without CFG).
+        layout: the :class:`BatchLayout` of the rows.
+        batch, heads, queries, keys, head_dim: B, H, M, N, D of the op call.
+        device, dtype: those of q.
+    """
+
+    __slots__ = ("layer", "is_cross", "grid", "factor", "latent", "step", "layout", "batch", "heads",
+                 "queries", "keys", "head_dim", "device", "dtype")
+
+    def __init__(self, layer: str, is_cross: bool, grid: Optional[Tuple[int, int]],
+                 factor: Optional[int], latent: Optional[Tuple[int, int]], step: DenoiseStep,
+                 layout: BatchLayout, q: torch.Tensor, k: torch.Tensor):
+        self.layer = layer
+        self.is_cross = is_cross
+        self.grid = grid
+        self.factor = factor
+        self.latent = latent
+        self.step = step
+        self.layout = layout
+        self.batch, self.heads, self.queries, self.head_dim = q.shape
+        self.keys = k.shape[2]
+        self.device = q.device
+        self.dtype = q.dtype
+
+    def __repr__(self) -> str:
+        return (f"AttentionCall({self.layer}, cross={self.is_cross}, grid={self.grid}, "
+                f"step={self.step.index}, B={self.batch}, H={self.heads}, M={self.queries}, N={self.keys})")
+
+
+@dataclass
+class Plan:
+    """What a controller wants applied to, and captured from, one attention call.
+
+    Later controls extend this class with new optional fields; each new field needs a
+    composition rule in :func:`attnctl.diffusers.compose.compose`, which refuses plans
+    whose fields it does not know how to combine.
+    """
+
+    bias: Optional[torch.Tensor] = None
+    prob_mult: Optional[torch.Tensor] = None
+    capture: Optional[Capture] = None
+
+
+class Controller:
+    """Base class of controllers. Override ``plan``; the hooks are optional.
+
+    A controller is attached to an installation (``attnctl.install(pipe, controller)`` or
+    ``installation.add(controller)``) and is asked, per attention call, what to do.
+    """
+
+    def plan(self, call: AttentionCall) -> Optional[Plan]:
+        """The plan for ``call``, or None to leave it alone."""
+        return None
+
+    def on_generation_start(self, generation) -> None:
+        """A pipeline call began (its prompts and batch layout are in ``generation``, an
+        :class:`attnctl.diffusers.install.Generation`)."""
+
+    def on_step(self, step: DenoiseStep, layout: BatchLayout) -> None:
+        """A UNet forward is about to run (once per denoising step)."""

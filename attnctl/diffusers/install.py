@@ -1,0 +1,262 @@
+"""install / uninstall: put AttnctlProcessor on every attention layer of a UNet and keep
+the per-generation state (step, latent size, batch layout, prompts) the processors share.
+
+State comes from two hooks that restore exactly on uninstall:
+
+* the pipeline's ``encode_prompt`` (called once at the start of every SD / SDXL
+  generation) marks a new generation and records its prompts, images per prompt and
+  whether classifier-free guidance doubles the batch;
+* a forward pre-hook on the UNet counts UNet calls since that start (the step index: one
+  UNet call per denoising step with CFG, batch 2B, and without, batch B) and records the
+  latent size, from which each layer's query grid (h, w) follows for any aspect ratio.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..op import BACKENDS
+from .controller import AttentionCall, BatchLayout, Controller, DenoiseStep
+from .processor import AttnctlProcessor
+
+_ATTRIBUTE = "_attnctl_installation"
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One pipeline call, as seen by ``encode_prompt``.
+
+    ``prompts`` is None when the pipeline got ``prompt_embeds`` without text.
+    """
+
+    index: int
+    prompts: Optional[Tuple[str, ...]]
+    num_prompts: int
+    images_per_prompt: int
+    cfg: bool
+    tokenizer: object = None
+    image_scale: int = 1  # image pixels per latent pixel (the VAE's downsampling)
+
+
+def _find_unet(target):
+    from diffusers import UNet2DConditionModel
+
+    if isinstance(target, UNet2DConditionModel):
+        return target, None
+    unet = getattr(target, "unet", None)
+    if isinstance(unet, UNet2DConditionModel):
+        return unet, target
+    parts = []
+    components = getattr(target, "components", None)
+    if isinstance(components, dict):
+        parts = [f"{k}: {type(v).__name__}" for k, v in components.items() if isinstance(v, torch.nn.Module)]
+    got = type(target).__name__ + (f" (models: {', '.join(parts)})" if parts else "")
+    raise TypeError("install: expected a diffusers pipeline whose `unet` is a UNet2DConditionModel "
+                    f"(Stable Diffusion 1.x, 2.x, SDXL) or such a UNet, got {got}")
+
+
+def query_grid(latent: Tuple[int, int], queries: int) -> Tuple[Optional[Tuple[int, int]], Optional[int]]:
+    """(h, w) of a layer with ``queries`` positions in a UNet whose input is ``latent``, and
+    its downsampling factor. UNet downsamplers are stride-2 convolutions with padding 1,
+    so each level is ceil(h/2) x ceil(w/2)."""
+    h, w = latent
+    factor = 1
+    while h * w > queries and (h > 1 or w > 1):
+        h, w, factor = (h + 1) // 2, (w + 1) // 2, factor * 2
+    return ((h, w), factor) if h * w == queries else (None, None)
+
+
+class Installation:
+    """attnctl installed on one UNet; shared by its processors. Use it as a context manager
+    to uninstall on exit."""
+
+    def __init__(self, unet, pipe, backend: str):
+        self.unet = unet
+        self.pipe = pipe
+        self.backend = backend
+        self.controllers: List[Controller] = []
+        self.generation: Optional[Generation] = None
+        self.step = DenoiseStep(0, None, None)
+        self.layout = BatchLayout(rows=0, cfg=False)
+        self.latent: Optional[Tuple[int, int]] = None
+        self._unet_calls = 0
+        self._generations = 0
+        self._grids: Dict[Tuple, Tuple] = {}
+        self._original = unet.attn_processors  # name -> the exact processor objects
+        self._cross_layers: Optional[List[str]] = None
+        self._had_encode_prompt = None
+        self._hook = unet.register_forward_pre_hook(self._before_unet, with_kwargs=True)
+        if pipe is not None and hasattr(pipe, "encode_prompt"):
+            self._wrap_encode_prompt(pipe)
+        unet.set_attn_processor({name: AttnctlProcessor(name[: -len(".processor")], self)
+                                 for name in self._original})
+        setattr(unet, _ATTRIBUTE, self)
+
+    # ---- controllers -------------------------------------------------------------------
+    def add(self, controller: Controller) -> Controller:
+        if not isinstance(controller, Controller):
+            raise TypeError(f"controller: expected an attnctl.Controller, got {type(controller).__name__}")
+        if controller not in self.controllers:
+            self.controllers.append(controller)
+            if self.generation is not None:
+                controller.on_generation_start(self.generation)
+        return controller
+
+    def remove(self, controller: Controller) -> None:
+        if controller in self.controllers:
+            self.controllers.remove(controller)
+
+    @property
+    def layers(self) -> List[str]:
+        """Names of every attention layer, as processors know them."""
+        return [name[: -len(".processor")] for name in self._original]
+
+    @property
+    def cross_layers(self) -> List[str]:
+        """Names of the cross-attention layers (those whose keys are the text)."""
+        if self._cross_layers is None:
+            modules = dict(self.unet.named_modules())
+            self._cross_layers = [name for name in self.layers if modules[name].is_cross_attention]
+        return self._cross_layers
+
+    # ---- generation / step state -------------------------------------------------------
+    def start_generation(self, prompts: Optional[Sequence[str]] = None, *, num_prompts: Optional[int] = None,
+                         images_per_prompt: int = 1, cfg: bool = False, tokenizer=None) -> Generation:
+        """Mark the start of a generation (the pipeline hook does this; call it yourself
+        when driving a bare UNet)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if num_prompts is None:
+            num_prompts = len(prompts) if prompts is not None else 1
+        self._generations += 1
+        vae = getattr(self.pipe, "vae_scale_factor", None)
+        self.generation = Generation(
+            index=self._generations, prompts=tuple(prompts) if prompts is not None else None,
+            num_prompts=num_prompts, images_per_prompt=int(images_per_prompt), cfg=bool(cfg),
+            tokenizer=tokenizer, image_scale=int(vae) if vae else 1)
+        self._unet_calls = 0
+        for controller in self.controllers:
+            controller.on_generation_start(self.generation)
+        return self.generation
+
+    def _wrap_encode_prompt(self, pipe) -> None:
+        self._had_encode_prompt = pipe.__dict__.get("encode_prompt")
+        original = pipe.encode_prompt
+        signature = inspect.signature(original)
+
+        def encode_prompt(*args, **kwargs):
+            bound = signature.bind_partial(*args, **kwargs)
+            bound.apply_defaults()
+            a = bound.arguments
+            prompt, embeds = a.get("prompt"), a.get("prompt_embeds")
+            num = (1 if isinstance(prompt, str) else len(prompt)) if prompt is not None else (
+                embeds.shape[0] if embeds is not None else 1)
+            tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
+            self.start_generation(prompt, num_prompts=num, images_per_prompt=a.get("num_images_per_prompt") or 1,
+                                  cfg=bool(a.get("do_classifier_free_guidance", False)), tokenizer=tokenizer)
+            return original(*args, **kwargs)
+
+        encode_prompt.__signature__ = signature
+        pipe.encode_prompt = encode_prompt
+
+    def _before_unet(self, module, args, kwargs) -> None:
+        sample = args[0] if args else kwargs["sample"]
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        self.latent = tuple(sample.shape[-2:])
+        rows = sample.shape[0]
+        gen = self.generation
+        if gen is None:
+            self.layout = BatchLayout(rows=rows, cfg=False)
+        else:
+            images = gen.num_prompts * gen.images_per_prompt
+            # A pipeline may skip CFG on some calls; the batch size tells.
+            cfg = gen.cfg and rows == 2 * images
+            self.layout = BatchLayout(rows=rows, cfg=cfg, images_per_prompt=gen.images_per_prompt)
+        scheduler = getattr(self.pipe, "scheduler", None)
+        self.step = DenoiseStep(self._unet_calls, timestep, scheduler)
+        self._unet_calls += 1
+        for controller in self.controllers:
+            controller.on_step(self.step, self.layout)
+
+    def describe(self, layer: str, is_cross: bool, spatial: Optional[Tuple[int, int]],
+                 q: torch.Tensor, k: torch.Tensor) -> AttentionCall:
+        """The AttentionCall for a processor's call (grid from the latent unless the layer's
+        input was 4-D and so tells its own size)."""
+        M = q.shape[2]
+        key = (self.latent, M, spatial)
+        derived = self._grids.get(key)
+        if derived is None:
+            if spatial is not None:
+                factor = query_grid(self.latent, M)[1] if self.latent is not None else None
+                derived = (spatial, factor)
+            elif self.latent is not None:
+                derived = query_grid(self.latent, M)
+            else:
+                derived = (None, None)
+            self._grids[key] = derived
+        layout = self.layout
+        if layout.rows != q.shape[0]:  # a layer called outside a hooked UNet forward
+            layout = BatchLayout(rows=q.shape[0], cfg=False)
+        return AttentionCall(layer, is_cross, derived[0], derived[1], self.latent, self.step, layout, q, k)
+
+    # ---- teardown ----------------------------------------------------------------------
+    def uninstall(self) -> None:
+        """Restore the original processor objects and remove every hook."""
+        if getattr(self.unet, _ATTRIBUTE, None) is not self:
+            return
+        self.unet.set_attn_processor(dict(self._original))
+        self._hook.remove()
+        if self.pipe is not None and "encode_prompt" in self.pipe.__dict__:
+            if self._had_encode_prompt is None:
+                del self.pipe.__dict__["encode_prompt"]
+            else:
+                self.pipe.__dict__["encode_prompt"] = self._had_encode_prompt
+        delattr(self.unet, _ATTRIBUTE)
+        self.controllers.clear()
+
+    @property
+    def active(self) -> bool:
+        return getattr(self.unet, _ATTRIBUTE, None) is self
+
+    def __enter__(self) -> "Installation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.uninstall()
+
+
+def installation_of(target) -> Optional[Installation]:
+    """The active installation on a pipeline or UNet, or None."""
+    unet, _ = _find_unet(target)
+    return getattr(unet, _ATTRIBUTE, None)
+
+
+def install(target, *controllers: Controller, backend: Optional[str] = None) -> Installation:
+    """Route every attention layer of ``target`` (an SD 1.x / 2.x / SDXL pipeline, or its
+    UNet2DConditionModel) through attnctl, with ``controllers`` attached.
+
+    Installing twice returns the existing installation (adding the controllers; a given
+    ``backend`` replaces the installed one). Use the result as a context manager, or call
+    ``uninstall``, to restore the original processors.
+    """
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+    unet, pipe = _find_unet(target)
+    installation = getattr(unet, _ATTRIBUTE, None)
+    if installation is None:
+        installation = Installation(unet, pipe, backend or "auto")
+    elif backend is not None:
+        installation.backend = backend
+    for controller in controllers:
+        installation.add(controller)
+    return installation
+
+
+def uninstall(target) -> None:
+    """Restore the original attention processors of ``target`` (no-op if not installed)."""
+    installation = installation_of(target)
+    if installation is not None:
+        installation.uninstall()
