@@ -7,11 +7,11 @@ character, which exercises word -> sub-token merging on every word.
 """
 from __future__ import annotations
 
-import json
-from importlib import resources
 from typing import Optional
 
 import torch
+
+from ..configs import load_unet_config
 
 TEXT_LENGTH = 77
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -125,23 +125,16 @@ def _finish(pipe, dtype):
     return pipe
 
 
-def published_unet_config(name: str) -> dict:
-    """The shipped UNet configuration of the published ``"sd15"`` or ``"sdxl"`` model."""
-    if name not in ("sd15", "sdxl"):
-        raise ValueError(f"name: expected 'sd15' or 'sdxl', got {name!r}")
-    text = resources.files("attnctl").joinpath("configs", f"{name}_unet.json").read_text()
-    return json.loads(text)
-
-
 def published_unet(name: str, dtype: torch.dtype = torch.float32, seed: int = 0):
-    """UNet2DConditionModel with the published SD1.5 or SDXL architecture and random weights.
+    """UNet2DConditionModel with the published architecture ``name`` ("sd15_unet" or
+    "sdxl_unet", see attnctl.configs) and random weights.
 
     Weights are drawn N(0, 0.02) in place of diffusers' per-layer initialisation: the
     architecture is what matters here, and this is several times faster at 2.6B weights.
     """
     from diffusers import UNet2DConditionModel
 
-    config = published_unet_config(name)
+    config = load_unet_config(name)
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
     unet = unet.to_empty(device="cpu")

@@ -1,0 +1,1 @@
+"""Tools built on controllers: heat-map tracing (attnctl.trace), plots."""

@@ -1,0 +1,312 @@
+"""Captured cross-attention maps and the heat maps computed from them.
+
+:class:`TraceMaps` holds, per traced layer, the maps the kernel accumulated (summed over
+denoising steps, or per step) and the token mass per head, plus what is needed to read
+them: grids, batch layout, prompts. Heat maps follow DAAM's aggregation: each layer's (and
+head's) map is upsampled bicubically to the latent grid, clamped at 0, and averaged over
+layers and heads. With ``per_head=True`` the clamp applies to every head's map, exactly as
+DAAM does; by default heads are summed in the kernel and the clamp applies to their sum
+(identical unless bicubic undershoot differs in sign between heads).
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from ..diffusers.controller import BatchLayout
+from .words import PromptText
+
+ALL_STEPS = -1  # step key of buffers summed over the traced steps
+FORMAT = "attnctl-trace/1"
+
+
+@dataclass
+class LayerMaps:
+    """One cross-attention layer's captures.
+
+    ``maps[step]`` is (rows, h*w, N) — or (rows, H, h*w, N) when ``per_head`` — and
+    ``token_mass[step]`` is (rows, H, N); ``step`` is a step index, or ALL_STEPS.
+    """
+
+    name: str
+    grid: Tuple[int, int]
+    factor: int
+    heads: int
+    maps: Dict[int, torch.Tensor] = field(default_factory=dict)
+    token_mass: Dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def select_layers(names: Sequence[str], patterns) -> List[str]:
+    """Names matching ``patterns``: a string or strings, each a glob (``*``, ``?``, ``[``)
+    matched against the whole name or, without wildcards, a substring of it."""
+    if patterns is None:
+        return list(names)
+    if isinstance(patterns, str):
+        patterns = [patterns]
+
+    def match(name, pattern):
+        if any(c in pattern for c in "*?["):
+            return fnmatch.fnmatchcase(name, pattern)
+        return pattern in name
+
+    chosen = [n for n in names if any(match(n, p) for p in patterns)]
+    if not chosen:
+        shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        raise ValueError(f"layers: {list(patterns)} match none of the {len(names)} cross-attention "
+                         f"layers ({shown})")
+    return chosen
+
+
+def resolution_matches(resolutions, grid: Tuple[int, int], factor: int) -> bool:
+    """``resolutions``: downsampling factors (ints, 1 = latent grid, as DAAM's ``factors``)
+    and/or (h, w) grids."""
+    return any(r == factor if isinstance(r, int) else tuple(r) == tuple(grid) for r in resolutions)
+
+
+class HeatMap:
+    """A (h, w) heat map of one word or token set, at the latent grid unless upsampled."""
+
+    def __init__(self, value: torch.Tensor, label: str):
+        self.value = value
+        self.label = label
+
+    def upsample(self, size: Tuple[int, int]) -> "HeatMap":
+        """Bicubic to ``size`` (h, w), clamped at 0 (bicubic undershoots)."""
+        v = F.interpolate(self.value[None, None].float(), size=tuple(size), mode="bicubic")
+        return HeatMap(v[0, 0].clamp_min(0), self.label)
+
+    def plot(self, image=None, path=None, ax=None, **kwargs):
+        """Overlay on ``image`` (upsampled to its size); see attnctl.tools.plot.overlay."""
+        from .plot import overlay
+
+        return overlay(self, image, path=path, ax=ax, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"HeatMap({self.label!r}, {tuple(self.value.shape)})"
+
+
+class GlobalHeatMap:
+    """Heat maps of every key column (N, h, w) of one image, with its prompt's words."""
+
+    def __init__(self, value: torch.Tensor, text: Optional[PromptText], tokenizer=None):
+        self.value = value
+        self.text = text
+        self.tokenizer = tokenizer
+
+    def _text(self) -> PromptText:
+        if self.text is None:
+            raise ValueError("word: this generation's prompt text is unknown (the pipeline got "
+                             "prompt_embeds); pass prompt=... to heat_map(), or use token()")
+        return self.text
+
+    def word(self, word: str, occurrence: int = 0) -> HeatMap:
+        """The mean map of the sub-tokens of ``word`` (its ``occurrence``-th appearance)."""
+        positions = self._text().positions(word, occurrence, self.tokenizer)
+        return HeatMap(self.value[positions].mean(0), word)
+
+    def token(self, index: Union[int, Sequence[int]]) -> HeatMap:
+        """The mean map of explicit key columns (0 is BOS, 1 the first text token)."""
+        idx = [index] if isinstance(index, int) else list(index)
+        N = self.value.shape[0]
+        bad = [i for i in idx if not 0 <= i < N]
+        if not idx or bad:
+            raise ValueError(f"index: expected token indices in [0, {N}), got {index}")
+        return HeatMap(self.value[idx].mean(0), f"tokens {idx}")
+
+    def words(self) -> List[Tuple[str, HeatMap]]:
+        """(word, heat map) for every word of the prompt (first occurrences)."""
+        out, seen = [], set()
+        for text, positions in self._text().words:
+            if text not in seen:
+                seen.add(text)
+                out.append((text, HeatMap(self.value[list(positions)].mean(0), text)))
+        return out
+
+    def __repr__(self) -> str:
+        return f"GlobalHeatMap({tuple(self.value.shape)})"
+
+
+class TraceMaps:
+    """What a trace captured in one generation; queries, save and load."""
+
+    def __init__(self, layers: List[LayerMaps], layout: BatchLayout, latent: Tuple[int, int],
+                 image_scale: int, prompts: Optional[List[PromptText]], per_head: bool,
+                 per_step: bool, heads: Optional[List[int]], steps_run: int, tokenizer=None):
+        self.layers = layers
+        self.layout = layout
+        self.latent = tuple(latent)
+        self.image_scale = image_scale
+        self.prompts = prompts
+        self.per_head = per_head
+        self.per_step = per_step
+        self.heads = heads
+        self.steps_run = steps_run
+        self.tokenizer = tokenizer
+
+    @property
+    def image_size(self) -> Tuple[int, int]:
+        return (self.latent[0] * self.image_scale, self.latent[1] * self.image_scale)
+
+    @property
+    def steps(self) -> List[int]:
+        """Step indices held separately (per_step traces), else []."""
+        keys = {k for layer in self.layers for k in layer.maps if k != ALL_STEPS}
+        return sorted(keys)
+
+    # ---- queries -----------------------------------------------------------------------
+    def _layers(self, layers, resolutions) -> List[LayerMaps]:
+        chosen = set(select_layers([l.name for l in self.layers], layers))
+        result = [l for l in self.layers if l.name in chosen]
+        if resolutions is not None:
+            result = [l for l in result if resolution_matches(resolutions, l.grid, l.factor)]
+            if not result:
+                grids = sorted({(l.factor, l.grid) for l in self.layers})
+                raise ValueError(f"resolutions: {list(resolutions)} match no traced layer "
+                                 f"(factor, grid) in {grids}")
+        return result
+
+    def _step_keys(self, steps) -> List[int]:
+        if steps is None:
+            return self.steps or [ALL_STEPS]
+        if not self.per_step:
+            raise ValueError("steps: this trace summed its steps while capturing; trace with "
+                             "per_step=True to select steps afterwards (or steps=... to capture only those)")
+        steps = [steps] if isinstance(steps, int) else list(steps)
+        missing = [s for s in steps if s not in self.steps]
+        if missing:
+            raise ValueError(f"steps: {missing} were not captured; captured steps: {self.steps}")
+        return steps
+
+    def _heads(self, heads, layer: LayerMaps) -> Optional[List[int]]:
+        if heads is None:
+            heads = self.heads
+        elif not self.per_head and list(heads) != list(self.heads or []):
+            raise ValueError("heads: this trace summed its heads while capturing; trace with "
+                             "per_head=True to select heads afterwards (or heads=... to capture only those)")
+        if heads is None:
+            return None
+        chosen = [h for h in heads if 0 <= h < layer.heads]
+        return chosen
+
+    def _row(self, image: int, half: str) -> int:
+        return self.layout.row(image, half)
+
+    def heat_map(self, image: int = 0, *, half: str = "cond", layers=None, resolutions=None,
+                 heads: Optional[Iterable[int]] = None, steps=None, normalize: bool = False,
+                 prompt: Optional[str] = None) -> GlobalHeatMap:
+        """DAAM's global heat map of ``image`` at the latent grid: (N, h, w).
+
+        Args:
+            image: index of the image in the generated batch.
+            half: "cond" (default) or "uncond" (CFG's unconditional half).
+            layers: layer-name patterns (see select_layers); resolutions: factors or grids.
+            heads: head indices (per_head traces); steps: step indices (per_step traces).
+            normalize: divide every map by the sum over the prompt's word tokens (DAAM).
+            prompt: the prompt text, when the pipeline ran from prompt_embeds.
+        """
+        row = self._row(image, half)
+        chosen = self._layers(layers, resolutions)
+        keys = self._step_keys(steps)
+        total, count = None, 0
+        for layer in chosen:
+            head_idx = self._heads(heads, layer)
+            summed = sum(layer.maps[k][row] for k in keys)
+            if self.per_head:
+                if head_idx is not None:
+                    summed = summed[head_idx]
+                stack, n = summed, summed.shape[0]          # (H', M, N)
+            else:
+                stack, n = summed[None], (len(head_idx) if head_idx is not None else layer.heads)
+            if n == 0:
+                continue
+            h, w = layer.grid
+            maps = stack.transpose(1, 2).reshape(stack.shape[0], -1, h, w).float()
+            up = F.interpolate(maps, size=self.latent, mode="bicubic").clamp_min_(0).sum(0)
+            total = up if total is None else total + up
+            count += n
+        if total is None:
+            raise ValueError(f"heads: {list(heads) if heads is not None else self.heads} select no head "
+                             "of the chosen layers")
+        value = total / count
+        text = self._prompt_text(image, prompt)
+        if normalize:
+            if text is None:
+                raise ValueError("normalize: needs the prompt's word tokens; pass prompt=...")
+            word_cols = [p for _, pos in text.words for p in pos]
+            value = value / (value[word_cols].sum(0, keepdim=True) + 1e-6)
+        return GlobalHeatMap(value, text, self.tokenizer)
+
+    def _prompt_text(self, image: int, prompt: Optional[str]) -> Optional[PromptText]:
+        if prompt is not None:
+            if self.tokenizer is None:
+                raise ValueError("prompt: tokenising a prompt needs the pipeline's tokenizer; "
+                                 "load the trace with TraceMaps.load(path, tokenizer=...)")
+            from .words import record_prompt
+
+            return record_prompt(self.tokenizer, prompt)
+        if self.prompts is None:
+            return None
+        return self.prompts[self.layout.prompt_of_image(image)]
+
+    def word_heat_map(self, word: str, image: int = 0, *, occurrence: int = 0, **filters) -> HeatMap:
+        """Shortcut: ``heat_map(image, **filters).word(word, occurrence)``."""
+        return self.heat_map(image, **filters).word(word, occurrence)
+
+    def token_mass(self, image: int = 0, *, half: str = "cond", steps=None) -> Dict[str, torch.Tensor]:
+        """Σ_m P per head and text token, per layer: {layer: (H, N)}."""
+        row = self._row(image, half)
+        keys = self._step_keys(steps)
+        return {l.name: sum(l.token_mass[k][row] for k in keys) for l in self.layers}
+
+    # ---- persistence ---------------------------------------------------------------------
+    def save(self, path: str) -> None:
+        """One safetensors file: tensors, plus the metadata as JSON in its header."""
+        from safetensors.torch import save_file
+
+        tensors, layers = {}, []
+        for i, layer in enumerate(self.layers):
+            for kind in ("maps", "token_mass"):
+                for step, t in getattr(layer, kind).items():
+                    tensors[f"layers.{i}.{kind}.{step}"] = t.detach().to("cpu").contiguous()
+            layers.append({"name": layer.name, "grid": list(layer.grid), "factor": layer.factor,
+                           "heads": layer.heads})
+        meta = {
+            "format": FORMAT, "layers": layers, "latent": list(self.latent),
+            "image_scale": self.image_scale, "per_head": self.per_head, "per_step": self.per_step,
+            "heads": self.heads, "steps_run": self.steps_run,
+            "layout": {"rows": self.layout.rows, "cfg": self.layout.cfg,
+                       "images_per_prompt": self.layout.images_per_prompt},
+            "prompts": [p.to_json() for p in self.prompts] if self.prompts is not None else None,
+        }
+        save_file(tensors, path, metadata={"attnctl": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path: str, tokenizer=None, device: str = "cpu") -> "TraceMaps":
+        """A trace saved by ``save``; ``tokenizer`` enables ``prompt=`` and exact query
+        normalisation (words are found without it)."""
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt", device=device) as f:
+            header = (f.metadata() or {}).get("attnctl")
+            if header is None:
+                raise ValueError(f"path: {path} is a safetensors file but not an attnctl trace")
+            meta = json.loads(header)
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"path: expected trace format {FORMAT}, got {meta.get('format')}")
+            layers = [LayerMaps(d["name"], tuple(d["grid"]), d["factor"], d["heads"]) for d in meta["layers"]]
+            for key in f.keys():
+                _, i, kind, step = key.split(".")
+                getattr(layers[int(i)], kind)[int(step)] = f.get_tensor(key)
+        prompts = meta["prompts"]
+        return cls(layers, BatchLayout(**meta["layout"]), tuple(meta["latent"]), meta["image_scale"],
+                   [PromptText.from_json(p) for p in prompts] if prompts is not None else None,
+                   meta["per_head"], meta["per_step"], meta["heads"], meta["steps_run"], tokenizer)
+
+    def __repr__(self) -> str:
+        return (f"TraceMaps({len(self.layers)} layers, latent {self.latent}, images "
+                f"{self.layout.images}, per_head={self.per_head}, per_step={self.per_step})")
