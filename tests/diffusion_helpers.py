@@ -1,0 +1,106 @@
+"""Shared by the diffusers/trace tests: cached tiny pipelines, a seeded generation, and an
+independent materialising reference that follows DAAM (no attnctl code involved)."""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from attnctl.diffusers.offline import tiny_sd_pipeline, tiny_sdxl_pipeline
+
+HEIGHT, WIDTH = 32, 48   # images; the VAE halves them, so the latent is 16 x 24 (non-square)
+LATENT = (HEIGHT // 2, WIDTH // 2)
+
+
+@functools.lru_cache(maxsize=None)
+def sd_pipe():
+    return tiny_sd_pipeline()
+
+
+@functools.lru_cache(maxsize=None)
+def sdxl_pipe():
+    return tiny_sdxl_pipeline()
+
+
+def generate(pipe, prompt, *, steps=2, height=HEIGHT, width=WIDTH, seed=0, **kwargs):
+    """Images as a (B, 3, H, W) tensor; the same seed gives the same latents."""
+    generator = torch.Generator().manual_seed(seed)
+    return pipe(prompt, num_inference_steps=steps, height=height, width=width, generator=generator,
+                output_type="pt", **kwargs).images
+
+
+class MaterialisingProcessor:
+    """diffusers' classic attention (explicit softmax(QKᵀ) through attn.get_attention_scores),
+    adding every cross-attention call's P (B, H, M, N) into ``store[layer]``."""
+
+    def __init__(self, layer, store):
+        self.layer = layer
+        self.store = store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        assert hidden_states.ndim == 3 and attention_mask is None and attn.group_norm is None
+        is_cross = encoder_hidden_states is not None
+        context = encoder_hidden_states if is_cross else hidden_states
+        B, M, _ = hidden_states.shape
+        q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        k = attn.head_to_batch_dim(attn.to_k(context))
+        v = attn.head_to_batch_dim(attn.to_v(context))
+        probs = attn.get_attention_scores(q, k, None)  # (B*H, M, N)
+        if is_cross:
+            p = probs.detach().float().view(B, attn.heads, M, -1)
+            self.store[self.layer] = self.store.get(self.layer, 0) + p
+        out = attn.batch_to_head_dim(torch.bmm(probs, v))
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+def materialised_probs(pipe, prompt, **kwargs):
+    """Run a generation with MaterialisingProcessor on every layer; {layer: Σ_steps P}."""
+    unet = pipe.unet
+    original = unet.attn_processors
+    store = {}
+    unet.set_attn_processor({name: MaterialisingProcessor(name.rsplit(".", 1)[0], store)
+                             for name in original})
+    try:
+        images = generate(pipe, prompt, **kwargs)
+    finally:
+        unet.set_attn_processor(dict(original))
+    return store, images
+
+
+def grid_of(queries, latent=LATENT):
+    """(h, w) of a layer with ``queries`` positions, for latents whose sides halve evenly."""
+    for factor in (1, 2, 4, 8):
+        h, w = latent[0] // factor, latent[1] // factor
+        if h * w == queries:
+            return h, w
+    raise AssertionError(f"no grid for {queries} queries in latent {latent}")
+
+
+def daam_heat_map(store, row, *, latent=LATENT, layers=None, heads=None, clamp_each_head=True):
+    """DAAM's global heat map (N, h, w) of batch row ``row``: each layer/head map (summed
+    over steps) upsampled bicubically to the latent grid, clamped at 0, then averaged.
+
+    ``clamp_each_head=False`` sums the heads of a layer before upsampling and clamping,
+    counting each layer as its number of heads (attnctl's default, heads summed in-kernel).
+    """
+    total, count = 0, 0
+    for name, probs in store.items():
+        if layers is not None and name not in layers:
+            continue
+        p = probs[row]                              # (H, M, N)
+        if heads is not None:
+            p = p[heads]
+        H, M, N = p.shape
+        h, w = grid_of(M, latent)
+        maps = p.permute(0, 2, 1).reshape(H, N, h, w)
+        if clamp_each_head:
+            for head in range(H):
+                total = total + F.interpolate(maps[head:head + 1], size=latent, mode="bicubic").clamp(min=0)[0]
+        else:
+            total = total + F.interpolate(maps.sum(0, keepdim=True), size=latent, mode="bicubic").clamp(min=0)[0]
+        count += H
+    return total / count
