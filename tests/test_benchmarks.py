@@ -90,3 +90,32 @@ def test_readme_table_is_generated_from_the_newest_gpu_result(tmp_path):
 
 def test_readme_table_says_when_no_gpu_result_exists(tmp_path):
     assert "No GPU benchmark" in report.readme_table(str(tmp_path))
+
+
+def test_cli_end_to_end_smoke_compares_fused_and_materialised_capture(tmp_path):
+    out = tmp_path / "e2e.json"
+    args = _parse(["--skip-kernels", "--e2e", "sd15-512", "--json", str(out),
+                   "--e2e-contender", "diffusers-sdpa", "--e2e-contender", "attnctl+trace",
+                   "--e2e-contender", "daam-materialised"])
+    assert args.func(args) == 0
+    rows = json.loads(out.read_text())["e2e"]
+    assert [r["contender"] for r in rows] == ["diffusers-sdpa", "attnctl+trace", "daam-materialised"]
+    assert all(r["status"] == "ok" and r["model"] == "tiny" and r["step_ms"] > 0 for r in rows)
+
+
+def test_daam_baseline_keeps_the_maps_it_materialises():
+    """The materialising baseline really computes P: its per-layer maps sum to the number of
+    query rows per batch item and head (each P row sums to 1)."""
+    import torch
+    from attnctl.benchmarks import e2e
+    from attnctl.benchmarks.baselines import install_daam_style
+
+    unet = e2e.build_unet("tiny", torch.float32, "cpu")
+    maps = install_daam_style(unet)
+    inputs = e2e.unet_inputs("tiny", unet, 1, torch.float32, "cpu")
+    with torch.no_grad():
+        unet(timestep=torch.tensor(10), **inputs)
+    assert maps
+    for name, m in maps.items():
+        heads = dict(unet.named_modules())[name].heads
+        assert torch.allclose(m.sum(-1), torch.full_like(m.sum(-1), heads), atol=1e-4)

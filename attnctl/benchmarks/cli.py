@@ -5,7 +5,7 @@ import argparse
 
 import torch
 
-from . import contenders, report, runner, shapes
+from . import contenders, e2e, report, runner, shapes
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -22,6 +22,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", action="append", choices=tuple(runner.DTYPES), help="default fp16 and bf16")
     p.add_argument("--contender", action="append", choices=tuple(contenders.CONTENDERS),
                    help="only these contenders (repeatable)")
+    p.add_argument("--e2e", action="append", choices=tuple(m for m in e2e.MODELS if m != "tiny"),
+                   help="also time a UNet denoising loop of this architecture (random weights, CFG)")
+    p.add_argument("--e2e-contender", action="append", choices=tuple(e2e.CONTENDERS),
+                   help="only these end-to-end contenders (repeatable)")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps of the end-to-end loop")
+    p.add_argument("--skip-kernels", action="store_true", help="only the end-to-end loop")
     p.set_defaults(func=main)
     return p
 
@@ -46,10 +52,23 @@ def main(args: argparse.Namespace) -> int:
     def progress(group):
         print(report.format_table(group), flush=True)
 
-    result = runner.run(todo, dtypes, chosen, device, progress=progress)
+    if args.skip_kernels:
+        result = {"environment": runner.environment(device), "ceilings": {}, "rows": []}
+    else:
+        result = runner.run(todo, dtypes, chosen, device, progress=progress)
     if result["ceilings"]:
         c = result["ceilings"]
         print(f"ceilings: copy {c['copy_gbps']:.0f} GB/s, bf16 matmul {c['bf16_matmul_tflops']:.0f} TFLOP/s")
+    if args.e2e:
+        # On a CPU the tiny offline UNet stands in for the real architectures (smoke only).
+        models = args.e2e if device == "cuda" else ["tiny"]
+        steps = args.steps if device == "cuda" else 2
+        dtype = torch.float16 if device == "cuda" else torch.float32
+        result["e2e"] = []
+        for model in models:
+            result["e2e"] += e2e.run_e2e(model, args.e2e_contender or list(e2e.CONTENDERS),
+                                         steps=steps, dtype=dtype, device=device)
+        print(report.format_e2e_table(result["e2e"]))
     if args.json:
         report.save(result, args.json)
         print(f"wrote {args.json}")

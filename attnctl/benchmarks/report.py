@@ -20,13 +20,25 @@ def _cell(row: dict, key: str, fmt: str) -> str:
 
 
 def format_table(rows: Iterable[dict]) -> str:
-    rows = list(rows)
-    cells = [[title for _, title, _ in COLUMNS]]
-    cells += [[_cell(r, key, fmt) for key, _, fmt in COLUMNS] for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+    return _table(rows, COLUMNS)
+
+
+def _table(rows: Iterable[dict], columns) -> str:
+    cells = [[title for _, title, _ in columns]]
+    cells += [[_cell(r, key, fmt) for key, _, fmt in columns] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+E2E_COLUMNS = [("model", "model", "{}"), ("contender", "contender", "{}"), ("step_ms", "ms/step", "{:.2f}"),
+               ("step_vs_sdpa", "×stock", "{:.2f}"), ("peak_mem_mb", "peak MiB", "{:.0f}"),
+               ("status", "status", "{}")]
+
+
+def format_e2e_table(rows: Iterable[dict]) -> str:
+    return _table(rows, E2E_COLUMNS)
 
 
 def plot(result: dict, path: str) -> None:
@@ -98,6 +110,12 @@ def readme_table(results_dir: str) -> str:
         times = [f"{rows[c]['median_ms']:.4f}" if c in rows else "-" for c in README_CONTENDERS]
         ratio = rows.get("triton+capture", {}).get("time_vs_sdpa")
         lines.append("| " + " | ".join([shape, dtype, *times, "-" if ratio is None else f"{ratio:.2f}"]) + " |")
+    e2e = latest.get("e2e") or next((r["e2e"] for r in reversed(results) if r.get("e2e")), None)
+    if e2e:
+        lines += ["", "UNet denoising loop (random weights, CFG, batch 1 image):", "",
+                  "| model | contender | ms/step | ×stock | peak MiB | status |", "|---|---|---|---|---|---|"]
+        for r in e2e:
+            lines.append("| " + " | ".join(_cell(r, key, fmt) for key, _, fmt in E2E_COLUMNS) + " |")
     return "\n".join(lines)
 
 
