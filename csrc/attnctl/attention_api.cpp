@@ -1,0 +1,250 @@
+// Validation and dispatch for the CUDA backend. Every check runs before any CUDA call, so a
+// machine without a GPU reports bad arguments exactly as a GPU machine does.
+#include "attention_api.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "flash_fwd.h"
+#include "kernel_traits.h"
+
+namespace attnctl {
+namespace {
+
+constexpr int kMaxHeadDim = 256;
+constexpr int kMaxGridYZ = 65535;  // gridDim.y holds H, gridDim.z holds B
+
+const char* dtype_name(int code) {
+    switch (code) {
+        case kFloat16: return "float16";
+        case kBFloat16: return "bfloat16";
+        case kFloat32: return "float32";
+        case kInt32: return "int32";
+        case kInt64: return "int64";
+        default: return "unknown";
+    }
+}
+
+int dtype_bytes(int code) {
+    switch (code) {
+        case kFloat16: case kBFloat16: return 2;
+        case kFloat32: case kInt32: return 4;
+        default: return 8;
+    }
+}
+
+[[noreturn]] void fail(const std::string& message) {
+    throw std::invalid_argument("attnctl CUDA backend: " + message);
+}
+
+void require_size(const char* name, int value) {
+    if (value < 1) fail(std::string(name) + ": expected >= 1, got " + std::to_string(value));
+}
+
+void require_head_dim(const char* name, int value) {
+    if (value < 8 || value > kMaxHeadDim || value % 8 != 0) {
+        fail(std::string(name) + ": expected a multiple of 8 from 8 to " + std::to_string(kMaxHeadDim) +
+             ", got " + std::to_string(value));
+    }
+}
+
+void require_pointer(const char* name, const void* ptr) {
+    if (ptr == nullptr) fail(std::string(name) + ": null device pointer");
+}
+
+void require_aligned(const char* name, const void* ptr, int bytes) {
+    if (ptr != nullptr && reinterpret_cast<std::uintptr_t>(ptr) % bytes != 0) {
+        fail(std::string(name) + ": pointer " + std::to_string(reinterpret_cast<std::uintptr_t>(ptr)) +
+             " is not aligned to its " + std::to_string(bytes) + "-byte elements");
+    }
+}
+
+void require_float_dtype(const char* name, const void* ptr, int code) {
+    if (ptr != nullptr && code != kFloat16 && code != kBFloat16 && code != kFloat32) {
+        fail(std::string(name) + ": expected dtype code 0 (float16), 1 (bfloat16) or 2 (float32), got " +
+             std::to_string(code));
+    }
+}
+
+// A buffer the kernel writes must not alias itself: stride 0 on a dim longer than 1 would
+// make several rows the same memory (a race for the read-add-write captures).
+template <int kDims>
+void require_distinct(const char* name, const void* ptr, const int64_t (&stride)[kDims], const int (&size)[kDims],
+                      const char* dims) {
+    if (ptr == nullptr) return;
+    for (int i = 0; i < kDims; ++i) {
+        if (size[i] > 1 && stride[i] == 0) {
+            fail(std::string(name) + ": stride 0 on dim " + std::to_string(i) + " (" + dims + ") of size " +
+                 std::to_string(size[i]) + "; a written buffer must not overlap itself");
+        }
+    }
+}
+
+// 16-byte copies need a unit d stride, a 16-byte aligned base and every other stride (of a
+// dim longer than 1) a multiple of 8 two-byte elements.
+bool vectorizable(const void* ptr, const int64_t (&stride)[4], const int (&size)[4]) {
+    if (stride[3] != 1 || reinterpret_cast<std::uintptr_t>(ptr) % 16 != 0) return false;
+    for (int i = 0; i < 3; ++i) {
+        if (size[i] > 1 && stride[i] % 8 != 0) return false;
+    }
+    return true;
+}
+
+template <typename Elem>
+void dispatch_tile(const AttentionParams& p, cudaStream_t stream) {
+    switch (head_dim_tile(p.D, p.Dv)) {
+        case 48: return run_attention_fwd<Elem, 48>(p, stream);
+        case 64: return run_attention_fwd<Elem, 64>(p, stream);
+        case 80: return run_attention_fwd<Elem, 80>(p, stream);
+        case 128: return run_attention_fwd<Elem, 128>(p, stream);
+        case 160: return run_attention_fwd<Elem, 160>(p, stream);
+        case 256: return run_attention_fwd<Elem, 256>(p, stream);
+        default: fail("no kernel for D=" + std::to_string(p.D) + ", Dv=" + std::to_string(p.Dv));
+    }
+}
+
+// Makes `device` current for the launch and restores the previous device afterwards, so the
+// caller's (torch's) notion of the current device is left as it was.
+class DeviceGuard {
+  public:
+    explicit DeviceGuard(int device) {
+        check(cudaGetDevice(&previous_), "cudaGetDevice");
+        if (previous_ != device) check(cudaSetDevice(device), "cudaSetDevice");
+    }
+    ~DeviceGuard() {
+        int current = previous_;
+        if (cudaGetDevice(&current) == cudaSuccess && current != previous_) cudaSetDevice(previous_);
+    }
+    DeviceGuard(const DeviceGuard&) = delete;
+    DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+  private:
+    static void check(cudaError_t err, const char* what) {
+        if (err != cudaSuccess) {
+            throw std::runtime_error(std::string("attnctl CUDA backend: ") + what + " failed: " + cudaGetErrorString(err));
+        }
+    }
+    int previous_ = 0;
+};
+
+void check_device(int device) {
+    int count = 0;
+    const cudaError_t err = cudaGetDeviceCount(&count);
+    if (err != cudaSuccess || count == 0) {
+        cudaGetLastError();  // clear, so a later call does not report this again
+        throw std::runtime_error(std::string("attnctl CUDA backend: no usable CUDA device (") +
+                                 (err != cudaSuccess ? cudaGetErrorString(err) : "device count is 0") + ")");
+    }
+    if (device < 0 || device >= count) {
+        fail("device: expected an index in [0, " + std::to_string(count) + "), got " + std::to_string(device));
+    }
+    int major = 0, minor = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+    if (major < 8) {
+        throw std::runtime_error("attnctl CUDA backend: device " + std::to_string(device) + " has compute capability " +
+                                 std::to_string(major) + "." + std::to_string(minor) +
+                                 "; the kernels need 8.0 or newer (mma.sync bf16, cp.async)");
+    }
+}
+
+}  // namespace
+
+void check_params(const AttentionParams& p) {
+    require_pointer("q", p.q);
+    require_pointer("k", p.k);
+    require_pointer("v", p.v);
+    require_pointer("out", p.out);
+    require_size("B", p.B);
+    require_size("H", p.H);
+    require_size("M", p.M);
+    require_size("N", p.N);
+    require_head_dim("D (q/k head dim)", p.D);
+    require_head_dim("Dv (v head dim)", p.Dv);
+    if (p.dtype != kFloat16 && p.dtype != kBFloat16) {
+        fail(std::string("dtype: q, k, v must be float16 (code 0) or bfloat16 (code 1), got code ") +
+             std::to_string(p.dtype) + " (" + dtype_name(p.dtype) + ")");
+    }
+    require_float_dtype("bias", p.bias, p.bias_dtype);
+    require_float_dtype("prob_mult", p.prob_mult, p.prob_mult_dtype);
+    require_float_dtype("head_weights", p.head_weights, p.head_weights_dtype);
+    if (p.maps != nullptr || p.head_maps != nullptr) {
+        if (p.tokens == nullptr) fail("tokens: maps and head_maps need token indices, got a null pointer");
+        require_size("T (number of tokens)", p.T);
+        if (p.tokens_dtype != kInt32 && p.tokens_dtype != kInt64) {
+            fail("tokens: expected dtype code 3 (int32) or 4 (int64), got " + std::to_string(p.tokens_dtype));
+        }
+    }
+    if (p.head_weights != nullptr && p.maps == nullptr) {
+        fail("head_weights: given without maps, which is what they weight");
+    }
+    if (p.H > kMaxGridYZ) fail("H: at most " + std::to_string(kMaxGridYZ) + " heads, got " + std::to_string(p.H));
+    if (p.B > kMaxGridYZ) fail("B: at most " + std::to_string(kMaxGridYZ) + " batch items, got " + std::to_string(p.B));
+
+    require_aligned("q", p.q, 2);
+    require_aligned("k", p.k, 2);
+    require_aligned("v", p.v, 2);
+    require_aligned("out", p.out, 2);
+    if (p.bias != nullptr) require_aligned("bias", p.bias, dtype_bytes(p.bias_dtype));
+    if (p.prob_mult != nullptr) require_aligned("prob_mult", p.prob_mult, dtype_bytes(p.prob_mult_dtype));
+    if (p.head_weights != nullptr) require_aligned("head_weights", p.head_weights, dtype_bytes(p.head_weights_dtype));
+    if (p.tokens != nullptr && (p.maps != nullptr || p.head_maps != nullptr)) {
+        require_aligned("tokens", p.tokens, dtype_bytes(p.tokens_dtype));
+    }
+    require_aligned("token_mass", p.token_mass, 4);
+    require_aligned("maps", p.maps, 4);
+    require_aligned("head_maps", p.head_maps, 4);
+    require_aligned("lse", p.lse, 4);
+
+    require_distinct<4>("out", p.out, p.out_stride, {p.B, p.H, p.M, p.Dv}, "B, H, M, Dv");
+    require_distinct<3>("token_mass", p.token_mass, p.token_mass_stride, {p.B, p.H, p.N}, "B, H, N");
+    require_distinct<3>("maps", p.maps, p.maps_stride, {p.B, p.M, p.T}, "B, M, T");
+    require_distinct<4>("head_maps", p.head_maps, p.head_maps_stride, {p.B, p.H, p.M, p.T}, "B, H, M, T");
+    require_distinct<3>("lse", p.lse, p.lse_stride, {p.B, p.H, p.M}, "B, H, M");
+}
+
+void set_vector_flags(AttentionParams& p) {
+    p.q_vec = vectorizable(p.q, p.q_stride, {p.B, p.H, p.M, p.D});
+    p.k_vec = vectorizable(p.k, p.k_stride, {p.B, p.H, p.N, p.D});
+    p.v_vec = vectorizable(p.v, p.v_stride, {p.B, p.H, p.N, p.Dv});
+    p.out_vec = vectorizable(p.out, p.out_stride, {p.B, p.H, p.M, p.Dv});
+}
+
+KernelConfig kernel_config(int head_dim, int value_dim) {
+    require_head_dim("D (q/k head dim)", head_dim);
+    require_head_dim("Dv (v head dim)", value_dim);
+    switch (head_dim_tile(head_dim, value_dim)) {
+#define ATTNCTL_CONFIG(TILE)                                                                            \
+    case TILE: {                                                                                        \
+        using T = KernelTraits<TILE>;                                                                   \
+        return KernelConfig{TILE, T::kBlockM, T::kBlockN, T::kNThreads, T::kSmemBytes};                 \
+    }
+        ATTNCTL_CONFIG(48)
+        ATTNCTL_CONFIG(64)
+        ATTNCTL_CONFIG(80)
+        ATTNCTL_CONFIG(128)
+        ATTNCTL_CONFIG(160)
+        ATTNCTL_CONFIG(256)
+#undef ATTNCTL_CONFIG
+        default: fail("no kernel for D=" + std::to_string(head_dim) + ", Dv=" + std::to_string(value_dim));
+    }
+}
+
+void attention_forward(AttentionParams params, int device, std::uintptr_t stream) {
+    check_params(params);
+    set_vector_flags(params);
+    check_device(device);
+    DeviceGuard guard(device);
+    const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+    if (params.dtype == kFloat16) {
+        dispatch_tile<__half>(params, s);
+    } else {
+        dispatch_tile<__nv_bfloat16>(params, s);
+    }
+}
+
+}  // namespace attnctl

@@ -1,0 +1,4 @@
+// Instantiation: bf16, head-dim tile 256 (one per file so that builds run in parallel).
+#include "flash_fwd_launch_template.h"
+
+template void attnctl::run_attention_fwd<__nv_bfloat16, 256>(const attnctl::AttentionParams&, cudaStream_t);

@@ -1,0 +1,4 @@
+// Instantiation: fp16, head-dim tile 80 (one per file so that builds run in parallel).
+#include "flash_fwd_launch_template.h"
+
+template void attnctl::run_attention_fwd<__half, 80>(const attnctl::AttentionParams&, cudaStream_t);
