@@ -41,7 +41,7 @@ class Generation:
     image_scale: int = 1  # image pixels per latent pixel (the VAE's downsampling)
 
 
-def _find_unet(target):
+def find_unet(target):
     from diffusers import UNet2DConditionModel
 
     if isinstance(target, UNet2DConditionModel):
@@ -230,7 +230,7 @@ class Installation:
 
 def installation_of(target) -> Optional[Installation]:
     """The active installation on a pipeline or UNet, or None."""
-    unet, _ = _find_unet(target)
+    unet, _ = find_unet(target)
     return getattr(unet, _ATTRIBUTE, None)
 
 
@@ -244,7 +244,7 @@ def install(target, *controllers: Controller, backend: Optional[str] = None) -> 
     """
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
-    unet, pipe = _find_unet(target)
+    unet, pipe = find_unet(target)
     installation = getattr(unet, _ATTRIBUTE, None)
     if installation is None:
         installation = Installation(unet, pipe, backend or "auto")

@@ -1,0 +1,28 @@
+"""The ``attnctl`` command. Each subcommand lives in its own module, which provides
+``add_parser(subparsers)`` (setting ``func`` on its parser) and returns an exit code from
+that ``func(args)``."""
+from __future__ import annotations
+
+import argparse
+import importlib
+from typing import Optional, Sequence
+
+SUBCOMMAND_MODULES = ("attnctl.cli_demo", "attnctl.benchmarks.cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="attnctl", description="Fused attention with controls and attention-map capture for diffusion models.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(name).add_parser(subparsers)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
