@@ -58,7 +58,11 @@ def load_pipeline(args, device: str, dtype: torch.dtype):
         if not os.path.isdir(args.model):
             raise SystemExit(f"attnctl demo: --model: expected a local model directory, got {args.model!r}")
         say(f"loading {args.model} ({dtype}) ...")
-        pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype, local_files_only=True)
+        # diffusers renamed torch_dtype to dtype (the old name warns where the new exists).
+        import diffusers.utils.deprecation_utils as deprecation
+
+        dtype_arg = "dtype" if hasattr(deprecation, "_resolve_dtype") else "torch_dtype"
+        pipe = DiffusionPipeline.from_pretrained(args.model, local_files_only=True, **{dtype_arg: dtype})
         if hasattr(pipe, "safety_checker") and getattr(pipe, "safety_checker", None) is not None:
             pipe.safety_checker = None  # it would blank images, and the maps are the point
     else:
