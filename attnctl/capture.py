@@ -37,9 +37,9 @@ class Capture:
     lse: Optional[torch.Tensor] = None
     tokens: Optional[torch.Tensor] = None
     head_weights: Optional[torch.Tensor] = None
-    # (tokens._version, N) pairs already range-checked: checking costs a device sync, so
-    # it runs once per tokens tensor and key length, not once per call.
-    _checked_tokens: set = field(default_factory=set, init=False, repr=False, compare=False)
+    # (tokens, tokens._version, N) already range-checked: checking costs a device sync, so
+    # it runs once per tokens tensor, version and key length, not once per call.
+    _checked_tokens: list = field(default_factory=list, init=False, repr=False, compare=False)
 
     @classmethod
     def zeros(

@@ -35,6 +35,7 @@ ENV_BACKEND = "ATTNCTL_BACKEND"
 class Dispatch(NamedTuple):
     backend: str
     reason: str
+    slow_fallback: bool = False  # a faster backend was wanted but could not run
 
 
 _last_dispatch = Dispatch("none", "no attention call yet")
@@ -68,7 +69,7 @@ def _check_backend_name(name, source: str) -> None:
         raise ValueError(f"{source}: expected one of {', '.join(BACKENDS)}, got {name!r}")
 
 
-def choose_backend(requested: str, q: torch.Tensor, has_work: bool) -> Dispatch:
+def choose_backend(requested: str, q: torch.Tensor, has_work: bool, needs_grad: bool = False) -> Dispatch:
     _check_backend_name(requested, "backend")
     source = "backend argument"
     if requested == "auto" and os.environ.get(ENV_BACKEND, "auto") != "auto":
@@ -86,6 +87,9 @@ def choose_backend(requested: str, q: torch.Tensor, has_work: bool) -> Dispatch:
         if not q.is_cuda and not _interpreting():
             raise ValueError(f"{source}: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 "
                              f"for the CPU interpreter); got q on {q.device}")
+    if requested == "triton" and needs_grad:
+        raise NotImplementedError(f"{source}: the Triton kernel has no backward; inputs require grad. "
+                                  "Use backend='torch', or run under torch.no_grad() for inference")
     if requested != "auto":
         return Dispatch(requested, f"requested by {source}")
 
@@ -93,9 +97,12 @@ def choose_backend(requested: str, q: torch.Tensor, has_work: bool) -> Dispatch:
         return Dispatch("sdpa", "auto: no bias, prob_mult or capture, so torch SDPA runs plain attention")
     if not q.is_cuda:
         return Dispatch("torch", f"auto: tensors on {q.device}, so the PyTorch reference runs")
+    if needs_grad:
+        return Dispatch("torch", "auto: inputs require grad and only the reference has a backward; "
+                        "it materialises P (run under torch.no_grad() for the fused kernel)", True)
     err = _triton_available()
     if err:
-        return Dispatch("torch", f"auto: Triton unavailable ({err}); the reference materialises P")
+        return Dispatch("torch", f"auto: Triton unavailable ({err}); the reference materialises P", True)
     return Dispatch("triton", "auto: CUDA tensors with controls or captures, so the fused Triton kernel runs")
 
 
@@ -104,21 +111,33 @@ def _note(dispatch: Dispatch) -> None:
     _last_dispatch = dispatch
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug("attnctl.attention -> %s (%s)", dispatch.backend, dispatch.reason)
-    if dispatch.backend == "torch" and "unavailable" in dispatch.reason and dispatch.reason not in _warned:
+    if dispatch.slow_fallback and dispatch.reason not in _warned:
         _warned.add(dispatch.reason)
         logger.warning("attnctl: falling back to the slow reference path: %s", dispatch.reason)
 
 
 def _run(q, k, v, scale, bias, prob_mult, capture, backend) -> torch.Tensor:
     has_work = bias is not None or prob_mult is not None or (capture is not None and not capture.empty)
-    dispatch = choose_backend(backend, q, has_work)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    dispatch = choose_backend(backend, q, has_work, needs_grad)
     _note(dispatch)
-    if dispatch.backend == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
     if dispatch.backend == "triton":
         from .backends.triton_backend import attention_triton
         return attention_triton(q, k, v, scale=scale, bias=bias, prob_mult=prob_mult, capture=capture)
-    return attention_reference(q, k, v, scale=scale, bias=bias, prob_mult=prob_mult, capture=capture)
+    if dispatch.backend == "sdpa":
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    else:
+        out = attention_reference(q, k, v, scale=scale, bias=bias, prob_mult=prob_mult, capture=capture)
+    return _in_q_order(out, q)
+
+
+def _in_q_order(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Every backend returns q's memory order (see empty_output); copy only where the
+    backend's own layout differs (always the reference; SDPA's CPU math path)."""
+    expected = empty_output(q, out.shape[-1])
+    if out.stride() == expected.stride():
+        return out
+    return expected.copy_(out)
 
 
 def attention(
@@ -176,13 +195,7 @@ def _attention_op(
     capture = Capture(**present, tokens=tokens, head_weights=head_weights)
     B, H, M, _ = q.shape
     check_capture(capture, B, H, M, k.shape[2], q.device, check_token_values=True)
-    result = _run(q, k, v, scale, bias, prob_mult, capture, backend)
-    # The compiled graph plans with the fake's layout; hold every backend to it.
-    expected = empty_output(q, v.shape[-1])
-    if result.stride() != expected.stride():
-        expected.copy_(result)
-        return expected
-    return result
+    return _run(q, k, v, scale, bias, prob_mult, capture, backend)
 
 
 @_attention_op.register_fake

@@ -126,13 +126,14 @@ def _check_tokens(tokens, B: int, N: int, device: torch.device, memo: Optional[C
         raise ValueError(f"capture.tokens: expected a non-empty shape (T,) or ({B}, T), got {_shape(tokens)}")
     if memo is None:
         return
-    key = (id(tokens), tokens._version, N)
-    if key in memo._checked_tokens:
+    # The memo holds the tensor itself: an id() could be reused by a new tensor.
+    if any(t is tokens and version == tokens._version and n == N
+           for t, version, n in memo._checked_tokens):
         return
     lo, hi = int(tokens.min()), int(tokens.max())
     if lo < 0 or hi >= N:
         raise ValueError(f"capture.tokens: expected indices in [0, {N}) (N = number of keys), got range [{lo}, {hi}]")
-    memo._checked_tokens.add(key)
+    memo._checked_tokens = memo._checked_tokens[-7:] + [(tokens, tokens._version, N)]
 
 
 def validate(q, k, v, scale, bias, prob_mult, capture, check_token_values: bool = True) -> float:

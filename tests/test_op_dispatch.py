@@ -212,3 +212,31 @@ def test_output_layout_follows_q(backend):
     q, k, v = make_qkv(B, H, M, N, D, Dv)
     out = _call(backend, q, k, v)
     assert out.is_contiguous(), f"{backend}: contiguous q gave strides {out.stride()}"
+
+
+def test_triton_with_inputs_requiring_grad_raises():
+    q, k, v = make_qkv(1, 2, 8, 8, 16, layout="bmhd")
+    q.requires_grad_(True)
+    with pytest.raises(NotImplementedError, match="no backward"):
+        attnctl.attention(q, k, v, bias=torch.zeros(1), backend="triton")
+    with torch.no_grad():
+        attnctl.attention(q, k, v, bias=torch.zeros(1), backend="triton")
+
+
+def test_auto_with_grad_on_cuda_falls_back_to_the_reference_and_says_so(monkeypatch, caplog):
+    """A CUDA call whose inputs require grad cannot use the kernel (no backward): auto runs
+    the reference, marks the dispatch as a slow fallback, and logs a warning once."""
+    monkeypatch.setattr(op_module, "_triton_import_error", "")
+
+    class FakeCudaTensor:
+        is_cuda = True
+        device = "cuda:0"
+    d = op_module.choose_backend("auto", FakeCudaTensor(), has_work=True, needs_grad=True)
+    assert d.backend == "torch" and d.slow_fallback and "require grad" in d.reason
+    assert op_module.choose_backend("auto", FakeCudaTensor(), has_work=True).backend == "triton"
+    monkeypatch.setattr(op_module, "_warned", set())
+    with caplog.at_level("WARNING", logger="attnctl"):
+        op_module._note(d)
+        op_module._note(d)
+    assert [r.getMessage() for r in caplog.records].count(
+        f"attnctl: falling back to the slow reference path: {d.reason}") == 1
