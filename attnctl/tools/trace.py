@@ -20,13 +20,12 @@ from .words import record_prompt
 
 
 class _LayerTrace:
-    __slots__ = ("maps", "plans", "selected", "head_weights")
+    __slots__ = ("maps", "selected", "head_weights")
 
     def __init__(self, maps: LayerMaps, selected: bool, head_weights):
-        self.maps = maps
+        self.maps = maps          # its dicts hold the buffers the kernel accumulates into
         self.selected = selected
         self.head_weights = head_weights
-        self.plans: Dict[int, Plan] = {}
 
 
 class TraceController(Controller):
@@ -47,6 +46,11 @@ class TraceController(Controller):
         self.steps_run = 0
         self._layers: Dict[str, _LayerTrace] = {}
         self._columns: Dict[Tuple[int, torch.device], torch.Tensor] = {}
+        # One Capture for every call, its buffers pointed at the layer's (and step's) own:
+        # the op range-checks a tokens tensor once per Capture (a device sync), so sharing
+        # it makes that one check per trace instead of one per layer and step.
+        self._capture = Capture()
+        self._plan = Plan(capture=self._capture)
 
     def on_generation_start(self, generation: Generation) -> None:
         self.generation = generation
@@ -66,14 +70,21 @@ class TraceController(Controller):
         if not layer.selected or (self.steps is not None and call.step.index not in self.steps):
             return None
         key = call.step.index if self.per_step else ALL_STEPS
-        plan = layer.plans.get(key)
-        if plan is None:
-            plan = layer.plans[key] = Plan(capture=self._capture(call, layer, key))
-        elif plan.capture.token_mass.shape != (call.batch, call.heads, call.keys):
+        maps = layer.maps.maps.get(key)
+        if maps is None:
+            maps = self._allocate(call, layer, key)
+        token_mass = layer.maps.token_mass[key]
+        if token_mass.shape != (call.batch, call.heads, call.keys):
             raise RuntimeError(f"trace: layer {call.layer} changed shape within a generation "
-                               f"(B, H, N) {tuple(plan.capture.token_mass.shape)} -> "
-                               f"{(call.batch, call.heads, call.keys)}")
-        return plan
+                               f"(B, H, N) {tuple(token_mass.shape)} -> {(call.batch, call.heads, call.keys)}")
+        capture = self._capture
+        capture.token_mass = token_mass
+        capture.tokens = self._columns[(call.keys, call.device)]
+        if self.per_head:
+            capture.head_maps = maps
+        else:
+            capture.maps, capture.head_weights = maps, layer.head_weights
+        return self._plan
 
     def _new_layer(self, call: AttentionCall) -> _LayerTrace:
         if call.grid is None:
@@ -89,21 +100,15 @@ class TraceController(Controller):
         maps = LayerMaps(call.layer, call.grid, call.factor, call.heads)
         return _LayerTrace(maps, selected, weights)
 
-    def _capture(self, call: AttentionCall, layer: _LayerTrace, key: int) -> Capture:
+    def _allocate(self, call: AttentionCall, layer: _LayerTrace, key: int) -> torch.Tensor:
         B, H, M, N = call.batch, call.heads, call.queries, call.keys
-        columns = self._columns.get((N, call.device))
-        if columns is None:
-            columns = self._columns[(N, call.device)] = torch.arange(N, dtype=torch.int32, device=call.device)
+        if (N, call.device) not in self._columns:
+            self._columns[(N, call.device)] = torch.arange(N, dtype=torch.int32, device=call.device)
         zeros = dict(device=call.device, dtype=torch.float32)
-        capture = Capture(token_mass=torch.zeros(B, H, N, **zeros), tokens=columns)
-        if self.per_head:
-            capture.head_maps = torch.zeros(B, H, M, N, **zeros)
-        else:
-            capture.maps = torch.zeros(B, M, N, **zeros)
-            capture.head_weights = layer.head_weights
-        layer.maps.maps[key] = capture.head_maps if self.per_head else capture.maps
-        layer.maps.token_mass[key] = capture.token_mass
-        return capture
+        maps = torch.zeros((B, H, M, N) if self.per_head else (B, M, N), **zeros)
+        layer.maps.maps[key] = maps
+        layer.maps.token_mass[key] = torch.zeros(B, H, N, **zeros)
+        return maps
 
     def result(self) -> TraceMaps:
         if self.generation is None or self.layout is None:
