@@ -136,8 +136,12 @@ void check_device(int device) {
     const cudaError_t err = cudaGetDeviceCount(&count);
     if (err != cudaSuccess || count == 0) {
         cudaGetLastError();  // clear, so a later call does not report this again
+        // Without a GPU the runtime finds no driver and reports it as "insufficient"; say both.
         throw std::runtime_error(std::string("attnctl CUDA backend: no usable CUDA device (") +
-                                 (err != cudaSuccess ? cudaGetErrorString(err) : "device count is 0") + ")");
+                                 (err != cudaSuccess ? cudaGetErrorString(err) : "device count is 0") +
+                                 "): no NVIDIA GPU or driver, or a driver older than the CUDA " +
+                                 std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10) +
+                                 " runtime the module was built with");
     }
     if (device < 0 || device >= count) {
         fail("device: expected an index in [0, " + std::to_string(count) + "), got " + std::to_string(device));

@@ -1,0 +1,109 @@
+"""Launcher for the CUDA C++ kernels (csrc/, built by setup.py into attnctl._attnctl_cuda).
+
+The extension's interface is raw device pointers, sizes, strides in elements, dtype codes
+and the CUDA stream, all as Python ints: it never sees a torch.Tensor, so it links against
+no torch library and a torch upgrade cannot leave it with undefined symbols. This launcher
+does the torch side: it allocates the output (in q's memory order), turns tensors into
+pointers and strides (stride 0 on broadcast dims, so bias and prob_mult are never
+expanded) and passes torch's current stream. Arguments are assumed checked by
+attnctl.validation; the extension checks them again before any launch and raises
+ValueError naming the argument.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from attnctl.capture import Capture
+from ._layout import broadcast_strides, empty_output
+
+# The ABI this launcher speaks; the extension reports its own (bumped with any signature change).
+ABI_VERSION = 1
+MODULE = "attnctl._attnctl_cuda"
+DTYPES = (torch.float16, torch.bfloat16)
+
+try:
+    from attnctl import _attnctl_cuda as _C
+    _import_error: Optional[BaseException] = None
+except ImportError as exc:  # not built (no nvcc at install time), or built for another Python
+    _C = None
+    _import_error = exc
+
+
+def _module_problem() -> Optional[str]:
+    if _C is None:
+        if isinstance(_import_error, ModuleNotFoundError) and _import_error.name == MODULE:
+            return (f"the CUDA extension {MODULE} is not built: reinstall attnctl with nvcc on PATH "
+                    "(ATTNCTL_BUILD_CUDA=1 makes a failed build an install error)")
+        return f"the CUDA extension {MODULE} failed to import ({type(_import_error).__name__}: {_import_error})"
+    if getattr(_C, "ABI_VERSION", None) != ABI_VERSION:
+        return (f"the CUDA extension {MODULE} has ABI version {getattr(_C, 'ABI_VERSION', None)}, this "
+                f"launcher expects {ABI_VERSION}: rebuild it (pip install -e .)")
+    return None
+
+
+def cuda_unavailable_reason() -> Optional[str]:
+    """None when the CUDA backend can run here, else a sentence naming why not."""
+    problem = _module_problem()
+    if problem:
+        return problem
+    if not torch.cuda.is_available():
+        if torch.version.cuda is None:
+            return f"no CUDA device: torch {torch.__version__} is a CPU-only build"
+        return "no CUDA device: torch.cuda.is_available() is False (no NVIDIA GPU or driver)"
+    return None
+
+
+def _code(t: Optional[torch.Tensor]) -> int:
+    # Absent operands get code 0; the kernel never reads them (their pointer is null).
+    return 0 if t is None else _C.dtype_codes[str(t.dtype).replace("torch.", "")]
+
+
+def _ptr(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _strides(t: Optional[torch.Tensor], ndim: int) -> tuple:
+    return tuple(t.stride()) if t is not None else (0,) * ndim
+
+
+def attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+                   bias: Optional[torch.Tensor], prob_mult: Optional[torch.Tensor],
+                   capture: Optional[Capture]) -> torch.Tensor:
+    """The op on the CUDA C++ kernels; same contract and arguments as attention_triton.
+
+    Raises RuntimeError (with cuda_unavailable_reason()) where the backend cannot run, and
+    ValueError for float32 inputs (the kernels take float16 and bfloat16) or CPU tensors.
+    """
+    reason = cuda_unavailable_reason()
+    if reason:
+        raise RuntimeError(f"attnctl CUDA backend unavailable: {reason}")
+    if not q.is_cuda:
+        raise ValueError(f"attnctl CUDA backend: expected CUDA tensors, got q on {q.device}")
+    if q.dtype not in DTYPES:
+        raise ValueError(f"attnctl CUDA backend: q, k, v must be float16 or bfloat16, got {q.dtype} "
+                         "(backend='triton' or 'torch' take float32)")
+    B, H, M, D = q.shape
+    N, Dv = k.shape[2], v.shape[3]
+    out = empty_output(q, Dv)
+    cap = capture if capture is not None else Capture()
+    tokens = cap.tokens if cap.wants_token_columns else None
+    head_weights = cap.head_weights if cap.maps is not None else None
+    _C.attention_forward(
+        q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(),
+        bias=_ptr(bias), prob_mult=_ptr(prob_mult),
+        token_mass=_ptr(cap.token_mass), maps=_ptr(cap.maps), head_maps=_ptr(cap.head_maps),
+        lse=_ptr(cap.lse), tokens=_ptr(tokens), head_weights=_ptr(head_weights),
+        q_stride=q.stride(), k_stride=k.stride(), v_stride=v.stride(), out_stride=out.stride(),
+        bias_stride=broadcast_strides(bias, 4), prob_mult_stride=broadcast_strides(prob_mult, 4),
+        token_mass_stride=_strides(cap.token_mass, 3), maps_stride=_strides(cap.maps, 3),
+        head_maps_stride=_strides(cap.head_maps, 4), lse_stride=_strides(cap.lse, 3),
+        tokens_stride=broadcast_strides(tokens, 2), head_weights_stride=broadcast_strides(head_weights, 2),
+        B=B, H=H, M=M, N=N, D=D, Dv=Dv, T=tokens.shape[-1] if tokens is not None else 0,
+        scale=float(scale),
+        dtype=_code(q), bias_dtype=_code(bias), prob_mult_dtype=_code(prob_mult),
+        head_weights_dtype=_code(head_weights), tokens_dtype=_code(tokens),
+        device=q.device.index, stream=torch.cuda.current_stream(q.device).cuda_stream,
+    )
+    return out

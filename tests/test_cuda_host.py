@@ -1,0 +1,226 @@
+"""The CUDA extension on a machine without a GPU: it is built when nvcc is present, for
+sm_80 and sm_90a, links no torch and no CUDA runtime library, and rejects bad arguments
+with a ValueError naming them before any launch; with valid arguments and no GPU it raises
+a RuntimeError naming the cause, as does the Python launcher.
+"""
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from attnctl.backends import cuda_backend
+from attnctl.backends.cuda_backend import ABI_VERSION, MODULE, attention_cuda, cuda_unavailable_reason
+
+NO_GPU = not torch.cuda.is_available()
+SM80_SHARED_MEMORY = 163 * 1024  # opt-in maximum per block on sm_80 (sm_90: 227 KB)
+
+
+def _nvcc_present() -> bool:
+    roots = (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"))
+    return shutil.which("nvcc") is not None or any(r and os.path.isfile(os.path.join(r, "bin", "nvcc")) for r in roots)
+
+
+def test_extension_is_built_when_nvcc_is_present():
+    if os.environ.get("ATTNCTL_BUILD_CUDA") == "0":
+        pytest.skip("ATTNCTL_BUILD_CUDA=0: the CUDA extension build is switched off")
+    if not _nvcc_present():
+        pytest.skip("nvcc not found: setup.py skips the CUDA extension")
+    # setup.py installs without the extension if its build fails (unless ATTNCTL_BUILD_CUDA=1);
+    # here, with nvcc present, a missing module is that failure.
+    assert cuda_backend._C is not None, (
+        f"nvcc is on PATH but {MODULE} does not import ({cuda_backend._import_error!r}); "
+        "reinstall with ATTNCTL_BUILD_CUDA=1 pip install -e . to see the build error")
+
+
+@pytest.fixture(scope="module")
+def C():
+    if cuda_backend._C is None:
+        pytest.skip(f"{MODULE} is not built: {cuda_unavailable_reason()}")
+    return cuda_backend._C
+
+
+def _so_path(C) -> str:
+    return C.__file__
+
+
+def test_module_reports_its_abi_archs_and_codes(C):
+    assert C.ABI_VERSION == ABI_VERSION
+    assert C.CUDA_ARCHS == os.environ.get("ATTNCTL_CUDA_ARCHS", "80;90a")
+    assert C.dtype_codes == {"float16": 0, "bfloat16": 1, "float32": 2, "int32": 3, "int64": 4}
+    assert C.head_dim_tiles == [48, 64, 80, 128, 160, 256]
+
+
+@pytest.mark.skipif(shutil.which("readelf") is None or shutil.which("nm") is None, reason="binutils not installed")
+def test_module_links_neither_torch_nor_the_cuda_runtime_library(C):
+    """The ABI promise: no libtorch/c10 (no undefined symbols after a torch upgrade) and the
+    CUDA runtime linked statically (no libcudart.so of one release), its symbols kept local
+    so that they cannot bind to torch's libcudart loaded into the same process."""
+    dynamic = subprocess.run(["readelf", "-d", _so_path(C)], capture_output=True, text=True, check=True).stdout
+    needed = re.findall(r"\(NEEDED\).*\[(.+)\]", dynamic)
+    assert needed, dynamic
+    assert not [lib for lib in needed if re.search(r"torch|c10|cudart|libcuda", lib)], needed
+    exported = subprocess.run(["nm", "-D", "--defined-only", _so_path(C)], capture_output=True, text=True,
+                              check=True).stdout
+    names = [line.split()[-1] for line in exported.splitlines() if line.strip()]
+    assert "PyInit__attnctl_cuda" in names
+    assert not [n for n in names if n.startswith(("cuda", "__cuda", "_ZN7attnctl"))], names
+    undefined = subprocess.run(["nm", "-D", "--undefined-only", _so_path(C)], capture_output=True, text=True,
+                               check=True).stdout
+    assert not re.search(r"\b(cuda\w+|_ZN(2at|3c10|5torch)\w*)", undefined)
+
+
+def test_module_holds_kernels_for_every_requested_arch(C):
+    """Each cubin in the fat binary records the ptxas options it was built with; every
+    kernel instantiation must be there once per requested architecture."""
+    data = open(_so_path(C), "rb").read()
+    archs = [a.strip() for a in C.CUDA_ARCHS.split(";")]
+    counts = {a: len(re.findall(rb"-arch sm_" + a.encode() + rb" ", data)) for a in archs}
+    instantiations = 2 * len(C.head_dim_tiles)  # {fp16, bf16} x tiles
+    assert counts == {a: instantiations for a in archs}, counts
+
+
+@pytest.mark.parametrize("d", range(8, 257, 8))
+def test_kernel_config_pads_head_dims_only_to_the_next_tile(C, d):
+    cfg = C.kernel_config(d, d)
+    tile = cfg["head_dim_tile"]
+    assert tile >= d and tile % 16 == 0
+    assert [t for t in C.head_dim_tiles if d <= t][0] == tile
+    assert cfg["smem_bytes"] <= SM80_SHARED_MEMORY, cfg
+    assert cfg["block_m"] == 16 * cfg["threads"] // 32  # one warp per 16 query rows
+
+
+def test_sd_head_dims_are_not_padded_to_a_power_of_two(C):
+    # FlashAttention pads 40 -> 64, 80 -> 96, 160 -> 192.
+    assert {d: C.kernel_config(d, d)["head_dim_tile"] for d in (40, 64, 80, 160)} == {40: 48, 64: 64, 80: 80, 160: 160}
+    assert C.kernel_config(40, 160)["head_dim_tile"] == 160  # the tile holds max(D, Dv)
+    assert C.kernel_config(64, 64)["block_n"] >= 77  # SD's 77 text tokens fit one key block
+
+
+@pytest.mark.parametrize("d,dv", [(41, 40), (40, 12), (264, 264), (0, 8)])
+def test_kernel_config_rejects_unsupported_head_dims(C, d, dv):
+    with pytest.raises(ValueError, match="multiple of 8 from 8 to 256"):
+        C.kernel_config(d, dv)
+
+
+# ---- host-side validation of attention_forward ---------------------------------------------
+
+ADDR = 1 << 20  # a 16-byte aligned fake device address: validation never dereferences it
+
+
+def valid_arguments(**changes) -> dict:
+    """Arguments of a (B=2, H=3, M=5, N=7, D=Dv=40) call with every control and capture."""
+    B, H, M, N, D, T = 2, 3, 5, 7, 40, 4
+    kw = dict(
+        q=ADDR, k=2 * ADDR, v=3 * ADDR, out=4 * ADDR, bias=5 * ADDR, prob_mult=6 * ADDR,
+        token_mass=7 * ADDR, maps=8 * ADDR, head_maps=9 * ADDR, lse=10 * ADDR, tokens=11 * ADDR,
+        head_weights=12 * ADDR,
+        q_stride=(H * M * D, M * D, D, 1), k_stride=(H * N * D, N * D, D, 1), v_stride=(H * N * D, N * D, D, 1),
+        out_stride=(H * M * D, M * D, D, 1), bias_stride=(0, 0, N, 1), prob_mult_stride=(0, 0, 0, 1),
+        token_mass_stride=(H * N, N, 1), maps_stride=(M * T, T, 1), head_maps_stride=(H * M * T, M * T, T, 1),
+        lse_stride=(H * M, M, 1), tokens_stride=(0, 1), head_weights_stride=(0, 1),
+        B=B, H=H, M=M, N=N, D=D, Dv=D, T=T, scale=D ** -0.5,
+        dtype=0, bias_dtype=2, prob_mult_dtype=1, head_weights_dtype=2, tokens_dtype=4,
+        device=0, stream=0,
+    )
+    kw.update(changes)
+    return kw
+
+
+BAD_ARGUMENTS = [
+    (dict(q=0), r"q: null device pointer"),
+    (dict(k=0), r"k: null device pointer"),
+    (dict(v=0), r"v: null device pointer"),
+    (dict(out=0), r"out: null device pointer"),
+    (dict(B=0), r"B: expected >= 1, got 0"),
+    (dict(H=-1), r"H: expected >= 1, got -1"),
+    (dict(M=0), r"M: expected >= 1, got 0"),
+    (dict(N=0), r"N: expected >= 1, got 0"),
+    (dict(D=41), r"D \(q/k head dim\): expected a multiple of 8 from 8 to 256, got 41"),
+    (dict(D=264), r"D \(q/k head dim\): expected a multiple of 8 from 8 to 256, got 264"),
+    (dict(Dv=0), r"Dv \(v head dim\): expected a multiple of 8 from 8 to 256, got 0"),
+    (dict(dtype=2), r"dtype: q, k, v must be float16 \(code 0\) or bfloat16 \(code 1\), got code 2 \(float32\)"),
+    (dict(dtype=9), r"dtype: .* got code 9 \(unknown\)"),
+    (dict(bias_dtype=3), r"bias: expected dtype code 0 \(float16\), 1 \(bfloat16\) or 2 \(float32\), got 3"),
+    (dict(prob_mult_dtype=-1), r"prob_mult: expected dtype code .* got -1"),
+    (dict(head_weights_dtype=4), r"head_weights: expected dtype code .* got 4"),
+    (dict(tokens=0), r"tokens: maps and head_maps need token indices, got a null pointer"),
+    (dict(maps=0, tokens=0, head_weights=0), r"tokens: maps and head_maps need token indices"),
+    (dict(T=0), r"T \(number of tokens\): expected >= 1, got 0"),
+    (dict(tokens_dtype=2), r"tokens: expected dtype code 3 \(int32\) or 4 \(int64\), got 2"),
+    (dict(maps=0), r"head_weights: given without maps, which is what they weight"),
+    (dict(H=70000), r"H: at most 65535 heads, got 70000"),
+    (dict(B=65536), r"B: at most 65535 batch items, got 65536"),
+    (dict(q=ADDR + 1), r"q: pointer \d+ is not aligned to its 2-byte elements"),
+    (dict(bias=5 * ADDR + 2), r"bias: pointer \d+ is not aligned to its 4-byte elements"),
+    (dict(tokens=11 * ADDR + 4), r"tokens: pointer \d+ is not aligned to its 8-byte elements"),
+    (dict(lse=10 * ADDR + 2), r"lse: pointer \d+ is not aligned to its 4-byte elements"),
+    (dict(out_stride=(0, 200, 40, 1)), r"out: stride 0 on dim 0 \(B, H, M, Dv\) of size 2"),
+    (dict(head_maps_stride=(60, 20, 0, 1)), r"head_maps: stride 0 on dim 2 \(B, H, M, T\) of size 5"),
+    (dict(maps_stride=(20, 4, 0)), r"maps: stride 0 on dim 2 \(B, M, T\) of size 4"),
+    (dict(lse_stride=(15, 0, 1)), r"lse: stride 0 on dim 1 \(B, H, M\) of size 3"),
+    (dict(token_mass_stride=(21, 7, 0)), r"token_mass: stride 0 on dim 2 \(B, H, N\) of size 7"),
+    (dict(q_stride=(600, 200, 40)), r"q_stride: expected 4 strides, got 3"),
+    (dict(tokens_stride=(0, 1, 1)), r"tokens_stride: expected 2 strides, got 3"),
+]
+
+
+@pytest.mark.parametrize("changes,message", BAD_ARGUMENTS, ids=[m.split(":")[0].replace("\\", "") + "-" + str(i)
+                                                              for i, (_, m) in enumerate(BAD_ARGUMENTS)])
+def test_bad_arguments_raise_value_error_before_any_launch(C, changes, message):
+    with pytest.raises(ValueError, match="attnctl CUDA backend: " + message):
+        C.attention_forward(**valid_arguments(**changes))
+
+
+@pytest.mark.parametrize("changes", [
+    {},
+    # Optional operands absent: their dtype codes and strides are not looked at.
+    dict(bias=0, prob_mult=0, token_mass=0, maps=0, head_maps=0, lse=0, tokens=0, head_weights=0,
+         bias_dtype=99, prob_mult_dtype=99, head_weights_dtype=99, tokens_dtype=99, T=0),
+    # Broadcast reads may use stride 0; a dim of size 1 may have any stride, even in outputs.
+    dict(q_stride=(0, 0, 40, 1), B=1, out_stride=(0, 200, 40, 1)),
+    # Arbitrary (unaligned-for-16-byte, non-unit) layouts take the element-wise path.
+    dict(q=ADDR + 2, q_stride=(1200, 400, 80, 2), k_stride=(1, 2, 6, 42)),
+])
+@pytest.mark.skipif(not NO_GPU, reason="on a GPU machine valid arguments would launch on fake pointers")
+def test_valid_arguments_without_a_gpu_raise_runtime_error_naming_the_cause(C, changes):
+    with pytest.raises(RuntimeError, match=r"attnctl CUDA backend: no usable CUDA device \(.+\): no NVIDIA GPU"):
+        C.attention_forward(**valid_arguments(**changes))
+
+
+def test_pointers_must_be_non_negative_ints(C):
+    with pytest.raises(TypeError):
+        C.attention_forward(**valid_arguments(q=-16))
+
+
+# ---- the Python launcher ----------------------------------------------------------------------
+
+@pytest.mark.skipif(not NO_GPU, reason="needs a machine without a CUDA device")
+def test_launcher_without_a_gpu_raises_runtime_error_with_the_reason():
+    reason = cuda_unavailable_reason()
+    assert reason and ("no CUDA device" in reason or "not built" in reason), reason
+    q = torch.randn(1, 1, 4, 16, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="attnctl CUDA backend unavailable: " + re.escape(reason)):
+        attention_cuda(q, q, q, scale=0.25, bias=None, prob_mult=None, capture=None)
+
+
+def test_reason_when_the_module_is_not_built(monkeypatch):
+    monkeypatch.setattr(cuda_backend, "_C", None)
+    monkeypatch.setattr(cuda_backend, "_import_error", ModuleNotFoundError(f"No module named '{MODULE}'", name=MODULE))
+    assert cuda_unavailable_reason().startswith(f"the CUDA extension {MODULE} is not built")
+
+
+def test_reason_when_the_module_fails_to_import(monkeypatch):
+    monkeypatch.setattr(cuda_backend, "_C", None)
+    monkeypatch.setattr(cuda_backend, "_import_error", ImportError("undefined symbol: cudaLaunchKernel"))
+    assert cuda_unavailable_reason() == (
+        f"the CUDA extension {MODULE} failed to import (ImportError: undefined symbol: cudaLaunchKernel)")
+
+
+def test_reason_when_the_module_has_another_abi(monkeypatch):
+    class Stale:
+        ABI_VERSION = ABI_VERSION + 1
+    monkeypatch.setattr(cuda_backend, "_C", Stale)
+    assert f"ABI version {ABI_VERSION + 1}, this launcher expects {ABI_VERSION}" in cuda_unavailable_reason()
