@@ -68,18 +68,23 @@ def _ninja_escape(path: str) -> str:
 class BuildExtension(build_ext):
     """build_ext that builds the CUDA module with nvcc + ninja; other extensions as usual."""
 
-    def build_extension(self, ext):
-        if ext.name != CUDA_EXTENSION:
-            return super().build_extension(ext)
-        mode = _cuda_build_mode()
-        try:
-            self._build_cuda(ext)
-        except Exception as exc:
-            if mode == "required":
-                raise
-            print(f"\nattnctl: WARNING: the CUDA extension failed to build ({exc}); installing "
-                  "without the CUDA backend. Set ATTNCTL_BUILD_CUDA=1 to make this an error, "
-                  "or ATTNCTL_BUILD_CUDA=0 to skip the build.\n", file=sys.stderr)
+    def build_extensions(self):
+        failed = []
+        for ext in self.extensions:
+            if ext.name != CUDA_EXTENSION:
+                self.build_extension(ext)
+                continue
+            try:
+                self._build_cuda(ext)
+            except Exception as exc:
+                if _cuda_build_mode() == "required":
+                    raise
+                print(f"\nattnctl: WARNING: the CUDA extension failed to build ({exc}); installing "
+                      "without the CUDA backend. Set ATTNCTL_BUILD_CUDA=1 to make this an error, "
+                      "or ATTNCTL_BUILD_CUDA=0 to skip the build.\n", file=sys.stderr)
+                failed.append(ext)
+        # Dropped, so that the in-place copy and the wheel do not look for its output.
+        self.extensions = [ext for ext in self.extensions if ext not in failed]
 
     def _build_cuda(self, ext):
         import pybind11  # a build requirement ([build-system] requires in pyproject.toml)

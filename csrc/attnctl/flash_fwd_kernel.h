@@ -163,7 +163,7 @@ __device__ __forceinline__ void add_token_mass(const float (&prob)[Traits::kBloc
 }
 
 template <typename Traits, typename Elem>
-__global__ void __launch_bounds__(Traits::kNThreads)
+__global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
 attention_fwd_kernel(const __grid_constant__ AttentionParams p) {
     constexpr int kBlockM = Traits::kBlockM;
     constexpr int kBlockN = Traits::kBlockN;

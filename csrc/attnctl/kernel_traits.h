@@ -35,6 +35,12 @@ struct KernelTraits {
     // included. The generic 256 tile takes 32 keys to keep S + O within the register file.
     static constexpr int kBlockN = kHeadDim == 256 ? 32 : 80;
     static constexpr int kNThreads = 32 * kNWarps;
+    // 8-warp tiles are held to 2 CTAs per SM (at most 128 registers a thread, which fits
+    // their S + O accumulators without spilling): 16 warps per SM hide the memory latency
+    // of cross-attention. Left to its own heuristics ptxas chose 128 registers for the 48
+    // tile anyway but spilled 32 bytes on sm_80; stating the target makes it allocate
+    // without spills.
+    static constexpr int kMinBlocksPerSM = kNWarps == 8 ? 2 : 1;
     // Row pitch of every shared-memory tile, in elements: 8 more than the tile makes the
     // pitch an odd number of 16-byte chunks, so the 8 row addresses of an ldmatrix fall in
     // 8 different bank groups (no conflicts) without a swizzle.
