@@ -6,7 +6,9 @@ set, replaces "auto" by a fixed backend for every call):
 * no bias, no prob_mult, no capture -> ``"sdpa"`` (torch.nn.functional.scaled_dot_product_
   attention). For plain attention torch's FlashAttention/cuDNN kernels are the tuned path
   and attnctl has nothing to add; the fused kernel is used where it does work SDPA cannot.
-* CUDA tensors -> ``"triton"``; if Triton cannot be imported -> ``"torch"`` with a warning.
+* CUDA tensors -> ``"triton"``; if Triton cannot be imported, or the inputs require grad
+  (the kernels have no backward), -> ``"torch"`` with a warning. The CUDA C++ backend
+  (``"cuda"``) is chosen only explicitly until GPU benchmarks show where it is faster.
 * CPU tensors -> ``"torch"``, the reference.
 
 ``last_dispatch()`` tells which backend ran last and why; the ``attnctl`` logger prints
@@ -28,7 +30,7 @@ from .validation import check_capture, validate
 
 logger = logging.getLogger("attnctl")
 
-BACKENDS = ("auto", "torch", "triton", "sdpa")
+BACKENDS = ("auto", "torch", "triton", "cuda", "sdpa")
 ENV_BACKEND = "ATTNCTL_BACKEND"
 
 
@@ -79,7 +81,15 @@ def choose_backend(requested: str, q: torch.Tensor, has_work: bool, needs_grad: 
 
     if requested == "sdpa" and has_work:
         raise ValueError(f"{source}: 'sdpa' computes plain attention only; this call has "
-                         "bias, prob_mult or capture, which need 'torch' or 'triton'")
+                         "bias, prob_mult or capture, which need 'torch', 'triton' or 'cuda'")
+    if requested == "cuda":
+        from .backends.cuda_backend import cuda_unavailable_reason
+        reason = cuda_unavailable_reason()
+        if reason:
+            raise RuntimeError(f"{source}: the CUDA backend cannot run ({reason})")
+        if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"{source}: 'cuda' needs float16 or bfloat16 CUDA tensors; "
+                             f"got q {q.dtype} on {q.device}")
     if requested == "triton":
         err = _triton_available()
         if err:
@@ -87,8 +97,8 @@ def choose_backend(requested: str, q: torch.Tensor, has_work: bool, needs_grad: 
         if not q.is_cuda and not _interpreting():
             raise ValueError(f"{source}: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 "
                              f"for the CPU interpreter); got q on {q.device}")
-    if requested == "triton" and needs_grad:
-        raise NotImplementedError(f"{source}: the Triton kernel has no backward; inputs require grad. "
+    if requested in ("triton", "cuda") and needs_grad:
+        raise NotImplementedError(f"{source}: the {requested} kernel has no backward; inputs require grad. "
                                   "Use backend='torch', or run under torch.no_grad() for inference")
     if requested != "auto":
         return Dispatch(requested, f"requested by {source}")
@@ -124,6 +134,9 @@ def _run(q, k, v, scale, bias, prob_mult, capture, backend) -> torch.Tensor:
     if dispatch.backend == "triton":
         from .backends.triton_backend import attention_triton
         return attention_triton(q, k, v, scale=scale, bias=bias, prob_mult=prob_mult, capture=capture)
+    if dispatch.backend == "cuda":
+        from .backends.cuda_backend import attention_cuda
+        return attention_cuda(q, k, v, scale=scale, bias=bias, prob_mult=prob_mult, capture=capture)
     if dispatch.backend == "sdpa":
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     else:
@@ -162,7 +175,8 @@ def attention(
             (O = Σ_n P·f·v, no renormalisation), broadcastable to (B, H, M, N).
         capture: an attnctl.Capture whose fp32 buffers receive statistics of P (before
             prob_mult), added to what they hold.
-        backend: "auto", "torch" (reference), "triton" or "sdpa" (plain attention only).
+        backend: "auto", "torch" (reference), "triton", "cuda" (CUDA C++, fp16/bf16) or
+            "sdpa" (plain attention only).
 
     Returns:
         (B, H, M, Dv) in q's dtype, laid out in q's memory order.

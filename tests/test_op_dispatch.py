@@ -102,16 +102,23 @@ def test_invalid_env_value(monkeypatch):
     with pytest.raises(ValueError) as info:
         attnctl.attention(q, k, v)
     msg = str(info.value)
-    assert ENV in msg and "'cudnn'" in msg and "auto, torch, triton, sdpa" in msg
+    assert ENV in msg and "'cudnn'" in msg and "auto, torch, triton, cuda, sdpa" in msg
 
 
-@pytest.mark.parametrize("name", ["Triton", "cuda", "", None])
+@pytest.mark.parametrize("name", ["Triton", "CUDA", "", None])
 def test_invalid_backend_name(name):
     q, k, v = small()
     with pytest.raises(ValueError) as info:
         attnctl.attention(q, k, v, backend=name)
     msg = str(info.value)
-    assert msg.startswith("backend:") and repr(name) in msg and "auto, torch, triton, sdpa" in msg
+    assert msg.startswith("backend:") and repr(name) in msg and "auto, torch, triton, cuda, sdpa" in msg
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the CUDA backend can run")
+def test_cuda_backend_without_a_gpu_names_the_cause():
+    q, k, v = small()
+    with pytest.raises(RuntimeError, match=r"backend argument: the CUDA backend cannot run \(.+\)"):
+        attnctl.attention(q, k, v, bias=torch.zeros(1), backend="cuda")
 
 
 @pytest.mark.parametrize("what", ["bias", "prob_mult", "capture"])
@@ -122,7 +129,7 @@ def test_sdpa_with_work_raises(what):
     with pytest.raises(ValueError) as info:
         attnctl.attention(q, k, v, backend="sdpa", **{what: kwargs[what]})
     msg = str(info.value)
-    assert "backend argument" in msg and "'sdpa'" in msg and "'torch' or 'triton'" in msg
+    assert "backend argument" in msg and "'sdpa'" in msg and "'torch', 'triton' or 'cuda'" in msg
 
 
 def test_sdpa_error_leaves_capture_untouched():

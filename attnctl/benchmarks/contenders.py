@@ -90,6 +90,8 @@ CONTENDERS: Dict[str, Contender] = {c.name: c for c in [
     Contender("materialised+capture", True, _materialised),
     Contender("triton", False, _attnctl("triton", False)),
     Contender("triton+capture", True, _attnctl("triton", True)),
+    Contender("cuda", False, _attnctl("cuda", False), cuda_only=True),
+    Contender("cuda+capture", True, _attnctl("cuda", True), cuda_only=True),
 ]}
 
 
