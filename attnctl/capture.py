@@ -11,11 +11,19 @@ token_mass     (B, H, N)    Σ_m P[b, h, m, n]
 maps           (B, M, T)    Σ_h w[b, h] · P[b, h, m, tokens[b, t]]
 head_maps      (B, H, M, T) P[b, h, m, tokens[b, t]]
 lse            (B, H, M)    log Σ_n exp(S[b, h, m, n])   (-inf for an all -inf row)
+probe_mass     (B, H, C)    Σ_m softmax_c(scale · q[b, h, m] · probe_keys[b, h, c])
 =============  ===========  ====================================================
 
 ``tokens`` (int, shape (T,) or (B, T)) selects the key columns of ``maps`` and
 ``head_maps``; ``head_weights`` (shape (H,) or (B, H)) are the w of ``maps`` (1 when
 omitted).
+
+Auxiliary-key probes (head relevance vectors): ``probe_keys`` (shape (B, H, C, D) or
+(1, H, C, D), any strides, q's dtype) is an extra key set that takes no part in the
+attention itself. For every query row the op takes a separate softmax over the C probe
+keys only (scaled like the attention logits; no bias, no V) and adds its sum over all M
+rows to ``probe_mass``. Every batch row is probed; a caller wanting the CFG cond half
+reads those rows of the buffer.
 """
 from __future__ import annotations
 
@@ -27,6 +35,9 @@ import torch
 Tokens = Union[torch.Tensor, Sequence[int], Sequence[Sequence[int]]]
 
 BUFFER_FIELDS = ("token_mass", "maps", "head_maps", "lse")
+# Buffers of the auxiliary-key probes, kept apart from BUFFER_FIELDS (whose order is the
+# torch.library schema's) because they come with their own input, ``probe_keys``.
+PROBE_FIELDS = ("probe_mass",)
 
 
 @dataclass(eq=False)  # identity semantics: the buffers are mutable state
@@ -37,6 +48,8 @@ class Capture:
     lse: Optional[torch.Tensor] = None
     tokens: Optional[torch.Tensor] = None
     head_weights: Optional[torch.Tensor] = None
+    probe_keys: Optional[torch.Tensor] = None
+    probe_mass: Optional[torch.Tensor] = None
     # (tokens, tokens._version, N) already range-checked: checking costs a device sync, so
     # it runs once per tokens tensor, version and key length, not once per call.
     _checked_tokens: list = field(default_factory=list, init=False, repr=False, compare=False)
@@ -53,10 +66,12 @@ class Capture:
         head_maps: bool = False,
         lse: bool = False,
         head_weights: Optional[torch.Tensor] = None,
+        probe_keys: Optional[torch.Tensor] = None,
     ) -> "Capture":
         """Zeroed fp32 buffers shaped for ``attention(q, k, v, capture=...)``.
 
-        ``maps`` and ``head_maps`` need ``tokens``; the buffers live on q's device.
+        ``maps`` and ``head_maps`` need ``tokens``; ``probe_keys`` (B or 1, H, C, D) adds a
+        zeroed ``probe_mass`` (B, H, C). The buffers live on q's device.
         """
         if q.dim() != 4 or k.dim() != 4:
             raise ValueError(
@@ -80,11 +95,15 @@ class Capture:
             lse=buf(lse, B, H, M),
             tokens=token_tensor,
             head_weights=head_weights,
+            probe_keys=probe_keys,
+            probe_mass=(buf(True, B, H, probe_keys.shape[2])
+                        if isinstance(probe_keys, torch.Tensor) and probe_keys.dim() == 4 else None),
         )
 
     def buffers(self) -> dict:
         """The requested buffers by name (absent ones left out)."""
-        return {name: getattr(self, name) for name in BUFFER_FIELDS if getattr(self, name) is not None}
+        return {name: getattr(self, name) for name in BUFFER_FIELDS + PROBE_FIELDS
+                if getattr(self, name) is not None}
 
     def zero_(self) -> "Capture":
         for buffer in self.buffers().values():
@@ -94,6 +113,10 @@ class Capture:
     @property
     def wants_token_columns(self) -> bool:
         return self.maps is not None or self.head_maps is not None
+
+    @property
+    def wants_probes(self) -> bool:
+        return self.probe_keys is not None or self.probe_mass is not None
 
     @property
     def empty(self) -> bool:

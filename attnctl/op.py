@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from .backends._layout import empty_output
 from .capture import BUFFER_FIELDS, Capture
-from .reference import attention_reference
-from .validation import check_capture, validate
+from .reference import attention_reference, logit_max_reference
+from .regions import Regions
+from .validation import check_capture, check_regions, validate, validate_logit_max
 
 logger = logging.getLogger("attnctl")
 
@@ -71,13 +72,19 @@ def _check_backend_name(name, source: str) -> None:
         raise ValueError(f"{source}: expected one of {', '.join(BACKENDS)}, got {name!r}")
 
 
-def choose_backend(requested: str, q: torch.Tensor, has_work: bool, needs_grad: bool = False) -> Dispatch:
+def choose_backend(requested: str, q: torch.Tensor, has_work: bool, needs_grad: bool = False,
+                   cuda_unsupported: Tuple[str, ...] = ()) -> Dispatch:
+    """``cuda_unsupported``: the features of this call the CUDA backend does not implement
+    (asking for 'cuda' with any of them is an error naming them)."""
     _check_backend_name(requested, "backend")
     source = "backend argument"
     if requested == "auto" and os.environ.get(ENV_BACKEND, "auto") != "auto":
         requested = os.environ[ENV_BACKEND]
         _check_backend_name(requested, ENV_BACKEND)
         source = f"{ENV_BACKEND}={requested}"
+    if requested == "cuda" and cuda_unsupported:
+        raise ValueError(f"{source}: the CUDA backend does not support {', '.join(cuda_unsupported)}; "
+                         "expected backend 'triton', 'torch' or 'auto' for this call")
 
     if requested == "sdpa" and has_work:
         raise ValueError(f"{source}: 'sdpa' computes plain attention only; this call has "
@@ -126,21 +133,27 @@ def _note(dispatch: Dispatch) -> None:
         logger.warning("attnctl: falling back to the slow reference path: %s", dispatch.reason)
 
 
-def _run(q, k, v, scale, bias, prob_mult, capture, backend) -> torch.Tensor:
-    has_work = bias is not None or prob_mult is not None or (capture is not None and not capture.empty)
+def _run(q, k, v, scale, bias, prob_mult, capture, backend, regions=None) -> torch.Tensor:
+    probes = capture is not None and capture.probe_keys is not None
+    has_work = (bias is not None or prob_mult is not None or regions is not None
+                or (capture is not None and not capture.empty))
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    dispatch = choose_backend(backend, q, has_work, needs_grad)
+    unsupported = tuple(name for name, used in (("regions", regions is not None),
+                                                ("capture.probe_keys", probes)) if used)
+    dispatch = choose_backend(backend, q, has_work, needs_grad, cuda_unsupported=unsupported)
     _note(dispatch)
     if dispatch.backend == "triton":
         from .backends.triton_backend import attention_triton
-        return attention_triton(q, k, v, scale=scale, bias=bias, prob_mult=prob_mult, capture=capture)
+        return attention_triton(q, k, v, scale=scale, bias=bias, prob_mult=prob_mult, capture=capture,
+                                regions=regions)
     if dispatch.backend == "cuda":
         from .backends.cuda_backend import attention_cuda
         return attention_cuda(q, k, v, scale=scale, bias=bias, prob_mult=prob_mult, capture=capture)
     if dispatch.backend == "sdpa":
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     else:
-        out = attention_reference(q, k, v, scale=scale, bias=bias, prob_mult=prob_mult, capture=capture)
+        out = attention_reference(q, k, v, scale=scale, bias=bias, prob_mult=prob_mult, capture=capture,
+                                  regions=regions)
     return _in_q_order(out, q)
 
 
@@ -163,6 +176,7 @@ def attention(
     prob_mult: Optional[torch.Tensor] = None,
     capture: Optional[Capture] = None,
     backend: str = "auto",
+    regions: Optional[Regions] = None,
 ) -> torch.Tensor:
     """Attention with controls and captures in one pass.
 
@@ -174,7 +188,10 @@ def attention(
         prob_mult: factor on the normalised probabilities in the numerator only
             (O = Σ_n P·f·v, no renormalisation), broadcastable to (B, H, M, N).
         capture: an attnctl.Capture whose fp32 buffers receive statistics of P (before
-            prob_mult), added to what they hold.
+            prob_mult), added to what they hold; with ``probe_keys`` also the
+            auxiliary-key probe mass Σ_m softmax over the probe keys.
+        regions: an attnctl.Regions: numerator factor 1 - s·[r_q != r_k] (both labelled)
+            computed from per-query and per-key labels; multiplies with prob_mult.
         backend: "auto", "torch" (reference), "triton", "cuda" (CUDA C++, fp16/bf16) or
             "sdpa" (plain attention only).
 
@@ -182,37 +199,104 @@ def attention(
         (B, H, M, Dv) in q's dtype, laid out in q's memory order.
     """
     compiling = torch.compiler.is_compiling()
-    scale = validate(q, k, v, scale, bias, prob_mult, capture, check_token_values=not compiling)
+    scale = validate(q, k, v, scale, bias, prob_mult, capture, check_token_values=not compiling,
+                     regions=regions)
     if compiling:
         cap = capture if capture is not None else Capture()
-        buffers = [getattr(cap, name) for name in BUFFER_FIELDS]
+        buffers = [getattr(cap, name) for name in BUFFER_FIELDS + ("probe_mass",)]
         # Inductor cannot lower a custom op whose mutated Optional argument is None, so an
         # absent buffer travels as an empty tensor (real buffers are never empty).
         buffers = [b if b is not None else q.new_empty(0, dtype=torch.float32) for b in buffers]
         return torch.ops.attnctl.attention(
-            q, k, v, scale, bias, prob_mult, *buffers, cap.tokens, cap.head_weights, backend)
-    return _run(q, k, v, scale, bias, prob_mult, capture, backend)
+            q, k, v, scale, bias, prob_mult, *buffers[:4], cap.tokens, cap.head_weights, backend,
+            cap.probe_keys, buffers[4],
+            regions.labels_q if regions is not None else None,
+            regions.labels_k if regions is not None else None,
+            float(regions.strength) if regions is not None else 0.0)
+    return _run(q, k, v, scale, bias, prob_mult, capture, backend, regions)
+
+
+def logit_max(q: torch.Tensor, k: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """max over (m, n) of the unscaled logits q[b, h, m] · k[b, h, n], per (b, h).
+
+    Returns a (B, H) float32 tensor on q's device (no device sync). The Triton backend
+    reduces it in a kernel without storing QKᵀ; the reference ("torch") computes QKᵀ.
+    Paint-with-words (eDiff-I) takes the max over the whole layer of one image: reduce
+    this over heads, ``logit_max(q, k).amax(dim=1)``.
+
+    ``backend``: "auto" (Triton for CUDA tensors when it can be imported, else the
+    reference), "torch" or "triton". "cuda" and "sdpa" do not compute it.
+    """
+    validate_logit_max(q, k)
+    if torch.compiler.is_compiling():
+        return torch.ops.attnctl.logit_max(q, k, backend)
+    return _logit_max(q, k, backend)
+
+
+def _logit_max(q, k, backend: str) -> torch.Tensor:
+    _check_backend_name(backend, "backend")
+    source = "backend argument"
+    if backend == "auto" and os.environ.get(ENV_BACKEND, "auto") not in ("auto", "cuda", "sdpa"):
+        backend, source = os.environ[ENV_BACKEND], f"{ENV_BACKEND}={os.environ[ENV_BACKEND]}"
+    if backend in ("cuda", "sdpa"):
+        raise ValueError(f"{source}: logit_max is computed by 'triton' or 'torch' (or 'auto'), "
+                         f"got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if q.is_cuda and _triton_available() is None else "torch"
+    elif backend == "triton":
+        err = _triton_available()
+        if err:
+            raise RuntimeError(f"{source}: the Triton backend cannot be imported ({err})")
+        if not q.is_cuda and not _interpreting():
+            raise ValueError(f"{source}: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 "
+                             f"for the CPU interpreter); got q on {q.device}")
+    if backend == "triton":
+        from .backends.triton_backend import logit_max_triton
+        return logit_max_triton(q, k)
+    return logit_max_reference(q, k)
 
 
 # ---- torch.library registration, so torch.compile traces through without a graph break ----
 
-@torch.library.custom_op("attnctl::attention", mutates_args=("token_mass", "maps", "head_maps", "lse"))
+@torch.library.custom_op("attnctl::attention",
+                         mutates_args=("token_mass", "maps", "head_maps", "lse", "probe_mass"))
 def _attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     bias: Optional[torch.Tensor], prob_mult: Optional[torch.Tensor],
     token_mass: torch.Tensor, maps: torch.Tensor, head_maps: torch.Tensor, lse: torch.Tensor,
     tokens: Optional[torch.Tensor], head_weights: Optional[torch.Tensor], backend: str,
+    probe_keys: Optional[torch.Tensor] = None, probe_mass: Optional[torch.Tensor] = None,
+    labels_q: Optional[torch.Tensor] = None, labels_k: Optional[torch.Tensor] = None,
+    region_strength: float = 0.0,
 ) -> torch.Tensor:
     """The op as torch.compile sees it; an empty buffer means "not captured"."""
     present = {name: (buf if buf.numel() else None)
                for name, buf in zip(BUFFER_FIELDS, (token_mass, maps, head_maps, lse))}
-    capture = Capture(**present, tokens=tokens, head_weights=head_weights)
-    B, H, M, _ = q.shape
-    check_capture(capture, B, H, M, k.shape[2], q.device, check_token_values=True)
-    return _run(q, k, v, scale, bias, prob_mult, capture, backend)
+    probe_mass = probe_mass if probe_mass is not None and probe_mass.numel() else None
+    capture = Capture(**present, tokens=tokens, head_weights=head_weights,
+                      probe_keys=probe_keys, probe_mass=probe_mass)
+    B, H, M, D = q.shape
+    check_capture(capture, B, H, M, k.shape[2], q.device, check_token_values=True,
+                  dtype=q.dtype, head_dim=D)
+    regions = None
+    if labels_q is not None or labels_k is not None:
+        regions = Regions(labels_q, labels_k, region_strength)
+        check_regions(regions, B, M, k.shape[2], q.device)
+    return _run(q, k, v, scale, bias, prob_mult, capture, backend, regions)
 
 
 @_attention_op.register_fake
 def _attention_fake(q, k, v, scale, bias, prob_mult, token_mass, maps, head_maps, lse,
-                    tokens, head_weights, backend):
+                    tokens, head_weights, backend, probe_keys=None, probe_mass=None,
+                    labels_q=None, labels_k=None, region_strength=0.0):
     return empty_output(q, v.shape[-1])
+
+
+@torch.library.custom_op("attnctl::logit_max", mutates_args=())
+def _logit_max_op(q: torch.Tensor, k: torch.Tensor, backend: str) -> torch.Tensor:
+    return _logit_max(q, k, backend)
+
+
+@_logit_max_op.register_fake
+def _logit_max_fake(q, k, backend):
+    return q.new_empty(q.shape[:2], dtype=torch.float32)

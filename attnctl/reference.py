@@ -6,7 +6,11 @@ It materialises S and P, so it is the oracle, not a fast path::
     P          = softmax_n(S)                  (a row of all -inf gives P = 0)
     O[b,h,m]   = Σ_n P[b,h,m,n] · f[b,h,m,n] · v[b,h,n]      (f = prob_mult)
 
-Captures (see attnctl.capture) are statistics of P before f, added in fp32.
+With ``regions`` (attnctl.Regions) the numerator factor is f · f_regions, f_regions[q, k] =
+1 - s·[r(q) >= 0, r(k) >= 0, r(q) != r(k)].
+
+Captures (see attnctl.capture) are statistics of P before f, added in fp32; the probe
+capture is Σ_m softmax_c(scale · q · probe_keys), a softmax over the probe keys alone.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from typing import Optional, Tuple
 import torch
 
 from .capture import Capture
+from .regions import Regions
 
 
 def softmax_with_empty_rows(scores: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -38,6 +43,7 @@ def attention_reference(
     prob_mult: Optional[torch.Tensor] = None,
     capture: Optional[Capture] = None,
     compute_dtype: torch.dtype = torch.float32,
+    regions: Optional[Regions] = None,
 ) -> torch.Tensor:
     """Attention by the contract's definition, computed in ``compute_dtype``.
 
@@ -51,8 +57,13 @@ def attention_reference(
     probs, lse = softmax_with_empty_rows(scores)
     if capture is not None:
         add_captures(capture, probs, lse)
+        if capture.probe_keys is not None and capture.probe_mass is not None:
+            capture.probe_mass += probe_mass_reference(qc, capture.probe_keys.to(compute_dtype), scale).float()
     if prob_mult is not None:
         probs = probs * prob_mult.to(compute_dtype)
+    if regions is not None:
+        B, _, M, N = probs.shape
+        probs = probs * regions.factor(B, M, N, compute_dtype).to(probs.device)
     return torch.matmul(probs, vc).to(q.dtype)
 
 
@@ -81,3 +92,14 @@ def token_columns(p: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     idx = idx.expand(B, idx.shape[-1]) if idx.dim() == 1 else idx
     idx = idx[:, None, None, :].expand(B, H, M, idx.shape[-1])
     return torch.gather(p, 3, idx)
+
+
+def probe_mass_reference(q: torch.Tensor, probe_keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """Σ_m softmax_c(scale · q[b, h, m] · probe_keys[b, h, c]): (B, H, C), in q's dtype."""
+    logits = torch.matmul(q, probe_keys.transpose(-1, -2)) * scale   # (B, H, M, C)
+    return torch.softmax(logits, dim=-1).sum(dim=2)
+
+
+def logit_max_reference(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """max over (m, n) of the unscaled logits q[b, h, m] · k[b, h, n]: (B, H) fp32."""
+    return torch.matmul(q.float(), k.float().transpose(-1, -2)).amax(dim=(-1, -2))

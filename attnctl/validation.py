@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 import torch
 
 from .capture import Capture
+from .regions import Regions
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -80,12 +81,15 @@ def check_broadcastable(name: str, t, target: Sequence[int], device: torch.devic
 
 
 def check_capture(capture, B: int, H: int, M: int, N: int, device: torch.device,
-                  check_token_values: bool) -> None:
+                  check_token_values: bool, dtype: Optional[torch.dtype] = None,
+                  head_dim: Optional[int] = None) -> None:
     if capture is None:
         return
     if not isinstance(capture, Capture):
         raise TypeError(f"capture: expected attnctl.Capture or None, got {type(capture).__name__}")
     expected = {"token_mass": (B, H, N), "lse": (B, H, M)}
+    if capture.wants_probes:
+        expected["probe_mass"] = _check_probe_keys(capture, B, H, device, dtype, head_dim)
     if capture.wants_token_columns:
         tokens = capture.tokens
         if tokens is None:
@@ -115,6 +119,52 @@ def check_capture(capture, B: int, H: int, M: int, N: int, device: torch.device,
             raise ValueError(f"capture.head_weights: expected shape ({H},) or ({B}, {H}), got {_shape(w)}")
 
 
+def _check_probe_keys(capture: Capture, B: int, H: int, device: torch.device,
+                      dtype: Optional[torch.dtype], head_dim: Optional[int]) -> tuple:
+    """Check capture.probe_keys; return the shape capture.probe_mass must have."""
+    keys = capture.probe_keys
+    if keys is None:
+        raise ValueError("capture.probe_mass: given without capture.probe_keys, the key set it sums over")
+    if not isinstance(keys, torch.Tensor):
+        raise TypeError(f"capture.probe_keys: expected a torch.Tensor, got {type(keys).__name__}")
+    if keys.dim() != 4:
+        raise ValueError(f"capture.probe_keys: expected 4 dims (B or 1, H, C, D), got shape {_shape(keys)}")
+    if keys.shape[0] not in (1, B) or keys.shape[1] != H or keys.shape[2] < 1 or (
+            head_dim is not None and keys.shape[3] != head_dim):
+        D = head_dim if head_dim is not None else "D"
+        raise ValueError(f"capture.probe_keys: expected shape (1 or {B}, {H}, C >= 1, {D}), got {_shape(keys)}")
+    if dtype is not None and keys.dtype != dtype:
+        raise TypeError(f"capture.probe_keys: expected dtype {dtype} (that of q), got {keys.dtype}")
+    if keys.device != device:
+        raise ValueError(f"capture.probe_keys: expected device {device} (that of q), got {keys.device}")
+    if capture.probe_mass is None:
+        raise ValueError("capture.probe_mass: capture.probe_keys needs a (B, H, C) float32 buffer to add "
+                         "into, got None (Capture.zeros(q, k, probe_keys=...) allocates it)")
+    return (B, H, keys.shape[2])
+
+
+def check_regions(regions, B: int, M: int, N: int, device: torch.device) -> None:
+    if regions is None:
+        return
+    if not isinstance(regions, Regions):
+        raise TypeError(f"regions: expected attnctl.Regions or None, got {type(regions).__name__}")
+    for name, t, length, what in (("regions.labels_q", regions.labels_q, M, "M"),
+                                  ("regions.labels_k", regions.labels_k, N, "N")):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected an integer torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name}: expected dtype int32 or int64, got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{name}: expected device {device} (that of q), got {t.device}")
+        if t.dim() != 2 or t.shape[0] not in (1, B) or t.shape[1] != length:
+            raise ValueError(f"{name}: expected shape (1 or {B}, {what} = {length}), got {_shape(t)}")
+    s = regions.strength
+    if isinstance(s, torch.Tensor) and s.numel() == 1:
+        s = s.item()
+    if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
+        raise ValueError(f"regions.strength: expected a finite number, got {s!r}")
+
+
 def _check_tokens(tokens, B: int, N: int, device: torch.device, memo: Optional[Capture]) -> None:
     if not isinstance(tokens, torch.Tensor):
         raise TypeError(f"capture.tokens: expected a tensor (use Capture.zeros to build one), got {type(tokens).__name__}")
@@ -136,7 +186,8 @@ def _check_tokens(tokens, B: int, N: int, device: torch.device, memo: Optional[C
     memo._checked_tokens = memo._checked_tokens[-7:] + [(tokens, tokens._version, N)]
 
 
-def validate(q, k, v, scale, bias, prob_mult, capture, check_token_values: bool = True) -> float:
+def validate(q, k, v, scale, bias, prob_mult, capture, check_token_values: bool = True,
+             regions=None) -> float:
     """Check every argument; return the resolved softmax scale."""
     check_qkv(q, k, v)
     B, H, M, D = q.shape
@@ -144,5 +195,27 @@ def validate(q, k, v, scale, bias, prob_mult, capture, check_token_values: bool 
     scale = resolve_scale(scale, D)
     check_broadcastable("bias", bias, (B, H, M, N), q.device)
     check_broadcastable("prob_mult", prob_mult, (B, H, M, N), q.device)
-    check_capture(capture, B, H, M, N, q.device, check_token_values)
+    check_capture(capture, B, H, M, N, q.device, check_token_values, dtype=q.dtype, head_dim=D)
+    check_regions(regions, B, M, N, q.device)
     return scale
+
+
+def validate_logit_max(q, k) -> None:
+    """Arguments of attnctl.logit_max: q (B, H, M, D), k (B, H, N, D), one float dtype."""
+    for name, t in (("q", q), ("k", k)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}: expected dtype float16, bfloat16 or float32, got {t.dtype}")
+        if t.dim() != 4 or 0 in t.shape:
+            raise ValueError(f"{name}: expected 4 non-empty dims (B, H, seq, head_dim), got shape {_shape(t)}")
+    if q.dtype != k.dtype:
+        raise TypeError(f"q, k: expected one dtype, got q {q.dtype}, k {k.dtype}")
+    if q.device != k.device:
+        raise ValueError(f"q, k: expected one device, got q {q.device}, k {k.device}")
+    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"k: expected (B, H, N, D) = ({q.shape[0]}, {q.shape[1]}, N, {q.shape[3]}) "
+                         f"like q {_shape(q)}, got {_shape(k)}")
+    D = q.shape[3]
+    if D % 8 != 0 or D > MAX_HEAD_DIM:
+        raise ValueError(f"q/k head_dim: expected a multiple of 8 up to {MAX_HEAD_DIM}, got {D}")

@@ -15,6 +15,16 @@ Statistics of P (before f) are added into fp32 caller buffers:
   gathered and their logits recomputed against the final (m, l) — an extra
   BLOCK_M × D × T product, whatever N is.
 * row log-sum-exp.
+* auxiliary-key probes Σ_m softmax_c(s · q · probe_keys) (B, H, C): a softmax over the
+  probe keys only, from the q block already in registers, after the main loop. One probe
+  block: single pass; more: a first pass for the row max and sum (online), a second for
+  the normalised values.
+
+Region labels (``HAS_REGIONS``) multiply the numerator by 1 - s·[r_q >= 0, r_k >= 0,
+r_q != r_k], computed per tile from the two label vectors (no (M, N) mask in memory).
+
+``logit_max_kernel`` reduces max over (m, n) of the unscaled q·k per (batch, head) and
+query block with the same logit helper, without storing QKᵀ.
 
 Logits live in the log2 domain (scale folded with log2 e) so the kernel uses exp2.
 A row whose logits are all -inf has l = 0: its output, P and maps are 0 and its LSE -inf.
@@ -47,6 +57,7 @@ def _logits_log2(q, k_base, bias_base, offs_m, mask_m, cols, col_mask,
 @triton.jit
 def attention_fwd_kernel(
     Q, K, V, Out, Bias, ProbMult, TokenMass, Maps, HeadMaps, Lse, Tokens, HeadWeights,
+    LabelsQ, LabelsK, ProbeKeys, ProbeMass,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -59,7 +70,10 @@ def attention_fwd_kernel(
     stride_lse_b, stride_lse_h, stride_lse_m,
     stride_tok_b, stride_tok_t,
     stride_w_b, stride_w_h,
-    H, M, N, T, qk_scale_log2,
+    stride_lq_b, stride_lq_m, stride_lk_b, stride_lk_n,
+    stride_pk_b, stride_pk_h, stride_pk_c, stride_pk_d,
+    stride_pmass_b, stride_pmass_h, stride_pmass_c,
+    H, M, N, T, C, qk_scale_log2, region_strength,
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -68,6 +82,8 @@ def attention_fwd_kernel(
     CAPTURE_HEAD_MAPS: tl.constexpr, CAPTURE_LSE: tl.constexpr,
     HAS_HEAD_WEIGHTS: tl.constexpr, SINGLE_KEY_BLOCK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HAS_REGIONS: tl.constexpr = False, CAPTURE_PROBES: tl.constexpr = False,
+    BLOCK_C: tl.constexpr = 16, SINGLE_PROBE_BLOCK: tl.constexpr = True,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -88,6 +104,11 @@ def attention_fwd_kernel(
     bias_base = Bias + b * stride_bias_b + h * stride_bias_h
     pm_base = ProbMult + b * stride_pm_b + h * stride_pm_h
     tm_base = TokenMass + b * stride_tm_b + h * stride_tm_h
+
+    if HAS_REGIONS:
+        # Region of each query row (-1: unlabelled, never scaled).
+        region_q = tl.load(LabelsQ + b * stride_lq_b + offs_m * stride_lq_m, mask=mask_m, other=-1)
+        lk_base = LabelsK + b * stride_lk_b
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -117,6 +138,11 @@ def attention_fwd_kernel(
             f = tl.load(pm_base + offs_m[:, None] * stride_pm_m + offs_n[None, :] * stride_pm_n,
                         mask=mask_m[:, None] & mask_n[None, :], other=0.0)
             p = p * f.to(tl.float32)
+        if HAS_REGIONS:
+            region_k = tl.load(lk_base + offs_n * stride_lk_n, mask=mask_n, other=-1)
+            differ = ((region_q[:, None] >= 0) & (region_k[None, :] >= 0)
+                      & (region_q[:, None] != region_k[None, :]))
+            p = p * tl.where(differ, 1.0 - region_strength, 1.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=mask_n[:, None] & (offs_dv[None, :] < DV), other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -168,3 +194,71 @@ def attention_fwd_kernel(
                 map_ptr = (Maps + b * stride_map_b
                            + offs_m[:, None] * stride_map_m + offs_t[None, :] * stride_map_t)
                 tl.atomic_add(map_ptr, p * weight, mask=mask_mt)
+
+    # ---- auxiliary-key probes: a softmax over the probe keys alone, summed over rows -----
+    if CAPTURE_PROBES:
+        pk_base = ProbeKeys + b * stride_pk_b + h * stride_pk_h
+        pmass_base = ProbeMass + b * stride_pmass_b + h * stride_pmass_h
+        if SINGLE_PROBE_BLOCK:
+            offs_c = tl.arange(0, BLOCK_C)
+            mask_c = offs_c < C
+            s = _logits_log2(q, pk_base, pk_base, offs_m, mask_m, offs_c, mask_c,
+                             stride_pk_c, stride_pk_d, 0, 0, qk_scale_log2,
+                             D, BLOCK_D, False, DOT_PRECISION)
+            p = tl.exp2(s - tl.max(s, 1)[:, None])
+            row_w = tl.where(mask_m, 1.0 / tl.sum(p, 1), 0.0)
+            tl.atomic_add(pmass_base + offs_c * stride_pmass_c, tl.sum(p * row_w[:, None], 0), mask=mask_c)
+        else:
+            pm_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            pl_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for start_c in range(0, C, BLOCK_C):
+                offs_c = start_c + tl.arange(0, BLOCK_C)
+                mask_c = offs_c < C
+                s = _logits_log2(q, pk_base, pk_base, offs_m, mask_m, offs_c, mask_c,
+                                 stride_pk_c, stride_pk_d, 0, 0, qk_scale_log2,
+                                 D, BLOCK_D, False, DOT_PRECISION)
+                pm_new = tl.maximum(pm_i, tl.max(s, 1))  # finite: every block has a live key
+                pl_i = pl_i * tl.exp2(pm_i - pm_new) + tl.sum(tl.exp2(s - pm_new[:, None]), 1)
+                pm_i = pm_new
+            row_w = tl.where(mask_m, 1.0 / pl_i, 0.0)
+            for start_c in range(0, C, BLOCK_C):
+                offs_c = start_c + tl.arange(0, BLOCK_C)
+                mask_c = offs_c < C
+                s = _logits_log2(q, pk_base, pk_base, offs_m, mask_m, offs_c, mask_c,
+                                 stride_pk_c, stride_pk_d, 0, 0, qk_scale_log2,
+                                 D, BLOCK_D, False, DOT_PRECISION)
+                p = tl.exp2(s - pm_i[:, None]) * row_w[:, None]
+                tl.atomic_add(pmass_base + offs_c * stride_pmass_c, tl.sum(p, 0), mask=mask_c)
+
+
+@triton.jit
+def logit_max_kernel(
+    Q, K, Out,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_o_bh, stride_o_blk,
+    H, M, N,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Out[b*H + h, pid_m] = max over this query block's rows and every key of q·k (unscaled)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    offs_d = tl.arange(0, BLOCK_D)
+    q = tl.load(Q + b * stride_qb + h * stride_qh
+                + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=mask_m[:, None] & (offs_d[None, :] < D), other=0.0)
+    k_base = K + b * stride_kb + h * stride_kh
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        s = _logits_log2(q, k_base, k_base, offs_m, mask_m, offs_n, mask_n,
+                         stride_kn, stride_kd, 0, 0, 1.0, D, BLOCK_D, False, DOT_PRECISION)
+        s = tl.where(mask_m[:, None], s, float("-inf"))
+        row_max = tl.maximum(row_max, tl.max(s, 1))
+    tl.store(Out + pid_bh.to(tl.int64) * stride_o_bh + pid_m * stride_o_blk, tl.max(row_max, 0))

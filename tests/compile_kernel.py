@@ -17,9 +17,10 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from attnctl.backends._layout import empty_output
-from attnctl.backends.triton_backend import kernel_arguments
+from attnctl.backends.triton_backend import kernel_arguments, logit_max_arguments
 from attnctl.capture import Capture
-from attnctl.kernels.attention import attention_fwd_kernel
+from attnctl.kernels.attention import attention_fwd_kernel, logit_max_kernel
+from attnctl.regions import Regions
 
 TRITON_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32",
                 torch.int32: "*i32"}
@@ -33,7 +34,13 @@ CASES = {  # name: (dtype, head dim, keys)
     "plain-fp16-d64-n4096": (torch.float16, 64, 4096),
     "plain-fp16-d80-n1024": (torch.float16, 80, 1024),
     "all-fp32-d40-n77": (torch.float32, 40, 77),
+    # every control and capture plus region labels and auxiliary-key probes (C probe keys:
+    # 40 fits one probe block, 100 takes the two-pass path)
+    "ext-fp16-d64-n77": (torch.float16, 64, 77),
+    "ext-bf16-d160-n300": (torch.bfloat16, 160, 300),
+    "logitmax-fp16-d64-n4096": (torch.float16, 64, 4096),
 }
+PROBE_KEYS = {"ext-fp16-d64-n77": 40, "ext-bf16-d160-n300": 100}
 
 
 def case(name: str):
@@ -41,20 +48,29 @@ def case(name: str):
     dtype, D, N = CASES[name]
     B, H, M = 2, 8, 256
     q, k, v = (torch.zeros(B, H, n, D, dtype=dtype) for n in (M, N, N))
-    if not name.startswith("all"):
+    if not name.startswith(("all", "ext")):
         return q, k, v, dict(bias=None, prob_mult=None, capture=None)
+    probe_keys = torch.zeros(1, H, PROBE_KEYS[name], D, dtype=dtype) if name in PROBE_KEYS else None
     capture = Capture.zeros(q, k, token_mass=True, tokens=list(range(20)), maps=True,
-                            head_maps=True, lse=True, head_weights=torch.ones(H))
+                            head_maps=True, lse=True, head_weights=torch.ones(H), probe_keys=probe_keys)
     extras = dict(bias=torch.zeros(1, H, 1, N), prob_mult=torch.zeros(B, 1, M, N, dtype=dtype),
                   capture=capture)
+    if name.startswith("ext"):
+        extras["regions"] = Regions(torch.zeros(B, M, dtype=torch.int32),
+                                    torch.zeros(1, N, dtype=torch.int32), 0.5)
     return q, k, v, extras
 
 
 def compile_case(name: str, arch: int) -> dict:
     q, k, v, extras = case(name)
-    _, args, meta = kernel_arguments(q, k, v, empty_output(q, v.shape[3]), scale=0.1, **extras)
+    if name.startswith("logitmax"):
+        kernel = logit_max_kernel
+        _, args, meta = logit_max_arguments(q, k, torch.zeros(q.shape[0] * q.shape[1], 4))
+    else:
+        kernel = attention_fwd_kernel
+        _, args, meta = kernel_arguments(q, k, v, empty_output(q, v.shape[3]), scale=0.1, **extras)
     options = {key: meta.pop(key) for key in ("num_warps", "num_stages")}
-    params = attention_fwd_kernel.arg_names
+    params = kernel.arg_names
     signature, constexprs = {}, {}
     for i, pname in enumerate(params):
         if pname in meta:
@@ -64,7 +80,7 @@ def compile_case(name: str, arch: int) -> dict:
             value = args[i]
             signature[pname] = (TRITON_TYPES[value.dtype] if isinstance(value, torch.Tensor)
                                 else "fp32" if isinstance(value, float) else "i32")
-    src = ASTSource(fn=attention_fwd_kernel, signature=signature, constexprs=constexprs)
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     return {"case": name, "arch": arch, "shared_bytes": compiled.metadata.shared,
             **cubin_resources(compiled.asm["cubin"])}

@@ -7,7 +7,8 @@ import torch
 import triton
 
 from attnctl.capture import Capture
-from attnctl.kernels.attention import LOG2E, attention_fwd_kernel
+from attnctl.kernels.attention import LOG2E, attention_fwd_kernel, logit_max_kernel
+from attnctl.regions import Regions
 from ._layout import broadcast_strides, empty_output
 
 
@@ -45,7 +46,8 @@ def launch_config(head_dim: int, value_dim: int, num_keys: int, num_tokens: int,
 
 
 def kernel_arguments(q, k, v, out, *, scale: float, bias: Optional[torch.Tensor],
-                     prob_mult: Optional[torch.Tensor], capture: Optional[Capture]):
+                     prob_mult: Optional[torch.Tensor], capture: Optional[Capture],
+                     regions: Optional[Regions] = None):
     """(grid, positional arguments, compile-time arguments) of one kernel launch."""
     B, H, M, D = q.shape
     N, DV = k.shape[2], v.shape[3]
@@ -53,6 +55,14 @@ def kernel_arguments(q, k, v, out, *, scale: float, bias: Optional[torch.Tensor]
     tokens = cap.tokens if cap.wants_token_columns else None
     T = tokens.shape[-1] if tokens is not None else 0
     cfg = launch_config(D, DV, N, T, captures=not cap.empty, elem_size=q.element_size())
+    probes = cap.probe_keys is not None and cap.probe_mass is not None
+    C = cap.probe_keys.shape[2] if probes else 0
+    # Probe blocks: up to 64 probe keys per block (a concept set of a few words fits one).
+    block_c = min(64, _pow2_at_least_16(C)) if probes else 16
+    labels_q = regions.labels_q if regions is not None else None
+    labels_k = regions.labels_k if regions is not None else None
+    probe_keys = cap.probe_keys if probes else None
+    probe_mass = cap.probe_mass if probes else None
 
     def ptr(t):  # absent operands get q: their loads are compiled out by the flags below
         return t if t is not None else q
@@ -60,12 +70,15 @@ def kernel_arguments(q, k, v, out, *, scale: float, bias: Optional[torch.Tensor]
     args = [
         q, k, v, out, ptr(bias), ptr(prob_mult), ptr(cap.token_mass), ptr(cap.maps),
         ptr(cap.head_maps), ptr(cap.lse), ptr(tokens), ptr(cap.head_weights),
+        ptr(labels_q), ptr(labels_k), ptr(probe_keys), ptr(probe_mass),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *broadcast_strides(bias, 4), *broadcast_strides(prob_mult, 4),
         *broadcast_strides(cap.token_mass, 3), *broadcast_strides(cap.maps, 3),
         *broadcast_strides(cap.head_maps, 4), *broadcast_strides(cap.lse, 3),
         *broadcast_strides(tokens, 2), *broadcast_strides(cap.head_weights, 2),
-        H, M, N, T, scale * LOG2E,
+        *broadcast_strides(labels_q, 2), *broadcast_strides(labels_k, 2),
+        *broadcast_strides(probe_keys, 4), *broadcast_strides(probe_mass, 3),
+        H, M, N, T, C, scale * LOG2E, float(regions.strength) if regions is not None else 0.0,
     ]
     meta = dict(
         D=D, DV=DV,
@@ -76,6 +89,8 @@ def kernel_arguments(q, k, v, out, *, scale: float, bias: Optional[torch.Tensor]
         SINGLE_KEY_BLOCK=N <= cfg["BLOCK_N"],
         # fp32 inputs must not be rounded to tf32 on tensor cores: the contract is fp32-exact.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        HAS_REGIONS=regions is not None, CAPTURE_PROBES=probes,
+        BLOCK_C=block_c, SINGLE_PROBE_BLOCK=C <= block_c,
         **cfg,
     )
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), B * H)
@@ -83,9 +98,37 @@ def kernel_arguments(q, k, v, out, *, scale: float, bias: Optional[torch.Tensor]
 
 
 def attention_triton(q, k, v, *, scale: float, bias: Optional[torch.Tensor],
-                     prob_mult: Optional[torch.Tensor], capture: Optional[Capture]) -> torch.Tensor:
+                     prob_mult: Optional[torch.Tensor], capture: Optional[Capture],
+                     regions: Optional[Regions] = None) -> torch.Tensor:
     out = empty_output(q, v.shape[3])
     grid, args, meta = kernel_arguments(q, k, v, out, scale=scale, bias=bias,
-                                        prob_mult=prob_mult, capture=capture)
+                                        prob_mult=prob_mult, capture=capture, regions=regions)
     attention_fwd_kernel[grid](*args, **meta)
     return out
+
+
+def logit_max_arguments(q, k, partial):
+    """(grid, positional arguments, compile-time arguments) of a logit_max launch into
+    ``partial`` (B*H, number of query blocks) fp32."""
+    B, H, M, D = q.shape
+    N = k.shape[2]
+    cfg = logit_max_config(D, N, M)
+    args = [q, k, partial, *q.stride(), *k.stride(), *partial.stride(), H, M, N]
+    meta = dict(D=D, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **cfg)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), B * H)
+    return grid, args, meta
+
+
+def logit_max_config(head_dim: int, num_keys: int, num_queries: int) -> dict:
+    return dict(BLOCK_M=64, BLOCK_N=min(64, _pow2_at_least_16(num_keys)),
+                BLOCK_D=_pow2_at_least_16(head_dim), num_warps=4, num_stages=2)
+
+
+def logit_max_triton(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """max over (m, n) of q·k per (b, h): (B, H) fp32, never storing QKᵀ."""
+    B, H, M, _ = q.shape
+    blocks = triton.cdiv(M, logit_max_config(q.shape[3], k.shape[2], M)["BLOCK_M"])
+    partial = torch.empty(B * H, blocks, dtype=torch.float32, device=q.device)
+    grid, args, meta = logit_max_arguments(q, k, partial)
+    logit_max_kernel[grid](*args, **meta)
+    return partial.amax(dim=1).view(B, H)

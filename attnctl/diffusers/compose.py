@@ -1,12 +1,16 @@
 """Composition of several controllers' plans into the one op call.
 
-Rules: biases add, prob_mults multiply, captures merge. One capture passes through
+Rules: biases add, prob_mults multiply, captures merge, regions do not compose (two
+controllers giving regions on one call is an error: their label sets have no common
+meaning; one controller's regions multiply with the prob_mults). One capture passes through
 untouched (the common case: zero overhead). Several captures are served by one kernel pass
 into a scratch :class:`Capture` and then added into each owner's buffers:
 
 * token mass and row LSE: one scratch buffer each, added to every owner that asked;
 * token columns: the owners' ``tokens`` are concatenated (no de-duplication, so no device
   sync), each owner reading back its own slice of columns;
+* auxiliary-key probes: at most one owner may carry ``probe_keys``; the kernel adds into
+  that owner's ``probe_mass`` directly;
 * ``maps``: the scratch carries the first owner's ``head_weights``; an owner whose weights
   are another tensor gets its maps from scratch per-head maps, weighted afterwards.
 """
@@ -20,7 +24,7 @@ import torch
 from ..capture import Capture
 from .controller import Plan
 
-_KNOWN_FIELDS = {"bias", "prob_mult", "capture"}
+_KNOWN_FIELDS = {"bias", "prob_mult", "capture", "regions"}
 
 
 def compose(plans: Sequence[Optional[Plan]], shape: Tuple[int, int, int, int],
@@ -38,13 +42,18 @@ def compose(plans: Sequence[Optional[Plan]], shape: Tuple[int, int, int, int],
                                       "have no composition rule yet")
     if len(plans) == 1:
         return plans[0], None
+    with_regions = [p for p in plans if p.regions is not None]
+    if len(with_regions) > 1:
+        raise ValueError(f"compose: regions: expected at most one controller's plan with regions per call, "
+                         f"got {len(with_regions)}; region labels of different controllers cannot be combined")
+    regions = with_regions[0].regions if with_regions else None
     bias = _combine([p.bias for p in plans], torch.add)
     prob_mult = _combine([p.prob_mult for p in plans], torch.mul)
     captures = [p.capture for p in plans if p.capture is not None and not p.capture.empty]
     if len(captures) <= 1:
-        return Plan(bias, prob_mult, captures[0] if captures else None), None
+        return Plan(bias, prob_mult, captures[0] if captures else None, regions), None
     merged = MergedCapture(captures, shape, device)
-    return Plan(bias, prob_mult, merged.scratch), merged.route
+    return Plan(bias, prob_mult, merged.scratch, regions), merged.route
 
 
 def _combine(tensors: List[Optional[torch.Tensor]], op) -> Optional[torch.Tensor]:
@@ -64,6 +73,11 @@ class MergedCapture:
                  device: torch.device):
         self.owners = list(owners)
         B, H, M, N = shape
+        probe_owners = [c for c in self.owners if c.wants_probes]
+        if len(probe_owners) > 1:
+            raise ValueError(f"compose: capture.probe_keys: expected at most one capture with probe keys per "
+                             f"call, got {len(probe_owners)}")
+        probe_owner = probe_owners[0] if probe_owners else None
 
         def zeros_if(wanted: bool, *size: int) -> Optional[torch.Tensor]:
             return torch.zeros(size, device=device) if wanted else None
@@ -93,6 +107,8 @@ class MergedCapture:
             head_maps=zeros_if(need_head_maps, B, H, M, T),
             tokens=tokens,
             head_weights=self.weights,
+            probe_keys=probe_owner.probe_keys if probe_owner is not None else None,
+            probe_mass=probe_owner.probe_mass if probe_owner is not None else None,
         )
 
     def route(self) -> None:

@@ -9,7 +9,10 @@ op call (see :mod:`attnctl.diffusers.compose`):
 * ``prob_mult`` post-softmax factors on the numerator (no renormalisation); they multiply.
 * ``capture``   an :class:`attnctl.Capture` whose buffers the controller owns, shaped for
   this call's (B, H, M, N); the op adds P's statistics into them. Several captures are
-  served by one kernel pass and routed back.
+  served by one kernel pass and routed back (at most one of them may carry probe keys).
+* ``regions``   an :class:`attnctl.Regions` (per-query / per-key labels and a strength):
+  a post-softmax factor the kernel computes from the labels; it multiplies with the
+  prob_mults. Only one controller per call may give regions.
 
 Every tensor a controller returns must broadcast to (B, H, M, N) of the call and live on
 ``call.device``. Controllers should cache what they return per layer (and per step when it
@@ -24,6 +27,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..capture import Capture
+from ..regions import Regions
 
 
 @dataclass(frozen=True)
@@ -130,14 +134,17 @@ class AttentionCall:
         layout: the :class:`BatchLayout` of the rows.
         batch, heads, queries, keys, head_dim: B, H, M, N, D of the op call.
         device, dtype: those of q.
+        query, key: the call's q (B, H, M, D) and k (B, H, N, D) themselves (views, read
+            only), for controls that depend on the logits (paint-with-words' logit max).
+        backend: the attention backend of the installation ("auto", "triton", ...).
     """
 
     __slots__ = ("layer", "is_cross", "grid", "factor", "latent", "step", "layout", "batch", "heads",
-                 "queries", "keys", "head_dim", "device", "dtype")
+                 "queries", "keys", "head_dim", "device", "dtype", "query", "key", "backend")
 
     def __init__(self, layer: str, is_cross: bool, grid: Optional[Tuple[int, int]],
                  factor: Optional[int], latent: Optional[Tuple[int, int]], step: DenoiseStep,
-                 layout: BatchLayout, q: torch.Tensor, k: torch.Tensor):
+                 layout: BatchLayout, q: torch.Tensor, k: torch.Tensor, backend: str = "auto"):
         self.layer = layer
         self.is_cross = is_cross
         self.grid = grid
@@ -149,6 +156,9 @@ class AttentionCall:
         self.keys = k.shape[2]
         self.device = q.device
         self.dtype = q.dtype
+        self.query = q
+        self.key = k
+        self.backend = backend
 
     def __repr__(self) -> str:
         return (f"AttentionCall({self.layer}, cross={self.is_cross}, grid={self.grid}, "
@@ -167,6 +177,7 @@ class Plan:
     bias: Optional[torch.Tensor] = None
     prob_mult: Optional[torch.Tensor] = None
     capture: Optional[Capture] = None
+    regions: Optional[Regions] = None
 
 
 class Controller:

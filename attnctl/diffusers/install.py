@@ -200,7 +200,8 @@ class Installation:
         layout = self.layout
         if layout.rows != q.shape[0]:  # a layer called outside a hooked UNet forward
             layout = BatchLayout(rows=q.shape[0], cfg=False)
-        return AttentionCall(layer, is_cross, derived[0], derived[1], self.latent, self.step, layout, q, k)
+        return AttentionCall(layer, is_cross, derived[0], derived[1], self.latent, self.step, layout, q, k,
+                             self.backend)
 
     # ---- teardown ----------------------------------------------------------------------
     def uninstall(self) -> None:

@@ -69,7 +69,7 @@ class AttnctlProcessor:
             key = attn.norm_k(key)
 
         installation = self.installation
-        bias, prob_mult, capture, route = attention_mask, None, None, None
+        bias, prob_mult, capture, regions, route = attention_mask, None, None, None, None
         if installation.controllers:
             call = installation.describe(self.layer, is_cross, spatial, query, key)
             plans = [c.plan(call) for c in installation.controllers]
@@ -77,10 +77,10 @@ class AttnctlProcessor:
             if plan is not None:
                 if plan.bias is not None:
                     bias = plan.bias if bias is None else bias + plan.bias
-                prob_mult, capture = plan.prob_mult, plan.capture
+                prob_mult, capture, regions = plan.prob_mult, plan.capture, plan.regions
 
         hidden_states = attention(query, key, value, scale=attn.scale, bias=bias, prob_mult=prob_mult,
-                                  capture=capture, backend=installation.backend)
+                                  capture=capture, backend=installation.backend, regions=regions)
         if route is not None:
             route()
 
