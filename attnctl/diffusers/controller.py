@@ -137,14 +137,16 @@ class AttentionCall:
         query, key: the call's q (B, H, M, D) and k (B, H, N, D) themselves (views, read
             only), for controls that depend on the logits (paint-with-words' logit max).
         backend: the attention backend of the installation ("auto", "triton", ...).
+        scale: the softmax scale of the layer (``attn.scale``; 1/sqrt(head_dim) if unknown).
     """
 
     __slots__ = ("layer", "is_cross", "grid", "factor", "latent", "step", "layout", "batch", "heads",
-                 "queries", "keys", "head_dim", "device", "dtype", "query", "key", "backend")
+                 "queries", "keys", "head_dim", "device", "dtype", "query", "key", "backend", "scale")
 
     def __init__(self, layer: str, is_cross: bool, grid: Optional[Tuple[int, int]],
                  factor: Optional[int], latent: Optional[Tuple[int, int]], step: DenoiseStep,
-                 layout: BatchLayout, q: torch.Tensor, k: torch.Tensor, backend: str = "auto"):
+                 layout: BatchLayout, q: torch.Tensor, k: torch.Tensor, backend: str = "auto",
+                 scale: Optional[float] = None):
         self.layer = layer
         self.is_cross = is_cross
         self.grid = grid
@@ -159,6 +161,7 @@ class AttentionCall:
         self.query = q
         self.key = k
         self.backend = backend
+        self.scale = float(scale) if scale is not None else self.head_dim ** -0.5
 
     def __repr__(self) -> str:
         return (f"AttentionCall({self.layer}, cross={self.is_cross}, grid={self.grid}, "

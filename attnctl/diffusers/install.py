@@ -182,7 +182,7 @@ class Installation:
             controller.on_step(self.step, self.layout)
 
     def describe(self, layer: str, is_cross: bool, spatial: Optional[Tuple[int, int]],
-                 q: torch.Tensor, k: torch.Tensor) -> AttentionCall:
+                 q: torch.Tensor, k: torch.Tensor, scale: Optional[float] = None) -> AttentionCall:
         """The AttentionCall for a processor's call (grid from the latent unless the layer's
         input was 4-D and so tells its own size)."""
         M = q.shape[2]
@@ -201,7 +201,7 @@ class Installation:
         if layout.rows != q.shape[0]:  # a layer called outside a hooked UNet forward
             layout = BatchLayout(rows=q.shape[0], cfg=False)
         return AttentionCall(layer, is_cross, derived[0], derived[1], self.latent, self.step, layout, q, k,
-                             self.backend)
+                             self.backend, scale)
 
     # ---- teardown ----------------------------------------------------------------------
     def uninstall(self) -> None:

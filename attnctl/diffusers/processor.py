@@ -71,7 +71,7 @@ class AttnctlProcessor:
         installation = self.installation
         bias, prob_mult, capture, regions, route = attention_mask, None, None, None, None
         if installation.controllers:
-            call = installation.describe(self.layer, is_cross, spatial, query, key)
+            call = installation.describe(self.layer, is_cross, spatial, query, key, attn.scale)
             plans = [c.plan(call) for c in installation.controllers]
             plan, route = compose(plans, (call.batch, call.heads, call.queries, call.keys), call.device)
             if plan is not None:

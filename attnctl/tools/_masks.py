@@ -1,0 +1,39 @@
+"""Region masks given at image or latent size, resized to a layer's query grid."""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+def as_mask(mask, name: str) -> torch.Tensor:
+    """A 2-D float mask from a tensor, array or PIL image (values in [0, 1])."""
+    if not isinstance(mask, torch.Tensor):
+        try:
+            import numpy as np
+
+            mask = torch.as_tensor(np.asarray(mask))
+        except Exception:
+            raise TypeError(f"{name}: expected a 2-D tensor, array or image, got {type(mask).__name__}") from None
+    if mask.dim() == 3 and mask.shape[-1] in (1, 3, 4):  # (h, w, channels) image: first channel
+        mask = mask[..., 0]
+    if mask.dim() != 2 or 0 in mask.shape:
+        raise ValueError(f"{name}: expected a 2-D (height, width) mask, got shape {tuple(mask.shape)}")
+    mask = mask.float()
+    if mask.max() > 1.0:  # 8-bit image
+        mask = mask / 255.0
+    return mask
+
+
+def check_mask_size(mask: torch.Tensor, name: str, latent: Tuple[int, int], image_scale: int) -> None:
+    image = (latent[0] * image_scale, latent[1] * image_scale)
+    if tuple(mask.shape) not in (tuple(latent), image):
+        raise ValueError(f"{name}: expected the image size {image} or the latent size {tuple(latent)} "
+                         f"(height, width), got {tuple(mask.shape)}")
+
+
+def mask_on_grid(mask: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """The mask resized (nearest) to ``grid`` and flattened row-major to (h*w,), the order
+    of a UNet layer's query positions."""
+    return F.interpolate(mask[None, None], size=tuple(grid), mode="nearest")[0, 0].reshape(-1)

@@ -1,0 +1,109 @@
+"""A materialising reference for controllers (no attnctl code): every attention call
+computes S = scale·QKᵀ (+ a bias), P = softmax(S), P·f (f a post-softmax factor) and
+(P·f)·V explicitly, with the bias and f given by test-written functions of the call."""
+from __future__ import annotations
+
+import torch
+
+
+class CallInfo:
+    def __init__(self, layer, is_cross, step, timestep, latent, q, k, scale):
+        self.layer, self.is_cross, self.step, self.timestep = layer, is_cross, step, timestep
+        self.latent, self.q, self.k, self.scale = latent, q, k, scale
+
+
+class ReferenceProcessor:
+    def __init__(self, layer, state):
+        self.layer = layer
+        self.state = state
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        assert hidden_states.ndim == 3 and attention_mask is None and attn.group_norm is None
+        is_cross = encoder_hidden_states is not None
+        context = encoder_hidden_states if is_cross else hidden_states
+        B, M, _ = hidden_states.shape
+        H = attn.heads
+
+        def split(x):
+            return x.view(B, x.shape[1], H, -1).transpose(1, 2)
+
+        q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(context)), split(attn.to_v(context))
+        info = CallInfo(self.layer, is_cross, self.state.step, self.state.timestep, self.state.latent, q, k,
+                        attn.scale)
+        scores = attn.scale * q @ k.transpose(-1, -2)
+        bias = self.state.bias(info)
+        if bias is not None:
+            scores = scores + bias
+        probs = scores.softmax(-1)
+        self.state.observe(info, probs)
+        mult = self.state.mult(info)
+        if mult is not None:
+            probs = probs * mult
+        out = (probs @ v).transpose(1, 2).reshape(B, M, -1)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out / attn.rescale_output_factor
+
+
+class ReferenceState:
+    """Override bias / mult / observe. ``step`` counts UNet calls of the generation."""
+
+    def __init__(self):
+        self.step = -1
+        self.timestep = None
+        self.latent = None
+
+    def bias(self, info):
+        return None
+
+    def mult(self, info):
+        return None
+
+    def observe(self, info, probs):
+        pass
+
+
+def run_reference(pipe, state, prompt, **kwargs):
+    """Latents of a generation with ReferenceProcessor on every layer."""
+    unet = pipe.unet
+    original = unet.attn_processors
+
+    def hook(module, args, kw):
+        sample = args[0] if args else kw["sample"]
+        state.step += 1
+        state.timestep = args[1] if len(args) > 1 else kw.get("timestep")
+        state.latent = tuple(sample.shape[-2:])
+
+    handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
+    unet.set_attn_processor({name: ReferenceProcessor(name.rsplit(".", 1)[0], state) for name in original})
+    try:
+        return generate_latents(pipe, prompt, **kwargs)
+    finally:
+        handle.remove()
+        unet.set_attn_processor(dict(original))
+
+
+def generate_latents(pipe, prompt, *, steps=2, height=16, width=24, seed=0, **kwargs):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        return pipe(prompt, num_inference_steps=steps, height=height, width=width, generator=generator,
+                    output_type="latent", **kwargs).images
+
+
+def word_columns(tokenizer, prompt, word):
+    """Key columns of the first occurrence of ``word`` (a whole word of ``prompt``),
+    counted with the tokenizer from the prompt's words before it."""
+    words = prompt.split()
+    i = words.index(word)
+    before = len(tokenizer(" ".join(words[:i])).input_ids) - 2 if i else 0
+    length = len(tokenizer(word).input_ids) - 2
+    return list(range(1 + before, 1 + before + length))
+
+
+def prompt_columns(tokenizer, prompt):
+    """Every token column of the prompt's words (not start, end or padding)."""
+    return list(range(1, len(tokenizer(prompt).input_ids) - 1))
+
+
+def sigma_of(pipe, timestep):
+    a = float(pipe.scheduler.alphas_cumprod[int(timestep)])
+    return ((1 - a) / a) ** 0.5
