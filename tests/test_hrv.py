@@ -206,3 +206,23 @@ def test_concept_adjusting_equals_reference(built):
             return f
 
     _controlled(pipe, Adjust(), ConceptAdjusting(hrv, "dog", "cat", "dog", clamp=(0.5, 3.0)), prompt, "torch")
+
+
+def test_hrv_cli_writes_file_plot_and_summary(tmp_path):
+    import argparse
+    import json
+
+    from attnctl.tools import hrv_cli
+
+    parser = argparse.ArgumentParser()
+    hrv_cli.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["hrv", "--concepts", "cat", "dog=dog,puppy", "--prompts", "a cat", "--steps", "1",
+                              "--height", "16", "--width", "24", "--backend", "torch", "--out", str(tmp_path)])
+    assert args.func(args) == 0
+    loaded = HeadRelevance.load(str(tmp_path / "hrv.safetensors"))
+    assert loaded.concepts == ["cat", "dog"] and loaded.words["dog"] == ["dog", "puppy"]
+    assert (tmp_path / "hrv.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((tmp_path / "hrv.json").read_text())
+    assert summary["heads"] == loaded.num_heads == 10
+    with pytest.raises(SystemExit, match="--concepts: expected NAME or NAME=word1,word2"):
+        hrv_cli.parse_concepts(["dog="])
