@@ -119,3 +119,13 @@ def test_daam_baseline_keeps_the_maps_it_materialises():
     for name, m in maps.items():
         heads = dict(unet.named_modules())[name].heads
         assert torch.allclose(m.sum(-1), torch.full_like(m.sum(-1), heads), atol=1e-4)
+
+
+def test_e2e_models_name_shipped_configs():
+    from attnctl.benchmarks import e2e
+    for model, (config_name, latent, sdxl) in e2e.MODELS.items():
+        if config_name is None:
+            continue
+        cfg = load_unet_config(config_name)
+        assert latent == (cfg["sample_size"], cfg["sample_size"])
+        assert (cfg.get("addition_embed_type") == "text_time") == sdxl

@@ -11,11 +11,11 @@ import torch
 
 from .baselines import install_daam_style, install_p2p_self_store
 
-# name: (UNet config, latent (h, w), text width, SDXL added conditions)
+# name: (UNet config, latent (h, w), SDXL added conditions)
 MODELS = {
-    "sd15-512": ("sd15", (64, 64), 768, False),
-    "sdxl-1024": ("sdxl", (128, 128), 2048, True),
-    "tiny": (None, (16, 16), 32, False),  # CPU smoke: the offline tiny UNet
+    "sd15-512": ("sd15_unet", (64, 64), False),
+    "sdxl-1024": ("sdxl_unet", (128, 128), True),
+    "tiny": (None, (16, 16), False),  # CPU smoke: the offline tiny UNet
 }
 
 
@@ -60,7 +60,7 @@ def build_unet(model: str, dtype: torch.dtype, device: str):
 
 def unet_inputs(model: str, unet, images: int, dtype: torch.dtype, device: str) -> dict:
     """A CFG batch ([uncond; cond]) of random latents and text embeddings."""
-    _, (h, w), width, sdxl = MODELS[model]
+    _, (h, w), sdxl = MODELS[model]
     width = unet.config.cross_attention_dim
     B = 2 * images
     kw = dict(encoder_hidden_states=torch.randn(B, 77, width, dtype=dtype, device=device))
