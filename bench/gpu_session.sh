@@ -20,7 +20,5 @@ ATTNCTL_BUILD_CUDA=1 ATTNCTL_CUDA_ARCHS="90a" python3 setup.py -q build_ext --in
 python3 -m pytest -q -x --timeout 900 tests/gpu tests/test_cuda_host.py tests/test_op_dispatch.py \
     2>&1 | tail -40 | tee "$OUT/gpu-tests.log"
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
-python3 -c "import sys; sys.argv[0]='attnctl'; from attnctl.cli import main; sys.exit(main(['bench', '--quick', '--dtype', 'fp16', '--dtype', 'bf16', '--json', '$OUT/kernels-quick-$stamp.json']))" \
-    2>&1 | tail -60
-python3 -c "import sys; from attnctl.cli import main; sys.exit(main(['bench', '--skip-kernels', '--e2e', 'sd15-512', '--json', '$OUT/e2e-sd15-$stamp.json']))" \
-    2>&1 | tail -15
+python3 -m attnctl.cli bench --quick --dtype fp16 --dtype bf16 --json "$OUT/kernels-quick-$stamp.json" 2>&1 | tail -60
+python3 -m attnctl.cli bench --skip-kernels --e2e sd15-512 --json "$OUT/e2e-sd15-$stamp.json" 2>&1 | tail -15
