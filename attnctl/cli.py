@@ -7,7 +7,7 @@ import argparse
 import importlib
 from typing import Optional, Sequence
 
-SUBCOMMAND_MODULES = ("attnctl.cli_demo", "attnctl.benchmarks.cli")
+SUBCOMMAND_MODULES = ("attnctl.cli_demo", "attnctl.benchmarks.cli", "attnctl.tools.hrv_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
