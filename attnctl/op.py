@@ -67,6 +67,16 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _require_triton(source: str, q: torch.Tensor) -> None:
+    """Raise unless the Triton backend can run on q (importable; CUDA or the interpreter)."""
+    err = _triton_available()
+    if err:
+        raise RuntimeError(f"{source}: the Triton backend cannot be imported ({err})")
+    if not q.is_cuda and not _interpreting():
+        raise ValueError(f"{source}: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 "
+                         f"for the CPU interpreter); got q on {q.device}")
+
+
 def _check_backend_name(name, source: str) -> None:
     if name not in BACKENDS:
         raise ValueError(f"{source}: expected one of {', '.join(BACKENDS)}, got {name!r}")
@@ -98,12 +108,7 @@ def choose_backend(requested: str, q: torch.Tensor, has_work: bool, needs_grad: 
             raise ValueError(f"{source}: 'cuda' needs float16 or bfloat16 CUDA tensors; "
                              f"got q {q.dtype} on {q.device}")
     if requested == "triton":
-        err = _triton_available()
-        if err:
-            raise RuntimeError(f"{source}: the Triton backend cannot be imported ({err})")
-        if not q.is_cuda and not _interpreting():
-            raise ValueError(f"{source}: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 "
-                             f"for the CPU interpreter); got q on {q.device}")
+        _require_triton(source, q)
     if requested in ("triton", "cuda") and needs_grad:
         raise NotImplementedError(f"{source}: the {requested} kernel has no backward; inputs require grad. "
                                   "Use backend='torch', or run under torch.no_grad() for inference")
@@ -244,12 +249,7 @@ def _logit_max(q, k, backend: str) -> torch.Tensor:
     if backend == "auto":
         backend = "triton" if q.is_cuda and _triton_available() is None else "torch"
     elif backend == "triton":
-        err = _triton_available()
-        if err:
-            raise RuntimeError(f"{source}: the Triton backend cannot be imported ({err})")
-        if not q.is_cuda and not _interpreting():
-            raise ValueError(f"{source}: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 "
-                             f"for the CPU interpreter); got q on {q.device}")
+        _require_triton(source, q)
     if backend == "triton":
         from .backends.triton_backend import logit_max_triton
         return logit_max_triton(q, k)
