@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 from typing import Optional, Sequence
 
 SUBCOMMAND_MODULES = ("attnctl.cli_demo", "attnctl.benchmarks.cli", "attnctl.tools.hrv_cli")
@@ -20,6 +21,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        # Without a GPU the Triton backend (asked for explicitly) runs under Triton's CPU
+        # interpreter, which must be chosen before anything imports triton (diffusers does).
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -14,7 +14,10 @@ import sys
 
 import torch
 
-from attnctl.benchmarks import cli
+if not torch.cuda.is_available():  # the Triton interpreter must be chosen before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from attnctl.benchmarks import cli  # noqa: E402
 
 
 def default_json_path() -> str:

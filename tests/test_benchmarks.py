@@ -129,3 +129,20 @@ def test_e2e_models_name_shipped_configs():
         cfg = load_unet_config(config_name)
         assert latent == (cfg["sample_size"], cfg["sample_size"])
         assert (cfg.get("addition_embed_type") == "text_time") == sdxl
+
+
+def test_attnctl_bench_command_runs_the_triton_kernel_on_a_cpu(tmp_path):
+    """As a user runs it: a fresh process without TRITON_INTERPRET. The CLI must choose the
+    interpreter before diffusers imports triton, or the kernel cannot run."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "r.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "attnctl.cli", "bench", "--contender", "triton+capture",
+                           "--kind", "cross", "--json", str(out)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]

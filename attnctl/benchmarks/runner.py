@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import datetime
-import os
 import platform
 import subprocess
 import sys
@@ -71,8 +70,6 @@ def _record(shape: AttnShape, dtype_name: str, contender: Contender, inputs: Inp
 
 def run(shapes: Iterable[AttnShape], dtypes: Iterable[str], contenders: List[Contender],
         device: str, progress=None) -> dict:
-    if device == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")
     ceilings = measure_ceilings(device)
     rows = []
     for shape in shapes:
