@@ -6,8 +6,9 @@ from .regions import Regions
 from .diffusers import AttentionCall, Controller, Plan, install, uninstall
 from .tools.maps import TraceMaps
 from .tools.trace import trace
+from . import p2p
 
 __version__ = "0.1.0"
 
 __all__ = ["attention", "attention_reference", "Capture", "Dispatch", "last_dispatch", "BACKENDS",
-           "install", "uninstall", "logit_max", "Regions", "trace", "TraceMaps", "Controller", "Plan", "AttentionCall"]
+           "install", "uninstall", "logit_max", "Regions", "trace", "TraceMaps", "Controller", "Plan", "AttentionCall", "p2p"]

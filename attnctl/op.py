@@ -27,7 +27,7 @@ from .backends._layout import empty_output
 from .capture import BUFFER_FIELDS, Capture
 from .reference import attention_reference, logit_max_reference
 from .regions import Regions
-from .validation import check_capture, check_regions, validate, validate_logit_max
+from .validation import check_capture, check_regions, check_source, validate, validate_logit_max
 
 logger = logging.getLogger("attnctl")
 
@@ -138,19 +138,20 @@ def _note(dispatch: Dispatch) -> None:
         logger.warning("attnctl: falling back to the slow reference path: %s", dispatch.reason)
 
 
-def _run(q, k, v, scale, bias, prob_mult, capture, backend, regions=None) -> torch.Tensor:
+def _run(q, k, v, scale, bias, prob_mult, capture, backend, regions=None, source=None) -> torch.Tensor:
     probes = capture is not None and capture.probe_keys is not None
-    has_work = (bias is not None or prob_mult is not None or regions is not None
+    has_work = (bias is not None or prob_mult is not None or regions is not None or source is not None
                 or (capture is not None and not capture.empty))
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     unsupported = tuple(name for name, used in (("regions", regions is not None),
-                                                ("capture.probe_keys", probes)) if used)
+                                                ("capture.probe_keys", probes),
+                                                ("source (injection)", source is not None)) if used)
     dispatch = choose_backend(backend, q, has_work, needs_grad, cuda_unsupported=unsupported)
     _note(dispatch)
     if dispatch.backend == "triton":
         from .backends.triton_backend import attention_triton
         return attention_triton(q, k, v, scale=scale, bias=bias, prob_mult=prob_mult, capture=capture,
-                                regions=regions)
+                                regions=regions, source=source)
     if dispatch.backend == "cuda":
         from .backends.cuda_backend import attention_cuda
         return attention_cuda(q, k, v, scale=scale, bias=bias, prob_mult=prob_mult, capture=capture)
@@ -158,7 +159,7 @@ def _run(q, k, v, scale, bias, prob_mult, capture, backend, regions=None) -> tor
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     else:
         out = attention_reference(q, k, v, scale=scale, bias=bias, prob_mult=prob_mult, capture=capture,
-                                  regions=regions)
+                                  regions=regions, source=source)
     return _in_q_order(out, q)
 
 
@@ -182,6 +183,7 @@ def attention(
     capture: Optional[Capture] = None,
     backend: str = "auto",
     regions: Optional[Regions] = None,
+    source: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Attention with controls and captures in one pass.
 
@@ -197,6 +199,10 @@ def attention(
             auxiliary-key probe mass Σ_m softmax over the probe keys.
         regions: an attnctl.Regions: numerator factor 1 - s·[r_q != r_k] (both labelled)
             computed from per-query and per-key labels; multiplies with prob_mult.
+        source: injection, a (B,) int32/int64 tensor of batch indices: item b's logits (and
+            so its P) are computed from q, k and bias of item source[b] and applied to b's
+            values (with b's prob_mult and regions); b's captures record that P. Identity
+            entries (source[b] = b) are plain attention. Not supported by backend='cuda'.
         backend: "auto", "torch" (reference), "triton", "cuda" (CUDA C++, fp16/bf16) or
             "sdpa" (plain attention only).
 
@@ -205,7 +211,7 @@ def attention(
     """
     compiling = torch.compiler.is_compiling()
     scale = validate(q, k, v, scale, bias, prob_mult, capture, check_token_values=not compiling,
-                     regions=regions)
+                     regions=regions, source=source)
     if compiling:
         cap = capture if capture is not None else Capture()
         buffers = [getattr(cap, name) for name in BUFFER_FIELDS + ("probe_mass",)]
@@ -217,8 +223,8 @@ def attention(
             cap.probe_keys, buffers[4],
             regions.labels_q if regions is not None else None,
             regions.labels_k if regions is not None else None,
-            float(regions.strength) if regions is not None else 0.0)
-    return _run(q, k, v, scale, bias, prob_mult, capture, backend, regions)
+            float(regions.strength) if regions is not None else 0.0, source)
+    return _run(q, k, v, scale, bias, prob_mult, capture, backend, regions, source)
 
 
 def logit_max(q: torch.Tensor, k: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
@@ -267,7 +273,7 @@ def _attention_op(
     tokens: Optional[torch.Tensor], head_weights: Optional[torch.Tensor], backend: str,
     probe_keys: Optional[torch.Tensor] = None, probe_mass: Optional[torch.Tensor] = None,
     labels_q: Optional[torch.Tensor] = None, labels_k: Optional[torch.Tensor] = None,
-    region_strength: float = 0.0,
+    region_strength: float = 0.0, source: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The op as torch.compile sees it; an empty buffer means "not captured"."""
     present = {name: (buf if buf.numel() else None)
@@ -282,13 +288,14 @@ def _attention_op(
     if labels_q is not None or labels_k is not None:
         regions = Regions(labels_q, labels_k, region_strength)
         check_regions(regions, B, M, k.shape[2], q.device)
-    return _run(q, k, v, scale, bias, prob_mult, capture, backend, regions)
+    check_source(source, B, q.device)
+    return _run(q, k, v, scale, bias, prob_mult, capture, backend, regions, source)
 
 
 @_attention_op.register_fake
 def _attention_fake(q, k, v, scale, bias, prob_mult, token_mass, maps, head_maps, lse,
                     tokens, head_weights, backend, probe_keys=None, probe_mass=None,
-                    labels_q=None, labels_k=None, region_strength=0.0):
+                    labels_q=None, labels_k=None, region_strength=0.0, source=None):
     return empty_output(q, v.shape[-1])
 
 

@@ -6,6 +6,8 @@ It materialises S and P, so it is the oracle, not a fast path::
     P          = softmax_n(S)                  (a row of all -inf gives P = 0)
     O[b,h,m]   = Σ_n P[b,h,m,n] · f[b,h,m,n] · v[b,h,n]      (f = prob_mult)
 
+With ``source`` (injection) S[b] is computed from q, k and bias of item source[b].
+
 With ``regions`` (attnctl.Regions) the numerator factor is f · f_regions, f_regions[q, k] =
 1 - s·[r(q) >= 0, r(k) >= 0, r(q) != r(k)].
 
@@ -44,13 +46,22 @@ def attention_reference(
     capture: Optional[Capture] = None,
     compute_dtype: torch.dtype = torch.float32,
     regions: Optional[Regions] = None,
+    source: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Attention by the contract's definition, computed in ``compute_dtype``.
+
+    ``source`` (B,) ints (injection): item b's S and P are those of item source[b] (its q,
+    k and bias); values, prob_mult, regions and captures are b's.
 
     ``compute_dtype=torch.float32`` is the oracle. Passing the inputs' own low precision
     measures the error that precision alone causes, the yardstick for fp16/bf16 kernels.
     """
     qc, kc, vc = (t.to(compute_dtype) for t in (q, k, v))
+    if source is not None:
+        idx = source.long().to(q.device)
+        qc, kc = qc[idx], kc[idx]
+        if bias is not None and bias.dim() == 4 and bias.shape[0] != 1:
+            bias = bias[idx]
     scores = torch.matmul(qc, kc.transpose(-1, -2)) * scale
     if bias is not None:
         scores = scores + bias.to(compute_dtype)

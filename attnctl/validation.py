@@ -186,8 +186,33 @@ def _check_tokens(tokens, B: int, N: int, device: torch.device, memo: Optional[C
     memo._checked_tokens = memo._checked_tokens[-7:] + [(tokens, tokens._version, N)]
 
 
+def check_source(source, B: int, device: torch.device, check_values: bool = True) -> None:
+    """``source``: (B,) int32/int64 batch indices in [0, B) (injection)."""
+    if source is None:
+        return
+    if not isinstance(source, torch.Tensor):
+        raise TypeError(f"source: expected an integer torch.Tensor of shape ({B},) or None, "
+                        f"got {type(source).__name__}")
+    if source.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"source: expected dtype int32 or int64, got {source.dtype}")
+    if source.device != device:
+        raise ValueError(f"source: expected device {device} (that of q), got {source.device}")
+    if source.dim() != 1 or source.shape[0] != B:
+        raise ValueError(f"source: expected shape ({B},) (one source item per batch item), got {_shape(source)}")
+    # The range check syncs the device: done once per (tensor, version), as controllers
+    # reuse one source tensor across calls.
+    if check_values and not any(t is source and ver == source._version and b == B for t, ver, b in _checked_sources):
+        lo, hi = int(source.min()), int(source.max())
+        if lo < 0 or hi >= B:
+            raise ValueError(f"source: expected batch indices in [0, {B}), got range [{lo}, {hi}]")
+        _checked_sources[:] = _checked_sources[-15:] + [(source, source._version, B)]
+
+
+_checked_sources: list = []
+
+
 def validate(q, k, v, scale, bias, prob_mult, capture, check_token_values: bool = True,
-             regions=None) -> float:
+             regions=None, source=None) -> float:
     """Check every argument; return the resolved softmax scale."""
     check_qkv(q, k, v)
     B, H, M, D = q.shape
@@ -197,6 +222,7 @@ def validate(q, k, v, scale, bias, prob_mult, capture, check_token_values: bool 
     check_broadcastable("prob_mult", prob_mult, (B, H, M, N), q.device)
     check_capture(capture, B, H, M, N, q.device, check_token_values, dtype=q.dtype, head_dim=D)
     check_regions(regions, B, M, N, q.device)
+    check_source(source, B, q.device, check_token_values)
     return scale
 
 

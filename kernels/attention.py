@@ -20,6 +20,10 @@ Statistics of P (before f) are added into fp32 caller buffers:
   block: single pass; more: a first pass for the row max and sum (online), a second for
   the normalised values.
 
+Injection (``HAS_SOURCE``): program (b, h) loads q, k and bias of batch item Source[b]
+and v, prob_mult, region labels and capture/output addresses of b, so b's output is
+P_src · f · V_b and b's captures record that P (prompt-to-prompt).
+
 Region labels (``HAS_REGIONS``) multiply the numerator by 1 - s·[r_q >= 0, r_k >= 0,
 r_q != r_k], computed per tile from the two label vectors (no (M, N) mask in memory).
 
@@ -57,7 +61,7 @@ def _logits_log2(q, k_base, bias_base, offs_m, mask_m, cols, col_mask,
 @triton.jit
 def attention_fwd_kernel(
     Q, K, V, Out, Bias, ProbMult, TokenMass, Maps, HeadMaps, Lse, Tokens, HeadWeights,
-    LabelsQ, LabelsK, ProbeKeys, ProbeMass,
+    LabelsQ, LabelsK, ProbeKeys, ProbeMass, Source,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -84,24 +88,30 @@ def attention_fwd_kernel(
     DOT_PRECISION: tl.constexpr,
     HAS_REGIONS: tl.constexpr = False, CAPTURE_PROBES: tl.constexpr = False,
     BLOCK_C: tl.constexpr = 16, SINGLE_PROBE_BLOCK: tl.constexpr = True,
+    HAS_SOURCE: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     # int64 so that batch/head offsets of large (B, H, M, N) bias tensors cannot overflow.
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
+    # Injection: the logits (q, k, bias) come from batch item src = Source[b]; values,
+    # prob_mult, regions, captures and the output stay those of b.
+    src = b
+    if HAS_SOURCE:
+        src = tl.load(Source + b).to(tl.int64)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + b * stride_qb + h * stride_qh
+    q = tl.load(Q + src * stride_qb + h * stride_qh
                 + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=mask_m[:, None] & (offs_d[None, :] < D), other=0.0)
 
-    k_base = K + b * stride_kb + h * stride_kh
+    k_base = K + src * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    bias_base = Bias + b * stride_bias_b + h * stride_bias_h
+    bias_base = Bias + src * stride_bias_b + h * stride_bias_h
     pm_base = ProbMult + b * stride_pm_b + h * stride_pm_h
     tm_base = TokenMass + b * stride_tm_b + h * stride_tm_h
 

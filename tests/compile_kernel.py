@@ -23,7 +23,7 @@ from attnctl.kernels.attention import attention_fwd_kernel, logit_max_kernel
 from attnctl.regions import Regions
 
 TRITON_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32",
-                torch.int32: "*i32"}
+                torch.int32: "*i32", torch.int64: "*i64"}
 
 
 CASES = {  # name: (dtype, head dim, keys)
@@ -39,6 +39,8 @@ CASES = {  # name: (dtype, head dim, keys)
     "ext-fp16-d64-n77": (torch.float16, 64, 77),
     "ext-bf16-d160-n300": (torch.bfloat16, 160, 300),
     "logitmax-fp16-d64-n4096": (torch.float16, 64, 4096),
+    # injection (prompt-to-prompt): q/k/bias of item source[b], with token-mass capture
+    "inject-fp16-d40-n300": (torch.float16, 40, 300),
 }
 PROBE_KEYS = {"ext-fp16-d64-n77": 40, "ext-bf16-d160-n300": 100}
 
@@ -48,6 +50,10 @@ def case(name: str):
     dtype, D, N = CASES[name]
     B, H, M = 2, 8, 256
     q, k, v = (torch.zeros(B, H, n, D, dtype=dtype) for n in (M, N, N))
+    if name.startswith("inject"):
+        capture = Capture.zeros(q, k, token_mass=True)
+        return q, k, v, dict(bias=torch.zeros(B, 1, M, N, dtype=dtype), prob_mult=torch.zeros(1, 1, 1, N),
+                             capture=capture, source=torch.zeros(B, dtype=torch.int64))
     if not name.startswith(("all", "ext")):
         return q, k, v, dict(bias=None, prob_mult=None, capture=None)
     probe_keys = torch.zeros(1, H, PROBE_KEYS[name], D, dtype=dtype) if name in PROBE_KEYS else None

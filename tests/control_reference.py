@@ -1,6 +1,6 @@
 """A materialising reference for controllers (no attnctl code): every attention call
 computes S = scale·QKᵀ (+ a bias), P = softmax(S), P·f (f a post-softmax factor) and
-(P·f)·V explicitly, with the bias and f given by test-written functions of the call."""
+(P·f)·V explicitly (P optionally edited by ``edit``), with the bias and f given by test-written functions of the call."""
 from __future__ import annotations
 
 import torch
@@ -36,6 +36,7 @@ class ReferenceProcessor:
             scores = scores + bias
         probs = scores.softmax(-1)
         self.state.observe(info, probs)
+        probs = self.state.edit(info, probs)
         mult = self.state.mult(info)
         if mult is not None:
             probs = probs * mult
@@ -60,6 +61,10 @@ class ReferenceState:
 
     def observe(self, info, probs):
         pass
+
+    def edit(self, info, probs):
+        """The (B, H, M, N) probabilities actually applied (prompt-to-prompt edits)."""
+        return probs
 
 
 def run_reference(pipe, state, prompt, **kwargs):

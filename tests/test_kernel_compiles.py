@@ -16,7 +16,8 @@ SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # opt-in max per block, 
 @pytest.mark.parametrize("case,arch", [("all-fp16-d40-n300", 90), ("all-fp32-d40-n77", 80),
                                        ("all-fp16-d160-n77", 80), ("plain-bf16-d40-n77", 90),
                                        ("ext-fp16-d64-n77", 90), ("ext-bf16-d160-n300", 80),
-                                       ("logitmax-fp16-d64-n4096", 80)])
+                                       ("logitmax-fp16-d64-n4096", 80),
+                                       ("inject-fp16-d40-n300", 80)])
 def test_kernel_compiles_for_nvidia(case, arch):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, os.path.join(HERE, "compile_kernel.py"), case, str(arch)],

@@ -47,7 +47,7 @@ def launch_config(head_dim: int, value_dim: int, num_keys: int, num_tokens: int,
 
 def kernel_arguments(q, k, v, out, *, scale: float, bias: Optional[torch.Tensor],
                      prob_mult: Optional[torch.Tensor], capture: Optional[Capture],
-                     regions: Optional[Regions] = None):
+                     regions: Optional[Regions] = None, source: Optional[torch.Tensor] = None):
     """(grid, positional arguments, compile-time arguments) of one kernel launch."""
     B, H, M, D = q.shape
     N, DV = k.shape[2], v.shape[3]
@@ -70,7 +70,7 @@ def kernel_arguments(q, k, v, out, *, scale: float, bias: Optional[torch.Tensor]
     args = [
         q, k, v, out, ptr(bias), ptr(prob_mult), ptr(cap.token_mass), ptr(cap.maps),
         ptr(cap.head_maps), ptr(cap.lse), ptr(tokens), ptr(cap.head_weights),
-        ptr(labels_q), ptr(labels_k), ptr(probe_keys), ptr(probe_mass),
+        ptr(labels_q), ptr(labels_k), ptr(probe_keys), ptr(probe_mass), ptr(source),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *broadcast_strides(bias, 4), *broadcast_strides(prob_mult, 4),
         *broadcast_strides(cap.token_mass, 3), *broadcast_strides(cap.maps, 3),
@@ -91,6 +91,7 @@ def kernel_arguments(q, k, v, out, *, scale: float, bias: Optional[torch.Tensor]
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         HAS_REGIONS=regions is not None, CAPTURE_PROBES=probes,
         BLOCK_C=block_c, SINGLE_PROBE_BLOCK=C <= block_c,
+        HAS_SOURCE=source is not None,
         **cfg,
     )
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), B * H)
@@ -99,10 +100,11 @@ def kernel_arguments(q, k, v, out, *, scale: float, bias: Optional[torch.Tensor]
 
 def attention_triton(q, k, v, *, scale: float, bias: Optional[torch.Tensor],
                      prob_mult: Optional[torch.Tensor], capture: Optional[Capture],
-                     regions: Optional[Regions] = None) -> torch.Tensor:
+                     regions: Optional[Regions] = None, source: Optional[torch.Tensor] = None) -> torch.Tensor:
     out = empty_output(q, v.shape[3])
     grid, args, meta = kernel_arguments(q, k, v, out, scale=scale, bias=bias,
-                                        prob_mult=prob_mult, capture=capture, regions=regions)
+                                        prob_mult=prob_mult, capture=capture, regions=regions,
+                                        source=source)
     attention_fwd_kernel[grid](*args, **meta)
     return out
 

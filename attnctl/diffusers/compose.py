@@ -2,7 +2,11 @@
 
 Rules: biases add, prob_mults multiply, captures merge, regions do not compose (two
 controllers giving regions on one call is an error: their label sets have no common
-meaning; one controller's regions multiply with the prob_mults). One capture passes through
+meaning; one controller's regions multiply with the prob_mults). Injection (``source``, with
+its ``value_map`` and ``own_prob_mult``) does not compose either: at most one controller's
+plan per call may set a source (two would each redefine the call's P); ``value_map`` and
+``own_prob_mult`` need a ``source`` in the same plan; other plans' prob_mults multiply both
+terms of the two-source form. One capture passes through
 untouched (the common case: zero overhead). Several captures are served by one kernel pass
 into a scratch :class:`Capture` and then added into each owner's buffers:
 
@@ -24,7 +28,7 @@ import torch
 from ..capture import Capture
 from .controller import Plan
 
-_KNOWN_FIELDS = {"bias", "prob_mult", "capture", "regions"}
+_KNOWN_FIELDS = {"bias", "prob_mult", "capture", "regions", "source", "value_map", "own_prob_mult"}
 
 
 def compose(plans: Sequence[Optional[Plan]], shape: Tuple[int, int, int, int],
@@ -40,8 +44,18 @@ def compose(plans: Sequence[Optional[Plan]], shape: Tuple[int, int, int, int],
         if set_unknown:
             raise NotImplementedError(f"compose: plan field(s) {set_unknown} of {type(plan).__name__} "
                                       "have no composition rule yet")
+    for plan in plans:
+        if plan.source is None and (plan.value_map is not None or plan.own_prob_mult is not None):
+            raise ValueError(f"compose: value_map/own_prob_mult: expected a source in the same plan "
+                             f"({type(plan).__name__} sets them without one)")
     if len(plans) == 1:
         return plans[0], None
+    with_source = [p for p in plans if p.source is not None]
+    if len(with_source) > 1:
+        raise ValueError(f"compose: source: expected at most one controller's plan with an injection source per "
+                         f"call, got {len(with_source)}; two prompt-to-prompt edits cannot both replace the "
+                         "attention (chain them instead, e.g. Reweight(..., after=Replace(...)))")
+    injection = with_source[0] if with_source else None
     with_regions = [p for p in plans if p.regions is not None]
     if len(with_regions) > 1:
         raise ValueError(f"compose: regions: expected at most one controller's plan with regions per call, "
@@ -49,11 +63,17 @@ def compose(plans: Sequence[Optional[Plan]], shape: Tuple[int, int, int, int],
     regions = with_regions[0].regions if with_regions else None
     bias = _combine([p.bias for p in plans], torch.add)
     prob_mult = _combine([p.prob_mult for p in plans], torch.mul)
+    source = value_map = own = None
+    if injection is not None:
+        source, value_map = injection.source, injection.value_map
+        own = injection.own_prob_mult
+        if own is not None:
+            own = _combine([own] + [p.prob_mult for p in plans if p is not injection], torch.mul)
     captures = [p.capture for p in plans if p.capture is not None and not p.capture.empty]
     if len(captures) <= 1:
-        return Plan(bias, prob_mult, captures[0] if captures else None, regions), None
+        return Plan(bias, prob_mult, captures[0] if captures else None, regions, source, value_map, own), None
     merged = MergedCapture(captures, shape, device)
-    return Plan(bias, prob_mult, merged.scratch, regions), merged.route
+    return Plan(bias, prob_mult, merged.scratch, regions, source, value_map, own), merged.route
 
 
 def _combine(tensors: List[Optional[torch.Tensor]], op) -> Optional[torch.Tensor]:

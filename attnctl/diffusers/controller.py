@@ -13,6 +13,15 @@ op call (see :mod:`attnctl.diffusers.compose`):
 * ``regions``   an :class:`attnctl.Regions` (per-query / per-key labels and a strength):
   a post-softmax factor the kernel computes from the labels; it multiplies with the
   prob_mults. Only one controller per call may give regions.
+* ``source``    injection (prompt-to-prompt): a (B,) int tensor, row b's attention
+  probabilities computed from row source[b]'s q, k and bias (the op's ``source``).
+  Only one controller per call may give it.
+* ``value_map`` with ``source``: a (B, N, N) matrix W per row; the injected term reads
+  values W[b] @ v[b] (per head), so P_src·(W·V) = (P_src·W)·V without any (M, N) tensor.
+* ``own_prob_mult`` with ``source``: the two-source form. The call's output becomes
+  (P_src·f)·(W·V) + (P_b·own_prob_mult)·V, each term with its own normaliser (run as a
+  second op call); broadcastable to (B, H, M, N), zero where a row has no own term.
+  Other controllers' prob_mults multiply both terms.
 
 Every tensor a controller returns must broadcast to (B, H, M, N) of the call and live on
 ``call.device``. Controllers should cache what they return per layer (and per step when it
@@ -181,6 +190,9 @@ class Plan:
     prob_mult: Optional[torch.Tensor] = None
     capture: Optional[Capture] = None
     regions: Optional[Regions] = None
+    source: Optional[torch.Tensor] = None
+    value_map: Optional[torch.Tensor] = None
+    own_prob_mult: Optional[torch.Tensor] = None
 
 
 class Controller:

@@ -70,6 +70,7 @@ class AttnctlProcessor:
 
         installation = self.installation
         bias, prob_mult, capture, regions, route = attention_mask, None, None, None, None
+        source = value_map = own_prob_mult = None
         if installation.controllers:
             call = installation.describe(self.layer, is_cross, spatial, query, key, attn.scale)
             plans = [c.plan(call) for c in installation.controllers]
@@ -78,9 +79,20 @@ class AttnctlProcessor:
                 if plan.bias is not None:
                     bias = plan.bias if bias is None else bias + plan.bias
                 prob_mult, capture, regions = plan.prob_mult, plan.capture, plan.regions
+                source, value_map, own_prob_mult = plan.source, plan.value_map, plan.own_prob_mult
 
-        hidden_states = attention(query, key, value, scale=attn.scale, bias=bias, prob_mult=prob_mult,
-                                  capture=capture, backend=installation.backend, regions=regions)
+        injected_value = value
+        if value_map is not None:
+            # P_src·(W·V) = (P_src·W)·V: the map acts on the N values, never on an (M, N) tensor.
+            injected_value = torch.einsum("bjn,bhnd->bhjd", value_map.to(value.dtype), value)
+        hidden_states = attention(query, key, injected_value, scale=attn.scale, bias=bias, prob_mult=prob_mult,
+                                  capture=capture, backend=installation.backend, regions=regions,
+                                  source=source)
+        if own_prob_mult is not None:
+            # Two-source form: the row's own attention, its own normaliser, as a second call.
+            hidden_states = hidden_states + attention(query, key, value, scale=attn.scale, bias=bias,
+                                                      prob_mult=own_prob_mult, backend=installation.backend,
+                                                      regions=regions)
         if route is not None:
             route()
 

@@ -1,0 +1,337 @@
+"""Prompt-to-prompt editing (Hertz et al. 2022) on the fused kernels, at every resolution.
+
+Generate the source prompt and the target prompt(s) in one batch; prompt 0 is the source
+by convention, prompts 1.. are targets (any number, with or without classifier-free
+guidance; image i of a target prompt edits image i of the source prompt). The edits act
+on the conditional rows of the targets only, as the original code does:
+
+* cross-attention, in the steps of the word's window (``cross_steps``): the target's
+  attention maps are replaced by the edited source maps R, mixed per word with α_t ∈ {0, 1}:
+  ``P_new = R·α_t + P_tgt·(1 - α_t)``;
+* self-attention, in the ``self_steps`` window: ``P_tgt ← P_src``, at every layer (the
+  original keeps it to layers of ≤ 16² queries for memory; here nothing is materialised).
+
+Every edit R is linear in the source map, so P_new·V = P_src·(W·V) + P_tgt·(g·V) with a
+77×77 matrix W and a per-token factor g per target and step: the op's injection
+(``source``) with values W·V, plus the target's own attention with ``prob_mult = g`` (the
+two-source form, each term with its own normaliser). No (M, N) map is materialised.
+
+* :class:`Replace` (word swap): R = P_src·M with the token mapper M of the swapped words.
+* :class:`Refine` (words added or removed): R[n] = P_src[mapper[n]]·a_n + P_tgt[n]·(1 - a_n),
+  mapper and a from a global alignment of the token ids (:mod:`attnctl.tools.alignment`).
+* :class:`Reweight` (equalizer): R·e with per-word factors e, after a Replace or Refine
+  (``after=``), or alone (then R = P_src·e, as the original does).
+
+Windows: a fraction f (= (0, f)), a pair (start, end) of fractions in [0, 1], and for
+``cross_steps`` also a dict {word: window} with a ``"default_"`` entry (per-word schedule).
+They follow the original's step arithmetic: cross-attention uses steps
+[int(start·(S+1)), int(end·(S+1))), self-attention [int(start·S), int(end·S)), S the number
+of denoising steps (taken from the scheduler's ``num_inference_steps``, or ``num_steps=``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+from ..diffusers.controller import AttentionCall, BatchLayout, Controller, DenoiseStep, Plan
+from .alignment import refinement_mapper
+
+Window = Union[float, Tuple[float, float]]
+
+__all__ = ["Edit", "Replace", "Refine", "Reweight", "edit", "word_columns", "replacement_mapper"]
+
+
+def _window(value, name: str) -> Tuple[float, float]:
+    given = value
+    if isinstance(value, bool):
+        raise ValueError(f"{name}: expected a fraction in [0, 1] or a pair (start, end) of them, got {value!r}")
+    if isinstance(value, (int, float)):
+        value = (0.0, float(value))
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value)):
+        raise ValueError(f"{name}: expected a fraction in [0, 1] or a pair (start, end) of them, got {value!r}")
+    start, end = float(value[0]), float(value[1])
+    if not (math.isfinite(start) and math.isfinite(end) and 0.0 <= start <= end <= 1.0):
+        raise ValueError(f"{name}: expected 0 <= start <= end <= 1, got {given!r}")
+    return start, end
+
+
+def word_columns(tokenizer, prompt: str, word_index: int, length: int = 77) -> List[int]:
+    """Key columns of the ``word_index``-th space-separated word of ``prompt``."""
+    words = prompt.split(" ")
+    before = len(tokenizer(" ".join(words[:word_index])).input_ids) - 2 if word_index else 0
+    count = len(tokenizer(words[word_index]).input_ids) - 2
+    return [c for c in range(1 + before, 1 + before + count) if c < length]
+
+
+def _word_positions(tokenizer, prompt: str, word: str, name: str, length: int = 77) -> List[int]:
+    """Columns of every occurrence of ``word`` (one or more space-separated words)."""
+    words = prompt.split(" ")
+    query = word.split(" ")
+    starts = [i for i in range(len(words) - len(query) + 1) if words[i:i + len(query)] == query]
+    if not starts:
+        raise ValueError(f"{name}: {word!r} is not a word of the prompt {prompt!r} (its words: {', '.join(words)})")
+    return [c for i in starts for j in range(len(query)) for c in word_columns(tokenizer, prompt, i + j, length)]
+
+
+def replacement_mapper(tokenizer, source: str, target: str, length: int = 77) -> torch.Tensor:
+    """The original's word-swap mapper M (length, length): R = P_src·M. Prompts must have
+    the same number of space-separated words; a swapped word of several tokens spreads its
+    attention evenly over the target word's tokens."""
+    words_x, words_y = source.split(" "), target.split(" ")
+    if len(words_x) != len(words_y):
+        raise ValueError(f"Replace: expected the source and target prompts to have the same number of words "
+                         f"(a word swap), got {len(words_x)} words in {source!r} and {len(words_y)} in {target!r}; "
+                         "use Refine for prompts that add or remove words")
+    swapped = [i for i in range(len(words_y)) if words_y[i] != words_x[i]]
+    inds_source = [word_columns(tokenizer, source, i, length) for i in swapped]
+    inds_target = [word_columns(tokenizer, target, i, length) for i in swapped]
+    mapper = torch.zeros(length, length)
+    i = j = cur = 0
+    while i < length and j < length:
+        if cur < len(inds_source) and inds_source[cur] and inds_source[cur][0] == i:
+            src, tgt = inds_source[cur], inds_target[cur]
+            if len(src) == len(tgt):
+                mapper[src, tgt] = 1.0
+            else:
+                for t in tgt:
+                    mapper[src, t] = 1.0 / len(tgt)
+            cur += 1
+            i += len(src)
+            j += len(tgt)
+        elif cur < len(inds_source):
+            mapper[i, j] = 1.0
+            i += 1
+            j += 1
+        else:
+            mapper[j, j] = 1.0
+            i += 1
+            j += 1
+    return mapper
+
+
+class Edit(Controller):
+    """Base of the prompt-to-prompt controllers (see the module docstring)."""
+
+    def __init__(self, *, cross_steps: Union[Window, Mapping[str, Window]] = 0.8, self_steps: Window = 0.4,
+                 num_steps: Optional[int] = None):
+        if isinstance(cross_steps, Mapping):
+            self.cross_windows = {str(w): _window(v, f"cross_steps[{w!r}]") for w, v in cross_steps.items()}
+        else:
+            self.cross_windows = {"default_": _window(cross_steps, "cross_steps")}
+        self.cross_windows.setdefault("default_", (0.0, 1.0))
+        self.self_window = _window(self_steps, "self_steps")
+        if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):
+            raise ValueError(f"num_steps: expected a positive int or None, got {num_steps!r}")
+        self.num_steps = num_steps
+        self._prompts: Optional[Tuple[str, ...]] = None
+        self._tokenizer = None
+        self._terms: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache: Dict[Tuple, Optional[Plan]] = {}
+        self._steps: Optional[int] = None
+
+    # ---- what each edit contributes: R·c = P_src·(W0·diag(c)·V) + P_tgt·(g0·c·V) ----
+    def terms(self, target: int, length: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(W0 (length, length), g0 (length,)) of target prompt ``target`` (1-based)."""
+        raise NotImplementedError
+
+    def _terms_of(self, target: int, length: int):
+        key = (target, length)
+        if key not in self._terms:
+            self._terms[key] = self.terms(target, length)
+        return self._terms[key]
+
+    # ---- generation state ------------------------------------------------------------------
+    def on_generation_start(self, generation) -> None:
+        if generation.prompts is None or generation.tokenizer is None:
+            raise ValueError(f"{type(self).__name__}: needs the prompt texts (source first, then targets); "
+                             "the pipeline got prompt_embeds without a prompt")
+        if len(generation.prompts) < 2:
+            raise ValueError(f"{type(self).__name__}: expected at least 2 prompts (prompt 0 the source, then "
+                             f"the targets), got {len(generation.prompts)}")
+        self._start(tuple(generation.prompts), generation.tokenizer)
+
+    def _start(self, prompts, tokenizer) -> None:
+        self._prompts, self._tokenizer = prompts, tokenizer
+        self._terms, self._cache, self._steps = {}, {}, None
+        # Resolve the words of per-word windows now, so that a bad word fails early.
+        self._word_windows = []
+        for word, window in self.cross_windows.items():
+            if word == "default_":
+                continue
+            cols = {t: _positions_or_empty(tokenizer, prompts[t], word) for t in range(1, len(prompts))}
+            if not any(cols.values()):
+                raise ValueError(f"cross_steps: {word!r} is not a word of any target prompt "
+                                 f"({', '.join(repr(p) for p in prompts[1:])})")
+            self._word_windows.append((cols, window))
+        for t in range(1, len(prompts)):
+            self._terms_of(t, 77)
+
+    def on_step(self, step: DenoiseStep, layout: BatchLayout) -> None:
+        if self._steps is None:
+            steps = self.num_steps
+            if steps is None:
+                steps = getattr(step._scheduler, "num_inference_steps", None)
+            if not steps:
+                raise RuntimeError(f"{type(self).__name__}: the number of denoising steps is unknown "
+                                   "(pass num_steps=)")
+            self._steps = int(steps)
+
+    # ---- per-call plans ----------------------------------------------------------------------
+    def plan(self, call: AttentionCall) -> Optional[Plan]:
+        if self._prompts is None:
+            raise RuntimeError(f"{type(self).__name__}: no generation has started (install it on a pipeline)")
+        key = (call.is_cross, call.step.index, call.batch, call.keys, call.device, call.layout)
+        if key not in self._cache:
+            if len(self._cache) > 64:
+                self._cache.clear()
+            self._cache[key] = self._build(call)
+        return self._cache[key]
+
+    def _rows(self, layout: BatchLayout):
+        """(row, source row, target prompt index) of every conditional target row."""
+        out = []
+        ipp = layout.images_per_prompt
+        for image in range(layout.images):
+            prompt = layout.prompt_of_image(image)
+            if prompt == 0 or prompt >= len(self._prompts):
+                continue
+            out.append((layout.row(image, "cond"), layout.row(image % ipp, "cond"), prompt))
+        return out
+
+    def _build(self, call: AttentionCall) -> Optional[Plan]:
+        steps = self._steps if self._steps is not None else (self.num_steps or 1)
+        t = call.step.index
+        rows = self._rows(call.layout)
+        if not rows:
+            return None
+        source = torch.arange(call.batch, dtype=torch.int64)
+        if not call.is_cross:
+            start, end = self.self_window
+            if not int(start * steps) <= t < int(end * steps):
+                return None
+            for row, src, _ in rows:
+                source[row] = src
+            return Plan(source=source.to(call.device))
+        N = call.keys
+        W = torch.eye(N).repeat(call.batch, 1, 1)
+        own = torch.zeros(call.batch, 1, 1, N)
+        active = False
+        for row, src, prompt in rows:
+            alpha = self._alpha(prompt, t, steps, N)
+            if not alpha.any():
+                own[row, 0, 0] = 1.0
+                continue
+            active = True
+            W0, g0 = self._terms_of(prompt, N)
+            W[row] = W0 * alpha[None, :]
+            own[row, 0, 0] = g0 * alpha + (1.0 - alpha)
+            source[row] = src
+        if not active:
+            return None
+        own_rows = [row for row, _, _ in rows if own[row].any()]
+        return Plan(source=source.to(call.device), value_map=W.to(call.device),
+                    own_prob_mult=own.to(call.device) if own_rows else None)
+
+    def _alpha(self, prompt: int, t: int, steps: int, N: int) -> torch.Tensor:
+        """α_t per token column of target ``prompt`` (the original's alpha_time_words)."""
+        def inside(window):
+            start, end = window
+            return int(start * (steps + 1)) <= t < int(end * (steps + 1))
+        alpha = torch.full((N,), float(inside(self.cross_windows["default_"])))
+        for cols, window in self._word_windows:
+            c = [x for x in cols[prompt] if x < N]
+            if c:
+                alpha[c] = float(inside(window))
+        return alpha
+
+
+def _positions_or_empty(tokenizer, prompt, word):
+    try:
+        return _word_positions(tokenizer, prompt, word, "word")
+    except ValueError:
+        return []
+
+
+class Replace(Edit):
+    """Word swap: target prompts with the same number of words as the source."""
+
+    def _start(self, prompts, tokenizer) -> None:
+        for target in prompts[1:]:
+            replacement_mapper(tokenizer, prompts[0], target)   # raises on unequal word counts
+        super()._start(prompts, tokenizer)
+
+    def terms(self, target, length):
+        return replacement_mapper(self._tokenizer, self._prompts[0], self._prompts[target], length), torch.zeros(length)
+
+
+class Refine(Edit):
+    """Words added to or removed from the source prompt: the target's tokens aligned to the
+    source's by global sequence alignment of the token ids."""
+
+    def terms(self, target, length):
+        tok = self._tokenizer
+        ids_x = tok(self._prompts[0], truncation=True, max_length=length).input_ids
+        ids_y = tok(self._prompts[target], truncation=True, max_length=length).input_ids
+        mapper, alphas = refinement_mapper(ids_x, ids_y, length)
+        W = torch.zeros(length, length)
+        cols = torch.arange(length)
+        aligned = mapper >= 0
+        W[mapper[aligned], cols[aligned]] = alphas[aligned]
+        return W, 1.0 - alphas
+
+
+class Reweight(Edit):
+    """Equalizer: the attention of chosen words of the target prompts multiplied by a
+    factor ({word: factor}), after the edit ``after`` (a Replace or Refine, whose windows
+    are not used: this controller's are) or, alone, on the source's maps."""
+
+    def __init__(self, weights: Mapping[str, float], *, after: Optional[Edit] = None, **windows):
+        super().__init__(**windows)
+        if not isinstance(weights, Mapping) or not weights:
+            raise ValueError(f"weights: expected a non-empty dict {{word: factor}}, got {weights!r}")
+        for word, factor in weights.items():
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor):
+                raise ValueError(f"weights[{word!r}]: expected a finite number, got {factor!r}")
+        if after is not None and not isinstance(after, Edit):
+            raise TypeError(f"after: expected a Replace, Refine or Reweight controller, got {type(after).__name__}")
+        self.weights = {str(w): float(f) for w, f in weights.items()}
+        self.after = after
+
+    def _start(self, prompts, tokenizer) -> None:
+        if self.after is not None:
+            self.after._start(prompts, tokenizer)
+        self._equalizers = {}
+        for t in range(1, len(prompts)):
+            e = torch.ones(77)
+            for word, factor in self.weights.items():
+                e[_word_positions(tokenizer, prompts[t], word, f"weights[{word!r}]")] = factor
+            self._equalizers[t] = e
+        super()._start(prompts, tokenizer)
+
+    def terms(self, target, length):
+        e = self._equalizers[target][:length]
+        if self.after is None:
+            return torch.diag(e), torch.zeros(length)
+        W0, g0 = self.after._terms_of(target, length)
+        return W0 * e[None, :], g0 * e
+
+
+def edit(pipe, source: str, targets: Union[str, Sequence[str]], controller: Edit, *, backend: Optional[str] = None,
+         **pipe_kwargs):
+    """Generate ``source`` and the edited ``targets`` in one batch with ``controller``
+    installed; returns the pipeline's output (image 0 the source, then the targets)."""
+    from ..diffusers.install import install
+
+    if not isinstance(controller, Edit):
+        raise TypeError(f"controller: expected attnctl.p2p.Replace, Refine or Reweight, got {type(controller).__name__}")
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    if not targets:
+        raise ValueError("targets: expected at least one target prompt, got none")
+    installation = install(pipe, controller, backend=backend)
+    try:
+        return pipe([source] + targets, **pipe_kwargs)
+    finally:
+        installation.remove(controller)

@@ -1,0 +1,309 @@
+"""Prompt-to-prompt controllers against a materialising reference written here from the
+original code (Hertz et al., prompt-to-prompt/ptp_utils.py, seq_aligner.py and the
+AttentionReplace / AttentionRefine / AttentionReweight controllers): explicit P of every
+call, post-softmax edits exactly as their code does them (einsum with the mapper, the
+alignment gather with alphas, the equalizer, the per-word α_t of
+get_time_words_attention_alpha, self-attention P_tgt ← P_src), here at every resolution.
+Reference and Triton-interpreter backends, fp32, on the tiny SD pipeline with CFG."""
+import numpy as np
+import pytest
+import torch
+
+import attnctl
+from attnctl.p2p import Refine, Replace, Reweight, global_align, refinement_mapper
+from control_reference import ReferenceState, generate_latents, run_reference
+from diffusion_helpers import sd_pipe
+
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
+SIZE = dict(height=16, width=24)
+STEPS = 3
+N = 77
+
+
+# ---- the original's helpers, transcribed (numpy / torch, no attnctl code) ----------------------
+
+def get_word_inds(text, word_place, tokenizer):
+    split_text = text.split(" ")
+    if isinstance(word_place, str):
+        word_place = [i for i, word in enumerate(split_text) if word_place == word]
+    elif isinstance(word_place, int):
+        word_place = [word_place]
+    out = []
+    if len(word_place) > 0:
+        words_encode = [tokenizer.decode([item]).strip("#") for item in tokenizer.encode(text)][1:-1]
+        cur_len, ptr = 0, 0
+        for i in range(len(words_encode)):
+            cur_len += len(words_encode[i])
+            if ptr in word_place:
+                out.append(i + 1)
+            if cur_len >= len(split_text[ptr]):
+                ptr += 1
+                cur_len = 0
+    return np.array(out)
+
+
+def get_replacement_mapper_(x, y, tokenizer, max_len=77):
+    words_x, words_y = x.split(" "), y.split(" ")
+    assert len(words_x) == len(words_y)
+    inds_replace = [i for i in range(len(words_y)) if words_y[i] != words_x[i]]
+    inds_source = [get_word_inds(x, i, tokenizer) for i in inds_replace]
+    inds_target = [get_word_inds(y, i, tokenizer) for i in inds_replace]
+    mapper = np.zeros((max_len, max_len))
+    i = j = 0
+    cur_inds = 0
+    while i < max_len and j < max_len:
+        if cur_inds < len(inds_source) and inds_source[cur_inds][0] == i:
+            inds_source_, inds_target_ = inds_source[cur_inds], inds_target[cur_inds]
+            if len(inds_source_) == len(inds_target_):
+                mapper[inds_source_, inds_target_] = 1
+            else:
+                ratio = 1 / len(inds_target_)
+                for i_t in inds_target_:
+                    mapper[inds_source_, i_t] = ratio
+            cur_inds += 1
+            i += len(inds_source_)
+            j += len(inds_target_)
+        elif cur_inds < len(inds_source):
+            mapper[i, j] = 1
+            i += 1
+            j += 1
+        else:
+            mapper[j, j] = 1
+            i += 1
+            j += 1
+    return torch.from_numpy(mapper).float()
+
+
+def np_global_align(x, y, gap=0, match=1, mismatch=-1):
+    matrix = np.zeros((len(x) + 1, len(y) + 1), dtype=np.int32)
+    matrix[0, 1:] = (np.arange(len(y)) + 1) * gap
+    matrix[1:, 0] = (np.arange(len(x)) + 1) * gap
+    trace_back = np.zeros((len(x) + 1, len(y) + 1), dtype=np.int32)
+    trace_back[0, 1:] = 1
+    trace_back[1:, 0] = 2
+    trace_back[0, 0] = 4
+    for i in range(1, len(x) + 1):
+        for j in range(1, len(y) + 1):
+            left = matrix[i, j - 1] + gap
+            up = matrix[i - 1, j] + gap
+            diag = matrix[i - 1, j - 1] + (match if x[i - 1] == y[j - 1] else mismatch)
+            matrix[i, j] = max(left, up, diag)
+            if matrix[i, j] == left:
+                trace_back[i, j] = 1
+            elif matrix[i, j] == up:
+                trace_back[i, j] = 2
+            else:
+                trace_back[i, j] = 3
+    i, j = len(x), len(y)
+    mapper_y_to_x = []
+    while i > 0 or j > 0:
+        if trace_back[i, j] == 3:
+            i, j = i - 1, j - 1
+            mapper_y_to_x.append((j, i))
+        elif trace_back[i][j] == 1:
+            j = j - 1
+            mapper_y_to_x.append((j, -1))
+        elif trace_back[i][j] == 2:
+            i = i - 1
+        elif trace_back[i][j] == 4:
+            break
+    mapper_y_to_x.reverse()
+    return torch.tensor(mapper_y_to_x, dtype=torch.int64)
+
+
+def get_mapper(x, y, tokenizer, max_len=77):
+    x_seq, y_seq = tokenizer.encode(x), tokenizer.encode(y)
+    mapper_base = np_global_align(x_seq, y_seq)
+    alphas = torch.ones(max_len)
+    alphas[: mapper_base.shape[0]] = mapper_base[:, 1].ne(-1).float()
+    mapper = torch.zeros(max_len, dtype=torch.int64)
+    mapper[: mapper_base.shape[0]] = mapper_base[:, 1]
+    mapper[mapper_base.shape[0]:] = len(y_seq) + torch.arange(max_len - len(y_seq))
+    return mapper, alphas
+
+
+def get_time_words_attention_alpha(prompts, num_steps, cross_replace_steps, tokenizer, max_num_words=77):
+    def update(alpha, bounds, prompt_ind, word_inds=None):
+        if isinstance(bounds, float):
+            bounds = 0, bounds
+        start, end = int(bounds[0] * alpha.shape[0]), int(bounds[1] * alpha.shape[0])
+        if word_inds is None:
+            word_inds = torch.arange(alpha.shape[2])
+        alpha[:start, prompt_ind, word_inds] = 0
+        alpha[start:end, prompt_ind, word_inds] = 1
+        alpha[end:, prompt_ind, word_inds] = 0
+        return alpha
+
+    if not isinstance(cross_replace_steps, dict):
+        cross_replace_steps = {"default_": cross_replace_steps}
+    if "default_" not in cross_replace_steps:
+        cross_replace_steps["default_"] = (0.0, 1.0)
+    alpha = torch.zeros(num_steps + 1, len(prompts) - 1, max_num_words)
+    for i in range(len(prompts) - 1):
+        alpha = update(alpha, cross_replace_steps["default_"], i)
+    for key, item in cross_replace_steps.items():
+        if key != "default_":
+            inds = [get_word_inds(prompts[i], key, tokenizer) for i in range(1, len(prompts))]
+            for i, ind in enumerate(inds):
+                if len(ind) > 0:
+                    alpha = update(alpha, item, i, torch.from_numpy(ind))
+    return alpha.reshape(num_steps + 1, len(prompts) - 1, 1, 1, max_num_words)
+
+
+class Original(ReferenceState):
+    """AttentionControlEdit.forward on the conditional half of every call."""
+
+    def __init__(self, prompts, tok, kind, cross, self_steps, equalizer=None, prev=None):
+        super().__init__()
+        self.kind, self.prev, self.equalizer = kind, prev, equalizer
+        self.alpha = get_time_words_attention_alpha(prompts, STEPS, cross, tok)
+        if isinstance(self_steps, float):
+            self_steps = 0, self_steps
+        self.num_self_replace = int(STEPS * self_steps[0]), int(STEPS * self_steps[1])
+        if kind == "replace":
+            self.mapper = torch.stack([get_replacement_mapper_(prompts[0], p, tok) for p in prompts[1:]])
+        if kind == "refine":
+            pairs = [get_mapper(prompts[0], p, tok) for p in prompts[1:]]
+            self.mapper = torch.stack([m for m, _ in pairs])
+            self.alphas = torch.stack([a for _, a in pairs]).reshape(len(pairs), 1, 1, -1)
+
+    def replace_cross_attention(self, attn_base, att_replace):
+        if self.kind == "replace":
+            return torch.einsum("hpw,bwn->bhpn", attn_base, self.mapper)
+        if self.kind == "refine":
+            attn_base_replace = attn_base[:, :, self.mapper].permute(2, 0, 1, 3)
+            return attn_base_replace * self.alphas + att_replace * (1 - self.alphas)
+        if self.prev is not None:
+            attn_base = self.prev.replace_cross_attention(attn_base, att_replace)
+        return attn_base[None, :, :, :] * self.equalizer[:, None, None, :] if self.prev is None else \
+            attn_base * self.equalizer[:, None, None, :]
+
+    def edit(self, info, probs):
+        B = probs.shape[0]
+        attn = probs[B // 2:].clone()
+        cur_step = self.step
+        if info.is_cross or self.num_self_replace[0] <= cur_step < self.num_self_replace[1]:
+            attn_base, attn_replace = attn[0], attn[1:]
+            if info.is_cross:
+                alpha_words = self.alpha[cur_step]
+                new = self.replace_cross_attention(attn_base, attn_replace) * alpha_words \
+                    + (1 - alpha_words) * attn_replace
+            else:   # replace_self_attention, at every resolution
+                new = attn_base.unsqueeze(0).expand(attn_replace.shape[0], *attn_base.shape)
+            attn[1:] = new
+        return torch.cat([probs[: B // 2], attn])
+
+
+def _compare(pipe, state, controller, backend, prompts):
+    expected = run_reference(pipe, state, prompts, steps=STEPS, **SIZE)
+    with attnctl.install(pipe, controller, backend=backend):
+        got = generate_latents(pipe, prompts, steps=STEPS, **SIZE)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=5e-5)
+    plain = generate_latents(pipe, prompts, steps=STEPS, **SIZE)
+    torch.testing.assert_close(got[0], plain[0], rtol=1e-4, atol=1e-5)   # the source is untouched
+    assert (got[1:] - plain[1:]).abs().amax() > 1e-2                     # the edit acts
+
+
+REPLACE = ["a cat on a red car", "a dog on a red car", "a fox on a blue car"]   # blue: 4 tokens for 3
+REFINE = ["a cat on a red car", "a cat on a big red car", "a cat on a car"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_replace_two_targets(backend):
+    pipe = sd_pipe()
+    state = Original(REPLACE, pipe.tokenizer, "replace", 0.6, 0.4)
+    _compare(pipe, state, Replace(cross_steps=0.6, self_steps=0.4), backend, REPLACE)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_refine_per_word_schedule(backend):
+    pipe = sd_pipe()
+    cross = {"default_": 1.0, "big": (0.3, 0.6)}
+    state = Original(REFINE, pipe.tokenizer, "refine", dict(cross), (0.0, 0.7))
+    _compare(pipe, state, Refine(cross_steps=cross, self_steps=(0.0, 0.7)), backend, REFINE)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_reweight_after_replace(backend):
+    pipe = sd_pipe()
+    prompts = REPLACE[:2]
+    eq = torch.ones(1, N)
+    eq[:, get_word_inds(prompts[1], "red", pipe.tokenizer)] = 3.0
+    prev = Original(prompts, pipe.tokenizer, "replace", 0.8, 0.2)
+    state = Original(prompts, pipe.tokenizer, "reweight", 0.8, 0.2, equalizer=eq, prev=prev)
+    _compare(pipe, state, Reweight({"red": 3.0}, after=Replace(), cross_steps=0.8, self_steps=0.2), backend, prompts)
+
+
+def test_reweight_alone_and_after_refine():
+    pipe = sd_pipe()
+    prompts = ["a cat on a red car", "a cat on a red car"]
+    eq = torch.ones(1, N)
+    eq[:, get_word_inds(prompts[1], "cat", pipe.tokenizer)] = -1.0
+    state = Original(prompts, pipe.tokenizer, "reweight", 1.0, 0.0, equalizer=eq)
+    _compare(pipe, state, Reweight({"cat": -1.0}, cross_steps=1.0, self_steps=0.0), "torch", prompts)
+    prompts = REFINE[:2]
+    eq = torch.ones(1, N)
+    eq[:, get_word_inds(prompts[1], "big", pipe.tokenizer)] = 4.0
+    prev = Original(prompts, pipe.tokenizer, "refine", 0.6, 0.4)
+    state = Original(prompts, pipe.tokenizer, "reweight", 0.6, 0.4, equalizer=eq, prev=prev)
+    _compare(pipe, state, Reweight({"big": 4.0}, after=Refine(), cross_steps=0.6, self_steps=0.4), "torch", prompts)
+
+
+# ---- alignment -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("x,y", [
+    ([49406, 5, 6, 7, 49407], [49406, 5, 8, 6, 7, 49407]),        # insertion
+    ([49406, 5, 6, 7, 9, 49407], [49406, 5, 7, 49407]),            # deletions
+    ([49406, 5, 5, 7, 5, 49407], [49406, 5, 7, 5, 5, 5, 49407]),   # repeated tokens
+    ([49406, 1, 2, 3, 49407], [49406, 4, 5, 49407]),               # substitutions and a deletion
+    ([49406, 49407], [49406, 3, 3, 49407]),
+])
+def test_alignment_matches_the_original(x, y):
+    expected = np_global_align(x, y)
+    assert global_align(x, y) == [tuple(p) for p in expected.tolist()]
+    mapper, alphas = refinement_mapper(x, y, 20)
+    assert [j for j, _ in global_align(x, y)] == list(range(len(y)))   # every target token, in order
+    for j, i in global_align(x, y):
+        assert mapper[j] == i and alphas[j] == (i != -1)
+    assert torch.equal(mapper[len(y):], torch.arange(len(y), 20))
+
+
+def test_alignment_examples():
+    # insertion: the new token maps to -1, the rest keep their source columns
+    assert global_align([0, 1, 2, 9], [0, 1, 7, 2, 9]) == [(0, 0), (1, 1), (2, -1), (3, 2), (4, 3)]
+    # deletion: source column 2 is skipped
+    assert global_align([0, 1, 2, 3, 9], [0, 1, 3, 9]) == [(0, 0), (1, 1), (2, 3), (3, 4)]
+    # repeated tokens: one of the three is the insertion (ties prefer an insertion, as in the original)
+    assert global_align([0, 5, 5, 9], [0, 5, 5, 5, 9]) == [(0, 0), (1, 1), (2, 2), (3, -1), (4, 3)]
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+def test_bad_input():
+    pipe = sd_pipe()
+    with attnctl.install(pipe, Replace(), backend="torch"):
+        with pytest.raises(ValueError, match=r"Replace: expected the source and target prompts to have the same "
+                                             r"number of words \(a word swap\), got 6 words in 'a cat on a red car' "
+                                             r"and 7 in 'a cat on a big red car'"):
+            generate_latents(pipe, REFINE[:2], steps=1, **SIZE)
+    with attnctl.install(pipe, Reweight({"dog": 2.0}), backend="torch"):
+        with pytest.raises(ValueError, match=r"weights\['dog'\]: 'dog' is not a word of the prompt "
+                                             r"'a cat on a red car'"):
+            generate_latents(pipe, REPLACE[:1] * 2, steps=1, **SIZE)
+    with attnctl.install(pipe, Replace(cross_steps={"bird": 0.5}), backend="torch"):
+        with pytest.raises(ValueError, match="cross_steps: 'bird' is not a word of any target prompt"):
+            generate_latents(pipe, REPLACE[:2], steps=1, **SIZE)
+    with attnctl.install(pipe, Replace(), backend="torch"):
+        with pytest.raises(ValueError, match="Replace: expected at least 2 prompts"):
+            generate_latents(pipe, REPLACE[:1], steps=1, **SIZE)
+    with pytest.raises(ValueError, match=r"cross_steps: expected 0 <= start <= end <= 1, got 1.5"):
+        Replace(cross_steps=1.5)
+    with pytest.raises(ValueError, match=r"self_steps: expected 0 <= start <= end <= 1, got \(0.5, 0.2\)"):
+        Refine(self_steps=(0.5, 0.2))
+    with pytest.raises(ValueError, match=r"cross_steps\['cat'\]: expected 0 <= start <= end <= 1, got -0.1"):
+        Replace(cross_steps={"cat": -0.1})
+    with pytest.raises(ValueError, match=r"weights\['cat'\]: expected a finite number"):
+        Reweight({"cat": float("nan")})
+    with pytest.raises(ValueError, match=r"compose: source: expected at most one controller's plan"):
+        with attnctl.install(pipe, Replace(), Refine(), backend="torch"):
+            generate_latents(pipe, REPLACE[:2], steps=1, **SIZE)
