@@ -1,6 +1,6 @@
 """attnctl.p2p: prompt-to-prompt editing controllers (see attnctl.tools.p2p)."""
 from .tools.alignment import global_align, refinement_mapper
-from .tools.p2p import Edit, Refine, Replace, Reweight, edit, replacement_mapper
+from .tools.p2p import Edit, LocalBlend, Refine, Replace, Reweight, edit, replacement_mapper
 
-__all__ = ["Edit", "Replace", "Refine", "Reweight", "edit", "global_align", "refinement_mapper",
+__all__ = ["Edit", "LocalBlend", "Replace", "Refine", "Reweight", "edit", "global_align", "refinement_mapper",
            "replacement_mapper"]

@@ -307,3 +307,67 @@ def test_bad_input():
     with pytest.raises(ValueError, match=r"compose: source: expected at most one controller's plan"):
         with attnctl.install(pipe, Replace(), Refine(), backend="torch"):
             generate_latents(pipe, REPLACE[:2], steps=1, **SIZE)
+
+
+# ---- local blend -----------------------------------------------------------------------------
+
+class OriginalBlend(Original):
+    """Original plus LocalBlend: AttentionStore keeps the (edited) cross-attention maps of
+    the chosen level, summed over steps; step_callback blends x_t as LocalBlend.__call__."""
+
+    def __init__(self, prompts, tok, words, threshold, queries, **kw):
+        super().__init__(prompts, tok, "replace", **kw)
+        self.alpha_layers = torch.zeros(len(prompts), 1, 1, 1, 1, N)
+        for i, (prompt, words_) in enumerate(zip(prompts, words)):
+            for word in words_:
+                self.alpha_layers[i, :, :, :, :, get_word_inds(prompt, word, tok)] = 1
+        self.threshold, self.queries = threshold, queries
+        self.step_store, self.attention_store = [], []
+
+    def edit(self, info, probs):
+        out = super().edit(info, probs)
+        if info.is_cross and info.q.shape[2] == self.queries:
+            self.step_store.append(out[out.shape[0] // 2:].clone())
+        return out
+
+    def callback(self, pipe, i, t, kwargs):
+        if not self.attention_store:
+            self.attention_store = self.step_store
+        else:
+            self.attention_store = [a + b for a, b in zip(self.attention_store, self.step_store)]
+        self.step_store = []
+        x_t = kwargs["latents"]
+        h, w = x_t.shape[2], x_t.shape[3]
+        k = 1
+        maps = [item.reshape(self.alpha_layers.shape[0], -1, 1, h, w, N) for item in self.attention_store]
+        maps = torch.cat(maps, dim=1)
+        maps = (maps * self.alpha_layers).sum(-1).mean(1)
+        mask = torch.nn.functional.max_pool2d(maps, (k * 2 + 1, k * 2 + 1), (1, 1), padding=(k, k))
+        mask = torch.nn.functional.interpolate(mask, size=(x_t.shape[2:]))
+        mask = mask / mask.max(2, keepdims=True)[0].max(3, keepdims=True)[0]
+        mask = mask.gt(self.threshold)
+        mask = (mask[:1] + mask[1:]).float()
+        x_t = x_t[:1] + mask * (x_t - x_t[:1])
+        return {"latents": x_t}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_local_blend(backend):
+    from attnctl.p2p import LocalBlend, edit
+    pipe = sd_pipe()
+    prompts = REPLACE[:2]
+    words = [["cat"], ["dog"]]
+    state = OriginalBlend(prompts, pipe.tokenizer, words, 0.9, 8 * 12, cross=0.6, self_steps=0.4)
+    expected = run_reference(pipe, state, prompts, steps=STEPS, callback_on_step_end=state.callback, **SIZE)
+    controller = Replace(cross_steps=0.6, self_steps=0.4, local_blend=LocalBlend(words, threshold=0.9, level=1))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        got = edit(pipe, prompts[0], prompts[1:], controller, backend=backend, num_inference_steps=STEPS,
+                   generator=generator, output_type="latent", **SIZE).images
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=5e-5)
+    with attnctl.install(pipe, Replace(cross_steps=0.6, self_steps=0.4), backend=backend):
+        unblended = generate_latents(pipe, prompts, steps=STEPS, **SIZE)
+    assert (got[1] - unblended[1]).abs().amax() > 1e-2      # the blend acts
+    with pytest.raises(ValueError, match=r"LocalBlend words\[1\]: 'cow' is not a word of the prompt"):
+        edit(pipe, prompts[0], prompts[1:], Replace(local_blend=LocalBlend([["cat"], ["cow"]], level=1)),
+             num_inference_steps=1, **SIZE)

@@ -28,7 +28,7 @@ import torch
 from ..capture import Capture
 from .controller import Plan
 
-_KNOWN_FIELDS = {"bias", "prob_mult", "capture", "regions", "source", "value_map", "own_prob_mult"}
+_KNOWN_FIELDS = {"bias", "prob_mult", "capture", "regions", "source", "value_map", "own_prob_mult", "own_capture"}
 
 
 def compose(plans: Sequence[Optional[Plan]], shape: Tuple[int, int, int, int],
@@ -48,6 +48,9 @@ def compose(plans: Sequence[Optional[Plan]], shape: Tuple[int, int, int, int],
         if plan.source is None and (plan.value_map is not None or plan.own_prob_mult is not None):
             raise ValueError(f"compose: value_map/own_prob_mult: expected a source in the same plan "
                              f"({type(plan).__name__} sets them without one)")
+        if plan.own_capture is not None and plan.own_prob_mult is None:
+            raise ValueError("compose: own_capture: expected own_prob_mult in the same plan (it captures "
+                             "the own term of the two-source form)")
     if len(plans) == 1:
         return plans[0], None
     with_source = [p for p in plans if p.source is not None]
@@ -63,17 +66,18 @@ def compose(plans: Sequence[Optional[Plan]], shape: Tuple[int, int, int, int],
     regions = with_regions[0].regions if with_regions else None
     bias = _combine([p.bias for p in plans], torch.add)
     prob_mult = _combine([p.prob_mult for p in plans], torch.mul)
-    source = value_map = own = None
+    source = value_map = own = own_capture = None
     if injection is not None:
-        source, value_map = injection.source, injection.value_map
+        source, value_map, own_capture = injection.source, injection.value_map, injection.own_capture
         own = injection.own_prob_mult
         if own is not None:
             own = _combine([own] + [p.prob_mult for p in plans if p is not injection], torch.mul)
     captures = [p.capture for p in plans if p.capture is not None and not p.capture.empty]
     if len(captures) <= 1:
-        return Plan(bias, prob_mult, captures[0] if captures else None, regions, source, value_map, own), None
+        return Plan(bias, prob_mult, captures[0] if captures else None, regions, source, value_map, own,
+                    own_capture), None
     merged = MergedCapture(captures, shape, device)
-    return Plan(bias, prob_mult, merged.scratch, regions, source, value_map, own), merged.route
+    return Plan(bias, prob_mult, merged.scratch, regions, source, value_map, own, own_capture), merged.route
 
 
 def _combine(tensors: List[Optional[torch.Tensor]], op) -> Optional[torch.Tensor]:

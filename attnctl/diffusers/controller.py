@@ -22,6 +22,8 @@ op call (see :mod:`attnctl.diffusers.compose`):
   (P_src·f)·(W·V) + (P_b·own_prob_mult)·V, each term with its own normaliser (run as a
   second op call); broadcastable to (B, H, M, N), zero where a row has no own term.
   Other controllers' prob_mults multiply both terms.
+* ``own_capture`` with ``own_prob_mult``: a Capture of the second (own) term's P, owned
+  by the injecting controller (other controllers' captures see the injected term).
 
 Every tensor a controller returns must broadcast to (B, H, M, N) of the call and live on
 ``call.device``. Controllers should cache what they return per layer (and per step when it
@@ -193,6 +195,7 @@ class Plan:
     source: Optional[torch.Tensor] = None
     value_map: Optional[torch.Tensor] = None
     own_prob_mult: Optional[torch.Tensor] = None
+    own_capture: Optional[Capture] = None
 
 
 class Controller:

@@ -70,7 +70,7 @@ class AttnctlProcessor:
 
         installation = self.installation
         bias, prob_mult, capture, regions, route = attention_mask, None, None, None, None
-        source = value_map = own_prob_mult = None
+        source = value_map = own_prob_mult = own_capture = None
         if installation.controllers:
             call = installation.describe(self.layer, is_cross, spatial, query, key, attn.scale)
             plans = [c.plan(call) for c in installation.controllers]
@@ -80,6 +80,7 @@ class AttnctlProcessor:
                     bias = plan.bias if bias is None else bias + plan.bias
                 prob_mult, capture, regions = plan.prob_mult, plan.capture, plan.regions
                 source, value_map, own_prob_mult = plan.source, plan.value_map, plan.own_prob_mult
+                own_capture = plan.own_capture
 
         injected_value = value
         if value_map is not None:
@@ -91,8 +92,8 @@ class AttnctlProcessor:
         if own_prob_mult is not None:
             # Two-source form: the row's own attention, its own normaliser, as a second call.
             hidden_states = hidden_states + attention(query, key, value, scale=attn.scale, bias=bias,
-                                                      prob_mult=own_prob_mult, backend=installation.backend,
-                                                      regions=regions)
+                                                      prob_mult=own_prob_mult, capture=own_capture,
+                                                      backend=installation.backend, regions=regions)
         if route is not None:
             route()
 

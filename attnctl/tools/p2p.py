@@ -40,7 +40,7 @@ from .alignment import refinement_mapper
 
 Window = Union[float, Tuple[float, float]]
 
-__all__ = ["Edit", "Replace", "Refine", "Reweight", "edit", "word_columns", "replacement_mapper"]
+__all__ = ["Edit", "Replace", "Refine", "Reweight", "LocalBlend", "edit", "word_columns", "replacement_mapper"]
 
 
 def _window(value, name: str) -> Tuple[float, float]:
@@ -116,7 +116,10 @@ class Edit(Controller):
     """Base of the prompt-to-prompt controllers (see the module docstring)."""
 
     def __init__(self, *, cross_steps: Union[Window, Mapping[str, Window]] = 0.8, self_steps: Window = 0.4,
-                 num_steps: Optional[int] = None):
+                 num_steps: Optional[int] = None, local_blend: Optional["LocalBlend"] = None):
+        if local_blend is not None and not isinstance(local_blend, LocalBlend):
+            raise TypeError(f"local_blend: expected an attnctl.p2p.LocalBlend or None, got {type(local_blend).__name__}")
+        self.local_blend = local_blend
         if isinstance(cross_steps, Mapping):
             self.cross_windows = {str(w): _window(v, f"cross_steps[{w!r}]") for w, v in cross_steps.items()}
         else:
@@ -156,6 +159,8 @@ class Edit(Controller):
     def _start(self, prompts, tokenizer) -> None:
         self._prompts, self._tokenizer = prompts, tokenizer
         self._terms, self._cache, self._steps = {}, {}, None
+        if self.local_blend is not None:
+            self.local_blend._start(prompts, tokenizer)
         # Resolve the words of per-word windows now, so that a bad word fails early.
         self._word_windows = []
         for word, window in self.cross_windows.items():
@@ -183,7 +188,9 @@ class Edit(Controller):
     def plan(self, call: AttentionCall) -> Optional[Plan]:
         if self._prompts is None:
             raise RuntimeError(f"{type(self).__name__}: no generation has started (install it on a pipeline)")
-        key = (call.is_cross, call.step.index, call.batch, call.keys, call.device, call.layout)
+        blend = self.local_blend is not None and call.is_cross and call.factor == self.local_blend.level
+        key = (call.is_cross, call.step.index, call.batch, call.keys, call.device, call.layout, blend,
+               call.queries if blend else None)
         if key not in self._cache:
             if len(self._cache) > 64:
                 self._cache.clear()
@@ -202,6 +209,23 @@ class Edit(Controller):
         return out
 
     def _build(self, call: AttentionCall) -> Optional[Plan]:
+        plan = self._edit_plan(call)
+        lb = self.local_blend
+        if lb is None or not call.is_cross or call.factor != lb.level:
+            return plan
+        # Local blend: capture the maps of this level's cross-attention calls (every column;
+        # the applied map of a target row is combined from the two terms at the step's end).
+        inj, own = lb._captures(call)
+        if plan is None:
+            lb._step_terms = (None, None)
+            return Plan(capture=inj)
+        lb._step_terms = (plan.value_map, plan.own_prob_mult)
+        plan.capture = inj
+        if plan.own_prob_mult is not None:
+            plan.own_capture = own
+        return plan
+
+    def _edit_plan(self, call: AttentionCall) -> Optional[Plan]:
         steps = self._steps if self._steps is not None else (self.num_steps or 1)
         t = call.step.index
         rows = self._rows(call.layout)
@@ -253,6 +277,90 @@ def _positions_or_empty(tokenizer, prompt, word):
         return _word_positions(tokenizer, prompt, word, "word")
     except ValueError:
         return []
+
+
+class LocalBlend:
+    """Blend the target latents into the source's outside the edited words (the original's
+    LocalBlend): after every denoising step, the cross-attention maps of ``words`` at the
+    layers of downsampling ``level`` (4: 16² for SD1.x at 512², 32² for SDXL at 1024²),
+    summed over heads, layers and the steps so far, are max-pooled (3×3), resized to the
+    latent, normalised by their maximum and thresholded; a target image keeps its own
+    latent inside the union of its mask and the source's, and takes the source's outside.
+
+    ``words``: one entry per prompt (source first), each a word or a list of words of that
+    prompt. Pass it to an edit (``Replace(..., local_blend=blend)``); :func:`edit` then
+    gives it to the pipeline as ``callback_on_step_end`` (or pass it yourself).
+    """
+
+    def __init__(self, words: Sequence[Union[str, Sequence[str]]], *, threshold: float = 0.3, level: int = 4):
+        if isinstance(words, str) or not isinstance(words, Sequence) or len(words) < 2:
+            raise ValueError(f"words: expected one word (or list of words) per prompt, source first, got {words!r}")
+        self.words = [[w] if isinstance(w, str) else list(w) for w in words]
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+            raise ValueError(f"threshold: expected a number in [0, 1], got {threshold!r}")
+        if isinstance(level, bool) or not isinstance(level, int) or level < 1 or level & (level - 1):
+            raise ValueError(f"level: expected a power of two (the layers' downsampling), got {level!r}")
+        self.threshold, self.level = float(threshold), level
+        self._prompts = None
+
+    def _start(self, prompts, tokenizer) -> None:
+        if len(self.words) != len(prompts):
+            raise ValueError(f"LocalBlend words: expected one entry per prompt ({len(prompts)}), got {len(self.words)}")
+        self._alpha = torch.zeros(len(prompts), 77)
+        for i, (prompt, words) in enumerate(zip(prompts, self.words)):
+            for word in words:
+                self._alpha[i, _word_positions(tokenizer, prompt, word, f"LocalBlend words[{i}]")] = 1.0
+        self._prompts = prompts
+        self._inj = self._own = self._store = None
+        self._grid = None
+        self._step_terms = (None, None)
+
+    def _captures(self, call: AttentionCall):
+        B, M, N = call.batch, call.queries, call.keys
+        if self._inj is None or self._inj.maps.shape != (B, M, N) or self._inj.maps.device != call.device:
+            from ..capture import Capture
+            tokens = torch.arange(N, device=call.device)
+            self._inj = Capture(maps=torch.zeros(B, M, N, device=call.device), tokens=tokens)
+            self._own = Capture(maps=torch.zeros(B, M, N, device=call.device), tokens=tokens)
+            self._layout, self._grid = call.layout, call.grid
+        return self._inj, self._own
+
+    def __call__(self, pipe, step_index, timestep, callback_kwargs):
+        """diffusers' ``callback_on_step_end``: returns the blended latents."""
+        latents = callback_kwargs["latents"]
+        if self._inj is None:
+            if self._prompts is None:
+                raise RuntimeError("LocalBlend: no generation has started (give it to an edit controller)")
+            raise RuntimeError(f"LocalBlend: no cross-attention layer has downsampling level={self.level} "
+                               "in this UNet at this size")
+        W, own = self._step_terms
+        maps = self._inj.maps.clone() if W is None else torch.bmm(self._inj.maps, W.float())
+        if own is not None:
+            maps = maps + self._own.maps * own[:, 0].float()
+        self._inj.maps.zero_()
+        self._own.maps.zero_()
+        layout = self._layout
+        cond = maps[layout.cond_rows.start:layout.cond_rows.stop]
+        self._store = cond if self._store is None else self._store + cond
+        h, w = self._grid
+        ipp = layout.images_per_prompt
+        prompt_of = [layout.prompt_of_image(i) for i in range(layout.images)]
+        alpha = self._alpha[prompt_of, : maps.shape[-1]].to(maps.device)
+        m = (self._store * alpha[:, None, :]).sum(-1).view(-1, 1, h, w)
+        m = torch.nn.functional.max_pool2d(m, (3, 3), (1, 1), padding=(1, 1))
+        m = torch.nn.functional.interpolate(m, size=tuple(latents.shape[2:]))
+        top = m.amax(dim=(2, 3), keepdim=True)
+        mask = (m / torch.where(top > 0, top, torch.ones_like(top))).gt(self.threshold)
+        out = latents.clone()
+        for image, prompt in enumerate(prompt_of):
+            if prompt == 0 or prompt >= len(self._prompts):
+                continue
+            src = image % ipp
+            union = (mask[image] | mask[src]).to(latents.dtype)
+            out[image] = latents[src] + union * (latents[image] - latents[src])
+        callback_kwargs = dict(callback_kwargs)
+        callback_kwargs["latents"] = out
+        return callback_kwargs
 
 
 class Replace(Edit):
@@ -330,6 +438,8 @@ def edit(pipe, source: str, targets: Union[str, Sequence[str]], controller: Edit
     targets = [targets] if isinstance(targets, str) else list(targets)
     if not targets:
         raise ValueError("targets: expected at least one target prompt, got none")
+    if controller.local_blend is not None and "callback_on_step_end" not in pipe_kwargs:
+        pipe_kwargs["callback_on_step_end"] = controller.local_blend
     installation = install(pipe, controller, backend=backend)
     try:
         return pipe([source] + targets, **pipe_kwargs)
