@@ -371,3 +371,52 @@ def test_local_blend(backend):
     with pytest.raises(ValueError, match=r"LocalBlend words\[1\]: 'cow' is not a word of the prompt"):
         edit(pipe, prompts[0], prompts[1:], Replace(local_blend=LocalBlend([["cat"], ["cow"]], level=1)),
              num_inference_steps=1, **SIZE)
+
+
+@pytest.mark.parametrize("images_per_prompt", [1, 2])
+def test_replace_sdxl(images_per_prompt):
+    """SDXL (two text encoders, added conditions), and several images per prompt: image i
+    of a target edits image i of the source."""
+    from diffusion_helpers import sdxl_pipe
+    pipe = sdxl_pipe()
+    prompts = REPLACE[:2]
+
+    class PerImage(Original):
+        def edit(self, info, probs):
+            if images_per_prompt == 1:
+                return super().edit(info, probs)
+            # rows per half: [p0 i0, p0 i1, p1 i0, p1 i1]: apply the original per image index
+            B = probs.shape[0]
+            out = probs.clone()
+            for i in range(images_per_prompt):
+                rows = [r for r in range(B) if r % images_per_prompt == i]     # [u0, u1, c0, c1] of image i
+                out[rows] = super().edit(info, probs[rows])
+            return out
+
+    state = PerImage(prompts, pipe.tokenizer, "replace", 0.6, 0.4)
+    kwargs = dict(num_images_per_prompt=images_per_prompt)
+    expected = run_reference(pipe, state, prompts, steps=STEPS, **SIZE, **kwargs)
+    with attnctl.install(pipe, Replace(cross_steps=0.6, self_steps=0.4), backend="torch"):
+        got = generate_latents(pipe, prompts, steps=STEPS, **SIZE, **kwargs)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=5e-5)
+    plain = generate_latents(pipe, prompts, steps=STEPS, **SIZE, **kwargs)
+    assert (got[images_per_prompt:] - plain[images_per_prompt:]).abs().amax() > 1e-2
+
+
+def test_compose_rules():
+    from attnctl.diffusers.compose import compose
+    from attnctl.diffusers.controller import Plan
+    shape = (2, 1, 4, 3)
+    src = torch.tensor([0, 0])
+    own = torch.rand(2, 1, 1, 3)
+    other = torch.rand(2, 1, 1, 3)
+    plan, _ = compose([Plan(source=src, value_map=torch.eye(3).repeat(2, 1, 1), own_prob_mult=own),
+                       Plan(prob_mult=other)], shape, "cpu")
+    assert plan.source is src and torch.equal(plan.prob_mult, other)
+    torch.testing.assert_close(plan.own_prob_mult, own * other)     # other factors multiply both terms
+    with pytest.raises(ValueError, match="compose: value_map/own_prob_mult: expected a source in the same plan"):
+        compose([Plan(value_map=torch.eye(3))], shape, "cpu")
+    with pytest.raises(ValueError, match="compose: own_capture: expected own_prob_mult in the same plan"):
+        compose([Plan(source=src, own_capture=attnctl.Capture())], shape, "cpu")
+    with pytest.raises(ValueError, match="compose: source: expected at most one controller's plan"):
+        compose([Plan(source=src), Plan(source=src)], shape, "cpu")
