@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from attnctl.backends import cuda_backend
-from attnctl.backends.cuda_backend import ABI_VERSION, MODULE, attention_cuda, cuda_unavailable_reason
+from attnctl import Capture
+from attnctl.backends.cuda_backend import ABI_VERSION, MODULE, attention_cuda, cuda_unavailable_reason, launch_arguments
 
 NO_GPU = not torch.cuda.is_available()
 SM80_SHARED_MEMORY = 163 * 1024  # opt-in maximum per block on sm_80 (sm_90: 227 KB)
@@ -111,18 +112,19 @@ ADDR = 1 << 20  # a 16-byte aligned fake device address: validation never derefe
 
 
 def valid_arguments(**changes) -> dict:
-    """Arguments of a (B=2, H=3, M=5, N=7, D=Dv=40) call with every control and capture."""
+    """Arguments of a (B=2, H=3, M=5, N=7, D=Dv=40) call with every control, capture and
+    injection."""
     B, H, M, N, D, T = 2, 3, 5, 7, 40, 4
     kw = dict(
         q=ADDR, k=2 * ADDR, v=3 * ADDR, out=4 * ADDR, bias=5 * ADDR, prob_mult=6 * ADDR,
         token_mass=7 * ADDR, maps=8 * ADDR, head_maps=9 * ADDR, lse=10 * ADDR, tokens=11 * ADDR,
-        head_weights=12 * ADDR,
+        head_weights=12 * ADDR, source=13 * ADDR,
         q_stride=(H * M * D, M * D, D, 1), k_stride=(H * N * D, N * D, D, 1), v_stride=(H * N * D, N * D, D, 1),
         out_stride=(H * M * D, M * D, D, 1), bias_stride=(0, 0, N, 1), prob_mult_stride=(0, 0, 0, 1),
         token_mass_stride=(H * N, N, 1), maps_stride=(M * T, T, 1), head_maps_stride=(H * M * T, M * T, T, 1),
-        lse_stride=(H * M, M, 1), tokens_stride=(0, 1), head_weights_stride=(0, 1),
+        lse_stride=(H * M, M, 1), tokens_stride=(0, 1), head_weights_stride=(0, 1), source_stride=1,
         B=B, H=H, M=M, N=N, D=D, Dv=D, T=T, scale=D ** -0.5,
-        dtype=0, bias_dtype=2, prob_mult_dtype=1, head_weights_dtype=2, tokens_dtype=4,
+        dtype=0, bias_dtype=2, prob_mult_dtype=1, head_weights_dtype=2, tokens_dtype=4, source_dtype=3,
         device=0, stream=0,
     )
     kw.update(changes)
@@ -151,6 +153,8 @@ BAD_ARGUMENTS = [
     (dict(T=0), r"T \(number of tokens\): expected >= 1, got 0"),
     (dict(tokens_dtype=2), r"tokens: expected dtype code 3 \(int32\) or 4 \(int64\), got 2"),
     (dict(maps=0), r"head_weights: given without maps, which is what they weight"),
+    (dict(source_dtype=2), r"source: expected dtype code 3 \(int32\) or 4 \(int64\), got 2"),
+    (dict(source_dtype=4, source=13 * ADDR + 4), r"source: pointer \d+ is not aligned to its 8-byte elements"),
     (dict(H=70000), r"H: at most 65535 heads, got 70000"),
     (dict(B=65536), r"B: at most 65535 batch items, got 65536"),
     (dict(q=ADDR + 1), r"q: pointer \d+ is not aligned to its 2-byte elements"),
@@ -177,8 +181,10 @@ def test_bad_arguments_raise_value_error_before_any_launch(C, changes, message):
 @pytest.mark.parametrize("changes", [
     {},
     # Optional operands absent: their dtype codes and strides are not looked at.
-    dict(bias=0, prob_mult=0, token_mass=0, maps=0, head_maps=0, lse=0, tokens=0, head_weights=0,
-         bias_dtype=99, prob_mult_dtype=99, head_weights_dtype=99, tokens_dtype=99, T=0),
+    dict(bias=0, prob_mult=0, token_mass=0, maps=0, head_maps=0, lse=0, tokens=0, head_weights=0, source=0,
+         bias_dtype=99, prob_mult_dtype=99, head_weights_dtype=99, tokens_dtype=99, source_dtype=99, T=0),
+    # Injection: int64 indices, any stride (stride 0: one source item for all).
+    dict(source=13 * ADDR + 8, source_dtype=4, source_stride=0),
     # Broadcast reads may use stride 0; a dim of size 1 may have any stride, even in outputs.
     dict(q_stride=(0, 0, 40, 1), B=1, out_stride=(0, 200, 40, 1)),
     # Arbitrary (unaligned-for-16-byte, non-unit) layouts take the element-wise path.
@@ -196,6 +202,38 @@ def test_pointers_must_be_non_negative_ints(C):
 
 
 # ---- the Python launcher ----------------------------------------------------------------------
+
+def _cpu_call(source):
+    """A (B=3, H=2, M=5, N=7, D=40) call's tensors on the CPU, with a capture and bias."""
+    q, k, v = (torch.randn(3, 2, n, 40, dtype=torch.float16) for n in (5, 7, 7))
+    cap = Capture.zeros(q, k, token_mass=True, maps=True, tokens=[6, 0])
+    return q, k, v, torch.empty_like(q), dict(scale=0.125, bias=torch.randn(1, 2, 5, 7), prob_mult=None,
+                                             capture=cap, source=source)
+
+
+@pytest.mark.parametrize("dtype,code", [(torch.int32, 3), (torch.int64, 4)])
+def test_launcher_passes_source_pointer_stride_and_dtype_code(C, dtype, code):
+    source = torch.tensor([2, 9, 0, 9, 1, 9], dtype=dtype)[::2]  # non-contiguous: stride 2
+    q, k, v, out, kw = _cpu_call(source)
+    args = launch_arguments(q, k, v, out, **kw)
+    assert (args["source"], args["source_stride"], args["source_dtype"]) == (source.data_ptr(), 2, code)
+    assert (args["q"], args["bias"], args["B"]) == (q.data_ptr(), kw["bias"].data_ptr(), 3)
+
+
+def test_launcher_passes_a_null_source_without_injection(C):
+    q, k, v, out, kw = _cpu_call(None)
+    args = launch_arguments(q, k, v, out, **kw)
+    assert (args["source"], args["source_stride"], args["source_dtype"]) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("source", [None, torch.tensor([1, 1, 0], dtype=torch.int32)])
+@pytest.mark.skipif(not NO_GPU, reason="on a GPU machine valid arguments would launch on CPU pointers")
+def test_launcher_arguments_pass_the_extension_checks(C, source):
+    # The binding accepts every keyword the launcher builds; only the device is missing.
+    q, k, v, out, kw = _cpu_call(source)
+    with pytest.raises(RuntimeError, match=r"attnctl CUDA backend: no usable CUDA device"):
+        C.attention_forward(**launch_arguments(q, k, v, out, **kw), device=0, stream=0)
+
 
 @pytest.mark.skipif(not NO_GPU, reason="needs a machine without a CUDA device")
 def test_launcher_without_a_gpu_raises_runtime_error_with_the_reason():

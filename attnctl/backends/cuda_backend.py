@@ -19,7 +19,7 @@ from attnctl.capture import Capture
 from ._layout import broadcast_strides, empty_output
 
 # The ABI this launcher speaks; the extension reports its own (bumped with any signature change).
-ABI_VERSION = 1
+ABI_VERSION = 2
 MODULE = "attnctl._attnctl_cuda"
 DTYPES = (torch.float16, torch.bfloat16)
 
@@ -68,10 +68,39 @@ def _strides(t: Optional[torch.Tensor], ndim: int) -> tuple:
     return tuple(t.stride()) if t is not None else (0,) * ndim
 
 
+def launch_arguments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, *, scale: float,
+                     bias: Optional[torch.Tensor], prob_mult: Optional[torch.Tensor],
+                     capture: Optional[Capture], source: Optional[torch.Tensor] = None) -> dict:
+    """Keyword arguments of the extension's attention_forward for one call, but device and
+    stream. Reads no tensor data, so host tests can check it on CPU tensors."""
+    B, H, M, D = q.shape
+    N, Dv = k.shape[2], v.shape[3]
+    cap = capture if capture is not None else Capture()
+    tokens = cap.tokens if cap.wants_token_columns else None
+    head_weights = cap.head_weights if cap.maps is not None else None
+    return dict(
+        q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(),
+        bias=_ptr(bias), prob_mult=_ptr(prob_mult),
+        token_mass=_ptr(cap.token_mass), maps=_ptr(cap.maps), head_maps=_ptr(cap.head_maps),
+        lse=_ptr(cap.lse), tokens=_ptr(tokens), head_weights=_ptr(head_weights), source=_ptr(source),
+        q_stride=q.stride(), k_stride=k.stride(), v_stride=v.stride(), out_stride=out.stride(),
+        bias_stride=broadcast_strides(bias, 4), prob_mult_stride=broadcast_strides(prob_mult, 4),
+        token_mass_stride=_strides(cap.token_mass, 3), maps_stride=_strides(cap.maps, 3),
+        head_maps_stride=_strides(cap.head_maps, 4), lse_stride=_strides(cap.lse, 3),
+        tokens_stride=broadcast_strides(tokens, 2), head_weights_stride=broadcast_strides(head_weights, 2),
+        source_stride=source.stride(0) if source is not None else 0,
+        B=B, H=H, M=M, N=N, D=D, Dv=Dv, T=tokens.shape[-1] if tokens is not None else 0,
+        scale=float(scale),
+        dtype=_code(q), bias_dtype=_code(bias), prob_mult_dtype=_code(prob_mult),
+        head_weights_dtype=_code(head_weights), tokens_dtype=_code(tokens), source_dtype=_code(source),
+    )
+
+
 def attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
                    bias: Optional[torch.Tensor], prob_mult: Optional[torch.Tensor],
-                   capture: Optional[Capture]) -> torch.Tensor:
-    """The op on the CUDA C++ kernels; same contract and arguments as attention_triton.
+                   capture: Optional[Capture], source: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The op on the CUDA C++ kernels; same contract and arguments as attention_triton
+    (``source``: (B,) int32/int64 injection indices on q's device, any stride).
 
     Raises RuntimeError (with cuda_unavailable_reason()) where the backend cannot run, and
     ValueError for float32 inputs (the kernels take float16 and bfloat16) or CPU tensors.
@@ -84,26 +113,10 @@ def attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: 
     if q.dtype not in DTYPES:
         raise ValueError(f"attnctl CUDA backend: q, k, v must be float16 or bfloat16, got {q.dtype} "
                          "(backend='triton' or 'torch' take float32)")
-    B, H, M, D = q.shape
-    N, Dv = k.shape[2], v.shape[3]
-    out = empty_output(q, Dv)
-    cap = capture if capture is not None else Capture()
-    tokens = cap.tokens if cap.wants_token_columns else None
-    head_weights = cap.head_weights if cap.maps is not None else None
+    out = empty_output(q, v.shape[3])
     _C.attention_forward(
-        q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(),
-        bias=_ptr(bias), prob_mult=_ptr(prob_mult),
-        token_mass=_ptr(cap.token_mass), maps=_ptr(cap.maps), head_maps=_ptr(cap.head_maps),
-        lse=_ptr(cap.lse), tokens=_ptr(tokens), head_weights=_ptr(head_weights),
-        q_stride=q.stride(), k_stride=k.stride(), v_stride=v.stride(), out_stride=out.stride(),
-        bias_stride=broadcast_strides(bias, 4), prob_mult_stride=broadcast_strides(prob_mult, 4),
-        token_mass_stride=_strides(cap.token_mass, 3), maps_stride=_strides(cap.maps, 3),
-        head_maps_stride=_strides(cap.head_maps, 4), lse_stride=_strides(cap.lse, 3),
-        tokens_stride=broadcast_strides(tokens, 2), head_weights_stride=broadcast_strides(head_weights, 2),
-        B=B, H=H, M=M, N=N, D=D, Dv=Dv, T=tokens.shape[-1] if tokens is not None else 0,
-        scale=float(scale),
-        dtype=_code(q), bias_dtype=_code(bias), prob_mult_dtype=_code(prob_mult),
-        head_weights_dtype=_code(head_weights), tokens_dtype=_code(tokens),
+        **launch_arguments(q, k, v, out, scale=scale, bias=bias, prob_mult=prob_mult, capture=capture,
+                           source=source),
         device=q.device.index, stream=torch.cuda.current_stream(q.device).cuda_stream,
     )
     return out

@@ -183,6 +183,10 @@ void check_params(const AttentionParams& p) {
             fail("tokens: expected dtype code 3 (int32) or 4 (int64), got " + std::to_string(p.tokens_dtype));
         }
     }
+    // Its values (indices in [0, B)) are in device memory: attnctl.validation checks them.
+    if (p.source != nullptr && p.source_dtype != kInt32 && p.source_dtype != kInt64) {
+        fail("source: expected dtype code 3 (int32) or 4 (int64), got " + std::to_string(p.source_dtype));
+    }
     if (p.head_weights != nullptr && p.maps == nullptr) {
         fail("head_weights: given without maps, which is what they weight");
     }
@@ -199,6 +203,7 @@ void check_params(const AttentionParams& p) {
     if (p.tokens != nullptr && (p.maps != nullptr || p.head_maps != nullptr)) {
         require_aligned("tokens", p.tokens, dtype_bytes(p.tokens_dtype));
     }
+    if (p.source != nullptr) require_aligned("source", p.source, dtype_bytes(p.source_dtype));
     require_aligned("token_mass", p.token_mass, 4);
     require_aligned("maps", p.maps, 4);
     require_aligned("head_maps", p.head_maps, 4);

@@ -20,7 +20,7 @@ namespace py = pybind11;
 namespace {
 
 // Bumped whenever the signature of attention_forward changes; the launcher checks it.
-constexpr int kAbiVersion = 1;
+constexpr int kAbiVersion = 2;
 
 template <int kDims>
 void copy_strides(const char* name, const std::vector<int64_t>& from, int64_t (&to)[kDims]) {
@@ -40,15 +40,16 @@ void attention_forward(
     std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t out,
     std::uintptr_t bias, std::uintptr_t prob_mult,
     std::uintptr_t token_mass, std::uintptr_t maps, std::uintptr_t head_maps, std::uintptr_t lse,
-    std::uintptr_t tokens, std::uintptr_t head_weights,
+    std::uintptr_t tokens, std::uintptr_t head_weights, std::uintptr_t source,
     const std::vector<int64_t>& q_stride, const std::vector<int64_t>& k_stride,
     const std::vector<int64_t>& v_stride, const std::vector<int64_t>& out_stride,
     const std::vector<int64_t>& bias_stride, const std::vector<int64_t>& prob_mult_stride,
     const std::vector<int64_t>& token_mass_stride, const std::vector<int64_t>& maps_stride,
     const std::vector<int64_t>& head_maps_stride, const std::vector<int64_t>& lse_stride,
     const std::vector<int64_t>& tokens_stride, const std::vector<int64_t>& head_weights_stride,
+    int64_t source_stride,
     int B, int H, int M, int N, int D, int Dv, int T, float scale,
-    int dtype, int bias_dtype, int prob_mult_dtype, int head_weights_dtype, int tokens_dtype,
+    int dtype, int bias_dtype, int prob_mult_dtype, int head_weights_dtype, int tokens_dtype, int source_dtype,
     int device, std::uintptr_t stream) {
     attnctl::AttentionParams p{};
     p.q = as_pointer<const void>(q);
@@ -63,6 +64,7 @@ void attention_forward(
     p.lse = as_pointer<float>(lse);
     p.tokens = as_pointer<const void>(tokens);
     p.head_weights = as_pointer<const void>(head_weights);
+    p.source = as_pointer<const void>(source);
     copy_strides("q_stride", q_stride, p.q_stride);
     copy_strides("k_stride", k_stride, p.k_stride);
     copy_strides("v_stride", v_stride, p.v_stride);
@@ -75,6 +77,7 @@ void attention_forward(
     copy_strides("lse_stride", lse_stride, p.lse_stride);
     copy_strides("tokens_stride", tokens_stride, p.tokens_stride);
     copy_strides("head_weights_stride", head_weights_stride, p.head_weights_stride);
+    p.source_stride = source_stride;
     p.B = B; p.H = H; p.M = M; p.N = N; p.D = D; p.Dv = Dv; p.T = T;
     // The kernels work in the log2 domain (exp2): fold log2(e) into the scale once here.
     p.scale_log2 = scale * 1.4426950408889634f;
@@ -83,6 +86,7 @@ void attention_forward(
     p.prob_mult_dtype = prob_mult_dtype;
     p.head_weights_dtype = head_weights_dtype;
     p.tokens_dtype = tokens_dtype;
+    p.source_dtype = source_dtype;
     attnctl::attention_forward(p, device, stream);
 }
 
@@ -119,17 +123,18 @@ PYBIND11_MODULE(_attnctl_cuda, m) {
           py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
           py::arg("bias"), py::arg("prob_mult"),
           py::arg("token_mass"), py::arg("maps"), py::arg("head_maps"), py::arg("lse"),
-          py::arg("tokens"), py::arg("head_weights"),
+          py::arg("tokens"), py::arg("head_weights"), py::arg("source"),
           py::arg("q_stride"), py::arg("k_stride"), py::arg("v_stride"), py::arg("out_stride"),
           py::arg("bias_stride"), py::arg("prob_mult_stride"),
           py::arg("token_mass_stride"), py::arg("maps_stride"), py::arg("head_maps_stride"), py::arg("lse_stride"),
-          py::arg("tokens_stride"), py::arg("head_weights_stride"),
+          py::arg("tokens_stride"), py::arg("head_weights_stride"), py::arg("source_stride"),
           py::arg("B"), py::arg("H"), py::arg("M"), py::arg("N"), py::arg("D"), py::arg("Dv"), py::arg("T"),
           py::arg("scale"),
           py::arg("dtype"), py::arg("bias_dtype"), py::arg("prob_mult_dtype"), py::arg("head_weights_dtype"),
-          py::arg("tokens_dtype"),
+          py::arg("tokens_dtype"), py::arg("source_dtype"),
           py::arg("device"), py::arg("stream"),
           "out = attention(q, k, v) with controls and captures; pointers as ints (0 = absent), strides in "
-          "elements, dtype codes from dtype_codes, stream a cudaStream_t as int. Raises ValueError on bad "
+          "elements, dtype codes from dtype_codes, stream a cudaStream_t as int; source (B,) int32/int64: item "
+          "b's logits from q, k and bias of item source[b] (injection). Raises ValueError on bad "
           "arguments and RuntimeError when no usable CUDA device is present, both before any launch.");
 }

@@ -19,6 +19,8 @@
 //     heads by different CTAs (atomicAdd).
 //   * LSE by the owning thread (read-add-write).
 // A row whose logits are all -inf has l = 0: its output, P and maps are 0, its LSE -inf.
+// Injection (p.source): every read of q, k and bias (main loop, token-mass pass, token
+// columns) is at item src = source[b]; v, prob_mult, the captures and out stay at b.
 #pragma once
 
 #include <cmath>
@@ -189,10 +191,11 @@ attention_fwd_kernel(const __grid_constant__ AttentionParams p) {
     const Elem* q_base = static_cast<const Elem*>(p.q);
     const Elem* k_base = static_cast<const Elem*>(p.k);
     const Elem* v_base = static_cast<const Elem*>(p.v);
-    const Elem* q_bh = q_base + b * p.q_stride[0] + h * p.q_stride[1];
-    const Elem* k_bh = k_base + b * p.k_stride[0] + h * p.k_stride[1];
+    const int64_t src = p.source == nullptr ? b : load_index(p.source, b * p.source_stride, p.source_dtype);
+    const Elem* q_bh = q_base + src * p.q_stride[0] + h * p.q_stride[1];
+    const Elem* k_bh = k_base + src * p.k_stride[0] + h * p.k_stride[1];
     const Elem* v_bh = v_base + b * p.v_stride[0] + h * p.v_stride[1];
-    const int64_t bias_bh = b * p.bias_stride[0] + h * p.bias_stride[1];
+    const int64_t bias_bh = src * p.bias_stride[0] + h * p.bias_stride[1];
     const int64_t pm_bh = b * p.prob_mult_stride[0] + h * p.prob_mult_stride[1];
 
     const int d_steps = (p.D + 15) / 16;    // k-steps of QKᵀ that touch real columns

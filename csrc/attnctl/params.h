@@ -33,18 +33,22 @@ struct AttentionParams {
     float* lse;          // (B,H,M)
     const void* tokens;        // (B,T) through stride 0 on b; int32 or int64
     const void* head_weights;  // (B,H) through stride 0 on b; any float dtype
+    // Injection: (B,) batch indices, int32 or int64. Item b's logits use q, k and bias of item
+    // source[b]; v, prob_mult, the captures and out stay b's. nullptr: source[b] = b.
+    const void* source;
 
     // Strides in elements, [b, h, seq, d] order (3-dim buffers [b, h|m, n|m|t]).
     int64_t q_stride[4], k_stride[4], v_stride[4], out_stride[4];
     int64_t bias_stride[4], prob_mult_stride[4];
     int64_t token_mass_stride[3], maps_stride[3], head_maps_stride[4], lse_stride[3];
     int64_t tokens_stride[2], head_weights_stride[2];
+    int64_t source_stride;
 
     int B, H, M, N, D, Dv, T;
     float scale_log2;  // softmax scale times log2(e): the kernels use exp2
 
     int dtype;  // of q, k, v, out
-    int bias_dtype, prob_mult_dtype, head_weights_dtype, tokens_dtype;
+    int bias_dtype, prob_mult_dtype, head_weights_dtype, tokens_dtype, source_dtype;
 
     // Whether cp.async 16-byte copies may read the operand: unit stride on d, 16-byte aligned
     // base and every other stride a multiple of 8 elements. Otherwise an element-wise path runs.

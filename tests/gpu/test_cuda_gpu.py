@@ -12,8 +12,9 @@ must add). -inf positions (the LSE of an all -inf row) must agree exactly; NaN n
 Shapes: the real SD1.5 / SDXL attention calls (cross-attention with every capture, and
 self-attention), then odd ones: N = 1, 77, 300; every head-dim tile and the generic one;
 M off the block grid; every broadcast form of bias and prob_mult; all -inf rows; strided
-and (B, M, H, D) layouts; Dv != D; int32 / int64 tokens; fp16 and bf16. Plus
-compute-sanitizer memcheck and racecheck on small cases, when the tool exists.
+and (B, M, H, D) layouts; Dv != D; int32 / int64 tokens; fp16 and bf16; injection (source)
+with per-item and broadcast bias, prob_mult and every capture. Plus compute-sanitizer
+memcheck and racecheck on small cases, when the tool exists.
 """
 import os
 import shutil
@@ -119,9 +120,9 @@ def clone_capture(cap):
 
 # ---- comparison -----------------------------------------------------------------------------
 
-def run_cuda(q, k, v, *, bias=None, prob_mult=None, capture=None, scale=None):
-    scale = validate(q, k, v, scale, bias, prob_mult, capture)
-    return attention_cuda(q, k, v, scale=scale, bias=bias, prob_mult=prob_mult, capture=capture)
+def run_cuda(q, k, v, *, bias=None, prob_mult=None, capture=None, scale=None, source=None):
+    scale = validate(q, k, v, scale, bias, prob_mult, capture, source=source)
+    return attention_cuda(q, k, v, scale=scale, bias=bias, prob_mult=prob_mult, capture=capture, source=source)
 
 
 def assert_close(name, got, ref32, reflow, dtype):
@@ -140,13 +141,14 @@ def assert_close(name, got, ref32, reflow, dtype):
     assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g} (reference in {dtype}: {err_low:.3g})"
 
 
-def check(q, k, v, *, bias=None, prob_mult=None, capture=None):
+def check(q, k, v, *, bias=None, prob_mult=None, capture=None, source=None):
     scale = q.shape[-1] ** -0.5
     cap_ref, cap_low = clone_capture(capture), clone_capture(capture)
-    out = run_cuda(q, k, v, bias=bias, prob_mult=prob_mult, capture=capture, scale=scale)
-    ref = attention_reference(q, k, v, scale=scale, bias=bias, prob_mult=prob_mult, capture=cap_ref)
+    out = run_cuda(q, k, v, bias=bias, prob_mult=prob_mult, capture=capture, scale=scale, source=source)
+    ref = attention_reference(q, k, v, scale=scale, bias=bias, prob_mult=prob_mult, capture=cap_ref,
+                              source=source)
     low = attention_reference(q, k, v, scale=scale, bias=bias, prob_mult=prob_mult, capture=cap_low,
-                              compute_dtype=q.dtype)
+                              compute_dtype=q.dtype, source=source)
     torch.cuda.synchronize()
     assert out.shape == ref.shape and out.dtype == q.dtype
     assert out.stride() == empty_output(q, v.shape[-1]).stride()
@@ -311,6 +313,54 @@ def test_cpu_tensors_are_refused():
         attention_cuda(q, q, q, scale=0.125, bias=None, prob_mult=None, capture=None)
 
 
+# ---- injection (source) -----------------------------------------------------------------------
+
+SOURCES = [[0, 0, 1], [2, 0, 1], [1, 2, 2]]
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("bias_form", [None, "1hmn", "bhmn", "b1mn", "mn"])
+@pytest.mark.parametrize("N", [77, 300])
+@pytest.mark.parametrize("src", SOURCES, ids=["-".join(map(str, s)) for s in SOURCES])
+def test_injection_with_bias_prob_mult_and_every_capture(src, N, bias_form, dtype):
+    B, H, M = 3, 2, 70
+    q, k, v = make_qkv(B, H, M, N, 40, dtype=dtype)
+    bias = None
+    if bias_form is not None:
+        bias = mask_rows(make_operand(bias_form, B, H, M, N), rows=[M - 1])
+        if bias.dim() == 4 and bias.shape[0] == B:
+            bias[0, :, 3] = float("-inf")  # an all -inf row of item 0 only: follows it to where it is injected
+    prob_mult = make_operand("bhmn", B, H, M, N, kind="mult", dtype=dtype)
+    cap = make_capture(q, k, KINDS, head_weights=torch.randn(B, H, device="cuda"))
+    check(q, k, v, bias=bias, prob_mult=prob_mult, capture=cap, source=torch.tensor(src, device="cuda"))
+
+
+@pytest.mark.parametrize("source_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("layout", ["bmhd", "strided"])
+@pytest.mark.parametrize("D,Dv", [(64, 64), (80, 80), (160, 64), (232, 232)])
+def test_injection_layouts_tiles_and_index_dtypes(source_dtype, layout, D, Dv):
+    B, H, M, N = 3, 2, 65, 90
+    q, k, v = make_qkv(B, H, M, N, D, Dv, dtype=BF16, layout=layout)
+    # A strided source: the kernel reads source[b] through its stride.
+    source = torch.tensor([1, 7, 2, 7, 1, 7], device="cuda", dtype=source_dtype)[::2]
+    cap = make_capture(q, k, KINDS, T=9, tokens_form="1d", token_dtype=torch.int32)
+    check(q, k, v, bias=make_operand("b1mn", B, H, M, N), capture=cap, source=source)
+
+
+@pytest.mark.parametrize("N", [77, 300])
+def test_injection_reproduces_the_source_items_output(N):
+    # Same CTA work on the same data: bit-identical outputs, no reference needed.
+    q, k, v = make_qkv(2, 3, 70, N, 64, layout="contiguous")
+    bias = make_operand("bhmn", 2, 3, 70, N)
+    v[1] = v[0]
+    out = run_cuda(q, k, v, bias=bias, source=torch.tensor([0, 0], device="cuda"))
+    assert torch.equal(out[1], out[0])
+    plain = run_cuda(q, k, v, bias=bias)
+    assert torch.equal(out[0], plain[0]) and not torch.equal(out[1], plain[1])
+    identity = run_cuda(q, k, v, bias=bias, source=torch.tensor([0, 1], device="cuda", dtype=torch.int32))
+    assert torch.equal(identity, plain)
+
+
 # ---- compute-sanitizer ------------------------------------------------------------------------
 
 SANITIZER_SCRIPT = textwrap.dedent("""
@@ -319,7 +369,7 @@ SANITIZER_SCRIPT = textwrap.dedent("""
     from attnctl.backends.cuda_backend import attention_cuda
 
     torch.manual_seed(0)
-    def run(B, H, M, N, D, layout):
+    def run(B, H, M, N, D, layout, source=None):
         if layout == "strided":
             q = torch.randn(B, H, M, 2 * D, device="cuda").half()[..., ::2]
             k = torch.randn(B, H, D, N, device="cuda").half().transpose(-1, -2)
@@ -327,14 +377,18 @@ SANITIZER_SCRIPT = textwrap.dedent("""
             q = torch.randn(B, M, H, D, device="cuda").half().transpose(1, 2)
             k = torch.randn(B, N, H, D, device="cuda").half().transpose(1, 2)
         v = torch.randn(B, H, N, D, device="cuda").half()
-        bias = torch.randn(1, H, M, N, device="cuda")
+        bias = torch.randn(B, H, M, N, device="cuda")
         mult = torch.rand(B, 1, 1, N, device="cuda").half()
         cap = Capture.zeros(q, k, token_mass=True, maps=True, head_maps=True, lse=True,
                             tokens=[N - 1, 0, 3], head_weights=torch.rand(H, device="cuda"))
-        attention_cuda(q, k, v, scale=D ** -0.5, bias=bias, prob_mult=mult, capture=cap)
+        if source is not None:
+            source = torch.tensor(source, device="cuda")
+        attention_cuda(q, k, v, scale=D ** -0.5, bias=bias, prob_mult=mult, capture=cap, source=source)
     run(1, 2, 70, 90, 40, "bmhd")       # two key blocks: token mass in the second pass
     run(1, 2, 33, 77, 160, "strided")   # one key block, element-wise loads
     run(1, 1, 20, 40, 256, "bmhd")      # generic tile
+    run(3, 2, 70, 90, 40, "bmhd", source=[2, 0, 0])      # injection: q, k, bias read at source[b]
+    run(3, 2, 33, 77, 160, "strided", source=[1, 2, 1])  # injection, element-wise loads
     torch.cuda.synchronize()
 """)
 
