@@ -1,5 +1,6 @@
 """attnctl: fused attention with head/token controls and attention-map capture."""
 from .capture import Capture
+from .injection import OwnTerm
 from .op import BACKENDS, Dispatch, attention, last_dispatch, logit_max
 from .reference import attention_reference
 from .regions import Regions
@@ -11,4 +12,4 @@ from . import p2p
 __version__ = "0.1.0"
 
 __all__ = ["attention", "attention_reference", "Capture", "Dispatch", "last_dispatch", "BACKENDS",
-           "install", "uninstall", "logit_max", "Regions", "trace", "TraceMaps", "Controller", "Plan", "AttentionCall", "p2p"]
+           "install", "uninstall", "logit_max", "Regions", "OwnTerm", "trace", "TraceMaps", "Controller", "Plan", "AttentionCall", "p2p"]

@@ -25,9 +25,10 @@ import torch.nn.functional as F
 
 from .backends._layout import empty_output
 from .capture import BUFFER_FIELDS, Capture
+from .injection import OwnTerm
 from .reference import attention_reference, logit_max_reference
 from .regions import Regions
-from .validation import check_capture, check_regions, check_source, validate, validate_logit_max
+from .validation import check_capture, check_own, check_regions, check_source, validate, validate_logit_max
 
 logger = logging.getLogger("attnctl")
 
@@ -138,28 +139,30 @@ def _note(dispatch: Dispatch) -> None:
         logger.warning("attnctl: falling back to the slow reference path: %s", dispatch.reason)
 
 
-def _run(q, k, v, scale, bias, prob_mult, capture, backend, regions=None, source=None) -> torch.Tensor:
+def _run(q, k, v, scale, bias, prob_mult, capture, backend, regions=None, source=None, own=None) -> torch.Tensor:
     probes = capture is not None and capture.probe_keys is not None
     has_work = (bias is not None or prob_mult is not None or regions is not None or source is not None
                 or (capture is not None and not capture.empty))
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (q, k, v) + ((own.values,) if own is not None else ()))
     unsupported = tuple(name for name, used in (("regions", regions is not None),
                                                 ("capture.probe_keys", probes),
-                                                ("source (injection)", source is not None)) if used)
+                                                ("own (the two-source form)", own is not None)) if used)
     dispatch = choose_backend(backend, q, has_work, needs_grad, cuda_unsupported=unsupported)
     _note(dispatch)
     if dispatch.backend == "triton":
         from .backends.triton_backend import attention_triton
         return attention_triton(q, k, v, scale=scale, bias=bias, prob_mult=prob_mult, capture=capture,
-                                regions=regions, source=source)
+                                regions=regions, source=source, own=own)
     if dispatch.backend == "cuda":
         from .backends.cuda_backend import attention_cuda
-        return attention_cuda(q, k, v, scale=scale, bias=bias, prob_mult=prob_mult, capture=capture)
+        return attention_cuda(q, k, v, scale=scale, bias=bias, prob_mult=prob_mult, capture=capture,
+                              source=source)
     if dispatch.backend == "sdpa":
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     else:
         out = attention_reference(q, k, v, scale=scale, bias=bias, prob_mult=prob_mult, capture=capture,
-                                  regions=regions, source=source)
+                                  regions=regions, source=source, own=own)
     return _in_q_order(out, q)
 
 
@@ -184,6 +187,7 @@ def attention(
     backend: str = "auto",
     regions: Optional[Regions] = None,
     source: Optional[torch.Tensor] = None,
+    own: Optional[OwnTerm] = None,
 ) -> torch.Tensor:
     """Attention with controls and captures in one pass.
 
@@ -202,7 +206,12 @@ def attention(
         source: injection, a (B,) int32/int64 tensor of batch indices: item b's logits (and
             so its P) are computed from q, k and bias of item source[b] and applied to b's
             values (with b's prob_mult and regions); b's captures record that P. Identity
-            entries (source[b] = b) are plain attention. Not supported by backend='cuda'.
+            entries (source[b] = b) are plain attention. Where several items take one item's
+            P and nothing differs per item (no prob_mult, regions or capture), the Triton
+            kernel computes that P once for all of them (fan-out).
+        own: with ``source``, an attnctl.OwnTerm(values, prob_mult, capture): the two-source
+            form O_b = Σ P_src[b]·f·v + Σ P_b·own.prob_mult·own.values, each P with its own
+            normaliser, in one pass (see attnctl.injection). Not supported by backend='cuda'.
         backend: "auto", "torch" (reference), "triton", "cuda" (CUDA C++, fp16/bf16) or
             "sdpa" (plain attention only).
 
@@ -211,20 +220,26 @@ def attention(
     """
     compiling = torch.compiler.is_compiling()
     scale = validate(q, k, v, scale, bias, prob_mult, capture, check_token_values=not compiling,
-                     regions=regions, source=source)
+                     regions=regions, source=source, own=own)
     if compiling:
         cap = capture if capture is not None else Capture()
-        buffers = [getattr(cap, name) for name in BUFFER_FIELDS + ("probe_mass",)]
-        # Inductor cannot lower a custom op whose mutated Optional argument is None, so an
-        # absent buffer travels as an empty tensor (real buffers are never empty).
-        buffers = [b if b is not None else q.new_empty(0, dtype=torch.float32) for b in buffers]
+        own_cap = own.capture if own is not None and own.capture is not None else Capture()
+
+        def buffers(c: Capture, fields):
+            # Inductor cannot lower a custom op whose mutated Optional argument is None, so
+            # an absent buffer travels as an empty tensor (real buffers are never empty).
+            return [getattr(c, name) if getattr(c, name) is not None else q.new_empty(0, dtype=torch.float32)
+                    for name in fields]
+
         return torch.ops.attnctl.attention(
-            q, k, v, scale, bias, prob_mult, *buffers[:4], cap.tokens, cap.head_weights, backend,
-            cap.probe_keys, buffers[4],
+            q, k, v, scale, bias, prob_mult, *buffers(cap, BUFFER_FIELDS), cap.tokens, cap.head_weights, backend,
+            cap.probe_keys, *buffers(cap, ("probe_mass",)),
             regions.labels_q if regions is not None else None,
             regions.labels_k if regions is not None else None,
-            float(regions.strength) if regions is not None else 0.0, source)
-    return _run(q, k, v, scale, bias, prob_mult, capture, backend, regions, source)
+            float(regions.strength) if regions is not None else 0.0, source,
+            own.values if own is not None else None, own.prob_mult if own is not None else None,
+            *buffers(own_cap, BUFFER_FIELDS), own_cap.tokens, own_cap.head_weights)
+    return _run(q, k, v, scale, bias, prob_mult, capture, backend, regions, source, own)
 
 
 def logit_max(q: torch.Tensor, k: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
@@ -265,7 +280,8 @@ def _logit_max(q, k, backend: str) -> torch.Tensor:
 # ---- torch.library registration, so torch.compile traces through without a graph break ----
 
 @torch.library.custom_op("attnctl::attention",
-                         mutates_args=("token_mass", "maps", "head_maps", "lse", "probe_mass"))
+                         mutates_args=("token_mass", "maps", "head_maps", "lse", "probe_mass", "own_token_mass",
+                                       "own_maps", "own_head_maps", "own_lse"))
 def _attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     bias: Optional[torch.Tensor], prob_mult: Optional[torch.Tensor],
@@ -274,13 +290,17 @@ def _attention_op(
     probe_keys: Optional[torch.Tensor] = None, probe_mass: Optional[torch.Tensor] = None,
     labels_q: Optional[torch.Tensor] = None, labels_k: Optional[torch.Tensor] = None,
     region_strength: float = 0.0, source: Optional[torch.Tensor] = None,
+    own_values: Optional[torch.Tensor] = None, own_prob_mult: Optional[torch.Tensor] = None,
+    own_token_mass: Optional[torch.Tensor] = None, own_maps: Optional[torch.Tensor] = None,
+    own_head_maps: Optional[torch.Tensor] = None, own_lse: Optional[torch.Tensor] = None,
+    own_tokens: Optional[torch.Tensor] = None, own_head_weights: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The op as torch.compile sees it; an empty buffer means "not captured"."""
-    present = {name: (buf if buf.numel() else None)
-               for name, buf in zip(BUFFER_FIELDS, (token_mass, maps, head_maps, lse))}
-    probe_mass = probe_mass if probe_mass is not None and probe_mass.numel() else None
-    capture = Capture(**present, tokens=tokens, head_weights=head_weights,
-                      probe_keys=probe_keys, probe_mass=probe_mass)
+    def present(buf):
+        return buf if buf is not None and buf.numel() else None
+
+    capture = Capture(*map(present, (token_mass, maps, head_maps, lse)), tokens=tokens, head_weights=head_weights,
+                      probe_keys=probe_keys, probe_mass=present(probe_mass))
     B, H, M, D = q.shape
     check_capture(capture, B, H, M, k.shape[2], q.device, check_token_values=True,
                   dtype=q.dtype, head_dim=D)
@@ -289,13 +309,19 @@ def _attention_op(
         regions = Regions(labels_q, labels_k, region_strength)
         check_regions(regions, B, M, k.shape[2], q.device)
     check_source(source, B, q.device)
-    return _run(q, k, v, scale, bias, prob_mult, capture, backend, regions, source)
+    own = None
+    if own_values is not None:
+        own_capture = Capture(*map(present, (own_token_mass, own_maps, own_head_maps, own_lse)),
+                              tokens=own_tokens, head_weights=own_head_weights)
+        own = OwnTerm(own_values, own_prob_mult, None if own_capture.empty else own_capture)
+        check_own(own, q, k, v, source)
+    return _run(q, k, v, scale, bias, prob_mult, capture, backend, regions, source, own)
 
 
 @_attention_op.register_fake
 def _attention_fake(q, k, v, scale, bias, prob_mult, token_mass, maps, head_maps, lse,
                     tokens, head_weights, backend, probe_keys=None, probe_mass=None,
-                    labels_q=None, labels_k=None, region_strength=0.0, source=None):
+                    labels_q=None, labels_k=None, region_strength=0.0, source=None, *own_arguments):
     return empty_output(q, v.shape[-1])
 
 

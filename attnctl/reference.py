@@ -6,7 +6,9 @@ It materialises S and P, so it is the oracle, not a fast path::
     P          = softmax_n(S)                  (a row of all -inf gives P = 0)
     O[b,h,m]   = Σ_n P[b,h,m,n] · f[b,h,m,n] · v[b,h,n]      (f = prob_mult)
 
-With ``source`` (injection) S[b] is computed from q, k and bias of item source[b].
+With ``source`` (injection) S[b] is computed from q, k and bias of item source[b]; with
+``own`` (attnctl.OwnTerm, the two-source form) the output adds Σ_n P_b·own.prob_mult·
+own.values, P_b the softmax of item b's own logits.
 
 With ``regions`` (attnctl.Regions) the numerator factor is f · f_regions, f_regions[q, k] =
 1 - s·[r(q) >= 0, r(k) >= 0, r(q) != r(k)].
@@ -21,6 +23,7 @@ from typing import Optional, Tuple
 import torch
 
 from .capture import Capture
+from .injection import OwnTerm
 from .regions import Regions
 
 
@@ -47,35 +50,46 @@ def attention_reference(
     compute_dtype: torch.dtype = torch.float32,
     regions: Optional[Regions] = None,
     source: Optional[torch.Tensor] = None,
+    own: Optional[OwnTerm] = None,
 ) -> torch.Tensor:
     """Attention by the contract's definition, computed in ``compute_dtype``.
 
     ``source`` (B,) ints (injection): item b's S and P are those of item source[b] (its q,
-    k and bias); values, prob_mult, regions and captures are b's.
+    k and bias); values, prob_mult, regions and captures are b's. ``own``: the two-source
+    form's second term, item b's own P on ``own.values`` (see attnctl.injection).
 
     ``compute_dtype=torch.float32`` is the oracle. Passing the inputs' own low precision
     measures the error that precision alone causes, the yardstick for fp16/bf16 kernels.
     """
-    qc, kc, vc = (t.to(compute_dtype) for t in (q, k, v))
+    qc, kc = q.to(compute_dtype), k.to(compute_dtype)
+    out = _term(qc, kc, v.to(compute_dtype), scale, bias, prob_mult, capture, regions, source)
+    if own is not None:
+        out = out + _term(qc, kc, own.values.to(compute_dtype), scale, bias, own.prob_mult, own.capture,
+                          regions, None)
+    return out.to(q.dtype)
+
+
+def _term(qc, kc, vc, scale, bias, prob_mult, capture, regions, source) -> torch.Tensor:
+    """Σ_n P·f·v in the inputs' compute dtype, P from the logits of item source[b] (or b)."""
     if source is not None:
-        idx = source.long().to(q.device)
+        idx = source.long().to(qc.device)
         qc, kc = qc[idx], kc[idx]
         if bias is not None and bias.dim() == 4 and bias.shape[0] != 1:
             bias = bias[idx]
     scores = torch.matmul(qc, kc.transpose(-1, -2)) * scale
     if bias is not None:
-        scores = scores + bias.to(compute_dtype)
+        scores = scores + bias.to(qc.dtype)
     probs, lse = softmax_with_empty_rows(scores)
     if capture is not None:
         add_captures(capture, probs, lse)
         if capture.probe_keys is not None and capture.probe_mass is not None:
-            capture.probe_mass += probe_mass_reference(qc, capture.probe_keys.to(compute_dtype), scale).float()
+            capture.probe_mass += probe_mass_reference(qc, capture.probe_keys.to(qc.dtype), scale).float()
     if prob_mult is not None:
-        probs = probs * prob_mult.to(compute_dtype)
+        probs = probs * prob_mult.to(qc.dtype)
     if regions is not None:
         B, _, M, N = probs.shape
-        probs = probs * regions.factor(B, M, N, compute_dtype).to(probs.device)
-    return torch.matmul(probs, vc).to(q.dtype)
+        probs = probs * regions.factor(B, M, N, qc.dtype).to(probs.device)
+    return torch.matmul(probs, vc)
 
 
 def add_captures(capture: Capture, probs: torch.Tensor, lse: torch.Tensor) -> None:

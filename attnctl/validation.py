@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 import torch
 
 from .capture import Capture
+from .injection import OwnTerm
 from .regions import Regions
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -82,41 +83,42 @@ def check_broadcastable(name: str, t, target: Sequence[int], device: torch.devic
 
 def check_capture(capture, B: int, H: int, M: int, N: int, device: torch.device,
                   check_token_values: bool, dtype: Optional[torch.dtype] = None,
-                  head_dim: Optional[int] = None) -> None:
+                  head_dim: Optional[int] = None, name: str = "capture") -> None:
+    """``name``: how errors call the argument ("capture", or "own.capture")."""
     if capture is None:
         return
     if not isinstance(capture, Capture):
-        raise TypeError(f"capture: expected attnctl.Capture or None, got {type(capture).__name__}")
+        raise TypeError(f"{name}: expected attnctl.Capture or None, got {type(capture).__name__}")
     expected = {"token_mass": (B, H, N), "lse": (B, H, M)}
     if capture.wants_probes:
         expected["probe_mass"] = _check_probe_keys(capture, B, H, device, dtype, head_dim)
     if capture.wants_token_columns:
         tokens = capture.tokens
         if tokens is None:
-            raise ValueError("capture.tokens: maps and head_maps need token indices, got None")
-        _check_tokens(tokens, B, N, device, capture if check_token_values else None)
+            raise ValueError(f"{name}.tokens: maps and head_maps need token indices, got None")
+        _check_tokens(tokens, B, N, device, capture if check_token_values else None, name)
         T = tokens.shape[-1]
         expected["maps"] = (B, M, T)
         expected["head_maps"] = (B, H, M, T)
-    for name, buf in capture.buffers().items():
+    for field_name, buf in capture.buffers().items():
         if not isinstance(buf, torch.Tensor):
-            raise TypeError(f"capture.{name}: expected a torch.Tensor, got {type(buf).__name__}")
+            raise TypeError(f"{name}.{field_name}: expected a torch.Tensor, got {type(buf).__name__}")
         if buf.dtype != torch.float32:
-            raise TypeError(f"capture.{name}: expected dtype float32, got {buf.dtype}")
+            raise TypeError(f"{name}.{field_name}: expected dtype float32, got {buf.dtype}")
         if buf.device != device:
-            raise ValueError(f"capture.{name}: expected device {device} (that of q), got {buf.device}")
-        if _shape(buf) != expected[name]:
-            raise ValueError(f"capture.{name}: expected shape {expected[name]}, got {_shape(buf)}")
+            raise ValueError(f"{name}.{field_name}: expected device {device} (that of q), got {buf.device}")
+        if _shape(buf) != expected[field_name]:
+            raise ValueError(f"{name}.{field_name}: expected shape {expected[field_name]}, got {_shape(buf)}")
     w = capture.head_weights
     if w is not None:
         if capture.maps is None:
-            raise ValueError("capture.head_weights: given without capture.maps, which is what they weight")
+            raise ValueError(f"{name}.head_weights: given without {name}.maps, which is what they weight")
         if not isinstance(w, torch.Tensor) or w.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"capture.head_weights: expected a float tensor, got {getattr(w, 'dtype', type(w).__name__)}")
+            raise TypeError(f"{name}.head_weights: expected a float tensor, got {getattr(w, 'dtype', type(w).__name__)}")
         if w.device != device:
-            raise ValueError(f"capture.head_weights: expected device {device} (that of q), got {w.device}")
+            raise ValueError(f"{name}.head_weights: expected device {device} (that of q), got {w.device}")
         if _shape(w) not in ((H,), (B, H)):
-            raise ValueError(f"capture.head_weights: expected shape ({H},) or ({B}, {H}), got {_shape(w)}")
+            raise ValueError(f"{name}.head_weights: expected shape ({H},) or ({B}, {H}), got {_shape(w)}")
 
 
 def _check_probe_keys(capture: Capture, B: int, H: int, device: torch.device,
@@ -165,15 +167,16 @@ def check_regions(regions, B: int, M: int, N: int, device: torch.device) -> None
         raise ValueError(f"regions.strength: expected a finite number, got {s!r}")
 
 
-def _check_tokens(tokens, B: int, N: int, device: torch.device, memo: Optional[Capture]) -> None:
+def _check_tokens(tokens, B: int, N: int, device: torch.device, memo: Optional[Capture],
+                  name: str = "capture") -> None:
     if not isinstance(tokens, torch.Tensor):
-        raise TypeError(f"capture.tokens: expected a tensor (use Capture.zeros to build one), got {type(tokens).__name__}")
+        raise TypeError(f"{name}.tokens: expected a tensor (use Capture.zeros to build one), got {type(tokens).__name__}")
     if tokens.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"capture.tokens: expected dtype int32 or int64, got {tokens.dtype}")
+        raise TypeError(f"{name}.tokens: expected dtype int32 or int64, got {tokens.dtype}")
     if tokens.device != device:
-        raise ValueError(f"capture.tokens: expected device {device} (that of q), got {tokens.device}")
+        raise ValueError(f"{name}.tokens: expected device {device} (that of q), got {tokens.device}")
     if tokens.dim() not in (1, 2) or tokens.shape[-1] == 0 or (tokens.dim() == 2 and tokens.shape[0] != B):
-        raise ValueError(f"capture.tokens: expected a non-empty shape (T,) or ({B}, T), got {_shape(tokens)}")
+        raise ValueError(f"{name}.tokens: expected a non-empty shape (T,) or ({B}, T), got {_shape(tokens)}")
     if memo is None:
         return
     # The memo holds the tensor itself: an id() could be reused by a new tensor.
@@ -182,7 +185,7 @@ def _check_tokens(tokens, B: int, N: int, device: torch.device, memo: Optional[C
         return
     lo, hi = int(tokens.min()), int(tokens.max())
     if lo < 0 or hi >= N:
-        raise ValueError(f"capture.tokens: expected indices in [0, {N}) (N = number of keys), got range [{lo}, {hi}]")
+        raise ValueError(f"{name}.tokens: expected indices in [0, {N}) (N = number of keys), got range [{lo}, {hi}]")
     memo._checked_tokens = memo._checked_tokens[-7:] + [(tokens, tokens._version, N)]
 
 
@@ -211,8 +214,35 @@ def check_source(source, B: int, device: torch.device, check_values: bool = True
 _checked_sources: list = []
 
 
+def check_own(own, q, k, v, source, check_token_values: bool = True) -> None:
+    """``own``: the two-source form's second term (needs ``source``)."""
+    if own is None:
+        return
+    if not isinstance(own, OwnTerm):
+        raise TypeError(f"own: expected attnctl.OwnTerm or None, got {type(own).__name__}")
+    if source is None:
+        raise ValueError("own: the two-source form needs source= (the item whose logits give the first term); "
+                         "without injection both terms would share one P")
+    values = own.values
+    if not isinstance(values, torch.Tensor):
+        raise TypeError(f"own.values: expected a torch.Tensor, got {type(values).__name__}")
+    if values.dtype != v.dtype:
+        raise TypeError(f"own.values: expected dtype {v.dtype} (that of v), got {values.dtype}")
+    if values.device != v.device:
+        raise ValueError(f"own.values: expected device {v.device} (that of v), got {values.device}")
+    if values.shape != v.shape:
+        raise ValueError(f"own.values: expected shape {_shape(v)} (that of v), got {_shape(values)}")
+    B, H, M, D = q.shape
+    N = k.shape[2]
+    check_broadcastable("own.prob_mult", own.prob_mult, (B, H, M, N), q.device)
+    if own.capture is not None and isinstance(own.capture, Capture) and own.capture.wants_probes:
+        raise ValueError("own.capture: probe keys are not captured from the own term; put them in capture")
+    check_capture(own.capture, B, H, M, N, q.device, check_token_values, dtype=q.dtype, head_dim=D,
+                  name="own.capture")
+
+
 def validate(q, k, v, scale, bias, prob_mult, capture, check_token_values: bool = True,
-             regions=None, source=None) -> float:
+             regions=None, source=None, own=None) -> float:
     """Check every argument; return the resolved softmax scale."""
     check_qkv(q, k, v)
     B, H, M, D = q.shape
@@ -223,6 +253,7 @@ def validate(q, k, v, scale, bias, prob_mult, capture, check_token_values: bool 
     check_capture(capture, B, H, M, N, q.device, check_token_values, dtype=q.dtype, head_dim=D)
     check_regions(regions, B, M, N, q.device)
     check_source(source, B, q.device, check_token_values)
+    check_own(own, q, k, v, source, check_token_values)
     return scale
 
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything a GPU session checks, in one device call (the lease is short; see
 # /work/.library/device/METHOD.md): build the CUDA extension, run the GPU tests of every
-# backend, then the kernel and end-to-end benchmarks. Raw results land in $OUT; copy them
-# to bench/results/ and run bench/update_readme.py.
+# backend, then the kernel, end-to-end and prompt-to-prompt edit benchmarks. Raw results
+# land in $OUT; copy them to bench/results/ and run bench/update_readme.py.
 #
 #   bench/fetch_gpu_wheels.sh            # here, first: diffusers for the GPU machine
 #   device run (carry [".whl"]):  bash bench/gpu_session.sh
@@ -22,3 +22,6 @@ python3 -m pytest -q -x --timeout 900 tests/gpu tests/test_cuda_host.py tests/te
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
 python3 -m attnctl.cli bench --quick --dtype fp16 --dtype bf16 --json "$OUT/kernels-quick-$stamp.json" 2>&1 | tail -60
 python3 -m attnctl.cli bench --skip-kernels --e2e sd15-512 --json "$OUT/e2e-sd15-$stamp.json" 2>&1 | tail -15
+# Prompt-to-prompt edit, whole pipeline calls: fp16 (the CUDA default), 20 steps.
+python3 -m attnctl.cli bench --skip-kernels --p2p sd15-512 --p2p sdxl-1024 --steps 20 \
+    --json "$OUT/p2p-$stamp.json" 2>&1 | tail -15

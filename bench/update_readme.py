@@ -1,4 +1,5 @@
-"""Regenerate the README's benchmark table from the raw results in bench/results/."""
+"""Regenerate the README's benchmark tables (kernels, UNet loop, prompt-to-prompt edit) from
+the raw results in bench/results/."""
 import os
 import sys
 

@@ -24,6 +24,15 @@ Injection (``HAS_SOURCE``): program (b, h) loads q, k and bias of batch item Sou
 and v, prob_mult, region labels and capture/output addresses of b, so b's output is
 P_src · f · V_b and b's captures record that P (prompt-to-prompt).
 
+Two-source form (``HAS_OWN``): the same pass also runs item b's own logits with a second
+online softmax (its own m, l, accumulator) over the second value tensor, and adds the two
+normalised terms: O_b = (P_src·f)·V_b + (P_b·f_own)·V_own_b. Each term has its captures.
+
+Fan-out (``FANOUT`` > 1, injection with no per-item factor or capture): a program owns one
+logit item and up to FANOUT destination items that all take its P (prompt-to-prompt's
+self-attention P_tgt ← P_src together with the source itself); QKᵀ and the softmax run
+once and only the P·V products repeat, per destination.
+
 Region labels (``HAS_REGIONS``) multiply the numerator by 1 - s·[r_q >= 0, r_k >= 0,
 r_q != r_k], computed per tile from the two label vectors (no (M, N) mask in memory).
 
@@ -59,119 +68,79 @@ def _logits_log2(q, k_base, bias_base, offs_m, mask_m, cols, col_mask,
 
 
 @triton.jit
-def attention_fwd_kernel(
-    Q, K, V, Out, Bias, ProbMult, TokenMass, Maps, HeadMaps, Lse, Tokens, HeadWeights,
-    LabelsQ, LabelsK, ProbeKeys, ProbeMass, Source,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
-    stride_pm_b, stride_pm_h, stride_pm_m, stride_pm_n,
+def _online_softmax_step(s, m_i, l_i):
+    """One key block of the online softmax: (p = exp2(s - m_new), rescale α, m_new, l_new)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row with only -inf so far keeps a finite reference so exp2 gives 0, not NaN.
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(s - m_ref[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _add_token_mass_of_block(tm_base, p, l_i, mask_m, offs_n, mask_n, stride_tm_n):
+    """Token mass of a block whose running sum l_i is already the final normaliser."""
+    inv_l = tl.where(mask_m & (l_i > 0), 1.0 / l_i, 0.0)
+    tl.atomic_add(tm_base + offs_n * stride_tm_n, tl.sum(p * inv_l[:, None], 0), mask=mask_n)
+
+
+@triton.jit
+def _numerator(p, pm_base, offs_m, mask_m, offs_n, mask_n, stride_pm_m, stride_pm_n, region_keep,
+               HAS_PROB_MULT: tl.constexpr, HAS_REGIONS: tl.constexpr):
+    """p · f · region factor: the post-softmax factors (numerator only)."""
+    if HAS_PROB_MULT:
+        f = tl.load(pm_base + offs_m[:, None] * stride_pm_m + offs_n[None, :] * stride_pm_n,
+                    mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        p = p * f.to(tl.float32)
+    if HAS_REGIONS:
+        p = p * region_keep
+    return p
+
+
+@triton.jit
+def _pv_update(acc, alpha, p, v_base, offs_n, mask_n, offs_dv, stride_vn, stride_vd,
+               DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc·α + p·V for the value rows of one key block."""
+    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                mask=mask_n[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    return acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _store_rows(out_base, out, offs_m, mask_m, offs_dv, stride_om, stride_od, DV: tl.constexpr):
+    tl.store(out_base + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+             out.to(out_base.dtype.element_ty), mask=mask_m[:, None] & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def _capture_statistics(
+    q, k_base, bias_base, m_i, l_i, offs_m, mask_m, b, h, N, T,
+    TokenMass, Maps, HeadMaps, Lse, Tokens, HeadWeights,
+    stride_kn, stride_kd, stride_bias_m, stride_bias_n,
     stride_tm_b, stride_tm_h, stride_tm_n,
     stride_map_b, stride_map_m, stride_map_t,
     stride_hm_b, stride_hm_h, stride_hm_m, stride_hm_t,
     stride_lse_b, stride_lse_h, stride_lse_m,
-    stride_tok_b, stride_tok_t,
-    stride_w_b, stride_w_h,
-    stride_lq_b, stride_lq_m, stride_lk_b, stride_lk_n,
-    stride_pk_b, stride_pk_h, stride_pk_c, stride_pk_d,
-    stride_pmass_b, stride_pmass_h, stride_pmass_c,
-    H, M, N, T, C, qk_scale_log2, region_strength,
-    D: tl.constexpr, DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_PROB_MULT: tl.constexpr,
-    CAPTURE_TOKEN_MASS: tl.constexpr, CAPTURE_MAPS: tl.constexpr,
-    CAPTURE_HEAD_MAPS: tl.constexpr, CAPTURE_LSE: tl.constexpr,
-    HAS_HEAD_WEIGHTS: tl.constexpr, SINGLE_KEY_BLOCK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    HAS_REGIONS: tl.constexpr = False, CAPTURE_PROBES: tl.constexpr = False,
-    BLOCK_C: tl.constexpr = 16, SINGLE_PROBE_BLOCK: tl.constexpr = True,
-    HAS_SOURCE: tl.constexpr = False,
+    stride_tok_b, stride_tok_t, stride_w_b, stride_w_h, qk_scale_log2,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAPTURE_TOKEN_MASS: tl.constexpr, CAPTURE_MAPS: tl.constexpr, CAPTURE_HEAD_MAPS: tl.constexpr,
+    CAPTURE_LSE: tl.constexpr, HAS_HEAD_WEIGHTS: tl.constexpr, SINGLE_KEY_BLOCK: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    # int64 so that batch/head offsets of large (B, H, M, N) bias tensors cannot overflow.
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    # Injection: the logits (q, k, bias) come from batch item src = Source[b]; values,
-    # prob_mult, regions, captures and the output stay those of b.
-    src = b
-    if HAS_SOURCE:
-        src = tl.load(Source + b).to(tl.int64)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < M
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + src * stride_qb + h * stride_qh
-                + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=mask_m[:, None] & (offs_d[None, :] < D), other=0.0)
-
-    k_base = K + src * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    bias_base = Bias + src * stride_bias_b + h * stride_bias_h
-    pm_base = ProbMult + b * stride_pm_b + h * stride_pm_h
-    tm_base = TokenMass + b * stride_tm_b + h * stride_tm_h
-
-    if HAS_REGIONS:
-        # Region of each query row (-1: unlabelled, never scaled).
-        region_q = tl.load(LabelsQ + b * stride_lq_b + offs_m * stride_lq_m, mask=mask_m, other=-1)
-        lk_base = LabelsK + b * stride_lk_b
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-
-    # ---- main pass: online softmax over key blocks ------------------------------------
-    for start_n in range(0, N, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        s = _logits_log2(q, k_base, bias_base, offs_m, mask_m, offs_n, mask_n,
-                         stride_kn, stride_kd, stride_bias_m, stride_bias_n, qk_scale_log2,
-                         D, BLOCK_D, HAS_BIAS, DOT_PRECISION)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with only -inf so far keeps a finite reference so exp2 gives 0, not NaN.
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_ref)
-        p = tl.exp2(s - m_ref[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
-
-        if CAPTURE_TOKEN_MASS and SINGLE_KEY_BLOCK:
-            # Only one key block: l_i is already the final normaliser.
-            inv_l = tl.where(mask_m & (l_i > 0), 1.0 / l_i, 0.0)
-            tl.atomic_add(tm_base + offs_n * stride_tm_n, tl.sum(p * inv_l[:, None], 0), mask=mask_n)
-
-        if HAS_PROB_MULT:
-            f = tl.load(pm_base + offs_m[:, None] * stride_pm_m + offs_n[None, :] * stride_pm_n,
-                        mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-            p = p * f.to(tl.float32)
-        if HAS_REGIONS:
-            region_k = tl.load(lk_base + offs_n * stride_lk_n, mask=mask_n, other=-1)
-            differ = ((region_q[:, None] >= 0) & (region_k[None, :] >= 0)
-                      & (region_q[:, None] != region_k[None, :]))
-            p = p * tl.where(differ, 1.0 - region_strength, 1.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                    mask=mask_n[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-
+    """The captures that need the final (m, l) of the rows: LSE, token mass when N spans
+    several key blocks, maps / head maps at token columns (logits recomputed)."""
     # Rows outside M get inv_l = 0 so they add nothing to any capture.
     inv_l = tl.where(mask_m & (l_i > 0), 1.0 / l_i, 0.0)
     m_ref = tl.where(m_i == float("-inf"), 0.0, m_i)
-    out = acc * inv_l[:, None]
-    tl.store(Out + b * stride_ob + h * stride_oh
-             + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
-             out.to(Out.dtype.element_ty), mask=mask_m[:, None] & (offs_dv[None, :] < DV))
-
     if CAPTURE_LSE:
         lse_ptr = Lse + b * stride_lse_b + h * stride_lse_h + offs_m * stride_lse_m
         lse = (m_ref + tl.log2(l_i)) * 0.6931471805599453
         tl.store(lse_ptr, tl.load(lse_ptr, mask=mask_m, other=0.0) + lse, mask=mask_m)
 
-    # ---- second pass for token mass when N spans several key blocks --------------------
+    # Token mass over several key blocks: one extra QKᵀ, no PV.
     if CAPTURE_TOKEN_MASS and not SINGLE_KEY_BLOCK:
+        tm_base = TokenMass + b * stride_tm_b + h * stride_tm_h
         for start_n in range(0, N, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
@@ -181,7 +150,7 @@ def attention_fwd_kernel(
             p = tl.exp2(s - m_ref[:, None]) * inv_l[:, None]
             tl.atomic_add(tm_base + offs_n * stride_tm_n, tl.sum(p, 0), mask=mask_n)
 
-    # ---- token-column pass for maps: recompute logits of the captured keys only ----------
+    # Maps: recompute the logits of the captured key columns only.
     if CAPTURE_MAPS or CAPTURE_HEAD_MAPS:
         weight = 1.0
         if HAS_HEAD_WEIGHTS:
@@ -204,6 +173,202 @@ def attention_fwd_kernel(
                 map_ptr = (Maps + b * stride_map_b
                            + offs_m[:, None] * stride_map_m + offs_t[None, :] * stride_map_t)
                 tl.atomic_add(map_ptr, p * weight, mask=mask_mt)
+
+
+@triton.jit
+def attention_fwd_kernel(
+    Q, K, V, Out, Bias, ProbMult, TokenMass, Maps, HeadMaps, Lse, Tokens, HeadWeights,
+    LabelsQ, LabelsK, ProbeKeys, ProbeMass, Source,
+    OwnV, OwnProbMult, OwnTokenMass, OwnMaps, OwnHeadMaps, OwnLse, OwnTokens, OwnHeadWeights,
+    Fanout,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
+    stride_pm_b, stride_pm_h, stride_pm_m, stride_pm_n,
+    stride_tm_b, stride_tm_h, stride_tm_n,
+    stride_map_b, stride_map_m, stride_map_t,
+    stride_hm_b, stride_hm_h, stride_hm_m, stride_hm_t,
+    stride_lse_b, stride_lse_h, stride_lse_m,
+    stride_tok_b, stride_tok_t,
+    stride_w_b, stride_w_h,
+    stride_lq_b, stride_lq_m, stride_lk_b, stride_lk_n,
+    stride_pk_b, stride_pk_h, stride_pk_c, stride_pk_d,
+    stride_pmass_b, stride_pmass_h, stride_pmass_c,
+    stride_ov_b, stride_ov_h, stride_ov_n, stride_ov_d,
+    stride_opm_b, stride_opm_h, stride_opm_m, stride_opm_n,
+    stride_otm_b, stride_otm_h, stride_otm_n,
+    stride_omap_b, stride_omap_m, stride_omap_t,
+    stride_ohm_b, stride_ohm_h, stride_ohm_m, stride_ohm_t,
+    stride_olse_b, stride_olse_h, stride_olse_m,
+    stride_otok_b, stride_otok_t,
+    stride_ow_b, stride_ow_h,
+    stride_fan,
+    H, M, N, T, C, T_OWN, qk_scale_log2, region_strength,
+    D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_PROB_MULT: tl.constexpr,
+    CAPTURE_TOKEN_MASS: tl.constexpr, CAPTURE_MAPS: tl.constexpr,
+    CAPTURE_HEAD_MAPS: tl.constexpr, CAPTURE_LSE: tl.constexpr,
+    HAS_HEAD_WEIGHTS: tl.constexpr, SINGLE_KEY_BLOCK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    HAS_REGIONS: tl.constexpr = False, CAPTURE_PROBES: tl.constexpr = False,
+    BLOCK_C: tl.constexpr = 16, SINGLE_PROBE_BLOCK: tl.constexpr = True,
+    HAS_SOURCE: tl.constexpr = False,
+    HAS_OWN: tl.constexpr = False, HAS_OWN_PROB_MULT: tl.constexpr = False,
+    OWN_CAPTURE_TOKEN_MASS: tl.constexpr = False, OWN_CAPTURE_MAPS: tl.constexpr = False,
+    OWN_CAPTURE_HEAD_MAPS: tl.constexpr = False, OWN_CAPTURE_LSE: tl.constexpr = False,
+    OWN_HAS_HEAD_WEIGHTS: tl.constexpr = False,
+    FANOUT: tl.constexpr = 1,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    # int64 so that batch/head offsets of large (B, H, M, N) bias tensors cannot overflow.
+    h = (pid_bh % H).to(tl.int64)
+    if FANOUT > 1:
+        # Fan-out (injection without per-item factors or captures): row c of the table is
+        # [logit item, destination items...] (-1 pads); P is computed once from the logit
+        # item and applied to each destination's values: one QKᵀ and softmax for all.
+        fan_base = Fanout + (pid_bh // H).to(tl.int64) * stride_fan
+        src = tl.load(fan_base).to(tl.int64)
+        b = tl.load(fan_base + 1).to(tl.int64)
+        b1 = tl.load(fan_base + 2).to(tl.int64)
+        if FANOUT > 2:
+            b2 = tl.load(fan_base + 3).to(tl.int64)
+            b3 = tl.load(fan_base + 4).to(tl.int64)
+    else:
+        b = (pid_bh // H).to(tl.int64)
+        # Injection: the logits (q, k, bias) come from batch item src = Source[b]; values,
+        # prob_mult, regions, captures and the output stay those of b.
+        src = b
+        if HAS_SOURCE:
+            src = tl.load(Source + b).to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_tile = offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q_mask = mask_m[:, None] & (offs_d[None, :] < D)
+    q = tl.load(Q + src * stride_qb + h * stride_qh + q_tile, mask=q_mask, other=0.0)
+
+    k_base = K + src * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    bias_base = Bias + src * stride_bias_b + h * stride_bias_h
+    pm_base = ProbMult + b * stride_pm_b + h * stride_pm_h
+    tm_base = TokenMass + b * stride_tm_b + h * stride_tm_h
+
+    if HAS_REGIONS:
+        # Region of each query row (-1: unlabelled, never scaled).
+        region_q = tl.load(LabelsQ + b * stride_lq_b + offs_m * stride_lq_m, mask=mask_m, other=-1)
+        lk_base = LabelsK + b * stride_lk_b
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    if FANOUT > 1:
+        acc1 = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+        if FANOUT > 2:
+            acc2 = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+            acc3 = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    if HAS_OWN:
+        # Two-source form: the second term is item b's own attention, its own normaliser.
+        q_own = tl.load(Q + b * stride_qb + h * stride_qh + q_tile, mask=q_mask, other=0.0)
+        k_own_base = K + b * stride_kb + h * stride_kh
+        bias_own_base = Bias + b * stride_bias_b + h * stride_bias_h
+        v_own_base = OwnV + b * stride_ov_b + h * stride_ov_h
+        opm_base = OwnProbMult + b * stride_opm_b + h * stride_opm_h
+        otm_base = OwnTokenMass + b * stride_otm_b + h * stride_otm_h
+        m_own = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_own = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc_own = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    # ---- main pass: online softmax over key blocks ------------------------------------
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        s = _logits_log2(q, k_base, bias_base, offs_m, mask_m, offs_n, mask_n,
+                         stride_kn, stride_kd, stride_bias_m, stride_bias_n, qk_scale_log2,
+                         D, BLOCK_D, HAS_BIAS, DOT_PRECISION)
+        p, alpha, m_i, l_i = _online_softmax_step(s, m_i, l_i)
+        if CAPTURE_TOKEN_MASS and SINGLE_KEY_BLOCK:
+            _add_token_mass_of_block(tm_base, p, l_i, mask_m, offs_n, mask_n, stride_tm_n)
+
+        region_keep = 1.0
+        if HAS_REGIONS:
+            region_k = tl.load(lk_base + offs_n * stride_lk_n, mask=mask_n, other=-1)
+            differ = ((region_q[:, None] >= 0) & (region_k[None, :] >= 0)
+                      & (region_q[:, None] != region_k[None, :]))
+            region_keep = tl.where(differ, 1.0 - region_strength, 1.0)
+        pf = _numerator(p, pm_base, offs_m, mask_m, offs_n, mask_n, stride_pm_m, stride_pm_n, region_keep,
+                        HAS_PROB_MULT, HAS_REGIONS)
+        acc = _pv_update(acc, alpha, pf, v_base, offs_n, mask_n, offs_dv, stride_vn, stride_vd,
+                         DV, DOT_PRECISION)
+        if FANOUT > 1:
+            # Uniform branches: a padded slot costs neither loads nor a product.
+            if b1 >= 0:
+                acc1 = _pv_update(acc1, alpha, p, V + b1 * stride_vb + h * stride_vh, offs_n, mask_n, offs_dv,
+                                  stride_vn, stride_vd, DV, DOT_PRECISION)
+            if FANOUT > 2:
+                if b2 >= 0:
+                    acc2 = _pv_update(acc2, alpha, p, V + b2 * stride_vb + h * stride_vh, offs_n, mask_n,
+                                      offs_dv, stride_vn, stride_vd, DV, DOT_PRECISION)
+                if b3 >= 0:
+                    acc3 = _pv_update(acc3, alpha, p, V + b3 * stride_vb + h * stride_vh, offs_n, mask_n,
+                                      offs_dv, stride_vn, stride_vd, DV, DOT_PRECISION)
+
+        if HAS_OWN:
+            s_own = _logits_log2(q_own, k_own_base, bias_own_base, offs_m, mask_m, offs_n, mask_n,
+                                 stride_kn, stride_kd, stride_bias_m, stride_bias_n, qk_scale_log2,
+                                 D, BLOCK_D, HAS_BIAS, DOT_PRECISION)
+            p_own, alpha_own, m_own, l_own = _online_softmax_step(s_own, m_own, l_own)
+            if OWN_CAPTURE_TOKEN_MASS and SINGLE_KEY_BLOCK:
+                _add_token_mass_of_block(otm_base, p_own, l_own, mask_m, offs_n, mask_n, stride_otm_n)
+            pf_own = _numerator(p_own, opm_base, offs_m, mask_m, offs_n, mask_n, stride_opm_m, stride_opm_n,
+                                region_keep, HAS_OWN_PROB_MULT, HAS_REGIONS)
+            acc_own = _pv_update(acc_own, alpha_own, pf_own, v_own_base, offs_n, mask_n, offs_dv,
+                                 stride_ov_n, stride_ov_d, DV, DOT_PRECISION)
+
+    inv_l = tl.where(mask_m & (l_i > 0), 1.0 / l_i, 0.0)
+    out = acc * inv_l[:, None]
+    if HAS_OWN:
+        out += acc_own * tl.where(mask_m & (l_own > 0), 1.0 / l_own, 0.0)[:, None]
+    _store_rows(Out + b * stride_ob + h * stride_oh, out, offs_m, mask_m, offs_dv, stride_om, stride_od, DV)
+    if FANOUT > 1:
+        if b1 >= 0:
+            _store_rows(Out + b1 * stride_ob + h * stride_oh, acc1 * inv_l[:, None], offs_m, mask_m, offs_dv,
+                        stride_om, stride_od, DV)
+        if FANOUT > 2:
+            if b2 >= 0:
+                _store_rows(Out + b2 * stride_ob + h * stride_oh, acc2 * inv_l[:, None], offs_m, mask_m,
+                            offs_dv, stride_om, stride_od, DV)
+            if b3 >= 0:
+                _store_rows(Out + b3 * stride_ob + h * stride_oh, acc3 * inv_l[:, None], offs_m, mask_m,
+                            offs_dv, stride_om, stride_od, DV)
+
+    # ---- captures that need the final normaliser ---------------------------------------
+    _capture_statistics(
+        q, k_base, bias_base, m_i, l_i, offs_m, mask_m, b, h, N, T,
+        TokenMass, Maps, HeadMaps, Lse, Tokens, HeadWeights,
+        stride_kn, stride_kd, stride_bias_m, stride_bias_n,
+        stride_tm_b, stride_tm_h, stride_tm_n, stride_map_b, stride_map_m, stride_map_t,
+        stride_hm_b, stride_hm_h, stride_hm_m, stride_hm_t, stride_lse_b, stride_lse_h, stride_lse_m,
+        stride_tok_b, stride_tok_t, stride_w_b, stride_w_h, qk_scale_log2,
+        D, BLOCK_N, BLOCK_D, BLOCK_T, HAS_BIAS, DOT_PRECISION,
+        CAPTURE_TOKEN_MASS, CAPTURE_MAPS, CAPTURE_HEAD_MAPS, CAPTURE_LSE, HAS_HEAD_WEIGHTS, SINGLE_KEY_BLOCK)
+    if HAS_OWN:
+        _capture_statistics(
+            q_own, k_own_base, bias_own_base, m_own, l_own, offs_m, mask_m, b, h, N, T_OWN,
+            OwnTokenMass, OwnMaps, OwnHeadMaps, OwnLse, OwnTokens, OwnHeadWeights,
+            stride_kn, stride_kd, stride_bias_m, stride_bias_n,
+            stride_otm_b, stride_otm_h, stride_otm_n, stride_omap_b, stride_omap_m, stride_omap_t,
+            stride_ohm_b, stride_ohm_h, stride_ohm_m, stride_ohm_t, stride_olse_b, stride_olse_h, stride_olse_m,
+            stride_otok_b, stride_otok_t, stride_ow_b, stride_ow_h, qk_scale_log2,
+            D, BLOCK_N, BLOCK_D, BLOCK_T, HAS_BIAS, DOT_PRECISION,
+            OWN_CAPTURE_TOKEN_MASS, OWN_CAPTURE_MAPS, OWN_CAPTURE_HEAD_MAPS, OWN_CAPTURE_LSE,
+            OWN_HAS_HEAD_WEIGHTS, SINGLE_KEY_BLOCK)
 
     # ---- auxiliary-key probes: a softmax over the probe keys alone, summed over rows -----
     if CAPTURE_PROBES:

@@ -19,6 +19,7 @@ from triton.compiler import ASTSource
 from attnctl.backends._layout import empty_output
 from attnctl.backends.triton_backend import kernel_arguments, logit_max_arguments
 from attnctl.capture import Capture
+from attnctl.injection import OwnTerm
 from attnctl.kernels.attention import attention_fwd_kernel, logit_max_kernel
 from attnctl.regions import Regions
 
@@ -41,6 +42,12 @@ CASES = {  # name: (dtype, head dim, keys)
     "logitmax-fp16-d64-n4096": (torch.float16, 64, 4096),
     # injection (prompt-to-prompt): q/k/bias of item source[b], with token-mass capture
     "inject-fp16-d40-n300": (torch.float16, 40, 300),
+    # the two-source form (Refine / Reweight) with LocalBlend-style map captures of both terms
+    "twosource-fp16-d40-n77": (torch.float16, 40, 77),
+    "twosource-bf16-d160-n77": (torch.bfloat16, 160, 77),
+    # self-attention injection fanned out: 4 destinations at d40, 2 at d80
+    "fanout-fp16-d40-n4096": (torch.float16, 40, 4096),
+    "fanout-bf16-d80-n1024": (torch.bfloat16, 80, 1024),
 }
 PROBE_KEYS = {"ext-fp16-d64-n77": 40, "ext-bf16-d160-n300": 100}
 
@@ -54,6 +61,15 @@ def case(name: str):
         capture = Capture.zeros(q, k, token_mass=True)
         return q, k, v, dict(bias=torch.zeros(B, 1, M, N, dtype=dtype), prob_mult=torch.zeros(1, 1, 1, N),
                              capture=capture, source=torch.zeros(B, dtype=torch.int64))
+    if name.startswith("twosource"):
+        tokens = list(range(N))
+        return q, k, v, dict(bias=None, prob_mult=None, source=torch.zeros(B, dtype=torch.int64),
+                             capture=Capture.zeros(q, k, tokens=tokens, maps=True),
+                             own=OwnTerm(v, torch.zeros(B, 1, 1, N), Capture.zeros(q, k, tokens=tokens, maps=True)))
+    if name.startswith("fanout"):
+        width = 4 if D <= 64 else 2
+        return q, k, v, dict(bias=None, prob_mult=None, capture=None,
+                             fanout=torch.zeros(B, 1 + width, dtype=torch.int32))
     if not name.startswith(("all", "ext")):
         return q, k, v, dict(bias=None, prob_mult=None, capture=None)
     probe_keys = torch.zeros(1, H, PROBE_KEYS[name], D, dtype=dtype) if name in PROBE_KEYS else None

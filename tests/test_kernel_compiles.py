@@ -17,7 +17,9 @@ SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # opt-in max per block, 
                                        ("all-fp16-d160-n77", 80), ("plain-bf16-d40-n77", 90),
                                        ("ext-fp16-d64-n77", 90), ("ext-bf16-d160-n300", 80),
                                        ("logitmax-fp16-d64-n4096", 80),
-                                       ("inject-fp16-d40-n300", 80)])
+                                       ("inject-fp16-d40-n300", 80), ("twosource-fp16-d40-n77", 90),
+                                       ("twosource-bf16-d160-n77", 80), ("fanout-fp16-d40-n4096", 90),
+                                       ("fanout-bf16-d80-n1024", 80)])
 def test_kernel_compiles_for_nvidia(case, arch):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, os.path.join(HERE, "compile_kernel.py"), case, str(arch)],

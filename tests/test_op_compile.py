@@ -159,3 +159,30 @@ def test_compiled_graph_calls_the_custom_op():
     targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
     assert sum("attnctl.attention" in t for t in targets) == 1, targets
     assert not any("matmul" in t or "softmax" in t for t in targets), targets
+
+
+def test_compile_two_source_form():
+    """Injection with the own term (prompt-to-prompt Refine) traces as one op call, its own
+    capture buffers mutated in place like the main ones."""
+    torch._dynamo.reset()
+    q, k, v = make_qkv(B, H, M, N, DH)
+    own_values = torch.randn(B, H, N, DH, device=DEVICE)
+    source = torch.tensor([1, 1], device=DEVICE)
+    own_pm = make_operand("b11n", B, H, M, N, kind="signed")
+
+    def edit(q, k, v, own_values, own_pm, cap, own_cap):
+        own = attnctl.OwnTerm(own_values, own_pm, own_cap)
+        return attnctl.attention(q, k, v, source=source, capture=cap, own=own)
+
+    caps = [_capture({"maps", "lse"}) for _ in range(2)]
+    caps[1] = _copy(caps[0])
+    own_caps = [_capture({"token_mass", "head_maps"}) for _ in range(2)]
+    own_caps[1] = _copy(own_caps[0])
+    compiled = torch.compile(edit, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        expected = edit(q, k, v, own_values, own_pm, caps[0], own_caps[0])
+        got = compiled(q, k, v, own_values, own_pm, caps[1], own_caps[1])
+    compare("two-source output", got, expected)
+    for eager, traced in ((caps[0], caps[1]), (own_caps[0], own_caps[1])):
+        for name, buf in eager.buffers().items():
+            compare(f"two-source capture.{name}", getattr(traced, name), buf)

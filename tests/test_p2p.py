@@ -196,7 +196,8 @@ class Original(ReferenceState):
 
 def _compare(pipe, state, controller, backend, prompts):
     expected = run_reference(pipe, state, prompts, steps=STEPS, **SIZE)
-    with attnctl.install(pipe, controller, backend=backend):
+    controllers = controller if isinstance(controller, list) else [controller]
+    with attnctl.install(pipe, *controllers, backend=backend):
         got = generate_latents(pipe, prompts, steps=STEPS, **SIZE)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=5e-5)
     plain = generate_latents(pipe, prompts, steps=STEPS, **SIZE)
@@ -410,13 +411,56 @@ def test_compose_rules():
     src = torch.tensor([0, 0])
     own = torch.rand(2, 1, 1, 3)
     other = torch.rand(2, 1, 1, 3)
-    plan, _ = compose([Plan(source=src, value_map=torch.eye(3).repeat(2, 1, 1), own_prob_mult=own),
-                       Plan(prob_mult=other)], shape, "cpu")
-    assert plan.source is src and torch.equal(plan.prob_mult, other)
-    torch.testing.assert_close(plan.own_prob_mult, own * other)     # other factors multiply both terms
+    W = torch.rand(2, 3, 3)
+    plan, _ = compose([Plan(source=src, value_map=W, own_prob_mult=own), Plan(prob_mult=other)], shape, "cpu")
+    # Other factors act on the edited map at the target's token columns: folded into the
+    # value map of the injected term (W[j, n]·f[n]), multiplied into the own term's factor.
+    assert plan.source is src and plan.prob_mult is None
+    torch.testing.assert_close(plan.value_map, W[:, None] * other[:, :, 0, None, :])
+    torch.testing.assert_close(plan.own_prob_mult, own * other)
+    plan, _ = compose([Plan(source=src), Plan(prob_mult=other)], shape, "cpu")   # self-attention: same space
+    assert torch.equal(plan.prob_mult, other) and plan.value_map is None
+    with pytest.raises(ValueError, match=r"compose: prob_mult of shape \(2, 1, 4, 3\) varies over the query "
+                                         r"pixels and cannot act on a prompt-to-prompt token map"):
+        compose([Plan(source=src, value_map=W), Plan(prob_mult=torch.rand(2, 1, 4, 3))], shape, "cpu")
     with pytest.raises(ValueError, match="compose: value_map/own_prob_mult: expected a source in the same plan"):
         compose([Plan(value_map=torch.eye(3))], shape, "cpu")
     with pytest.raises(ValueError, match="compose: own_capture: expected own_prob_mult in the same plan"):
         compose([Plan(source=src, own_capture=attnctl.Capture())], shape, "cpu")
     with pytest.raises(ValueError, match="compose: source: expected at most one controller's plan"):
         compose([Plan(source=src), Plan(source=src)], shape, "cpu")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_concept_strengthening_inside_replace(backend):
+    """HRV concept strengthening composed with a word swap: the target word's edited map
+    (P_src·M at its columns) rescaled per head by HRV_c[h], as a post-edit factor on the
+    reference's explicit P."""
+    from diffusers.models.attention_processor import Attention
+    from attnctl.tools.hrv import ConceptStrengthening, HeadRelevance
+
+    pipe = sd_pipe()
+    prompts = REPLACE[:2]
+    layers = [(name, m.heads) for name, m in pipe.unet.named_modules()
+              if isinstance(m, Attention) and m.is_cross_attention]
+    total = sum(h for _, h in layers)
+    values = torch.rand(2, total, generator=torch.Generator().manual_seed(3)) * 3
+    hrv = HeadRelevance(concepts=["animal", "vehicle"], layers=layers, hrv=values, counts=torch.zeros(total, 2))
+    offsets = hrv.offsets()
+    dog = get_word_inds(prompts[1], "dog", pipe.tokenizer)
+
+    class Strengthened(Original):
+        def mult(self, info):
+            if not info.is_cross:
+                return None
+            start, heads = offsets[info.layer]
+            f = torch.ones(4, heads, 1, N)
+            f[3, :, 0, dog] = values[0, start:start + heads][:, None]   # the target's cond row
+            return f
+
+    state = Strengthened(prompts, pipe.tokenizer, "replace", 0.8, 0.4)
+    _compare(pipe, state, [Replace(cross_steps=0.8, self_steps=0.4), ConceptStrengthening(hrv, "dog", "animal")],
+             backend, prompts)
+    with pytest.raises(ValueError, match="ConceptStrengthening: word 'zebra' is in none of the prompts"):
+        with attnctl.install(pipe, ConceptStrengthening(hrv, "zebra", "animal")):
+            generate_latents(pipe, prompts, steps=1, **SIZE)

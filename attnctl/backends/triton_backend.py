@@ -7,6 +7,7 @@ import torch
 import triton
 
 from attnctl.capture import Capture
+from attnctl.injection import OwnTerm
 from attnctl.kernels.attention import LOG2E, attention_fwd_kernel, logit_max_kernel
 from attnctl.regions import Regions
 from ._layout import broadcast_strides, empty_output
@@ -18,21 +19,24 @@ def _pow2_at_least_16(n: int) -> int:
 
 
 def launch_config(head_dim: int, value_dim: int, num_keys: int, num_tokens: int,
-                  captures: bool, elem_size: int) -> dict:
+                  captures: bool, elem_size: int, accumulators: int = 1) -> dict:
     """Block sizes and warps by shape.
 
     N up to 128 keys (cross-attention, N = 77) fits a single key block, which makes
     token-mass capture single-pass. Tiles are sized so that ptxas neither spills much nor
     exceeds shared memory (tests/compile_kernel.py reports both for sm_80/sm_90 without a
-    GPU): 128 query rows only for 16-bit inputs with head dims up to 64, and not with
-    captures on a 128-key tile; 8 warps for 128 x 128 tiles and for the capture passes.
+    GPU): 128 query rows only for 16-bit inputs with head dims up to 64, one output
+    accumulator, and not with captures on a 128-key tile; 8 warps for 128 x 128 tiles and
+    for the capture passes. ``accumulators``: output tiles a program keeps (2 for the
+    two-source form, the fan-out width), which count like a wider value tile.
     """
     block_d = _pow2_at_least_16(head_dim)
     block_dv = _pow2_at_least_16(value_dim)
     block_n = _pow2_at_least_16(num_keys) if num_keys <= 128 else 64
-    narrow = max(block_d, block_dv) <= 64 and elem_size == 2 and not (captures and block_n == 128)
+    width = block_dv * accumulators
+    narrow = max(block_d, width) <= 64 and elem_size == 2 and not (captures and block_n == 128)
     block_m = 128 if narrow else 64
-    big_tile = block_m * max(block_n, block_dv) >= 128 * 128
+    big_tile = block_m * max(block_n, width) >= 128 * 128
     return dict(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
@@ -40,21 +44,32 @@ def launch_config(head_dim: int, value_dim: int, num_keys: int, num_tokens: int,
         BLOCK_DV=block_dv,
         BLOCK_T=min(64, _pow2_at_least_16(num_tokens)),
         num_warps=8 if big_tile or captures else 4,
-        # fp32 tiles are twice the bytes: one stage keeps them inside sm_80's 163 KB.
-        num_stages=2 if elem_size == 2 else 1,
+        # fp32 tiles are twice the bytes, and the two-source form at d = 160 streams two
+        # 256-wide value tiles: one stage keeps either inside sm_80's 163 KB.
+        num_stages=2 if elem_size == 2 and width < 512 else 1,
     )
 
 
 def kernel_arguments(q, k, v, out, *, scale: float, bias: Optional[torch.Tensor],
                      prob_mult: Optional[torch.Tensor], capture: Optional[Capture],
-                     regions: Optional[Regions] = None, source: Optional[torch.Tensor] = None):
-    """(grid, positional arguments, compile-time arguments) of one kernel launch."""
+                     regions: Optional[Regions] = None, source: Optional[torch.Tensor] = None,
+                     own: Optional[OwnTerm] = None, fanout: Optional[torch.Tensor] = None):
+    """(grid, positional arguments, compile-time arguments) of one kernel launch.
+
+    ``fanout``: a table from :func:`fanout_table` (used in place of ``source``)."""
     B, H, M, D = q.shape
     N, DV = k.shape[2], v.shape[3]
     cap = capture if capture is not None else Capture()
+    own_values = own.values if own is not None else None
+    own_pm = own.prob_mult if own is not None else None
+    own_cap = own.capture if own is not None and own.capture is not None else Capture()
     tokens = cap.tokens if cap.wants_token_columns else None
+    own_tokens = own_cap.tokens if own_cap.wants_token_columns else None
     T = tokens.shape[-1] if tokens is not None else 0
-    cfg = launch_config(D, DV, N, T, captures=not cap.empty, elem_size=q.element_size())
+    T_own = own_tokens.shape[-1] if own_tokens is not None else 0
+    fan = fanout.shape[1] - 1 if fanout is not None else 1
+    cfg = launch_config(D, DV, N, max(T, T_own), captures=not (cap.empty and own_cap.empty),
+                        elem_size=q.element_size(), accumulators=2 if own is not None else fan)
     probes = cap.probe_keys is not None and cap.probe_mass is not None
     C = cap.probe_keys.shape[2] if probes else 0
     # Probe blocks: up to 64 probe keys per block (a concept set of a few words fits one).
@@ -67,18 +82,26 @@ def kernel_arguments(q, k, v, out, *, scale: float, bias: Optional[torch.Tensor]
     def ptr(t):  # absent operands get q: their loads are compiled out by the flags below
         return t if t is not None else q
 
+    def capture_strides(c: Capture, column_tokens):
+        return (*broadcast_strides(c.token_mass, 3), *broadcast_strides(c.maps, 3),
+                *broadcast_strides(c.head_maps, 4), *broadcast_strides(c.lse, 3),
+                *broadcast_strides(column_tokens, 2), *broadcast_strides(c.head_weights, 2))
+
     args = [
         q, k, v, out, ptr(bias), ptr(prob_mult), ptr(cap.token_mass), ptr(cap.maps),
         ptr(cap.head_maps), ptr(cap.lse), ptr(tokens), ptr(cap.head_weights),
         ptr(labels_q), ptr(labels_k), ptr(probe_keys), ptr(probe_mass), ptr(source),
+        ptr(own_values), ptr(own_pm), ptr(own_cap.token_mass), ptr(own_cap.maps), ptr(own_cap.head_maps),
+        ptr(own_cap.lse), ptr(own_tokens), ptr(own_cap.head_weights), ptr(fanout),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *broadcast_strides(bias, 4), *broadcast_strides(prob_mult, 4),
-        *broadcast_strides(cap.token_mass, 3), *broadcast_strides(cap.maps, 3),
-        *broadcast_strides(cap.head_maps, 4), *broadcast_strides(cap.lse, 3),
-        *broadcast_strides(tokens, 2), *broadcast_strides(cap.head_weights, 2),
+        *capture_strides(cap, tokens),
         *broadcast_strides(labels_q, 2), *broadcast_strides(labels_k, 2),
         *broadcast_strides(probe_keys, 4), *broadcast_strides(probe_mass, 3),
-        H, M, N, T, C, scale * LOG2E, float(regions.strength) if regions is not None else 0.0,
+        *broadcast_strides(own_values, 4), *broadcast_strides(own_pm, 4),
+        *capture_strides(own_cap, own_tokens),
+        fanout.stride(0) if fanout is not None else 0,
+        H, M, N, T, C, T_own, scale * LOG2E, float(regions.strength) if regions is not None else 0.0,
     ]
     meta = dict(
         D=D, DV=DV,
@@ -92,19 +115,67 @@ def kernel_arguments(q, k, v, out, *, scale: float, bias: Optional[torch.Tensor]
         HAS_REGIONS=regions is not None, CAPTURE_PROBES=probes,
         BLOCK_C=block_c, SINGLE_PROBE_BLOCK=C <= block_c,
         HAS_SOURCE=source is not None,
+        HAS_OWN=own is not None, HAS_OWN_PROB_MULT=own_pm is not None,
+        OWN_CAPTURE_TOKEN_MASS=own_cap.token_mass is not None, OWN_CAPTURE_MAPS=own_cap.maps is not None,
+        OWN_CAPTURE_HEAD_MAPS=own_cap.head_maps is not None, OWN_CAPTURE_LSE=own_cap.lse is not None,
+        OWN_HAS_HEAD_WEIGHTS=own_cap.head_weights is not None,
+        FANOUT=fan,
         **cfg,
     )
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), B * H)
+    programs = fanout.shape[0] if fanout is not None else B
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), programs * H)
     return grid, args, meta
+
+
+# The fan-out kernel keeps one output tile per destination: at most 4, and at most 256
+# value columns in all (so d = 160 never fans out, d = 80 pairs, d <= 64 takes four).
+MAX_FANOUT, MAX_FANOUT_COLUMNS = 4, 256
+_fanout_memo: list = []
+
+
+def fanout_width(value_dim: int, largest_group: int) -> int:
+    """Destinations per fan-out program (2 or 4), or 1 when fanning out does not apply."""
+    cap = min(MAX_FANOUT, MAX_FANOUT_COLUMNS // _pow2_at_least_16(value_dim))
+    if largest_group < 2 or cap < 2:
+        return 1
+    return min(cap, triton.next_power_of_2(largest_group))
+
+
+def fanout_table(source: torch.Tensor, value_dim: int) -> Optional[torch.Tensor]:
+    """Injection grouped by logit item: rows [item, destinations...] (-1 pads) covering
+    every batch item once, or None when no item gives its P to two.
+
+    Reading ``source`` syncs the device once per (tensor, version): controllers reuse one
+    source tensor for all the layers of a step."""
+    for t, version, dim, table in _fanout_memo:
+        if t is source and version == source._version and dim == value_dim:
+            return table
+    groups: dict = {}
+    for b, s in enumerate(source.tolist()):
+        groups.setdefault(s, []).append(b)
+    width = fanout_width(value_dim, max(len(g) for g in groups.values()))
+    table = None
+    if width > 1:
+        rows = [[s] + (dests[i:i + width] + [-1] * width)[:width]
+                for s, dests in groups.items() for i in range(0, len(dests), width)]
+        table = torch.tensor(rows, dtype=torch.int32).to(source.device, non_blocking=True)
+    _fanout_memo[:] = _fanout_memo[-15:] + [(source, source._version, value_dim, table)]
+    return table
 
 
 def attention_triton(q, k, v, *, scale: float, bias: Optional[torch.Tensor],
                      prob_mult: Optional[torch.Tensor], capture: Optional[Capture],
-                     regions: Optional[Regions] = None, source: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     regions: Optional[Regions] = None, source: Optional[torch.Tensor] = None,
+                     own: Optional[OwnTerm] = None) -> torch.Tensor:
     out = empty_output(q, v.shape[3])
-    grid, args, meta = kernel_arguments(q, k, v, out, scale=scale, bias=bias,
-                                        prob_mult=prob_mult, capture=capture, regions=regions,
-                                        source=source)
+    fanout = None
+    per_item_work = (prob_mult is not None or regions is not None or own is not None
+                     or (capture is not None and not capture.empty))
+    if source is not None and not per_item_work:
+        fanout = fanout_table(source, v.shape[3])
+    grid, args, meta = kernel_arguments(q, k, v, out, scale=scale, bias=bias, prob_mult=prob_mult,
+                                        capture=capture, regions=regions,
+                                        source=source if fanout is None else None, own=own, fanout=fanout)
     attention_fwd_kernel[grid](*args, **meta)
     return out
 

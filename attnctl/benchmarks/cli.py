@@ -5,7 +5,7 @@ import argparse
 
 import torch
 
-from . import contenders, e2e, report, runner, shapes
+from . import contenders, e2e, p2p_edit, report, runner, shapes
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -26,14 +26,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="also time a UNet denoising loop of this architecture (random weights, CFG)")
     p.add_argument("--e2e-contender", action="append", choices=tuple(e2e.CONTENDERS),
                    help="only these end-to-end contenders (repeatable)")
-    p.add_argument("--steps", type=int, default=20, help="denoising steps of the end-to-end loop")
-    p.add_argument("--skip-kernels", action="store_true", help="only the end-to-end loop")
+    p.add_argument("--p2p", action="append", choices=tuple(m for m in p2p_edit.MODELS if m != "tiny"),
+                   help="also time a two-prompt prompt-to-prompt edit through the whole pipeline of this "
+                        "architecture (random weights, CFG): fused against materialising")
+    p.add_argument("--p2p-contender", action="append", choices=tuple(p2p_edit.CONTENDERS),
+                   help="only these prompt-to-prompt contenders (repeatable)")
+    p.add_argument("--steps", type=int, default=20,
+                   help=f"denoising steps of the end-to-end loop and of the p2p edit "
+                        f"(the edit: at most {p2p_edit.MAX_STEPS})")
+    p.add_argument("--skip-kernels", action="store_true", help="only the end-to-end loop and/or the p2p edit")
     p.set_defaults(func=main)
     return p
 
 
 def main(args: argparse.Namespace) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.p2p:  # before the kernel benchmarks, not after them
+        try:
+            p2p_edit.check_steps(args.steps)
+        except ValueError as exc:
+            raise SystemExit(f"attnctl bench: --{exc}")
     if device == "cpu":
         print("No CUDA device: running the CPU smoke configuration (times mean nothing for speed).")
         todo, dtypes = shapes.smoke_catalog(), args.dtype or ["fp32"]
@@ -69,6 +81,9 @@ def main(args: argparse.Namespace) -> int:
             result["e2e"] += e2e.run_e2e(model, args.e2e_contender or list(e2e.CONTENDERS),
                                          steps=steps, dtype=dtype, device=device)
         print(report.format_e2e_table(result["e2e"]))
+    if args.p2p:
+        result["p2p"] = _run_p2p(args, device)
+        print(report.format_p2p_table(result["p2p"]))
     if args.json:
         report.save(result, args.json)
         print(f"wrote {args.json}")
@@ -76,3 +91,20 @@ def main(args: argparse.Namespace) -> int:
         report.plot(result, args.plot)
         print(f"wrote {args.plot}")
     return 0
+
+
+def _run_p2p(args: argparse.Namespace, device: str) -> list:
+    # On a CPU the tiny offline pipeline stands in for the real architectures (smoke only).
+    models = args.p2p if device == "cuda" else ["tiny"]
+    steps = args.steps if device == "cuda" else 2
+    dtype = torch.float16 if device == "cuda" else torch.float32
+
+    def progress(rec):  # one line per contender, so a run cut short still shows what it measured
+        done = f"{rec['median_ms']:.0f} ms" if rec["status"] == "ok" else rec["status"]
+        print(f"p2p {rec['model']} {rec['contender']}: {done}", flush=True)
+
+    rows = []
+    for model in models:
+        rows += p2p_edit.run_p2p_edit(model, steps=steps, dtype=dtype, device=device,
+                                      contenders=args.p2p_contender, progress=progress)
+    return rows

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from attnctl.capture import Capture
+from attnctl.injection import OwnTerm
 from attnctl.op import attention
-from attnctl.reference import attention_reference
+from attnctl.reference import attention_reference, softmax_with_empty_rows
 
 from .shapes import AttnShape
 
@@ -81,6 +82,42 @@ def _attnctl(backend: str, with_capture: bool):
     return build
 
 
+def _p2p_operands(x: Inputs):
+    """Prompt-to-prompt's attention edit at this shape: batch rows in (source, target)
+    pairs, each target taking its source's P. Cross-attention: the two-source form (Refine:
+    a random 77×77 token map W on the injected term, a per-token factor on the target's own
+    term); self-attention: injection alone (P_tgt ← P_src)."""
+    B, N = x.shape.B, x.shape.N
+    source = torch.arange(B, device=x.q.device) // 2 * 2
+    if x.shape.kind == "self":
+        return source, None, None
+    gen = torch.Generator(device=x.q.device).manual_seed(0)
+    W = torch.rand(B, N, N, device=x.q.device, generator=gen, dtype=x.q.dtype)
+    own = torch.rand(B, 1, 1, N, device=x.q.device, generator=gen)
+    return source, W, own
+
+
+def _attnctl_p2p(x: Inputs):
+    source, W, own = _p2p_operands(x)
+    if W is None:
+        return lambda: attention(x.q, x.k, x.v, source=source, backend="triton")
+    return lambda: attention(x.q, x.k, torch.matmul(W[:, None], x.v), source=source, backend="triton",
+                             own=OwnTerm(x.v, own))
+
+
+def _materialised_p2p(x: Inputs):
+    # The original's way: every P explicit in the inputs' precision, the target's replaced
+    # by (an edit of) the source's, then PV.
+    source, W, own = _p2p_operands(x)
+    scale = x.q.shape[-1] ** -0.5
+
+    def run():
+        p, _ = softmax_with_empty_rows(torch.matmul(x.q, x.k.transpose(-1, -2)) * scale)
+        edited = p[source] if W is None else torch.matmul(p[source], W[:, None]) + p * own.to(p.dtype)
+        return torch.matmul(edited, x.v)
+    return run
+
+
 CONTENDERS: Dict[str, Contender] = {c.name: c for c in [
     Contender("sdpa", False, _sdpa(None)),
     Contender("sdpa-flash", False, _sdpa("FLASH_ATTENTION"), cuda_only=True),
@@ -92,6 +129,8 @@ CONTENDERS: Dict[str, Contender] = {c.name: c for c in [
     Contender("triton+capture", True, _attnctl("triton", True)),
     Contender("cuda", False, _attnctl("cuda", False), cuda_only=True),
     Contender("cuda+capture", True, _attnctl("cuda", True), cuda_only=True),
+    Contender("triton+p2p", False, _attnctl_p2p),
+    Contender("materialised+p2p", False, _materialised_p2p),
 ]}
 
 

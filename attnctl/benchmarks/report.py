@@ -41,6 +41,16 @@ def format_e2e_table(rows: Iterable[dict]) -> str:
     return _table(rows, E2E_COLUMNS)
 
 
+P2P_COLUMNS = [("model", "model", "{}"), ("contender", "contender", "{}"), ("steps", "steps", "{}"),
+               ("dtype", "dtype", "{}"), ("median_ms", "ms", "{:.0f}"), ("step_ms", "ms/step", "{:.1f}"),
+               ("time_vs_sdpa", "×stock", "{:.2f}"), ("time_vs_materialised", "×materialised", "{:.2f}"),
+               ("peak_mem_mb", "peak MiB", "{:.0f}"), ("status", "status", "{}")]
+
+
+def format_p2p_table(rows: Iterable[dict]) -> str:
+    return _table(rows, P2P_COLUMNS)
+
+
 def plot(result: dict, path: str) -> None:
     """Median time per shape for each contender (log scale), one panel per dtype."""
     import matplotlib
@@ -91,32 +101,58 @@ def gpu_results(results_dir: str) -> List[dict]:
 
 
 def readme_table(results_dir: str) -> str:
-    """Markdown for the README from the newest GPU kernel result on record."""
+    """Markdown for the README: each part (kernels, UNet loop, prompt-to-prompt edit) from
+    the newest GPU result that holds it, since a GPU session writes them to separate files."""
     results = gpu_results(results_dir)
     if not results:
         return ("No GPU benchmark has been recorded yet: bench/results/ holds no GPU run. "
                 "Run `attnctl bench --json bench/results/<device>-<date>.json` on a GPU.")
-    latest = results[-1]
-    env = latest["environment"]
+    parts = [_kernel_table(r) for r in _newest_with(results, "rows")]
+    parts += [_e2e_table(r) for r in _newest_with(results, "e2e")]
+    parts += [_p2p_table(r) for r in _newest_with(results, "p2p")]
+    return "\n\n".join(parts)
+
+
+def _newest_with(results: List[dict], key: str) -> List[dict]:
+    """The newest result whose ``key`` is non-empty, as a list of zero or one."""
+    return [r for r in results if r.get(key)][-1:]
+
+
+def _source(result: dict) -> str:
+    env = result["environment"]
+    return f"{env['device_name']}, torch {env['torch']}, triton {env['triton']}, {env['date']} (`{result['_file']}`)"
+
+
+def _markdown(rows: Iterable[dict], columns) -> List[str]:
+    lines = ["| " + " | ".join(title for _, title, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r, key, fmt) for key, _, fmt in columns) + " |" for r in rows]
+    return lines
+
+
+def _kernel_table(result: dict) -> str:
     by_key = {}
-    for r in latest["rows"]:
+    for r in result["rows"]:
         if r.get("status") == "ok":
             by_key.setdefault((r["shape"], r["dtype"]), {})[r["contender"]] = r
     head = ["shape", "dtype"] + [f"{c} ms" for c in README_CONTENDERS] + ["capture ×SDPA"]
-    lines = [f"{env['device_name']}, torch {env['torch']}, triton {env['triton']}, "
-             f"{env['date']} (`{latest['_file']}`)", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [_source(result), "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (shape, dtype), rows in by_key.items():
         times = [f"{rows[c]['median_ms']:.4f}" if c in rows else "-" for c in README_CONTENDERS]
         ratio = rows.get("triton+capture", {}).get("time_vs_sdpa")
         lines.append("| " + " | ".join([shape, dtype, *times, "-" if ratio is None else f"{ratio:.2f}"]) + " |")
-    e2e = latest.get("e2e") or next((r["e2e"] for r in reversed(results) if r.get("e2e")), None)
-    if e2e:
-        lines += ["", "UNet denoising loop (random weights, CFG, batch 1 image):", "",
-                  "| model | contender | ms/step | ×stock | peak MiB | status |", "|---|---|---|---|---|---|"]
-        for r in e2e:
-            lines.append("| " + " | ".join(_cell(r, key, fmt) for key, _, fmt in E2E_COLUMNS) + " |")
     return "\n".join(lines)
+
+
+def _e2e_table(result: dict) -> str:
+    lines = [f"UNet denoising loop (random weights, CFG, batch 1 image); {_source(result)}:", ""]
+    return "\n".join(lines + _markdown(result["e2e"], E2E_COLUMNS))
+
+
+def _p2p_table(result: dict) -> str:
+    lines = [f"Prompt-to-prompt edit, one whole pipeline call to latents ({result['p2p'][0]['edit']}, "
+             "source + target with CFG, random weights; materialised = explicit P edited on every call, "
+             f"self-attention injected at every resolution); {_source(result)}:", ""]
+    return "\n".join(lines + _markdown(result["p2p"], P2P_COLUMNS))
 
 
 def update_readme(readme_path: str, results_dir: str) -> bool:

@@ -5,8 +5,12 @@ controllers giving regions on one call is an error: their label sets have no com
 meaning; one controller's regions multiply with the prob_mults). Injection (``source``, with
 its ``value_map`` and ``own_prob_mult``) does not compose either: at most one controller's
 plan per call may set a source (two would each redefine the call's P); ``value_map`` and
-``own_prob_mult`` need a ``source`` in the same plan; other plans' prob_mults multiply both
-terms of the two-source form. One capture passes through
+``own_prob_mult`` need a ``source`` in the same plan; other plans' prob_mults act on the
+edited attention in the target's token columns: they multiply the own term's factor and,
+for the injected term, are folded into the value map (W[j, n]·f[n], so the injected map
+P_src·W is scaled at target token n, not at source token j). That fold needs factors that
+are constant over the query pixels ((B|1, H|1, 1, N), like the HRV controllers'); a
+per-pixel prob_mult with a value map is an error. One capture passes through
 untouched (the common case: zero overhead). Several captures are served by one kernel pass
 into a scratch :class:`Capture` and then added into each owner's buffers:
 
@@ -69,15 +73,31 @@ def compose(plans: Sequence[Optional[Plan]], shape: Tuple[int, int, int, int],
     source = value_map = own = own_capture = None
     if injection is not None:
         source, value_map, own_capture = injection.source, injection.value_map, injection.own_capture
+        others = _combine([p.prob_mult for p in plans if p is not injection], torch.mul)
         own = injection.own_prob_mult
-        if own is not None:
-            own = _combine([own] + [p.prob_mult for p in plans if p is not injection], torch.mul)
+        if own is not None and others is not None:
+            own = own * others
+        if value_map is not None and others is not None:
+            value_map = _fold_into_value_map(value_map, others, shape)
+            prob_mult = injection.prob_mult
     captures = [p.capture for p in plans if p.capture is not None and not p.capture.empty]
     if len(captures) <= 1:
         return Plan(bias, prob_mult, captures[0] if captures else None, regions, source, value_map, own,
                     own_capture), None
     merged = MergedCapture(captures, shape, device)
     return Plan(bias, prob_mult, merged.scratch, regions, source, value_map, own, own_capture), merged.route
+
+
+def _fold_into_value_map(value_map: torch.Tensor, factor: torch.Tensor, shape) -> torch.Tensor:
+    """W (B, [H|1,] N, N) scaled at its target columns by a pixel-constant factor:
+    (B, H|1, N, N)."""
+    f = factor.reshape((1,) * (4 - factor.dim()) + tuple(factor.shape))
+    if f.shape[2] != 1:
+        raise ValueError(f"compose: prob_mult of shape {tuple(factor.shape)} varies over the query pixels and "
+                         f"cannot act on a prompt-to-prompt token map (value_map): only factors of shape "
+                         f"(B|1, H|1, 1, N) compose with it (call (B, H, M, N) = {tuple(shape)})")
+    W = value_map if value_map.dim() == 4 else value_map[:, None]
+    return W * f[:, :, 0, None, :].to(W.dtype)
 
 
 def _combine(tensors: List[Optional[torch.Tensor]], op) -> Optional[torch.Tensor]:

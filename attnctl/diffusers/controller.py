@@ -16,11 +16,12 @@ op call (see :mod:`attnctl.diffusers.compose`):
 * ``source``    injection (prompt-to-prompt): a (B,) int tensor, row b's attention
   probabilities computed from row source[b]'s q, k and bias (the op's ``source``).
   Only one controller per call may give it.
-* ``value_map`` with ``source``: a (B, N, N) matrix W per row; the injected term reads
-  values W[b] @ v[b] (per head), so P_src·(W·V) = (P_src·W)·V without any (M, N) tensor.
+* ``value_map`` with ``source``: a (B, N, N) matrix W per row, or (B, H|1, N, N) per
+  head; the injected term reads values W[b] @ v[b], so P_src·(W·V) = (P_src·W)·V without
+  any (M, N) tensor.
 * ``own_prob_mult`` with ``source``: the two-source form. The call's output becomes
-  (P_src·f)·(W·V) + (P_b·own_prob_mult)·V, each term with its own normaliser (run as a
-  second op call); broadcastable to (B, H, M, N), zero where a row has no own term.
+  (P_src·f)·(W·V) + (P_b·own_prob_mult)·V, each term with its own normaliser (one op
+  call with ``own=``); broadcastable to (B, H, M, N), zero where a row has no own term.
   Other controllers' prob_mults multiply both terms.
 * ``own_capture`` with ``own_prob_mult``: a Capture of the second (own) term's P, owned
   by the injecting controller (other controllers' captures see the injected term).

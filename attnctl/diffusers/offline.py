@@ -149,3 +149,56 @@ def published_unet(name: str, dtype: torch.dtype = torch.float32, seed: int = 0)
     if dtype != torch.float32:
         unet = unet.to(dtype)
     return unet.eval()
+
+
+def _vae_factor_8():
+    """A tiny VAE with four block levels, so vae_scale_factor is 8 as in SD1.5 and SDXL:
+    512² images give 64² latents and 1024² give 128². Channels are tiny because
+    benchmarks ask for latents only and never decode."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,) * 4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1, norm_num_groups=8).eval()
+
+
+def published_sd15_pipeline(dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A StableDiffusionPipeline around the published SD1.5 UNet (random weights, see
+    :func:`published_unet`): a small random CLIP text encoder of SD1.5's width (768) and a
+    tiny VAE with SD's factor 8, so images of 512² run the UNet at its 64² latent."""
+    from diffusers import StableDiffusionPipeline
+
+    unet = published_unet("sd15_unet", seed=seed)
+    torch.manual_seed(seed)
+    tokenizer = character_tokenizer()
+    pipe = StableDiffusionPipeline(
+        vae=_vae_factor_8(), text_encoder=_text_encoder(tokenizer, unet.config.cross_attention_dim),
+        tokenizer=tokenizer, unet=unet, scheduler=_scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return _finish(pipe, dtype)
+
+
+SDXL_FIRST_TEXT_WIDTH = 768   # SDXL's first text encoder is CLIP ViT-L; the second fills the rest
+SDXL_TIME_IDS = 6             # original size, crop top-left, target size
+
+
+def published_sdxl_pipeline(dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A StableDiffusionXLPipeline around the published SDXL UNet (random weights): small
+    random CLIP text encoders of SDXL's widths (768 and 1280, concatenated to the UNet's
+    2048), the second with a projection giving the pooled text embedding that, with the
+    six time ids, fills the UNet's added-condition input; a tiny VAE with factor 8, so
+    images of 1024² run the UNet at its 128² latent."""
+    from diffusers import StableDiffusionXLPipeline
+
+    unet = published_unet("sdxl_unet", seed=seed)
+    config = unet.config
+    second_width = config.cross_attention_dim - SDXL_FIRST_TEXT_WIDTH
+    pooled_width = config.projection_class_embeddings_input_dim - SDXL_TIME_IDS * config.addition_time_embed_dim
+    torch.manual_seed(seed)
+    tokenizer = character_tokenizer()
+    pipe = StableDiffusionXLPipeline(
+        vae=_vae_factor_8(), text_encoder=_text_encoder(tokenizer, SDXL_FIRST_TEXT_WIDTH), tokenizer=tokenizer,
+        text_encoder_2=_text_encoder(tokenizer, second_width, projection=pooled_width),
+        tokenizer_2=character_tokenizer(), unet=unet, scheduler=_scheduler())
+    return _finish(pipe, dtype)

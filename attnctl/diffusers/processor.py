@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..injection import OwnTerm
 from ..op import attention
 from .compose import compose
 
@@ -85,15 +86,14 @@ class AttnctlProcessor:
         injected_value = value
         if value_map is not None:
             # P_src·(W·V) = (P_src·W)·V: the map acts on the N values, never on an (M, N) tensor.
-            injected_value = torch.einsum("bjn,bhnd->bhjd", value_map.to(value.dtype), value)
+            W = value_map if value_map.dim() == 4 else value_map[:, None]
+            injected_value = torch.matmul(W.to(value.dtype), value)
+        # Two-source form: the row's own attention on the plain values, its own normaliser,
+        # in the same kernel pass.
+        own = OwnTerm(value, own_prob_mult, own_capture) if own_prob_mult is not None else None
         hidden_states = attention(query, key, injected_value, scale=attn.scale, bias=bias, prob_mult=prob_mult,
                                   capture=capture, backend=installation.backend, regions=regions,
-                                  source=source)
-        if own_prob_mult is not None:
-            # Two-source form: the row's own attention, its own normaliser, as a second call.
-            hidden_states = hidden_states + attention(query, key, value, scale=attn.scale, bias=bias,
-                                                      prob_mult=own_prob_mult, capture=own_capture,
-                                                      backend=installation.backend, regions=regions)
+                                  source=source, own=own)
         if route is not None:
             route()
 

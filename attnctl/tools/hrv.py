@@ -25,8 +25,11 @@ probabilities by ``factor``, default -2, in the k most or least relevant heads o
 concept) and :class:`ConceptAdjusting` (P[h, :, t] *= 2·HRV_desired[h] - HRV_undesired[h]
 for the words' token columns t, optionally clamping each HRV first). Both act on the
 conditional half only and give a (B, H, 1, N) prob_mult cached per layer and generation.
-Concept strengthening inside prompt-to-prompt edits is not here: prompt-to-prompt has not
-landed in attnctl.
+:class:`ConceptStrengthening` rescales the edited word's map per head by HRV_c[h] inside a
+prompt-to-prompt edit: installed next to an attnctl.p2p edit, its factor is applied to the
+edited map in the target's token columns (the composition folds it into the edit's token
+map; see attnctl.diffusers.compose), so the target word attends through the heads that
+carry its concept.
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ import torch
 from ..capture import Capture
 from ..diffusers.controller import AttentionCall, BatchLayout, Controller, DenoiseStep, Plan
 from ..diffusers.install import Generation, install, installation_of
-from .words import record_prompt
+from .words import query_words, record_prompt
 
 FORMAT = "attnctl-hrv/1"
 Concepts = Union[Sequence[str], Mapping[str, Union[str, Sequence[str]]]]
@@ -496,3 +499,39 @@ class ConceptAdjusting(_HeadTokenController):
 
     def token_columns(self, prompt) -> List[int]:
         return prompt.positions(self.word)
+
+
+class ConceptStrengthening(_HeadTokenController):
+    """P[h, :, t] *= HRV_concept[h] at the token columns t of ``word`` (first occurrence) in
+    every conditional row whose prompt has the word; prompts without it are untouched.
+
+    Meant for prompt-to-prompt edits (install it with the edit, e.g.
+    ``attnctl.install(pipe, Replace(...), ConceptStrengthening(hrv, "dog", "animal"))``):
+    the edited target word's map, whether injected from the source or the target's own, is
+    rescaled by the concept's head relevance (mean 1 over heads, so the total is kept).
+    ``clamp=(lo, hi)`` clamps the HRV first."""
+
+    def __init__(self, hrv: HeadRelevance, word: str, concept: str, *,
+                 clamp: Optional[Tuple[float, float]] = None):
+        if clamp is not None and (len(clamp) != 2 or not clamp[0] <= clamp[1]):
+            raise ValueError(f"clamp: expected (lo, hi) with lo <= hi, or None, got {clamp!r}")
+        self.word, self.concept, self.clamp = word, concept, clamp
+        super().__init__(hrv)
+
+    def head_factors(self) -> torch.Tensor:
+        v = self.hrv.vector(self.concept)
+        return v.clamp(*self.clamp) if self.clamp is not None else v
+
+    def token_columns(self, prompt) -> List[int]:
+        texts = [text for text, _ in prompt.words]
+        return prompt.positions(self.word) if _contains(texts, query_words(self.word)) else []
+
+    def on_generation_start(self, generation: Generation) -> None:
+        super().on_generation_start(generation)
+        if not any(self._columns):
+            raise ValueError(f"ConceptStrengthening: word {self.word!r} is in none of the prompts "
+                             f"({', '.join(repr(p) for p in generation.prompts)})")
+
+
+def _contains(words: List[str], query: List[str]) -> bool:
+    return any(words[i:i + len(query)] == query for i in range(len(words) - len(query) + 1))

@@ -159,6 +159,7 @@ class Edit(Controller):
     def _start(self, prompts, tokenizer) -> None:
         self._prompts, self._tokenizer = prompts, tokenizer
         self._terms, self._cache, self._steps = {}, {}, None
+        self._sources: Dict[Tuple, torch.Tensor] = {}
         if self.local_blend is not None:
             self.local_blend._start(prompts, tokenizer)
         # Resolve the words of per-word windows now, so that a bad word fails early.
@@ -238,7 +239,7 @@ class Edit(Controller):
                 return None
             for row, src, _ in rows:
                 source[row] = src
-            return Plan(source=source.to(call.device))
+            return Plan(source=self._device_source(source, call.device))
         N = call.keys
         W = torch.eye(N).repeat(call.batch, 1, 1)
         own = torch.zeros(call.batch, 1, 1, N)
@@ -256,8 +257,17 @@ class Edit(Controller):
         if not active:
             return None
         own_rows = [row for row, _, _ in rows if own[row].any()]
-        return Plan(source=source.to(call.device), value_map=W.to(call.device),
+        return Plan(source=self._device_source(source, call.device), value_map=W.to(call.device),
                     own_prob_mult=own.to(call.device) if own_rows else None)
+
+    def _device_source(self, source: torch.Tensor, device) -> torch.Tensor:
+        """One device tensor per distinct source map and device for the whole generation:
+        the op reads a source's values on the host once per tensor (a device sync), so
+        handing it the same tensor at every layer and step keeps that to a few syncs."""
+        key = (tuple(source.tolist()), str(device))
+        if key not in self._sources:
+            self._sources[key] = source.to(device)
+        return self._sources[key]
 
     def _alpha(self, prompt: int, t: int, steps: int, N: int) -> torch.Tensor:
         """α_t per token column of target ``prompt`` (the original's alpha_time_words)."""

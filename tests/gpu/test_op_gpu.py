@@ -136,3 +136,51 @@ def test_auto_picks_triton_on_cuda_with_controls():
 def test_fp32_real_shape():
     """fp32 on GPU (ieee dot): 1e-5 scale-aware, like the CPU suite."""
     check_real_shape(8, 1024, TEXT, 80, torch.float32, controls=True, captures=True)
+
+
+# ---- prompt-to-prompt forms at real shapes -------------------------------------------------
+
+P2P_SOURCES = {4: [0, 1, 2, 2], 8: [0, 0, 0, 0, 4, 4, 4, 4]}  # CFG 2 prompts; 4 rows fed by one
+
+
+@pytest.mark.parametrize("rows", [4, 8])
+@pytest.mark.parametrize("model,level,H,M,D", [lv for lv in LEVELS if lv[3] >= 1024])
+def test_self_attention_injection_fans_out(rows, model, level, H, M, D):
+    """P_tgt ← P_src at the self-attention levels: the fan-out path (each source's P once)
+    against the reference, fp16."""
+    from attnctl.backends.triton_backend import fanout_table
+
+    dtype = torch.float16
+    gen = torch.Generator().manual_seed(M + rows)
+    q, k, v = make_qkv(rows, H, M, M, D, dtype=dtype, layout="bmhd", gen=gen, device="cuda")
+    source = torch.tensor(P2P_SOURCES[rows], device="cuda")
+    assert fanout_table(source, D) is not None
+    out = attnctl.attention(q, k, v, source=source, backend="triton")
+    ref = attention_reference(q, k, v, scale=D ** -0.5, source=source)
+    low = attention_reference(q, k, v, scale=D ** -0.5, source=source, compute_dtype=dtype)
+    compare("fan-out output", out, ref, low, dtype)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("model,level,H,M,D", LEVELS)
+def test_cross_attention_two_source_form(model, level, H, M, D, dtype):
+    """Refine's form at every cross-attention level: injected term on mapped values plus the
+    target's own term, captures of both terms."""
+    gen = torch.Generator().manual_seed(M + D)
+    rows = 4
+    q, k, v = make_qkv(rows, H, M, TEXT, D, dtype=dtype, layout="bmhd", gen=gen, device="cuda")
+    source = torch.tensor(P2P_SOURCES[rows], device="cuda")
+    own_values = torch.randn(rows, H, TEXT, D, generator=gen).to("cuda", dtype)
+    own_pm = torch.rand(rows, 1, 1, TEXT, generator=gen).to("cuda")
+    tokens = torch.arange(TEXT, device="cuda", dtype=torch.int32)
+    caps = [make_capture(q, k, {"maps", "token_mass"}, tokens=tokens) for _ in range(6)]
+    out = attnctl.attention(q, k, v, source=source, capture=caps[0], backend="triton",
+                            own=attnctl.OwnTerm(own_values, own_pm, caps[1]))
+    ref = attention_reference(q, k, v, scale=D ** -0.5, source=source, capture=caps[2],
+                              own=attnctl.OwnTerm(own_values, own_pm, caps[3]))
+    low = attention_reference(q, k, v, scale=D ** -0.5, source=source, capture=caps[4], compute_dtype=dtype,
+                              own=attnctl.OwnTerm(own_values, own_pm, caps[5]))
+    compare("two-source output", out, ref, low, dtype)
+    for got, exp, lo in ((caps[0], caps[2], caps[4]), (caps[1], caps[3], caps[5])):
+        for name in ("maps", "token_mass"):
+            compare(f"capture.{name}", getattr(got, name), getattr(exp, name), getattr(lo, name), dtype)
