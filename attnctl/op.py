@@ -146,8 +146,7 @@ def _run(q, k, v, scale, bias, prob_mult, capture, backend, regions=None, source
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (q, k, v) + ((own.values,) if own is not None else ()))
     unsupported = tuple(name for name, used in (("regions", regions is not None),
-                                                ("capture.probe_keys", probes),
-                                                ("own (the two-source form)", own is not None)) if used)
+                                                ("capture.probe_keys", probes)) if used)
     dispatch = choose_backend(backend, q, has_work, needs_grad, cuda_unsupported=unsupported)
     _note(dispatch)
     if dispatch.backend == "triton":
@@ -157,7 +156,7 @@ def _run(q, k, v, scale, bias, prob_mult, capture, backend, regions=None, source
     if dispatch.backend == "cuda":
         from .backends.cuda_backend import attention_cuda
         return attention_cuda(q, k, v, scale=scale, bias=bias, prob_mult=prob_mult, capture=capture,
-                              source=source)
+                              source=source, own=own)
     if dispatch.backend == "sdpa":
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     else:
@@ -211,7 +210,7 @@ def attention(
             kernel computes that P once for all of them (fan-out).
         own: with ``source``, an attnctl.OwnTerm(values, prob_mult, capture): the two-source
             form O_b = Σ P_src[b]·f·v + Σ P_b·own.prob_mult·own.values, each P with its own
-            normaliser, in one pass (see attnctl.injection). Not supported by backend='cuda'.
+            normaliser, in one pass (see attnctl.injection).
         backend: "auto", "torch" (reference), "triton", "cuda" (CUDA C++, fp16/bf16) or
             "sdpa" (plain attention only).
 

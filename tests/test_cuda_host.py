@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from attnctl.backends import cuda_backend
-from attnctl import Capture
+from attnctl import Capture, OwnTerm
 from attnctl.backends.cuda_backend import ABI_VERSION, MODULE, attention_cuda, cuda_unavailable_reason, launch_arguments
 
 NO_GPU = not torch.cuda.is_available()
@@ -90,6 +90,7 @@ def test_kernel_config_pads_head_dims_only_to_the_next_tile(C, d):
     assert tile >= d and tile % 16 == 0
     assert [t for t in C.head_dim_tiles if d <= t][0] == tile
     assert cfg["smem_bytes"] <= SM80_SHARED_MEMORY, cfg
+    assert cfg["smem_bytes"] < cfg["own_smem_bytes"] <= SM80_SHARED_MEMORY, cfg  # + item b's query tile
     assert cfg["block_m"] == 16 * cfg["threads"] // 32  # one warp per 16 query rows
 
 
@@ -112,19 +113,26 @@ ADDR = 1 << 20  # a 16-byte aligned fake device address: validation never derefe
 
 
 def valid_arguments(**changes) -> dict:
-    """Arguments of a (B=2, H=3, M=5, N=7, D=Dv=40) call with every control, capture and
-    injection."""
+    """Arguments of a (B=2, H=3, M=5, N=7, D=Dv=40) call with every control, capture,
+    injection and the two-source form's own term (values, prob_mult, every capture)."""
     B, H, M, N, D, T = 2, 3, 5, 7, 40, 4
     kw = dict(
         q=ADDR, k=2 * ADDR, v=3 * ADDR, out=4 * ADDR, bias=5 * ADDR, prob_mult=6 * ADDR,
         token_mass=7 * ADDR, maps=8 * ADDR, head_maps=9 * ADDR, lse=10 * ADDR, tokens=11 * ADDR,
         head_weights=12 * ADDR, source=13 * ADDR,
+        own_values=14 * ADDR, own_prob_mult=15 * ADDR, own_token_mass=16 * ADDR, own_maps=17 * ADDR,
+        own_head_maps=18 * ADDR, own_lse=19 * ADDR, own_tokens=20 * ADDR, own_head_weights=21 * ADDR,
         q_stride=(H * M * D, M * D, D, 1), k_stride=(H * N * D, N * D, D, 1), v_stride=(H * N * D, N * D, D, 1),
         out_stride=(H * M * D, M * D, D, 1), bias_stride=(0, 0, N, 1), prob_mult_stride=(0, 0, 0, 1),
         token_mass_stride=(H * N, N, 1), maps_stride=(M * T, T, 1), head_maps_stride=(H * M * T, M * T, T, 1),
         lse_stride=(H * M, M, 1), tokens_stride=(0, 1), head_weights_stride=(0, 1), source_stride=1,
-        B=B, H=H, M=M, N=N, D=D, Dv=D, T=T, scale=D ** -0.5,
+        own_values_stride=(1, 2, 6 * 2, 6 * 2 * 7), own_prob_mult_stride=(N, 0, 0, 1),
+        own_token_mass_stride=(H * N, N, 1), own_maps_stride=(M * 3, 3, 1),
+        own_head_maps_stride=(H * M * 3, M * 3, 3, 1), own_lse_stride=(H * M, M, 1), own_tokens_stride=(3, 1),
+        own_head_weights_stride=(H, 1),
+        B=B, H=H, M=M, N=N, D=D, Dv=D, T=T, own_T=3, scale=D ** -0.5,
         dtype=0, bias_dtype=2, prob_mult_dtype=1, head_weights_dtype=2, tokens_dtype=4, source_dtype=3,
+        own_prob_mult_dtype=2, own_head_weights_dtype=0, own_tokens_dtype=3,
         device=0, stream=0,
     )
     kw.update(changes)
@@ -168,6 +176,27 @@ BAD_ARGUMENTS = [
     (dict(token_mass_stride=(21, 7, 0)), r"token_mass: stride 0 on dim 2 \(B, H, N\) of size 7"),
     (dict(q_stride=(600, 200, 40)), r"q_stride: expected 4 strides, got 3"),
     (dict(tokens_stride=(0, 1, 1)), r"tokens_stride: expected 2 strides, got 3"),
+    # The two-source form's own term: checked as the operands and capture of the first term.
+    (dict(own_values=0), r"own_values: null device pointer, but own_prob_mult or an own capture buffer"),
+    (dict(own_values=0, own_prob_mult=0), r"own_values: null device pointer, but .* an own capture buffer"),
+    (dict(own_values=14 * ADDR + 1), r"own_values: pointer \d+ is not aligned to its 2-byte elements"),
+    (dict(own_prob_mult_dtype=3), r"own_prob_mult: expected dtype code 0 \(float16\), 1 \(bfloat16\) or 2 "
+                                  r"\(float32\), got 3"),
+    (dict(own_prob_mult=15 * ADDR + 2), r"own_prob_mult: pointer \d+ is not aligned to its 4-byte elements"),
+    (dict(own_head_weights_dtype=4), r"own_head_weights: expected dtype code .* got 4"),
+    (dict(own_head_weights=21 * ADDR + 1), r"own_head_weights: pointer \d+ is not aligned to its 2-byte elements"),
+    (dict(own_tokens=0), r"own_tokens: maps and head_maps need token indices, got a null pointer"),
+    (dict(own_T=0), r"own_T \(number of tokens\): expected >= 1, got 0"),
+    (dict(own_tokens_dtype=1), r"own_tokens: expected dtype code 3 \(int32\) or 4 \(int64\), got 1"),
+    (dict(own_tokens_dtype=4, own_tokens=20 * ADDR + 4), r"own_tokens: pointer \d+ is not aligned to its 8-byte"),
+    (dict(own_maps=0), r"own_head_weights: given without maps, which is what they weight"),
+    (dict(own_lse=19 * ADDR + 2), r"own_lse: pointer \d+ is not aligned to its 4-byte elements"),
+    (dict(own_token_mass=16 * ADDR + 1), r"own_token_mass: pointer \d+ is not aligned to its 4-byte elements"),
+    (dict(own_maps_stride=(15, 0, 1)), r"own_maps: stride 0 on dim 1 \(B, M, T\) of size 5"),
+    (dict(own_head_maps_stride=(45, 15, 3, 0)), r"own_head_maps: stride 0 on dim 3 \(B, H, M, T\) of size 3"),
+    (dict(own_lse_stride=(0, 5, 1)), r"own_lse: stride 0 on dim 0 \(B, H, M\) of size 2"),
+    (dict(own_values_stride=(1, 2, 12)), r"own_values_stride: expected 4 strides, got 3"),
+    (dict(own_tokens_stride=(1,)), r"own_tokens_stride: expected 2 strides, got 1"),
 ]
 
 
@@ -182,7 +211,12 @@ def test_bad_arguments_raise_value_error_before_any_launch(C, changes, message):
     {},
     # Optional operands absent: their dtype codes and strides are not looked at.
     dict(bias=0, prob_mult=0, token_mass=0, maps=0, head_maps=0, lse=0, tokens=0, head_weights=0, source=0,
-         bias_dtype=99, prob_mult_dtype=99, head_weights_dtype=99, tokens_dtype=99, source_dtype=99, T=0),
+         bias_dtype=99, prob_mult_dtype=99, head_weights_dtype=99, tokens_dtype=99, source_dtype=99, T=0,
+         own_values=0, own_prob_mult=0, own_token_mass=0, own_maps=0, own_head_maps=0, own_lse=0, own_tokens=0,
+         own_head_weights=0, own_prob_mult_dtype=99, own_head_weights_dtype=99, own_tokens_dtype=99, own_T=0),
+    # The own term alone (no own prob_mult or capture); its values any layout.
+    dict(own_prob_mult=0, own_token_mass=0, own_maps=0, own_head_maps=0, own_lse=0, own_tokens=0,
+         own_head_weights=0, own_prob_mult_dtype=99, own_T=0, own_values=14 * ADDR + 2),
     # Injection: int64 indices, any stride (stride 0: one source item for all).
     dict(source=13 * ADDR + 8, source_dtype=4, source_stride=0),
     # Broadcast reads may use stride 0; a dim of size 1 may have any stride, even in outputs.
@@ -226,13 +260,55 @@ def test_launcher_passes_a_null_source_without_injection(C):
     assert (args["source"], args["source_stride"], args["source_dtype"]) == (0, 0, 0)
 
 
-@pytest.mark.parametrize("source", [None, torch.tensor([1, 1, 0], dtype=torch.int32)])
+def _own_term(q, k, v):
+    """Values in another layout than v (a (B, N, H, D) view), a bf16 per-(b, token) prob_mult
+    (stride 0 on h and m) and a capture of every kind with int32 tokens and (B, H) weights."""
+    values = torch.randn(3, 7, 2, 40, dtype=torch.float16).transpose(1, 2)
+    prob_mult = torch.rand(3, 1, 1, 7, dtype=torch.bfloat16)
+    cap = Capture.zeros(q, k, token_mass=True, maps=True, head_maps=True, lse=True,
+                        tokens=torch.tensor([[1, 2, 3], [0, 0, 6], [5, 4, 3]], dtype=torch.int32),
+                        head_weights=torch.rand(3, 2, dtype=torch.float16))
+    return OwnTerm(values, prob_mult, cap)
+
+
+def test_launcher_passes_the_own_term(C):
+    q, k, v, out, kw = _cpu_call(torch.tensor([1, 1, 0]))
+    own = _own_term(q, k, v)
+    args = launch_arguments(q, k, v, out, **kw, own=own)
+    cap, main = own.capture, kw["capture"]
+    assert (args["own_values"], args["own_values_stride"]) == (own.values.data_ptr(), own.values.stride())
+    assert (args["own_prob_mult"], args["own_prob_mult_stride"], args["own_prob_mult_dtype"]) == (
+        own.prob_mult.data_ptr(), (7, 0, 0, 1), 1)
+    assert [args["own_" + n] for n in ("token_mass", "maps", "head_maps", "lse", "tokens", "head_weights")] == [
+        cap.token_mass.data_ptr(), cap.maps.data_ptr(), cap.head_maps.data_ptr(), cap.lse.data_ptr(),
+        cap.tokens.data_ptr(), cap.head_weights.data_ptr()]
+    assert (args["own_T"], args["own_tokens_dtype"], args["own_head_weights_dtype"]) == (3, 3, 0)
+    assert (args["own_tokens_stride"], args["own_head_weights_stride"]) == ((3, 1), (2, 1))
+    assert (args["own_head_maps_stride"], args["own_lse_stride"]) == (cap.head_maps.stride(), cap.lse.stride())
+    # The first term's capture is unchanged by the own term's.
+    assert (args["token_mass"], args["maps"], args["T"]) == (main.token_mass.data_ptr(), main.maps.data_ptr(), 2)
+
+
+def test_launcher_passes_a_null_own_term_without_one(C):
+    q, k, v, out, kw = _cpu_call(torch.tensor([1, 1, 0]))
+    args = launch_arguments(q, k, v, out, **kw)
+    assert {n: args[n] for n in args if n.startswith("own_")} == dict(
+        own_values=0, own_prob_mult=0, own_token_mass=0, own_maps=0, own_head_maps=0, own_lse=0, own_tokens=0,
+        own_head_weights=0, own_values_stride=(0,) * 4, own_prob_mult_stride=(0,) * 4,
+        own_token_mass_stride=(0,) * 3, own_maps_stride=(0,) * 3, own_head_maps_stride=(0,) * 4,
+        own_lse_stride=(0,) * 3, own_tokens_stride=(0, 0), own_head_weights_stride=(0, 0), own_T=0,
+        own_prob_mult_dtype=0, own_tokens_dtype=0, own_head_weights_dtype=0)
+
+
+@pytest.mark.parametrize("source,with_own", [(None, False), (torch.tensor([1, 1, 0], dtype=torch.int32), False),
+                                             (torch.tensor([1, 1, 0]), True)])
 @pytest.mark.skipif(not NO_GPU, reason="on a GPU machine valid arguments would launch on CPU pointers")
-def test_launcher_arguments_pass_the_extension_checks(C, source):
+def test_launcher_arguments_pass_the_extension_checks(C, source, with_own):
     # The binding accepts every keyword the launcher builds; only the device is missing.
     q, k, v, out, kw = _cpu_call(source)
+    own = _own_term(q, k, v) if with_own else None
     with pytest.raises(RuntimeError, match=r"attnctl CUDA backend: no usable CUDA device"):
-        C.attention_forward(**launch_arguments(q, k, v, out, **kw), device=0, stream=0)
+        C.attention_forward(**launch_arguments(q, k, v, out, **kw, own=own), device=0, stream=0)
 
 
 @pytest.mark.skipif(not NO_GPU, reason="needs a machine without a CUDA device")

@@ -16,10 +16,11 @@ from typing import Optional
 import torch
 
 from attnctl.capture import Capture
+from attnctl.injection import OwnTerm
 from ._layout import broadcast_strides, empty_output
 
 # The ABI this launcher speaks; the extension reports its own (bumped with any signature change).
-ABI_VERSION = 2
+ABI_VERSION = 3
 MODULE = "attnctl._attnctl_cuda"
 DTYPES = (torch.float16, torch.bfloat16)
 
@@ -68,39 +69,57 @@ def _strides(t: Optional[torch.Tensor], ndim: int) -> tuple:
     return tuple(t.stride()) if t is not None else (0,) * ndim
 
 
+def _capture_arguments(capture: Optional[Capture], prefix: str) -> dict:
+    """The extension's keywords for one term's capture, named with ``prefix`` ("" or "own_")."""
+    cap = capture if capture is not None else Capture()
+    tokens = cap.tokens if cap.wants_token_columns else None
+    head_weights = cap.head_weights if cap.maps is not None else None
+    args = dict(
+        token_mass=_ptr(cap.token_mass), maps=_ptr(cap.maps), head_maps=_ptr(cap.head_maps), lse=_ptr(cap.lse),
+        tokens=_ptr(tokens), head_weights=_ptr(head_weights),
+        token_mass_stride=_strides(cap.token_mass, 3), maps_stride=_strides(cap.maps, 3),
+        head_maps_stride=_strides(cap.head_maps, 4), lse_stride=_strides(cap.lse, 3),
+        tokens_stride=broadcast_strides(tokens, 2), head_weights_stride=broadcast_strides(head_weights, 2),
+        T=tokens.shape[-1] if tokens is not None else 0,
+        tokens_dtype=_code(tokens), head_weights_dtype=_code(head_weights),
+    )
+    return {prefix + name: value for name, value in args.items()}
+
+
 def launch_arguments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, *, scale: float,
                      bias: Optional[torch.Tensor], prob_mult: Optional[torch.Tensor],
-                     capture: Optional[Capture], source: Optional[torch.Tensor] = None) -> dict:
+                     capture: Optional[Capture], source: Optional[torch.Tensor] = None,
+                     own: Optional[OwnTerm] = None) -> dict:
     """Keyword arguments of the extension's attention_forward for one call, but device and
     stream. Reads no tensor data, so host tests can check it on CPU tensors."""
     B, H, M, D = q.shape
     N, Dv = k.shape[2], v.shape[3]
-    cap = capture if capture is not None else Capture()
-    tokens = cap.tokens if cap.wants_token_columns else None
-    head_weights = cap.head_weights if cap.maps is not None else None
+    own_values = own.values if own is not None else None
+    own_prob_mult = own.prob_mult if own is not None else None
     return dict(
         q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(),
-        bias=_ptr(bias), prob_mult=_ptr(prob_mult),
-        token_mass=_ptr(cap.token_mass), maps=_ptr(cap.maps), head_maps=_ptr(cap.head_maps),
-        lse=_ptr(cap.lse), tokens=_ptr(tokens), head_weights=_ptr(head_weights), source=_ptr(source),
+        bias=_ptr(bias), prob_mult=_ptr(prob_mult), source=_ptr(source),
+        own_values=_ptr(own_values), own_prob_mult=_ptr(own_prob_mult),
         q_stride=q.stride(), k_stride=k.stride(), v_stride=v.stride(), out_stride=out.stride(),
         bias_stride=broadcast_strides(bias, 4), prob_mult_stride=broadcast_strides(prob_mult, 4),
-        token_mass_stride=_strides(cap.token_mass, 3), maps_stride=_strides(cap.maps, 3),
-        head_maps_stride=_strides(cap.head_maps, 4), lse_stride=_strides(cap.lse, 3),
-        tokens_stride=broadcast_strides(tokens, 2), head_weights_stride=broadcast_strides(head_weights, 2),
         source_stride=source.stride(0) if source is not None else 0,
-        B=B, H=H, M=M, N=N, D=D, Dv=Dv, T=tokens.shape[-1] if tokens is not None else 0,
+        own_values_stride=_strides(own_values, 4), own_prob_mult_stride=broadcast_strides(own_prob_mult, 4),
+        B=B, H=H, M=M, N=N, D=D, Dv=Dv,
         scale=float(scale),
-        dtype=_code(q), bias_dtype=_code(bias), prob_mult_dtype=_code(prob_mult),
-        head_weights_dtype=_code(head_weights), tokens_dtype=_code(tokens), source_dtype=_code(source),
+        dtype=_code(q), bias_dtype=_code(bias), prob_mult_dtype=_code(prob_mult), source_dtype=_code(source),
+        own_prob_mult_dtype=_code(own_prob_mult),
+        **_capture_arguments(capture, ""),
+        **_capture_arguments(own.capture if own is not None else None, "own_"),
     )
 
 
 def attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
                    bias: Optional[torch.Tensor], prob_mult: Optional[torch.Tensor],
-                   capture: Optional[Capture], source: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   capture: Optional[Capture], source: Optional[torch.Tensor] = None,
+                   own: Optional[OwnTerm] = None) -> torch.Tensor:
     """The op on the CUDA C++ kernels; same contract and arguments as attention_triton
-    (``source``: (B,) int32/int64 injection indices on q's device, any stride).
+    (``source``: (B,) int32/int64 injection indices on q's device, any stride; ``own``: the
+    two-source form's second term, see attnctl.injection).
 
     Raises RuntimeError (with cuda_unavailable_reason()) where the backend cannot run, and
     ValueError for float32 inputs (the kernels take float16 and bfloat16) or CPU tensors.
@@ -116,7 +135,7 @@ def attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: 
     out = empty_output(q, v.shape[3])
     _C.attention_forward(
         **launch_arguments(q, k, v, out, scale=scale, bias=bias, prob_mult=prob_mult, capture=capture,
-                           source=source),
+                           source=source, own=own),
         device=q.device.index, stream=torch.cuda.current_stream(q.device).cuda_stream,
     )
     return out

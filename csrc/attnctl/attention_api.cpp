@@ -156,6 +156,45 @@ void check_device(int device) {
     }
 }
 
+// Dtype and token checks of one term's capture; names carry `prefix` ("" or "own_").
+void check_capture_arguments(const std::string& prefix, const CaptureBuffers& c) {
+    require_float_dtype((prefix + "head_weights").c_str(), c.head_weights, c.head_weights_dtype);
+    if (c.maps != nullptr || c.head_maps != nullptr) {
+        if (c.tokens == nullptr) fail(prefix + "tokens: maps and head_maps need token indices, got a null pointer");
+        require_size(prefix == "" ? "T (number of tokens)" : "own_T (number of tokens)", c.T);
+        if (c.tokens_dtype != kInt32 && c.tokens_dtype != kInt64) {
+            fail(prefix + "tokens: expected dtype code 3 (int32) or 4 (int64), got " + std::to_string(c.tokens_dtype));
+        }
+    }
+    if (c.head_weights != nullptr && c.maps == nullptr) {
+        fail(prefix + "head_weights: given without maps, which is what they weight");
+    }
+}
+
+// Alignment and self-overlap checks of one term's capture.
+void check_capture_memory(const std::string& prefix, const CaptureBuffers& c, const AttentionParams& p) {
+    auto name = [&](const char* field) { return prefix + field; };
+    if (c.head_weights != nullptr) {
+        require_aligned(name("head_weights").c_str(), c.head_weights, dtype_bytes(c.head_weights_dtype));
+    }
+    if (c.tokens != nullptr && (c.maps != nullptr || c.head_maps != nullptr)) {
+        require_aligned(name("tokens").c_str(), c.tokens, dtype_bytes(c.tokens_dtype));
+    }
+    require_aligned(name("token_mass").c_str(), c.token_mass, 4);
+    require_aligned(name("maps").c_str(), c.maps, 4);
+    require_aligned(name("head_maps").c_str(), c.head_maps, 4);
+    require_aligned(name("lse").c_str(), c.lse, 4);
+    require_distinct<3>(name("token_mass").c_str(), c.token_mass, c.token_mass_stride, {p.B, p.H, p.N}, "B, H, N");
+    require_distinct<3>(name("maps").c_str(), c.maps, c.maps_stride, {p.B, p.M, c.T}, "B, M, T");
+    require_distinct<4>(name("head_maps").c_str(), c.head_maps, c.head_maps_stride, {p.B, p.H, p.M, c.T},
+                        "B, H, M, T");
+    require_distinct<3>(name("lse").c_str(), c.lse, c.lse_stride, {p.B, p.H, p.M}, "B, H, M");
+}
+
+bool any_capture(const CaptureBuffers& c) {
+    return c.token_mass != nullptr || c.maps != nullptr || c.head_maps != nullptr || c.lse != nullptr;
+}
+
 }  // namespace
 
 void check_params(const AttentionParams& p) {
@@ -175,20 +214,17 @@ void check_params(const AttentionParams& p) {
     }
     require_float_dtype("bias", p.bias, p.bias_dtype);
     require_float_dtype("prob_mult", p.prob_mult, p.prob_mult_dtype);
-    require_float_dtype("head_weights", p.head_weights, p.head_weights_dtype);
-    if (p.maps != nullptr || p.head_maps != nullptr) {
-        if (p.tokens == nullptr) fail("tokens: maps and head_maps need token indices, got a null pointer");
-        require_size("T (number of tokens)", p.T);
-        if (p.tokens_dtype != kInt32 && p.tokens_dtype != kInt64) {
-            fail("tokens: expected dtype code 3 (int32) or 4 (int64), got " + std::to_string(p.tokens_dtype));
-        }
-    }
+    check_capture_arguments("", p.capture);
     // Its values (indices in [0, B)) are in device memory: attnctl.validation checks them.
     if (p.source != nullptr && p.source_dtype != kInt32 && p.source_dtype != kInt64) {
         fail("source: expected dtype code 3 (int32) or 4 (int64), got " + std::to_string(p.source_dtype));
     }
-    if (p.head_weights != nullptr && p.maps == nullptr) {
-        fail("head_weights: given without maps, which is what they weight");
+    if (p.own_v == nullptr && (p.own_prob_mult != nullptr || any_capture(p.own_capture))) {
+        fail("own_values: null device pointer, but own_prob_mult or an own capture buffer is given");
+    }
+    if (p.own_v != nullptr) {
+        require_float_dtype("own_prob_mult", p.own_prob_mult, p.own_prob_mult_dtype);
+        check_capture_arguments("own_", p.own_capture);
     }
     if (p.H > kMaxGridYZ) fail("H: at most " + std::to_string(kMaxGridYZ) + " heads, got " + std::to_string(p.H));
     if (p.B > kMaxGridYZ) fail("B: at most " + std::to_string(kMaxGridYZ) + " batch items, got " + std::to_string(p.B));
@@ -199,21 +235,16 @@ void check_params(const AttentionParams& p) {
     require_aligned("out", p.out, 2);
     if (p.bias != nullptr) require_aligned("bias", p.bias, dtype_bytes(p.bias_dtype));
     if (p.prob_mult != nullptr) require_aligned("prob_mult", p.prob_mult, dtype_bytes(p.prob_mult_dtype));
-    if (p.head_weights != nullptr) require_aligned("head_weights", p.head_weights, dtype_bytes(p.head_weights_dtype));
-    if (p.tokens != nullptr && (p.maps != nullptr || p.head_maps != nullptr)) {
-        require_aligned("tokens", p.tokens, dtype_bytes(p.tokens_dtype));
-    }
     if (p.source != nullptr) require_aligned("source", p.source, dtype_bytes(p.source_dtype));
-    require_aligned("token_mass", p.token_mass, 4);
-    require_aligned("maps", p.maps, 4);
-    require_aligned("head_maps", p.head_maps, 4);
-    require_aligned("lse", p.lse, 4);
-
+    check_capture_memory("", p.capture, p);
     require_distinct<4>("out", p.out, p.out_stride, {p.B, p.H, p.M, p.Dv}, "B, H, M, Dv");
-    require_distinct<3>("token_mass", p.token_mass, p.token_mass_stride, {p.B, p.H, p.N}, "B, H, N");
-    require_distinct<3>("maps", p.maps, p.maps_stride, {p.B, p.M, p.T}, "B, M, T");
-    require_distinct<4>("head_maps", p.head_maps, p.head_maps_stride, {p.B, p.H, p.M, p.T}, "B, H, M, T");
-    require_distinct<3>("lse", p.lse, p.lse_stride, {p.B, p.H, p.M}, "B, H, M");
+    if (p.own_v != nullptr) {
+        require_aligned("own_values", p.own_v, 2);
+        if (p.own_prob_mult != nullptr) {
+            require_aligned("own_prob_mult", p.own_prob_mult, dtype_bytes(p.own_prob_mult_dtype));
+        }
+        check_capture_memory("own_", p.own_capture, p);
+    }
 }
 
 void set_vector_flags(AttentionParams& p) {
@@ -221,6 +252,7 @@ void set_vector_flags(AttentionParams& p) {
     p.k_vec = vectorizable(p.k, p.k_stride, {p.B, p.H, p.N, p.D});
     p.v_vec = vectorizable(p.v, p.v_stride, {p.B, p.H, p.N, p.Dv});
     p.out_vec = vectorizable(p.out, p.out_stride, {p.B, p.H, p.M, p.Dv});
+    p.own_v_vec = p.own_v != nullptr && vectorizable(p.own_v, p.own_v_stride, {p.B, p.H, p.N, p.Dv});
 }
 
 KernelConfig kernel_config(int head_dim, int value_dim) {
@@ -230,7 +262,7 @@ KernelConfig kernel_config(int head_dim, int value_dim) {
 #define ATTNCTL_CONFIG(TILE)                                                                            \
     case TILE: {                                                                                        \
         using T = KernelTraits<TILE>;                                                                   \
-        return KernelConfig{TILE, T::kBlockM, T::kBlockN, T::kNThreads, T::kSmemBytes};                 \
+        return KernelConfig{TILE, T::kBlockM, T::kBlockN, T::kNThreads, T::kSmemBytes, T::kSmemOwnBytes};\
     }
         ATTNCTL_CONFIG(48)
         ATTNCTL_CONFIG(64)

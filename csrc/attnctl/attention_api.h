@@ -19,6 +19,7 @@ void set_vector_flags(AttentionParams& params);
 
 struct KernelConfig {
     int head_dim_tile, block_m, block_n, threads, smem_bytes;
+    int own_smem_bytes;  // of the two-source kernel (a second query tile)
 };
 
 // The tile a (D, Dv) pair runs on; throws std::invalid_argument when none exists.

@@ -20,7 +20,7 @@ namespace py = pybind11;
 namespace {
 
 // Bumped whenever the signature of attention_forward changes; the launcher checks it.
-constexpr int kAbiVersion = 2;
+constexpr int kAbiVersion = 3;
 
 template <int kDims>
 void copy_strides(const char* name, const std::vector<int64_t>& from, int64_t (&to)[kDims]) {
@@ -36,20 +36,49 @@ T* as_pointer(std::uintptr_t address) {
     return reinterpret_cast<T*>(address);
 }
 
+using Strides = std::vector<int64_t>;
+
+void fill_capture(attnctl::CaptureBuffers& c, std::uintptr_t token_mass, std::uintptr_t maps,
+                  std::uintptr_t head_maps, std::uintptr_t lse, std::uintptr_t tokens, std::uintptr_t head_weights,
+                  const std::string& prefix, const Strides& token_mass_stride, const Strides& maps_stride,
+                  const Strides& head_maps_stride, const Strides& lse_stride, const Strides& tokens_stride,
+                  const Strides& head_weights_stride, int T, int tokens_dtype, int head_weights_dtype) {
+    c.token_mass = as_pointer<float>(token_mass);
+    c.maps = as_pointer<float>(maps);
+    c.head_maps = as_pointer<float>(head_maps);
+    c.lse = as_pointer<float>(lse);
+    c.tokens = as_pointer<const void>(tokens);
+    c.head_weights = as_pointer<const void>(head_weights);
+    copy_strides((prefix + "token_mass_stride").c_str(), token_mass_stride, c.token_mass_stride);
+    copy_strides((prefix + "maps_stride").c_str(), maps_stride, c.maps_stride);
+    copy_strides((prefix + "head_maps_stride").c_str(), head_maps_stride, c.head_maps_stride);
+    copy_strides((prefix + "lse_stride").c_str(), lse_stride, c.lse_stride);
+    copy_strides((prefix + "tokens_stride").c_str(), tokens_stride, c.tokens_stride);
+    copy_strides((prefix + "head_weights_stride").c_str(), head_weights_stride, c.head_weights_stride);
+    c.T = T;
+    c.tokens_dtype = tokens_dtype;
+    c.head_weights_dtype = head_weights_dtype;
+}
+
 void attention_forward(
     std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t out,
     std::uintptr_t bias, std::uintptr_t prob_mult,
     std::uintptr_t token_mass, std::uintptr_t maps, std::uintptr_t head_maps, std::uintptr_t lse,
     std::uintptr_t tokens, std::uintptr_t head_weights, std::uintptr_t source,
-    const std::vector<int64_t>& q_stride, const std::vector<int64_t>& k_stride,
-    const std::vector<int64_t>& v_stride, const std::vector<int64_t>& out_stride,
-    const std::vector<int64_t>& bias_stride, const std::vector<int64_t>& prob_mult_stride,
-    const std::vector<int64_t>& token_mass_stride, const std::vector<int64_t>& maps_stride,
-    const std::vector<int64_t>& head_maps_stride, const std::vector<int64_t>& lse_stride,
-    const std::vector<int64_t>& tokens_stride, const std::vector<int64_t>& head_weights_stride,
+    std::uintptr_t own_values, std::uintptr_t own_prob_mult,
+    std::uintptr_t own_token_mass, std::uintptr_t own_maps, std::uintptr_t own_head_maps, std::uintptr_t own_lse,
+    std::uintptr_t own_tokens, std::uintptr_t own_head_weights,
+    const Strides& q_stride, const Strides& k_stride, const Strides& v_stride, const Strides& out_stride,
+    const Strides& bias_stride, const Strides& prob_mult_stride,
+    const Strides& token_mass_stride, const Strides& maps_stride, const Strides& head_maps_stride,
+    const Strides& lse_stride, const Strides& tokens_stride, const Strides& head_weights_stride,
     int64_t source_stride,
-    int B, int H, int M, int N, int D, int Dv, int T, float scale,
+    const Strides& own_values_stride, const Strides& own_prob_mult_stride,
+    const Strides& own_token_mass_stride, const Strides& own_maps_stride, const Strides& own_head_maps_stride,
+    const Strides& own_lse_stride, const Strides& own_tokens_stride, const Strides& own_head_weights_stride,
+    int B, int H, int M, int N, int D, int Dv, int T, int own_T, float scale,
     int dtype, int bias_dtype, int prob_mult_dtype, int head_weights_dtype, int tokens_dtype, int source_dtype,
+    int own_prob_mult_dtype, int own_head_weights_dtype, int own_tokens_dtype,
     int device, std::uintptr_t stream) {
     attnctl::AttentionParams p{};
     p.q = as_pointer<const void>(q);
@@ -58,35 +87,32 @@ void attention_forward(
     p.out = as_pointer<void>(out);
     p.bias = as_pointer<const void>(bias);
     p.prob_mult = as_pointer<const void>(prob_mult);
-    p.token_mass = as_pointer<float>(token_mass);
-    p.maps = as_pointer<float>(maps);
-    p.head_maps = as_pointer<float>(head_maps);
-    p.lse = as_pointer<float>(lse);
-    p.tokens = as_pointer<const void>(tokens);
-    p.head_weights = as_pointer<const void>(head_weights);
     p.source = as_pointer<const void>(source);
+    p.own_v = as_pointer<const void>(own_values);
+    p.own_prob_mult = as_pointer<const void>(own_prob_mult);
     copy_strides("q_stride", q_stride, p.q_stride);
     copy_strides("k_stride", k_stride, p.k_stride);
     copy_strides("v_stride", v_stride, p.v_stride);
     copy_strides("out_stride", out_stride, p.out_stride);
     copy_strides("bias_stride", bias_stride, p.bias_stride);
     copy_strides("prob_mult_stride", prob_mult_stride, p.prob_mult_stride);
-    copy_strides("token_mass_stride", token_mass_stride, p.token_mass_stride);
-    copy_strides("maps_stride", maps_stride, p.maps_stride);
-    copy_strides("head_maps_stride", head_maps_stride, p.head_maps_stride);
-    copy_strides("lse_stride", lse_stride, p.lse_stride);
-    copy_strides("tokens_stride", tokens_stride, p.tokens_stride);
-    copy_strides("head_weights_stride", head_weights_stride, p.head_weights_stride);
+    copy_strides("own_values_stride", own_values_stride, p.own_v_stride);
+    copy_strides("own_prob_mult_stride", own_prob_mult_stride, p.own_prob_mult_stride);
     p.source_stride = source_stride;
-    p.B = B; p.H = H; p.M = M; p.N = N; p.D = D; p.Dv = Dv; p.T = T;
+    fill_capture(p.capture, token_mass, maps, head_maps, lse, tokens, head_weights, "", token_mass_stride,
+                 maps_stride, head_maps_stride, lse_stride, tokens_stride, head_weights_stride, T, tokens_dtype,
+                 head_weights_dtype);
+    fill_capture(p.own_capture, own_token_mass, own_maps, own_head_maps, own_lse, own_tokens, own_head_weights,
+                 "own_", own_token_mass_stride, own_maps_stride, own_head_maps_stride, own_lse_stride,
+                 own_tokens_stride, own_head_weights_stride, own_T, own_tokens_dtype, own_head_weights_dtype);
+    p.B = B; p.H = H; p.M = M; p.N = N; p.D = D; p.Dv = Dv;
     // The kernels work in the log2 domain (exp2): fold log2(e) into the scale once here.
     p.scale_log2 = scale * 1.4426950408889634f;
     p.dtype = dtype;
     p.bias_dtype = bias_dtype;
     p.prob_mult_dtype = prob_mult_dtype;
-    p.head_weights_dtype = head_weights_dtype;
-    p.tokens_dtype = tokens_dtype;
     p.source_dtype = source_dtype;
+    p.own_prob_mult_dtype = own_prob_mult_dtype;
     attnctl::attention_forward(p, device, stream);
 }
 
@@ -115,6 +141,7 @@ PYBIND11_MODULE(_attnctl_cuda, m) {
         d["block_n"] = c.block_n;
         d["threads"] = c.threads;
         d["smem_bytes"] = c.smem_bytes;
+        d["own_smem_bytes"] = c.own_smem_bytes;
         return d;
     }, py::arg("head_dim"), py::arg("value_dim"),
     "Tile, block sizes, threads and dynamic shared memory of the kernel that runs (D, Dv).");
@@ -124,17 +151,26 @@ PYBIND11_MODULE(_attnctl_cuda, m) {
           py::arg("bias"), py::arg("prob_mult"),
           py::arg("token_mass"), py::arg("maps"), py::arg("head_maps"), py::arg("lse"),
           py::arg("tokens"), py::arg("head_weights"), py::arg("source"),
+          py::arg("own_values"), py::arg("own_prob_mult"),
+          py::arg("own_token_mass"), py::arg("own_maps"), py::arg("own_head_maps"), py::arg("own_lse"),
+          py::arg("own_tokens"), py::arg("own_head_weights"),
           py::arg("q_stride"), py::arg("k_stride"), py::arg("v_stride"), py::arg("out_stride"),
           py::arg("bias_stride"), py::arg("prob_mult_stride"),
           py::arg("token_mass_stride"), py::arg("maps_stride"), py::arg("head_maps_stride"), py::arg("lse_stride"),
           py::arg("tokens_stride"), py::arg("head_weights_stride"), py::arg("source_stride"),
+          py::arg("own_values_stride"), py::arg("own_prob_mult_stride"),
+          py::arg("own_token_mass_stride"), py::arg("own_maps_stride"), py::arg("own_head_maps_stride"),
+          py::arg("own_lse_stride"), py::arg("own_tokens_stride"), py::arg("own_head_weights_stride"),
           py::arg("B"), py::arg("H"), py::arg("M"), py::arg("N"), py::arg("D"), py::arg("Dv"), py::arg("T"),
-          py::arg("scale"),
+          py::arg("own_T"), py::arg("scale"),
           py::arg("dtype"), py::arg("bias_dtype"), py::arg("prob_mult_dtype"), py::arg("head_weights_dtype"),
           py::arg("tokens_dtype"), py::arg("source_dtype"),
+          py::arg("own_prob_mult_dtype"), py::arg("own_head_weights_dtype"), py::arg("own_tokens_dtype"),
           py::arg("device"), py::arg("stream"),
           "out = attention(q, k, v) with controls and captures; pointers as ints (0 = absent), strides in "
           "elements, dtype codes from dtype_codes, stream a cudaStream_t as int; source (B,) int32/int64: item "
-          "b's logits from q, k and bias of item source[b] (injection). Raises ValueError on bad "
-          "arguments and RuntimeError when no usable CUDA device is present, both before any launch.");
+          "b's logits from q, k and bias of item source[b] (injection); own_values (0 = absent): the two-source "
+          "form, out adds item b's own attention on own_values with own_prob_mult, captured in the own_ "
+          "buffers. Raises ValueError on bad arguments and RuntimeError when no usable CUDA device is present, "
+          "both before any launch.");
 }

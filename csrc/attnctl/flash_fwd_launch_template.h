@@ -12,26 +12,36 @@
 
 namespace attnctl {
 
-template <typename Elem, int kHeadDim>
-void run_attention_fwd(const AttentionParams& params, cudaStream_t stream) {
-    using Traits = KernelTraits<kHeadDim>;
-    auto kernel = &attention_fwd_kernel<Traits, Elem>;
-    constexpr int kSmem = Traits::kSmemBytes;
-    if (kSmem > 48 * 1024) {
+template <typename Kernel>
+void launch(Kernel kernel, int smem, int head_dim, int block_m, int threads, const AttentionParams& params,
+            cudaStream_t stream) {
+    if (smem > 48 * 1024) {
         // Above 48 KB a kernel must opt in to dynamic shared memory (per device context).
-        const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+        const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
         if (err != cudaSuccess) {
-            throw std::runtime_error(std::string("attnctl CUDA: cannot reserve ") + std::to_string(kSmem) +
-                                     " bytes of shared memory for head-dim tile " + std::to_string(kHeadDim) +
+            throw std::runtime_error(std::string("attnctl CUDA: cannot reserve ") + std::to_string(smem) +
+                                     " bytes of shared memory for head-dim tile " + std::to_string(head_dim) +
                                      ": " + cudaGetErrorString(err));
         }
     }
-    const dim3 grid((params.M + Traits::kBlockM - 1) / Traits::kBlockM, params.H, params.B);
-    kernel<<<grid, Traits::kNThreads, kSmem, stream>>>(params);
+    const dim3 grid((params.M + block_m - 1) / block_m, params.H, params.B);
+    kernel<<<grid, threads, smem, stream>>>(params);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) {
         throw std::runtime_error(std::string("attnctl CUDA: kernel launch failed (head-dim tile ") +
-                                 std::to_string(kHeadDim) + "): " + cudaGetErrorString(err));
+                                 std::to_string(head_dim) + "): " + cudaGetErrorString(err));
+    }
+}
+
+template <typename Elem, int kHeadDim>
+void run_attention_fwd(const AttentionParams& params, cudaStream_t stream) {
+    using Traits = KernelTraits<kHeadDim>;
+    if (params.own_v != nullptr) {
+        launch(&attention_fwd_own_kernel<Traits, Elem>, Traits::kSmemOwnBytes, kHeadDim, Traits::kBlockM,
+               Traits::kNThreads, params, stream);
+    } else {
+        launch(&attention_fwd_kernel<Traits, Elem>, Traits::kSmemBytes, kHeadDim, Traits::kBlockM,
+               Traits::kNThreads, params, stream);
     }
 }
 

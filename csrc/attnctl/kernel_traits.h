@@ -50,6 +50,8 @@ struct KernelTraits {
     static constexpr int kSmemKV = 2 /*K,V*/ * 2 /*stages*/ * kBlockN * kSmemStride * kElemBytes;
     static constexpr int kSmemColSum = kNWarps * kBlockN * 4;  // per-warp column sums
     static constexpr int kSmemBytes = kSmemQ + kSmemKV + kSmemColSum;
+    // The two-source kernel holds a second query tile (item b's own, beside item source[b]'s).
+    static constexpr int kSmemOwnBytes = kSmemBytes + kSmemQ;
 
     static_assert(kHeadDim % 16 == 0, "head-dim tile must be a multiple of the MMA k-step");
     static_assert(kBlockN % 16 == 0, "key block must be a multiple of 16 (ldmatrix.x4 pairs)");

@@ -13,8 +13,9 @@ Shapes: the real SD1.5 / SDXL attention calls (cross-attention with every captur
 self-attention), then odd ones: N = 1, 77, 300; every head-dim tile and the generic one;
 M off the block grid; every broadcast form of bias and prob_mult; all -inf rows; strided
 and (B, M, H, D) layouts; Dv != D; int32 / int64 tokens; fp16 and bf16; injection (source)
-with per-item and broadcast bias, prob_mult and every capture. Plus compute-sanitizer
-memcheck and racecheck on small cases, when the tool exists.
+with per-item and broadcast bias, prob_mult and every capture; the two-source form (own)
+with both prob_mults and the captures of both terms. Plus compute-sanitizer memcheck and
+racecheck on small cases, when the tool exists.
 """
 import os
 import shutil
@@ -25,7 +26,7 @@ import textwrap
 import pytest
 import torch
 
-from attnctl import Capture, attention_reference
+from attnctl import Capture, OwnTerm, attention_reference
 from attnctl.backends._layout import empty_output
 from attnctl.backends.cuda_backend import attention_cuda, cuda_unavailable_reason
 from attnctl.validation import validate
@@ -120,9 +121,14 @@ def clone_capture(cap):
 
 # ---- comparison -----------------------------------------------------------------------------
 
-def run_cuda(q, k, v, *, bias=None, prob_mult=None, capture=None, scale=None, source=None):
-    scale = validate(q, k, v, scale, bias, prob_mult, capture, source=source)
-    return attention_cuda(q, k, v, scale=scale, bias=bias, prob_mult=prob_mult, capture=capture, source=source)
+def clone_own(own):
+    return None if own is None else OwnTerm(own.values, own.prob_mult, clone_capture(own.capture))
+
+
+def run_cuda(q, k, v, *, bias=None, prob_mult=None, capture=None, scale=None, source=None, own=None):
+    scale = validate(q, k, v, scale, bias, prob_mult, capture, source=source, own=own)
+    return attention_cuda(q, k, v, scale=scale, bias=bias, prob_mult=prob_mult, capture=capture, source=source,
+                          own=own)
 
 
 def assert_close(name, got, ref32, reflow, dtype):
@@ -141,14 +147,15 @@ def assert_close(name, got, ref32, reflow, dtype):
     assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g} (reference in {dtype}: {err_low:.3g})"
 
 
-def check(q, k, v, *, bias=None, prob_mult=None, capture=None, source=None):
+def check(q, k, v, *, bias=None, prob_mult=None, capture=None, source=None, own=None):
     scale = q.shape[-1] ** -0.5
     cap_ref, cap_low = clone_capture(capture), clone_capture(capture)
-    out = run_cuda(q, k, v, bias=bias, prob_mult=prob_mult, capture=capture, scale=scale, source=source)
+    own_ref, own_low = clone_own(own), clone_own(own)
+    out = run_cuda(q, k, v, bias=bias, prob_mult=prob_mult, capture=capture, scale=scale, source=source, own=own)
     ref = attention_reference(q, k, v, scale=scale, bias=bias, prob_mult=prob_mult, capture=cap_ref,
-                              source=source)
+                              source=source, own=own_ref)
     low = attention_reference(q, k, v, scale=scale, bias=bias, prob_mult=prob_mult, capture=cap_low,
-                              compute_dtype=q.dtype, source=source)
+                              compute_dtype=q.dtype, source=source, own=own_low)
     torch.cuda.synchronize()
     assert out.shape == ref.shape and out.dtype == q.dtype
     assert out.stride() == empty_output(q, v.shape[-1]).stride()
@@ -156,6 +163,10 @@ def check(q, k, v, *, bias=None, prob_mult=None, capture=None, source=None):
     if capture is not None:
         for name, buf in capture.buffers().items():
             assert_close(name, buf, cap_ref.buffers()[name], cap_low.buffers()[name], q.dtype)
+    if own is not None and own.capture is not None:
+        for name, buf in own.capture.buffers().items():
+            assert_close("own." + name, buf, own_ref.capture.buffers()[name], own_low.capture.buffers()[name],
+                         q.dtype)
 
 
 # ---- the real shapes ------------------------------------------------------------------------
@@ -361,15 +372,104 @@ def test_injection_reproduces_the_source_items_output(N):
     assert torch.equal(identity, plain)
 
 
+# ---- the two-source form (own) ----------------------------------------------------------------
+
+TWO_SOURCES = [[0, 0, 1], [1, 2, 2]]
+
+
+def make_own(q, k, v, *, mult_form="bhmn", kinds=KINDS, mult_dtype=torch.float32):
+    """values laid out unlike v (a (B, N, H, Dv) view), own.prob_mult in ``mult_form``, an own
+    capture of ``kinds`` (int32 tokens, (H,) weights)."""
+    B, H, N, Dv = v.shape
+    values = torch.randn(B, N, H, Dv, device="cuda").to(v.dtype).transpose(1, 2)
+    mult = None if mult_form is None else make_operand(mult_form, B, H, q.shape[2], N, kind="mult", dtype=mult_dtype)
+    cap = make_capture(q, k, kinds, T=4, token_dtype=torch.int32, head_weights=torch.rand(H, device="cuda")) \
+        if kinds else None
+    return OwnTerm(values, mult, cap)
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("bias_form", [None, "1hmn", "bhmn", "mn"])
+@pytest.mark.parametrize("N", [77, 300])
+@pytest.mark.parametrize("src", TWO_SOURCES, ids=["-".join(map(str, s)) for s in TWO_SOURCES])
+def test_two_source_with_bias_prob_mults_and_both_captures(src, N, bias_form, dtype):
+    B, H, M = 3, 2, 70
+    q, k, v = make_qkv(B, H, M, N, 40, dtype=dtype)
+    bias = None
+    if bias_form is not None:
+        bias = mask_rows(make_operand(bias_form, B, H, M, N), rows=[M - 1])
+        if bias.dim() == 4 and bias.shape[0] == B:
+            bias[0, :, 3] = float("-inf")  # an all -inf row of item 0: in one term or both
+    prob_mult = make_operand("bhmn", B, H, M, N, kind="mult", dtype=dtype)
+    cap = make_capture(q, k, KINDS, head_weights=torch.randn(B, H, device="cuda"))
+    own = make_own(q, k, v, mult_form="b1mn", mult_dtype=torch.float16)
+    check(q, k, v, bias=bias, prob_mult=prob_mult, capture=cap, source=torch.tensor(src, device="cuda"), own=own)
+
+
+@pytest.mark.parametrize("mult_form", [None, "n", "bh1n", "scalar"])
+@pytest.mark.parametrize("kinds", [(), ("token_mass",), ("maps", "lse")], ids=["none", "mass", "maps-lse"])
+@pytest.mark.parametrize("N", [77, 300])
+def test_two_source_prob_mult_forms_and_partial_captures(mult_form, kinds, N):
+    B, H, M = 3, 2, 50
+    q, k, v = make_qkv(B, H, M, N, 64, dtype=BF16)
+    own = make_own(q, k, v, mult_form=mult_form, kinds=kinds, mult_dtype=torch.bfloat16)
+    check(q, k, v, capture=make_capture(q, k, ("head_maps",)), source=torch.tensor([2, 2, 0], device="cuda"),
+          own=own)
+
+
+@pytest.mark.parametrize("layout", ["bmhd", "strided"])
+@pytest.mark.parametrize("D,Dv", [(48, 48), (80, 80), (128, 128), (160, 160), (160, 64), (232, 232)])
+@pytest.mark.parametrize("N", [77, 300])
+def test_two_source_every_tile_and_layout(layout, D, Dv, N):
+    B, H, M = 3, 2, 65
+    q, k, v = make_qkv(B, H, M, N, D, Dv, dtype=F16, layout=layout)
+    own = make_own(q, k, v)
+    cap = make_capture(q, k, KINDS, T=9, tokens_form="1d")
+    check(q, k, v, bias=make_operand("bhmn", B, H, M, N), capture=cap,
+          source=torch.tensor([1, 2, 2], device="cuda", dtype=torch.int32), own=own)
+
+
+@pytest.mark.parametrize("N", [77, 300])
+def test_two_source_exact_identities(N):
+    # No reference: own.prob_mult = 0 adds exactly nothing (equals zero own values), and an
+    # item whose inputs equal another's gets a bit-identical output and captures.
+    B, H, M = 3, 2, 70
+    q, k, v = make_qkv(B, H, M, N, 64, layout="contiguous")
+    bias = make_operand("bhmn", B, H, M, N)
+    for t in (q, k, v, bias):
+        t[1] = t[0]
+    source = torch.tensor([0, 0, 1], device="cuda")
+    values = torch.randn_like(v)
+    values[1] = values[0]
+    zero_mult = torch.zeros(B, 1, 1, N, device="cuda")
+    cap = make_capture(q, k, ("head_maps", "lse"), tokens_form="1d")  # the same tokens for every item
+    for buf in cap.buffers().values():
+        buf.zero_()
+    own_cap = clone_capture(cap)
+    muted = run_cuda(q, k, v, bias=bias, source=source, capture=cap, own=OwnTerm(values, zero_mult, own_cap))
+    zeros = run_cuda(q, k, v, bias=bias, source=source, own=OwnTerm(torch.zeros_like(v)))
+    assert torch.equal(muted, zeros)
+    assert torch.equal(muted[1], muted[0])
+    for c in (cap, own_cap):
+        for buf in c.buffers().values():
+            assert torch.equal(buf[1], buf[0])
+    # Items 0 and 1 take item 0's logits in both terms: the two captures agree exactly.
+    assert torch.equal(cap.lse[:2], own_cap.lse[:2]) and torch.equal(cap.head_maps[:2], own_cap.head_maps[:2])
+    # The source-only injection kernel normalises after P·V instead of before: equal up to rounding.
+    injected = run_cuda(q, k, v, bias=bias, source=source)
+    bound = 2 * LOWPREC_ATOL[F16] * max(1.0, injected.float().abs().max().item())
+    assert (muted.float() - injected.float()).abs().max().item() <= bound
+
+
 # ---- compute-sanitizer ------------------------------------------------------------------------
 
 SANITIZER_SCRIPT = textwrap.dedent("""
     import torch
-    from attnctl import Capture
+    from attnctl import Capture, OwnTerm
     from attnctl.backends.cuda_backend import attention_cuda
 
     torch.manual_seed(0)
-    def run(B, H, M, N, D, layout, source=None):
+    def run(B, H, M, N, D, layout, source=None, own=False):
         if layout == "strided":
             q = torch.randn(B, H, M, 2 * D, device="cuda").half()[..., ::2]
             k = torch.randn(B, H, D, N, device="cuda").half().transpose(-1, -2)
@@ -383,12 +483,20 @@ SANITIZER_SCRIPT = textwrap.dedent("""
                             tokens=[N - 1, 0, 3], head_weights=torch.rand(H, device="cuda"))
         if source is not None:
             source = torch.tensor(source, device="cuda")
-        attention_cuda(q, k, v, scale=D ** -0.5, bias=bias, prob_mult=mult, capture=cap, source=source)
+        if own:
+            own_cap = Capture.zeros(q, k, token_mass=True, maps=True, head_maps=True, lse=True,
+                                    tokens=[0, N - 1], head_weights=torch.rand(H, device="cuda"))
+            own = OwnTerm(torch.randn(B, N, H, D, device="cuda").half().transpose(1, 2), mult, own_cap)
+        attention_cuda(q, k, v, scale=D ** -0.5, bias=bias, prob_mult=mult, capture=cap, source=source,
+                       own=own or None)
     run(1, 2, 70, 90, 40, "bmhd")       # two key blocks: token mass in the second pass
     run(1, 2, 33, 77, 160, "strided")   # one key block, element-wise loads
     run(1, 1, 20, 40, 256, "bmhd")      # generic tile
     run(3, 2, 70, 90, 40, "bmhd", source=[2, 0, 0])      # injection: q, k, bias read at source[b]
     run(3, 2, 33, 77, 160, "strided", source=[1, 2, 1])  # injection, element-wise loads
+    run(3, 2, 70, 90, 40, "bmhd", source=[1, 0, 0], own=True)     # two-source, statistics pass
+    run(3, 2, 33, 77, 160, "strided", source=[2, 2, 0], own=True)  # two-source, one key block
+    run(3, 1, 20, 40, 256, "bmhd", source=[0, 0, 1], own=True)     # two-source, generic tile
     torch.cuda.synchronize()
 """)
 
