@@ -145,6 +145,16 @@ def _check_probe_keys(capture: Capture, B: int, H: int, device: torch.device,
     return (B, H, keys.shape[2])
 
 
+def _check_index_tensor(name: str, t, device: torch.device, what: str) -> None:
+    """An int32/int64 tensor on q's device (token columns, region labels, sources)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected {what}, got {type(t).__name__}")
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name}: expected dtype int32 or int64, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name}: expected device {device} (that of q), got {t.device}")
+
+
 def check_regions(regions, B: int, M: int, N: int, device: torch.device) -> None:
     if regions is None:
         return
@@ -152,12 +162,7 @@ def check_regions(regions, B: int, M: int, N: int, device: torch.device) -> None
         raise TypeError(f"regions: expected attnctl.Regions or None, got {type(regions).__name__}")
     for name, t, length, what in (("regions.labels_q", regions.labels_q, M, "M"),
                                   ("regions.labels_k", regions.labels_k, N, "N")):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected an integer torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"{name}: expected dtype int32 or int64, got {t.dtype}")
-        if t.device != device:
-            raise ValueError(f"{name}: expected device {device} (that of q), got {t.device}")
+        _check_index_tensor(name, t, device, "an integer torch.Tensor")
         if t.dim() != 2 or t.shape[0] not in (1, B) or t.shape[1] != length:
             raise ValueError(f"{name}: expected shape (1 or {B}, {what} = {length}), got {_shape(t)}")
     s = regions.strength
@@ -169,12 +174,7 @@ def check_regions(regions, B: int, M: int, N: int, device: torch.device) -> None
 
 def _check_tokens(tokens, B: int, N: int, device: torch.device, memo: Optional[Capture],
                   name: str = "capture") -> None:
-    if not isinstance(tokens, torch.Tensor):
-        raise TypeError(f"{name}.tokens: expected a tensor (use Capture.zeros to build one), got {type(tokens).__name__}")
-    if tokens.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{name}.tokens: expected dtype int32 or int64, got {tokens.dtype}")
-    if tokens.device != device:
-        raise ValueError(f"{name}.tokens: expected device {device} (that of q), got {tokens.device}")
+    _check_index_tensor(f"{name}.tokens", tokens, device, "a tensor (use Capture.zeros to build one)")
     if tokens.dim() not in (1, 2) or tokens.shape[-1] == 0 or (tokens.dim() == 2 and tokens.shape[0] != B):
         raise ValueError(f"{name}.tokens: expected a non-empty shape (T,) or ({B}, T), got {_shape(tokens)}")
     if memo is None:
@@ -193,13 +193,7 @@ def check_source(source, B: int, device: torch.device, check_values: bool = True
     """``source``: (B,) int32/int64 batch indices in [0, B) (injection)."""
     if source is None:
         return
-    if not isinstance(source, torch.Tensor):
-        raise TypeError(f"source: expected an integer torch.Tensor of shape ({B},) or None, "
-                        f"got {type(source).__name__}")
-    if source.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"source: expected dtype int32 or int64, got {source.dtype}")
-    if source.device != device:
-        raise ValueError(f"source: expected device {device} (that of q), got {source.device}")
+    _check_index_tensor("source", source, device, f"an integer torch.Tensor of shape ({B},) or None")
     if source.dim() != 1 or source.shape[0] != B:
         raise ValueError(f"source: expected shape ({B},) (one source item per batch item), got {_shape(source)}")
     # The range check syncs the device: done once per (tensor, version), as controllers

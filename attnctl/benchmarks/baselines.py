@@ -39,7 +39,7 @@ class MaterialisingProcessor(AttnProcessor):
                                 attention_mask, temb)
 
 
-def _attention_modules(unet):
+def attention_modules(unet):
     from diffusers.models.attention_processor import Attention
     return {name: m for name, m in unet.named_modules() if isinstance(m, Attention)}
 
@@ -56,7 +56,7 @@ def install_daam_style(unet) -> Dict[str, torch.Tensor]:
         return keep
 
     procs = {}
-    for name, m in _attention_modules(unet).items():
+    for name, m in attention_modules(unet).items():
         procs[f"{name}.processor"] = (MaterialisingProcessor(keeper(name, m.heads))
                                       if m.is_cross_attention else AttnProcessor())
     unet.set_attn_processor(procs)
@@ -77,7 +77,7 @@ def install_p2p_self_store(unet) -> Dict[str, torch.Tensor]:
         return keep
 
     procs = {}
-    for name, m in _attention_modules(unet).items():
+    for name, m in attention_modules(unet).items():
         procs[f"{name}.processor"] = (AttnProcessor() if m.is_cross_attention
                                       else MaterialisingProcessor(keeper(name)))
     unet.set_attn_processor(procs)

@@ -23,12 +23,12 @@ from __future__ import annotations
 import statistics
 import time
 from contextlib import ExitStack
+from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from diffusers.models.attention_processor import AttnProcessor
-
 from ..p2p import Edit, Replace
+from .baselines import MaterialisingProcessor, attention_modules
 
 SOURCE = "a photo of a cat riding a bike"
 TARGET = "a photo of a dog riding a bike"
@@ -38,35 +38,6 @@ MAX_STEPS = 50
 
 
 # ---- the materialising edit ----------------------------------------------------------------
-
-class _EditedProbs:
-    """Stands in for the Attention module inside diffusers' AttnProcessor: the P it computes
-    is edited before AttnProcessor multiplies it by V."""
-
-    def __init__(self, attn, edit: "MaterialisedEdit", is_cross: bool):
-        self._attn = attn
-        self._edit = edit
-        self._is_cross = is_cross
-
-    def __getattr__(self, name):
-        return getattr(self._attn, name)
-
-    def get_attention_scores(self, query, key, attention_mask=None):
-        probs = self._attn.get_attention_scores(query, key, attention_mask)   # (B*H, M, N)
-        self._edit.apply(probs.unflatten(0, (-1, self._attn.heads)), self._is_cross)
-        return probs
-
-
-class _EditingProcessor(AttnProcessor):
-    def __init__(self, edit: "MaterialisedEdit"):
-        super().__init__()
-        self.edit = edit
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 *args, **kwargs):
-        tap = _EditedProbs(attn, self.edit, is_cross=encoder_hidden_states is not None)
-        return super().__call__(tap, hidden_states, encoder_hidden_states, attention_mask, temb)
-
 
 class MaterialisedEdit:
     """Context manager: every attention layer of ``pipe`` materialises P and applies
@@ -91,7 +62,9 @@ class MaterialisedEdit:
     def __enter__(self) -> "MaterialisedEdit":
         unet = self.pipe.unet
         self._original = unet.attn_processors
-        unet.set_attn_processor(_EditingProcessor(self))
+        unet.set_attn_processor({f"{name}.processor": MaterialisingProcessor(
+            partial(self.apply, heads=m.heads, is_cross=m.is_cross_attention))
+            for name, m in attention_modules(unet).items()})
         self._hook = unet.register_forward_pre_hook(self._count_step)
         return self
 
@@ -116,8 +89,10 @@ class MaterialisedEdit:
         if not self._steps:
             self._steps = self.controller.num_steps or self.pipe.scheduler.num_inference_steps
 
-    def apply(self, probs: torch.Tensor, is_cross: bool) -> None:
-        """Edit the target rows of the conditional half of ``probs`` (B, H, M, N) in place."""
+    def apply(self, probs: torch.Tensor, heads: int, is_cross: bool) -> None:
+        """Edit the target rows of the conditional half of ``probs`` (B*H, M, N), as diffusers'
+        materialising processor computes it, in place before it multiplies by V."""
+        probs = probs.unflatten(0, (-1, heads))
         prompts = len(self._prompts)
         rows = probs.shape[0]
         if rows not in (prompts, 2 * prompts):

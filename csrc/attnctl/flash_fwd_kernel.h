@@ -166,6 +166,34 @@ __device__ __forceinline__ void add_token_mass(const float (&prob)[Traits::kBloc
     }
 }
 
+// One key block of the online softmax for this thread's two rows: s (log2-domain logits)
+// becomes exp2(s - m), m the running row max; l_run takes the block's sum, and alpha is the
+// factor that rescales what was accumulated over the earlier blocks.
+template <typename Traits>
+__device__ __forceinline__ void online_softmax_block(float (&s)[Traits::kBlockN / 8][4], float (&m_run)[2],
+                                                     float (&l_run)[2], float (&alpha)[2]) {
+    constexpr int kNT = Traits::kBlockN / 8;
+    #pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        float mx = m_run[i];
+        #pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * i], s[nt][2 * i + 1]));
+        mx = quad_max(mx);
+        // A row with only -inf so far keeps a finite reference so exp2 gives 0, not NaN.
+        const float ref = mx == -INFINITY ? 0.f : mx;
+        alpha[i] = exp2_approx(m_run[i] - ref);
+        m_run[i] = mx;
+        float sum = 0.f;
+        #pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) {
+            s[nt][2 * i] = exp2_approx(s[nt][2 * i] - ref);
+            s[nt][2 * i + 1] = exp2_approx(s[nt][2 * i + 1] - ref);
+            sum += s[nt][2 * i] + s[nt][2 * i + 1];
+        }
+        l_run[i] = l_run[i] * alpha[i] + sum;
+    }
+}
+
 template <typename Traits>
 __device__ __forceinline__ int key_pairs_from(int first, int count) {
     return min(Traits::kBlockN / 16, (count - first + 15) / 16);
@@ -434,25 +462,7 @@ attention_fwd_kernel(const __grid_constant__ AttentionParams p) {
         finish_logits<Traits>(s, p, bias_bh, row0, key_col(n0, p.N), lane);
 
         float alpha[2];
-        #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            float mx = m_run[i];
-            #pragma unroll
-            for (int nt = 0; nt < kNT; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * i], s[nt][2 * i + 1]));
-            mx = quad_max(mx);
-            // A row with only -inf so far keeps a finite reference so exp2 gives 0, not NaN.
-            const float ref = mx == -INFINITY ? 0.f : mx;
-            alpha[i] = exp2_approx(m_run[i] - ref);
-            m_run[i] = mx;
-            float sum = 0.f;
-            #pragma unroll
-            for (int nt = 0; nt < kNT; ++nt) {
-                s[nt][2 * i] = exp2_approx(s[nt][2 * i] - ref);
-                s[nt][2 * i + 1] = exp2_approx(s[nt][2 * i + 1] - ref);
-                sum += s[nt][2 * i] + s[nt][2 * i + 1];
-            }
-            l_run[i] = l_run[i] * alpha[i] + sum;
-        }
+        online_softmax_block<Traits>(s, m_run, l_run, alpha);
 
         if (token_mass_in_loop) {
             // The only key block: the running sum is the final normaliser.
@@ -627,23 +637,8 @@ attention_fwd_own_kernel(const __grid_constant__ AttentionParams p) {
     // Row max and this thread's share of the row sum of one block (or a running pair over
     // several), from log2 logits; s becomes exp2(s - reference).
     auto softmax_step = [&](float (&m_run)[2], float (&l_run)[2]) {
-        #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            float mx = m_run[i];
-            #pragma unroll
-            for (int nt = 0; nt < kNT; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * i], s[nt][2 * i + 1]));
-            mx = quad_max(mx);
-            const float ref = mx == -INFINITY ? 0.f : mx;
-            float sum = 0.f;
-            #pragma unroll
-            for (int nt = 0; nt < kNT; ++nt) {
-                s[nt][2 * i] = exp2_approx(s[nt][2 * i] - ref);
-                s[nt][2 * i + 1] = exp2_approx(s[nt][2 * i + 1] - ref);
-                sum += s[nt][2 * i] + s[nt][2 * i + 1];
-            }
-            l_run[i] = l_run[i] * exp2_approx(m_run[i] - ref) + sum;
-            m_run[i] = mx;
-        }
+        float alpha[2];  // no accumulator to rescale here
+        online_softmax_block<Traits>(s, m_run, l_run, alpha);
     };
     // Sets lse2[t], adds the LSE capture of term t, returns 1/l (0 where lse2 is +inf).
     auto finalise = [&](int t, const float (&m_run)[2], const float (&l_run)[2], float (&inv_l)[2]) {
