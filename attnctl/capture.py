@@ -14,6 +14,12 @@ lse            (B, H, M)    log Σ_n exp(S[b, h, m, n])   (-inf for an all -inf 
 probe_mass     (B, H, C)    Σ_m softmax_c(scale · q[b, h, m] · probe_keys[b, h, c])
 =============  ===========  ====================================================
 
+A row whose logits are all -inf (every key masked) has P = 0 and LSE = log 0 = -inf, and
+adding it makes that ``lse`` entry -inf for good: the buffer holds a sum of logs, i.e. the
+log of a product of normalisers, and one zero normaliser makes the product zero. A caller
+averaging LSE over calls of a layer whose mask can empty a row should test
+``torch.isneginf(capture.lse)`` (rows fully masked in at least one call) or capture per call.
+
 ``tokens`` (int, shape (T,) or (B, T)) selects the key columns of ``maps`` and
 ``head_maps``; ``head_weights`` (shape (H,) or (B, H)) are the w of ``maps`` (1 when
 omitted).

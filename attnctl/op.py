@@ -28,7 +28,8 @@ from .capture import BUFFER_FIELDS, Capture
 from .injection import OwnTerm
 from .reference import attention_reference, logit_max_reference
 from .regions import Regions
-from .validation import check_capture, check_own, check_regions, check_source, validate, validate_logit_max
+from .validation import (check_bias_values, check_capture, check_own, check_regions, check_source, validate,
+                         validate_logit_max)
 
 logger = logging.getLogger("attnctl")
 
@@ -194,7 +195,8 @@ def attention(
         q, k, v: (B, H, M, D), (B, H, N, D), (B, H, N, Dv); fp16, bf16 or fp32; any strides.
             D and Dv are multiples of 8 up to 256.
         scale: softmax scale; default 1/sqrt(D).
-        bias: additive pre-softmax logits, broadcastable to (B, H, M, N); -inf masks a key.
+        bias: additive pre-softmax logits, broadcastable to (B, H, M, N); -inf masks a key;
+            +inf and NaN are rejected (ValueError: they have no softmax).
         prob_mult: factor on the normalised probabilities in the numerator only
             (O = Σ_n P·f·v, no renormalisation), broadcastable to (B, H, M, N).
         capture: an attnctl.Capture whose fp32 buffers receive statistics of P (before
@@ -209,8 +211,9 @@ def attention(
             P and nothing differs per item (no prob_mult, regions or capture), the Triton
             kernel computes that P once for all of them (fan-out).
         own: with ``source``, an attnctl.OwnTerm(values, prob_mult, capture): the two-source
-            form O_b = Σ P_src[b]·f·v + Σ P_b·own.prob_mult·own.values, each P with its own
-            normaliser, in one pass (see attnctl.injection).
+            form O_b = Σ P_src[b]·f·g·v + Σ P_b·own.prob_mult·g·own.values (g: the regions
+            factor, on both terms), each P with its own normaliser, in one pass (see
+            attnctl.injection).
         backend: "auto", "torch" (reference), "triton", "cuda" (CUDA C++, fp16/bf16) or
             "sdpa" (plain attention only).
 
@@ -308,6 +311,7 @@ def _attention_op(
         regions = Regions(labels_q, labels_k, region_strength)
         check_regions(regions, B, M, k.shape[2], q.device)
     check_source(source, B, q.device)
+    check_bias_values(bias)
     own = None
     if own_values is not None:
         own_capture = Capture(*map(present, (own_token_mass, own_maps, own_head_maps, own_lse)),

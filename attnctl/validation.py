@@ -81,6 +81,28 @@ def check_broadcastable(name: str, t, target: Sequence[int], device: torch.devic
         )
 
 
+def check_bias_values(bias) -> None:
+    """``bias`` may hold -inf (a masked key) but never +inf or NaN: a +inf logit has no
+    softmax (inf - inf), so outputs, maps and LSE would all be NaN.
+
+    Reading the values syncs the device, so each (tensor, version) is checked once:
+    controllers that keep one bias tensor across calls pay for it once.
+    """
+    if bias is None or any(t is bias and ver == bias._version for t, ver in _checked_biases):
+        return
+    bad = torch.isposinf(bias) | torch.isnan(bias)
+    if bool(bad.any()):
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        kinds = " and ".join(name for name, hit in (("+inf", bool(torch.isposinf(bias).any())),
+                                                   ("NaN", bool(torch.isnan(bias).any()))) if hit)
+        raise ValueError(f"bias: expected finite values or -inf (a masked key), got {kinds} "
+                         f"({int(bad.sum())} entries, first at index {where} of shape {_shape(bias)})")
+    _checked_biases[:] = _checked_biases[-15:] + [(bias, bias._version)]
+
+
+_checked_biases: list = []
+
+
 def check_capture(capture, B: int, H: int, M: int, N: int, device: torch.device,
                   check_token_values: bool, dtype: Optional[torch.dtype] = None,
                   head_dim: Optional[int] = None, name: str = "capture") -> None:
@@ -243,6 +265,8 @@ def validate(q, k, v, scale, bias, prob_mult, capture, check_token_values: bool 
     N = k.shape[2]
     scale = resolve_scale(scale, D)
     check_broadcastable("bias", bias, (B, H, M, N), q.device)
+    if check_token_values:
+        check_bias_values(bias)
     check_broadcastable("prob_mult", prob_mult, (B, H, M, N), q.device)
     check_capture(capture, B, H, M, N, q.device, check_token_values, dtype=q.dtype, head_dim=D)
     check_regions(regions, B, M, N, q.device)

@@ -163,6 +163,24 @@ def test_all_rows_masked():
     assert torch.isneginf(cap.lse).all()
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_lse_of_a_masked_row_stays_neg_inf_when_accumulated(backend):
+    """The documented rule (attnctl.capture): the lse buffer is a sum of logs, so a row fully
+    masked in one call keeps -inf after later calls; other rows add up normally."""
+    B, H, M, N = 1, 2, 17, 77
+    q, k, v = make_qkv(B, H, M, N, 16)
+    cap = make_capture(q, k, frozenset({"lse"}))
+    bias = torch.zeros(1, 1, M, N, device=DEVICE)
+    bias[..., 3, :] = float("-inf")
+    attnctl.attention(q, k, v, bias=bias, capture=cap, backend=backend)
+    attnctl.attention(q, k, v, capture=cap, backend=backend)
+    assert torch.isneginf(cap.lse[:, :, 3]).all()
+    live = torch.ones(M, dtype=torch.bool)
+    live[3] = False
+    expected = 2 * torch.logsumexp(q.float() @ k.float().transpose(-1, -2) / 4.0, dim=-1)
+    torch.testing.assert_close(cap.lse[:, :, live], expected[:, :, live], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("pattern", ["first_key_block", "last_key_block", "key_columns"])
 def test_masked_key_blocks(pattern):
     """Whole key blocks masked for every row: the online softmax starts (or ends) on a

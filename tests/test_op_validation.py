@@ -154,6 +154,25 @@ def test_control_not_a_tensor(name):
     raises(TypeError, f"{name}:", "torch.Tensor or None", "float", **{name: 1.0}, **qkv())
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton", "cuda"])
+@pytest.mark.parametrize("value, kind", [(float("inf"), "+inf"), (float("nan"), "NaN")])
+def test_bias_with_pos_inf_or_nan(backend, value, kind):
+    """+inf has no softmax (inf - inf): rejected before any launch, with where it is."""
+    bias = torch.zeros(1, H, M, N)
+    bias[0, 2, 4, 1] = value
+    raises(ValueError, "bias:", "finite values or -inf", kind, "1 entries", f"(0, 2, 4, 1) of shape {(1, H, M, N)}",
+           bias=bias, backend=backend, **qkv())
+
+
+def test_bias_value_check_follows_in_place_writes():
+    """The check is memoised per (tensor, version): a later in-place +inf is still caught."""
+    bias = torch.zeros(B, H, M, N)
+    a = qkv()
+    attnctl.attention(a["q"], a["k"], a["v"], bias=bias, backend="torch")
+    bias[1, 0, 0, 0] = float("inf")
+    raises(ValueError, "bias:", "+inf", bias=bias, backend="torch", **qkv())
+
+
 # ---- capture ---------------------------------------------------------------------------------
 
 EXPECTED_SHAPES = {"token_mass": (B, H, N), "maps": (B, M, 3), "head_maps": (B, H, M, 3),
