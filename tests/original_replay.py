@@ -120,7 +120,7 @@ class InsideOutsideOriginal(ReferenceState):
         if self.progress_of_step is not None:
             self.progress = self.progress_of_step(info.step)
         attn = probs.reshape(B * H, M, N).clone()
-        segm = sgd_segm(self.mask_image, layer_grid(info.latent, M)).view(1, M, 1).expand(B * H, M, 1)
+        segm = sgd_segm(self.mask_image, layer_grid(info.latent, M)).to(probs.dtype).view(1, M, 1).expand(B * H, M, 1)
         fixed_in, fixed_out = self.fixed if self.fixed is not None else (None, None)
         scale = self.cross_schedule
         if info.is_cross and not self.mask_tokens:
@@ -198,7 +198,10 @@ def sgd_original(pipe, init_image, mask_image, *, prompt_inside, prompt_outside,
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               num_train_timesteps=1000)
     scheduler.set_timesteps(steps)
-    init_latent = vae.encode(init_image).latent_dist.sample(generator=generator) * vae.config.scaling_factor
+    # latent_dist.sample(generator), with the fp32 draw of the fp32 pipeline at any precision
+    dist = vae.encode(init_image).latent_dist
+    eps = torch.randn(dist.mean.shape, generator=generator).to(dist.mean.dtype)
+    init_latent = (dist.mean + dist.std * eps) * vae.config.scaling_factor
     t_start = steps - int(steps * 1.0)
     _, uncond = embed("")
     collect_in = torch.tensor(list(range(1, num_inside + 1)))
@@ -216,6 +219,7 @@ def sgd_original(pipe, init_image, mask_image, *, prompt_inside, prompt_outside,
     fixed_in = sgd_fixed_indices(tok_inv_in, tok_in, num_inside)
     fixed_out = outside_idx[sgd_fixed_indices(tok_inv_out, tok_out, num_outside) - 1]
     noise = torch.randn((1, unet.config.in_channels, height // factor, width // factor), generator=generator)
+    noise, mask = noise.to(unet.dtype), mask.to(unet.dtype)
 
     state = InsideOutsideOriginal(mask_image, inside_idx, outside_idx, pad_idx, cross_schedule=cross_attn_schedule,
                                   self_schedule=self_attn_schedule, mask_tokens=run_cross_attention_mask,

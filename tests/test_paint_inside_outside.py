@@ -69,9 +69,10 @@ PAINT_PROMPT = ["a cat and a cat on a red car"]   # "cat" twice: the original pa
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_paint_with_words_color_map_equals_the_original(backend):
     pipe = _sigmas_pipe()
-    colors = {(255, 0, 0): "cat,2.0", "#0000ff": "red car,0.5"}
+    colors = {(255, 0, 0): "cat,2.0", "#0000ff": "red car,0.5"}     # the original's form
     original = PaintWithWordsOriginal(pipe, PAINT_PROMPT[0], pww_color_regions(_color_map(), colors))
-    controller = PaintWithWords.from_color_map(PIL.Image.fromarray(_color_map()), colors)
+    controller = PaintWithWords.from_color_map(PIL.Image.fromarray(_color_map()),
+                                               {(255, 0, 0): "cat,2.0", "#0000ff": ("red car", 0.5)})
     _compare(pipe, original, controller, backend, prompt=PAINT_PROMPT)
 
 
