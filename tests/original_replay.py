@@ -174,7 +174,7 @@ def sgd_original(pipe, init_image, mask_image, *, prompt_inside, prompt_outside,
                  prompt_inversion_outside, num_inside=38, num_outside=38, guidance_scale=3.5, steps=50,
                  copy_background=True, run_cross_attention_mask=True, run_self_attention_mask=True,
                  self_attn_schedule=1.0, cross_attn_schedule=2.5, run_inversion=True, noise_mixing=0.0,
-                 invert_mask=False, generator=None):
+                 invert_mask=False, init_image_strength=1.0, generator=None):
     """``shape_guided_diffusion`` (eta 0) on ``pipe``'s models with explicit attention;
     ``init_image`` a (1, 3, H, W) tensor in [-1, 1], ``mask_image`` a PIL image. Latents."""
     from diffusers import DDIMScheduler
@@ -202,7 +202,7 @@ def sgd_original(pipe, init_image, mask_image, *, prompt_inside, prompt_outside,
     dist = vae.encode(init_image).latent_dist
     eps = torch.randn(dist.mean.shape, generator=generator).to(dist.mean.dtype)
     init_latent = (dist.mean + dist.std * eps) * vae.config.scaling_factor
-    t_start = steps - int(steps * 1.0)
+    t_start = steps - int(steps * init_image_strength)
     _, uncond = embed("")
     collect_in = torch.tensor(list(range(1, num_inside + 1)))
     collect_out = torch.tensor(list(range(1, num_outside + 1)))
@@ -258,11 +258,14 @@ def sgd_original(pipe, init_image, mask_image, *, prompt_inside, prompt_outside,
             state.progress = i / len(seq_iter)
             pred_cond = unet(latent, t, encoder_hidden_states=cond).sample
             pred_uncond = unet(latent, t, encoder_hidden_states=uncond).sample
-            pred = pred_cond + guidance_scale * (pred_cond - pred_uncond)
+            if guidance_scale == -1:
+                pred = pred_cond
+            else:
+                pred = pred_cond + guidance_scale * (pred_cond - pred_uncond)
             latent = sgd_noise_to_latent(latent, pred, at, 0.0, at_next)
             if copy_background:
                 if run_inversion:
-                    background = xs[-i - 1]
+                    background = xs[-(t_start + i) - 1]
                 else:
                     background = scheduler.add_noise(init_latent, noise, seq_iter[i])
                 latent = background * mask + latent * (1 - mask)

@@ -11,7 +11,7 @@ import torch
 
 from attnctl.diffusers.offline import tiny_sd_pipeline
 from attnctl.tools.shape_guided import shape_guided_inpaint
-from diffusion_helpers import sd_pipe
+from diffusion_helpers import sd_pipe, sdxl_pipe
 from original_replay import sgd_original
 
 STEPS = 3
@@ -37,7 +37,8 @@ def _inputs():
     {},
     dict(invert_mask=True, run_inversion=False, noise_mixing=0.3, self_attn_schedule="linear",
          run_cross_attention_mask=False, guidance_scale=2.0, num_inside=20, num_outside=30),
-], ids=["defaults", "options"])
+    dict(guidance_scale=-1, self_attn_schedule="exponential", init_image_strength=0.7),
+], ids=["defaults", "options", "cond-only-partial-strength"])
 def test_shape_guided_equals_the_original(options):
     """attnctl's fp32 result is within twice the fp32 replay's own error of the fp64 replay."""
     image, mask = _inputs()
@@ -86,5 +87,9 @@ def test_output_image_and_bad_input():
         shape_guided_inpaint(pipe, image, mask, num_inside=40, num_outside=40, **run)
     with pytest.raises(ValueError, match="self_attn_schedule: expected a number or one of linear"):
         shape_guided_inpaint(pipe, image, mask, self_attn_schedule="cos", **run)
+    with pytest.raises(ValueError, match="init_image_strength: expected a number in"):
+        shape_guided_inpaint(pipe, image, mask, init_image_strength=0.5, **run)
+    with pytest.raises(ValueError, match="pipe: expected a Stable Diffusion 1.x/2.x pipeline"):
+        shape_guided_inpaint(sdxl_pipe(), image, mask, **run)
     with pytest.raises(ValueError, match=r"noise: expected shape \(1, 4, 8, 8\), got \(1, 4, 16, 16\)"):
         shape_guided_inpaint(pipe, image, mask, noise=torch.zeros(1, 4, 16, 16), **run)

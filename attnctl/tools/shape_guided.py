@@ -131,6 +131,10 @@ def shape_guided_inpaint(pipe, image, mask, *, prompt_inside: str, prompt_outsid
     if height % multiple or width % multiple:
         raise ValueError(f"image: expected sides divisible by {multiple} (the VAE's {factor} x the UNet's "
                          f"downsampling), got {height}x{width}")
+    if unet.config.addition_embed_type is not None:
+        raise ValueError(f"pipe: expected a Stable Diffusion 1.x/2.x pipeline (a UNet conditioned on the text "
+                         f"alone, as the original's), got a UNet with addition_embed_type="
+                         f"{unet.config.addition_embed_type!r} ({type(pipe).__name__})")
     if unet.config.in_channels != vae.config.latent_channels:
         raise ValueError(f"pipe: expected a text-to-image UNet taking the {vae.config.latent_channels} latent "
                          f"channels (Shape-Guided Diffusion runs a plain SD UNet), got {unet.config.in_channels}")
@@ -152,6 +156,7 @@ def shape_guided_inpaint(pipe, image, mask, *, prompt_inside: str, prompt_outsid
     if not 0.0 <= strength <= 1.0 or int(steps * strength) < 1:
         raise ValueError(f"init_image_strength: expected a number in [0, 1] with steps x init_image_strength >= 1, "
                          f"got {init_image_strength!r} (steps={steps})")
+    threshold = finite(threshold, "threshold")
     noise_shape = (1, unet.config.in_channels, *latent_size)
     if noise is not None and tuple(noise.shape) != noise_shape:
         raise ValueError(f"noise: expected shape {noise_shape}, got {tuple(noise.shape)}")
