@@ -9,6 +9,8 @@ import PIL.Image
 import pytest
 import torch
 
+import attnctl
+from attnctl.diffusers.install import installation_of
 from attnctl.diffusers.offline import tiny_sd_pipeline
 from attnctl.tools.shape_guided import shape_guided_inpaint
 from diffusion_helpers import sd_pipe, sdxl_pipe
@@ -72,6 +74,10 @@ def test_output_image_and_bad_input():
     run = dict(steps=1, backend="torch", **PROMPTS)
     out = shape_guided_inpaint(pipe, image, mask, output_type="pt", **run)
     assert out.shape == (1, 3, 16, 16)
+    with attnctl.install(pipe, backend="torch") as installation:   # the caller's installation stays
+        shape_guided_inpaint(pipe, image, mask, output_type="latent", **run)
+        assert installation.active and installation.controllers == []
+    assert installation_of(pipe) is None
     with pytest.raises(ValueError, match=r"mask: expected the image size \(16, 16\) or the latent size \(8, 8\) "
                                          r"\(height, width\), got \(10, 16\)"):
         shape_guided_inpaint(pipe, image, torch.ones(10, 16), **run)

@@ -201,24 +201,25 @@ def shape_guided_inpaint(pipe, image, mask, *, prompt_inside: str, prompt_outsid
                              cross_boost=cross_attn_schedule, cross_strength=0.0, zeroed=(),
                              self_strength=self_strength, threshold=threshold)
 
-    installed = installation_of(pipe)
-    installation = installed or install(pipe, backend=backend)
+    installed = installation_of(pipe) is not None
+    installation = install(pipe, backend=backend)
+    inversion_control, control = controller([]), controller(fixed)
     try:
         installation.start_generation(None, num_prompts=1, cfg=True, tokenizer=pipe.tokenizer)
-        timesteps = ddim.timesteps[t_start:].tolist()
         if run_inversion:
             # The original inverts with no fixed tokens and the schedules at progress 0.
-            control = installation.add(controller([]))
-            control.progress = 0.0
+            installation.add(inversion_control)
+            inversion_control.progress = 0.0
             inverted = _invert(unet, init_latent, ddim.timesteps.tolist(), alphas, inversion)
-            installation.remove(control)
+            installation.remove(inversion_control)
             start = inverted[-t_start - 1]
         else:
             start = ddim.add_noise(init_latent, noise, ddim.timesteps[t_start:t_start + 1])
         latent = start * keep + slerp(start, noise, noise_mixing) * (1 - keep)
 
-        control = installation.add(controller(fixed))
+        installation.add(control)
         text = torch.cat([empty, condition])
+        timesteps = ddim.timesteps[t_start:].tolist()
         for i, t in enumerate(timesteps):
             control.progress = i / len(timesteps)
             t_next = timesteps[i + 1] if i + 1 < len(timesteps) else -1
@@ -232,9 +233,11 @@ def shape_guided_inpaint(pipe, image, mask, *, prompt_inside: str, prompt_outsid
                 background = (inverted[-(t_start + i) - 1] if run_inversion
                               else ddim.add_noise(init_latent, noise, ddim.timesteps[t_start + i:t_start + i + 1]))
                 latent = background * keep + latent * (1 - keep)
-        installation.remove(control)
     finally:
-        if installed is None:
+        if installed:   # the caller's installation (and its controllers) stays
+            installation.remove(inversion_control)
+            installation.remove(control)
+        else:
             installation.uninstall()
     if output_type == "latent":
         return latent
