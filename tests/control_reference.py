@@ -3,6 +3,8 @@ computes S = scale·QKᵀ (+ a bias), P = softmax(S), P·f (f a post-softmax fac
 (P·f)·V explicitly (P optionally edited by ``edit``), with the bias and f given by test-written functions of the call."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -67,9 +69,10 @@ class ReferenceState:
         return probs
 
 
-def run_reference(pipe, state, prompt, **kwargs):
-    """Latents of a generation with ReferenceProcessor on every layer."""
-    unet = pipe.unet
+@contextlib.contextmanager
+def reference_processors(unet, state):
+    """ReferenceProcessor on every layer of ``unet`` (and ``state`` told of every UNet
+    call) inside the block."""
     original = unet.attn_processors
 
     def hook(module, args, kw):
@@ -81,10 +84,16 @@ def run_reference(pipe, state, prompt, **kwargs):
     handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
     unet.set_attn_processor({name: ReferenceProcessor(name.rsplit(".", 1)[0], state) for name in original})
     try:
-        return generate_latents(pipe, prompt, **kwargs)
+        yield
     finally:
         handle.remove()
         unet.set_attn_processor(dict(original))
+
+
+def run_reference(pipe, state, prompt, **kwargs):
+    """Latents of a generation with ReferenceProcessor on every layer."""
+    with reference_processors(pipe.unet, state):
+        return generate_latents(pipe, prompt, **kwargs)
 
 
 def generate_latents(pipe, prompt, *, steps=2, height=16, width=24, seed=0, **kwargs):

@@ -103,6 +103,11 @@ class DenoiseStep:
         self._sigma: Optional[float] = None
 
     @property
+    def num_steps(self) -> Optional[int]:
+        """The scheduler's number of inference steps (None when no scheduler is known)."""
+        return getattr(self._scheduler, "num_inference_steps", None)
+
+    @property
     def sigma(self) -> float:
         """The noise level σ of this step: the scheduler's ``sigmas[index]`` (k-diffusion
         style schedulers) or sqrt((1 - ᾱ_t) / ᾱ_t) from ``alphas_cumprod`` (DDPM style).
