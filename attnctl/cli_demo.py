@@ -20,7 +20,10 @@ import torch
 from .op import BACKENDS, last_dispatch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-OFFLINE_SIZE = 64  # pixels; the offline VAE halves them into a 32 x 32 latent
+# Pixels; the offline VAE halves them into a 40 x 40 latent. The offline UNets' sample size
+# gives DAAM's 96-side rule (attnctl.tools.daam), under which the 40² level (SD) and the
+# 20² level (SDXL) count; at 64 px neither architecture would keep any layer.
+OFFLINE_SIZE = 80
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -33,8 +36,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="a cat sitting on a red car")
     p.add_argument("--words", nargs="+", metavar="WORD", help="words to map (default: every word of the prompt)")
     p.add_argument("--steps", type=int, help="denoising steps (default 25 with --model, 8 offline)")
-    p.add_argument("--height", type=int, help="image height in pixels (default: the model's, 64 offline)")
-    p.add_argument("--width", type=int, help="image width in pixels (default: the model's, 64 offline)")
+    p.add_argument("--height", type=int, help="image height in pixels (default: the model's, 80 offline)")
+    p.add_argument("--width", type=int, help="image width in pixels (default: the model's, 80 offline)")
     p.add_argument("--guidance", type=float, default=7.5, help="CFG scale; 1 runs without CFG")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
