@@ -182,9 +182,9 @@ def test_daam_factor_rule_and_images_per_prompt():
     # DAAM keeps the cond rows of all images as if they were more heads, so its map is the
     # mean of attnctl's per-image maps.
     pipes = daam_pipe(torch.float32), daam_pipe(torch.float64)
-    r32, r64 = replays(pipes, 48, images=2)
+    r32, r64 = replays(pipes, 48, steps=1, images=2)
     with attnctl.trace(pipes[0], backend="torch") as tc:
-        run(pipes[0], 48, images=2)
+        run(pipes[0], 48, steps=1, images=2)
     assert [l.name for l in tc.maps().layers] == DAAM_LAYERS_AT_32
     mean = (tc.heat_map(0).value + tc.heat_map(1).value) / 2
     assert_daam(mean, r32.global_heat_map(PROMPT), r64.global_heat_map(PROMPT))
@@ -245,3 +245,10 @@ def test_daam_rules_give_clear_errors(square32):
         attnctl.trace(pipe, tokens="some")
     with pytest.raises(ValueError, match="match: expected one of"):
         tc.heat_map().word("cat", match="whole")
+    # Only the prompt's columns were captured: a longer prompt's words and sums are not there.
+    longer = tc.heat_map(prompt=PROMPT + " and a dog")
+    with pytest.raises(ValueError, match=r"dog: needs key columns up to 21, but the trace captured "
+                                         r"columns \[0, 16\); trace with tokens='all'"):
+        longer.word("dog")
+    with pytest.raises(ValueError, match="normalize: the prompt has 23 key columns, the trace captured 16"):
+        tc.heat_map(prompt=PROMPT + " and a dog", normalize=True)

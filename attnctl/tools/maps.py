@@ -24,7 +24,6 @@ from .words import PromptText
 
 ALL_STEPS = -1  # step key of buffers summed over the traced steps
 FORMAT = "attnctl-trace/2"
-MATCHES = ("tokens", "words")
 
 
 @dataclass
@@ -122,8 +121,6 @@ class GlobalHeatMap:
         ``match="words"``: only whole words of the prompt. ``occurrence=None`` (DAAM)
         averages the columns of every appearance; an int takes that appearance (0 = first).
         """
-        if match not in MATCHES:
-            raise ValueError(f"match: expected one of {MATCHES}, got {match!r}")
         return self._mean(self._text().positions(word, occurrence, self.tokenizer, match), word)
 
     def token(self, index: Union[int, Sequence[int]]) -> HeatMap:
@@ -217,8 +214,8 @@ class TraceMaps:
         if size == "daam":
             if self.daam_side is None:
                 raise ValueError("size: DAAM's output side (64 or 96, from the UNet's sample_size and "
-                                 "the VAE factor) is unknown for this trace (a bare UNet); pass "
-                                 "size='latent' or (h, w)")
+                                 "the VAE factor) is unknown for this trace (a bare UNet, or a sample_size "
+                                 "that is not one int); pass size='latent' or (h, w)")
             if self.latent[0] != self.latent[1]:
                 raise ValueError(f"size: DAAM 0.2.0 handles square images only (it reads a layer's M "
                                  f"queries as a sqrt(M) x sqrt(M) grid); this latent is "

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 END_OF_WORD = "</w>"
+MATCHES = ("tokens", "words")  # how positions() finds a word: DAAM's token runs, or whole words
 WORD_START = "▁"
 # CLIP's pre-tokenizer split: contractions, letter runs, single digits, punctuation runs.
 _CLIP_SPLIT = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|[^\s\w]+|_+")
@@ -57,7 +58,7 @@ class PromptText:
         elif match == "words":
             spans = self._word_spans(word, tokenizer)
         else:
-            raise ValueError(f"match: expected 'tokens' or 'words', got {match!r}")
+            raise ValueError(f"match: expected one of {MATCHES}, got {match!r}")
         if not spans:
             texts = [text for text, _ in self.words]
             cut = (f"; the prompt was cut to {len(self.tokens)} tokens by the text encoder's limit"
@@ -79,6 +80,8 @@ class PromptText:
 
     def _token_spans(self, word: str, tokenizer) -> List[List[int]]:
         query = self._query_tokens(word, tokenizer)
+        if not query:  # nothing the tokenizer keeps (an empty run would match everywhere)
+            return []
         columns = [p for _, pos in self.words for p in pos]
         body = [_bare(self.tokens[p]) for p in columns]
         n = len(query)
