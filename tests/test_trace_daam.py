@@ -15,6 +15,7 @@ import attnctl
 from attnctl import TraceMaps
 from attnctl.diffusers.offline import tiny_sd_pipeline, tiny_sdxl_pipeline, tiny_unet_config
 from daam_replay import DaamReplay
+from op_cases import interpreter_bf16_dot_fixed
 
 PROMPT = "a cat and a red cat"   # the offline tokenizer spells words by character
 COLUMNS = len(PROMPT.replace(" ", "")) + 2  # BOS, a token per character, EOS
@@ -175,6 +176,21 @@ def test_triton_kernel_gives_daam():
                                                   "up_blocks.0.attentions.0.transformer_blocks.0.attn2",
                                                   "up_blocks.0.attentions.1.transformer_blocks.0.attn2"]
     assert_daam(tc.heat_map().value, r32.global_heat_map("a cat"), r64.global_heat_map("a cat"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_low_precision_at_most_twice_daams_own_error(dtype):
+    # DAAM run in the same precision (its maps added in that dtype) sets the yardstick;
+    # attnctl accumulates in fp32, so it is not bit-equal, only as close or closer.
+    pipes = daam_pipe(dtype), daam_pipe(torch.float64)
+    low, r64 = replays(pipes, 16, steps=1, prompt="a cat")
+    ref = r64.global_heat_map("a cat")
+    own = rel_diff(low.global_heat_map("a cat"), ref)
+    for backend in ("torch", "triton"):
+        with interpreter_bf16_dot_fixed(), attnctl.trace(pipes[0], backend=backend) as tc:
+            run(pipes[0], 16, steps=1, prompt="a cat")
+        err = rel_diff(tc.heat_map().value, ref)
+        assert err <= 2 * own, f"{backend}: relative error {err:.2e}, DAAM's own in {dtype}: {own:.2e}"
 
 
 def test_daam_factor_rule_and_images_per_prompt():
