@@ -141,7 +141,7 @@ def word_summary(maps, heat, word: str) -> dict:
     h, w = value.shape
     y, x = divmod(flat, w)
     image_h, image_w = maps.image_size
-    positions = heat.text.positions(word, tokenizer=heat.tokenizer)
+    positions = heat.columns(word)
     mass = maps.token_mass(0)
     word_columns = [p for _, pos in heat.text.words for p in pos]
     total = sum(float(m[:, word_columns].sum()) for m in mass.values())

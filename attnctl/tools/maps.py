@@ -113,15 +113,19 @@ class GlobalHeatMap:
                              f"columns [0, {T}); trace with tokens='all'")
         return HeatMap(self.value[columns].mean(0), label)
 
-    def word(self, word: str, occurrence: Optional[int] = None, match: str = "tokens") -> HeatMap:
-        """The mean map of the key columns of ``word`` (one or more words).
+    def columns(self, word: str, occurrence: Optional[int] = None, match: str = "tokens") -> List[int]:
+        """The key columns :meth:`word` averages.
 
         ``match="tokens"`` (DAAM): the word's tokens are found as a run anywhere in the
         prompt's tokens (end-of-word marks ignored, so also inside longer words);
         ``match="words"``: only whole words of the prompt. ``occurrence=None`` (DAAM)
-        averages the columns of every appearance; an int takes that appearance (0 = first).
+        takes the columns of every appearance; an int takes that appearance (0 = first).
         """
-        return self._mean(self._text().positions(word, occurrence, self.tokenizer, match), word)
+        return self._text().positions(word, occurrence, self.tokenizer, match)
+
+    def word(self, word: str, occurrence: Optional[int] = None, match: str = "tokens") -> HeatMap:
+        """The mean map of the key columns of ``word`` (one or more words); see :meth:`columns`."""
+        return self._mean(self.columns(word, occurrence, match), word)
 
     def token(self, index: Union[int, Sequence[int]]) -> HeatMap:
         """The mean map of explicit key columns (0 is BOS, 1 the first text token)."""

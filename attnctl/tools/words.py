@@ -42,14 +42,15 @@ class PromptText:
         return cls(d["prompt"], tuple(d["tokens"]), tuple((t, tuple(p)) for t, p in d["words"]),
                    d["truncated"])
 
-    def positions(self, word: str, occurrence: Optional[int] = None, tokenizer=None,
-                  match: str = "tokens") -> List[int]:
+    def positions(self, word: str, occurrence: Optional[int] = 0, tokenizer=None,
+                  match: str = "words") -> List[int]:
         """Key columns of ``word`` (one or more words) in this prompt.
 
-        ``match="tokens"`` (DAAM's compute_token_merge_indices): the word's tokens, end-of-word
-        marks removed, as a run anywhere in the prompt's tokens (so also the part of a
-        longer word made of those tokens). ``match="words"``: a run of whole words.
-        ``occurrence``: None for the columns of every appearance (DAAM), or the index of one.
+        ``match="words"``: a run of whole words. ``match="tokens"`` (DAAM's
+        compute_token_merge_indices): the word's tokens, end-of-word marks removed, as a run
+        anywhere in the prompt's tokens (so also the part of a longer word made of those
+        tokens). ``occurrence``: the index of one appearance (0 = first), or None for the
+        columns of every appearance (DAAM).
         """
         if not isinstance(word, str) or not word.strip():
             raise ValueError(f"word: expected a non-empty string, got {word!r}")
