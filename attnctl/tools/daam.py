@@ -7,8 +7,8 @@ where latent_hw is 64² when ``unet.config.sample_size × vae_scale_factor`` is 
 takes by default the factors {0, 1, 2, 4, 8, 16, 32, 64}: so a call counts when its
 factor is 0, 1, 2, 4, 16, 32 or 64. At SD 1.x's 512² (and SDXL's 1024²) that is every
 down- and up-block layer; at other sizes some levels drop out (SD 1.5 at 256²: the 8²
-level, factor 8; at 384²: the 12² level, factor 5). Its heat maps come out at the fixed side (64 or 96), whatever the
-image size.
+level, factor 8; at 384²: the 12² level, factor 5). Its heat maps come out at the fixed
+side (64 or 96), whatever the image size.
 """
 from __future__ import annotations
 
