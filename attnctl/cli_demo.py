@@ -20,7 +20,10 @@ import torch
 from .op import BACKENDS, last_dispatch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-OFFLINE_SIZE = 64  # pixels; the offline VAE halves them into a 32 x 32 latent
+# Pixels; the offline VAE halves them into a 40 x 40 latent. The offline UNets' sample size
+# gives DAAM's 96-side rule (attnctl.tools.daam), under which the 40² level (SD) and the
+# 20² level (SDXL) count; at 64 px neither architecture would keep any layer.
+OFFLINE_SIZE = 80
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -33,8 +36,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="a cat sitting on a red car")
     p.add_argument("--words", nargs="+", metavar="WORD", help="words to map (default: every word of the prompt)")
     p.add_argument("--steps", type=int, help="denoising steps (default 25 with --model, 8 offline)")
-    p.add_argument("--height", type=int, help="image height in pixels (default: the model's, 64 offline)")
-    p.add_argument("--width", type=int, help="image width in pixels (default: the model's, 64 offline)")
+    p.add_argument("--height", type=int, help="image height in pixels (default: the model's, 80 offline)")
+    p.add_argument("--width", type=int, help="image width in pixels (default: the model's, 80 offline)")
     p.add_argument("--guidance", type=float, default=7.5, help="CFG scale; 1 runs without CFG")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -135,14 +138,16 @@ def word_summary(maps, heat, word: str) -> dict:
     hm = heat.word(word)
     value = hm.value
     flat = int(value.argmax())
-    y, x = divmod(flat, value.shape[1])
-    positions = heat.text.positions(word)
+    h, w = value.shape
+    y, x = divmod(flat, w)
+    image_h, image_w = maps.image_size
+    positions = heat.columns(word)
     mass = maps.token_mass(0)
     word_columns = [p for _, pos in heat.text.words for p in pos]
     total = sum(float(m[:, word_columns].sum()) for m in mass.values())
     share = sum(float(m[:, positions].sum()) for m in mass.values()) / total if total else 0.0
     return {"token_positions": positions, "max": float(value.max()), "mean": float(value.mean()),
-            "peak_pixel_yx": [y * maps.image_scale, x * maps.image_scale],
+            "peak_pixel_yx": [y * image_h // h, x * image_w // w],
             "token_mass_share": share}
 
 
@@ -191,7 +196,12 @@ def main(args: argparse.Namespace) -> int:
     image.save(out / "image.png")
 
     maps = tc.maps()
-    heat = maps.heat_map(0)
+    size = "daam"
+    if maps.latent[0] != maps.latent[1]:
+        size = "latent"
+        say("non-square image: DAAM 0.2.0 handles square images only, so the heat maps are at the "
+            "latent grid (size='latent') rather than at DAAM's fixed square side")
+    heat = maps.heat_map(0, size=size)
     words = args.words or [w for w, _ in heat.words()]
     files = {"image": str(out / "image.png"), "heatmaps": [], "grid": str(out / "heatmaps.png"),
              "trace": str(out / "trace.safetensors")}
@@ -215,8 +225,11 @@ def main(args: argparse.Namespace) -> int:
         with MaterialisedTrace(pipe) as mt:
             _, seconds, peak = timed(lambda: run(steps), device)
         rows.append(("materialised capture (explicit softmax, per-head maps)", seconds, peak))
-        reference = mt.maps(args.prompt, cfg=maps.layout.cfg, per_head=maps.per_head).heat_map(0)
-        agreement = float((heat.value - reference.value).abs().max() / reference.value.abs().max())
+        materialised = mt.maps(args.prompt, cfg=maps.layout.cfg, per_head=maps.per_head)
+        # The same layers and key columns as the trace kept (it holds every layer and column).
+        reference = materialised.heat_map(0, layers=[l.name for l in maps.layers], size=size).value
+        reference = reference[:heat.value.shape[0]]
+        agreement = float((heat.value - reference).abs().max() / reference.abs().max())
 
     print()
     print(format_table(rows, device))

@@ -24,7 +24,8 @@ def test_published_architecture_traces_every_cross_attention_layer(name):
     torch.manual_seed(0)
     sample = torch.randn(2, 4, *latent)
     text = torch.randn(2, 77, width)
-    with torch.no_grad(), attnctl.trace(unet, backend="torch") as tc:
+    # A bare UNet has no VAE factor for DAAM's rules: every layer, heads summed, latent grid.
+    with torch.no_grad(), attnctl.trace(unet, backend="torch", layers="*", per_head=False) as tc:
         tc.installation.start_generation(["a photo of a cat"], cfg=True)
         out = unet(sample, 999, encoder_hidden_states=text, **extra).sample
     assert out.shape == sample.shape and torch.isfinite(out).all()
@@ -40,7 +41,7 @@ def test_published_architecture_traces_every_cross_attention_layer(name):
         # Each query's probabilities sum to 1 over the 77 keys, each step.
         torch.testing.assert_close(layer.maps[-1].sum(-1), torch.full((2, h * w), float(layer.heads)))
     assert {l.grid for l in maps.layers} == set(heads_by_grid)
-    heat = tc.heat_map()
+    heat = tc.heat_map(size="latent")
     assert heat.value.shape == (77, *latent) and (heat.value >= 0).all()
     del unet, tc, maps
     gc.collect()

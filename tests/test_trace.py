@@ -1,4 +1,6 @@
-"""attnctl.trace against an independent materialising reference that follows DAAM."""
+"""attnctl.trace's options beyond DAAM's defaults (every layer and key column, maps at the
+latent grid of any aspect ratio, heads summed in the kernel, steps, batches) against an
+independent materialising reference. test_trace_daam.py holds the defaults against DAAM."""
 import pytest
 import torch
 
@@ -8,6 +10,13 @@ from diffusion_helpers import LATENT, daam_heat_map, generate, materialised_prob
 
 PROMPTS = ["a cat sitting on a car", "a red dog"]
 TOL = dict(rtol=1e-4, atol=1e-6)
+# Every cross-attention layer and key column, as the reference keeps them.
+EVERY = dict(layers="*", tokens="all")
+LATENT_GRID = dict(size="latent")
+
+
+def trace_every(pipe, **options):
+    return attnctl.trace(pipe, **{**EVERY, **options})
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +31,9 @@ def traced():
     """One traced generation per mode, shared by the tests that read it."""
     pipe = sd_pipe()
     results = {}
-    for name, options in {"default": {}, "per_head": dict(per_head=True),
-                          "per_step": dict(per_step=True)}.items():
-        with attnctl.trace(pipe, backend="torch", **options) as tc:
+    for name, options in {"summed": dict(per_head=False), "per_head": {},
+                          "per_step": dict(per_step=True, per_head=False)}.items():
+        with trace_every(pipe, backend="torch", **options) as tc:
             images = generate(pipe, PROMPTS, num_images_per_prompt=2)
         results[name] = (tc, images)
     return results
@@ -38,80 +47,82 @@ def test_images_and_maps_match_the_materialising_reference(reference, traced):
     assert maps.layout.rows == 8 and maps.layout.cfg and maps.layout.images == 4
     for image in range(4):
         expected = daam_heat_map(store, row=4 + image)  # cond half: rows 4..7
-        torch.testing.assert_close(tc.heat_map(image).value, expected, **TOL)
+        torch.testing.assert_close(tc.heat_map(image, **LATENT_GRID).value, expected, **TOL)
     # The unconditional half on request.
-    torch.testing.assert_close(tc.heat_map(1, half="uncond").value, daam_heat_map(store, row=1), **TOL)
+    torch.testing.assert_close(tc.heat_map(1, half="uncond", **LATENT_GRID).value, daam_heat_map(store, row=1),
+                               **TOL)
 
 
-def test_default_mode_sums_heads_in_kernel(reference, traced):
+def test_summed_mode_sums_heads_in_kernel(reference, traced):
     store, _ = reference
-    tc, _ = traced["default"]
+    tc, _ = traced["summed"]
     for image in (0, 3):
         expected = daam_heat_map(store, row=4 + image, clamp_each_head=False)
-        torch.testing.assert_close(tc.heat_map(image).value, expected, **TOL)
+        torch.testing.assert_close(tc.heat_map(image, **LATENT_GRID).value, expected, **TOL)
 
 
 def test_word_maps_merge_sub_tokens_of_the_images_prompt(reference, traced):
     store, _ = reference
     tc, _ = traced["per_head"]
     # The offline tokenizer spells every character: "cat" is tokens 2..4 (after BOS, "a").
-    cat = tc.word_heat_map("cat", image=1)
+    cat = tc.word_heat_map("cat", image=1, **LATENT_GRID)
     expected = daam_heat_map(store, row=5)[[2, 3, 4]].mean(0)
     torch.testing.assert_close(cat.value, expected, **TOL)
     # Image 2 is the second prompt's first image: "a red dog" -> "dog" is tokens 5..7.
-    dog = tc.heat_map(2).word("dog")
+    dog = tc.heat_map(2, **LATENT_GRID).word("dog")
     torch.testing.assert_close(dog.value, daam_heat_map(store, row=6)[[5, 6, 7]].mean(0), **TOL)
-    # Second occurrence of "a" and an explicit token index.
-    a2 = tc.heat_map(0).word("a", occurrence=1)
+    # Second occurrence of the whole word "a" and an explicit token index.
+    a2 = tc.heat_map(0, **LATENT_GRID).word("a", occurrence=1, match="words")
     torch.testing.assert_close(a2.value, daam_heat_map(store, row=4)[14], **TOL)
-    torch.testing.assert_close(tc.heat_map(0).token([2, 3]).value,
+    torch.testing.assert_close(tc.heat_map(0, **LATENT_GRID).token([2, 3]).value,
                                daam_heat_map(store, row=4)[[2, 3]].mean(0), **TOL)
-    assert [w for w, _ in tc.heat_map(0).words()] == ["a", "cat", "sitting", "on", "car"]
+    assert [w for w, _ in tc.heat_map(0, **LATENT_GRID).words()] == ["a", "cat", "sitting", "on", "car"]
 
 
 def test_filters_by_layer_resolution_and_head(reference, traced):
     store, _ = reference
     tc, _ = traced["per_head"]
     up = [n for n in store if n.startswith("up_blocks")]
-    torch.testing.assert_close(tc.heat_map(0, layers="up_blocks.*").value,
+    torch.testing.assert_close(tc.heat_map(0, layers="up_blocks.*", **LATENT_GRID).value,
                                daam_heat_map(store, row=4, layers=up), **TOL)
     mid = [n for n in store if n.startswith("mid_block")]
-    torch.testing.assert_close(tc.heat_map(0, resolutions=[2]).value,
+    torch.testing.assert_close(tc.heat_map(0, resolutions=[2], **LATENT_GRID).value,
                                daam_heat_map(store, row=4, layers=mid), **TOL)
-    torch.testing.assert_close(tc.heat_map(0, resolutions=[(8, 12)]).value,
+    torch.testing.assert_close(tc.heat_map(0, resolutions=[(8, 12)], **LATENT_GRID).value,
                                daam_heat_map(store, row=4, layers=mid), **TOL)
-    torch.testing.assert_close(tc.heat_map(0, heads=[1]).value, daam_heat_map(store, row=4, heads=[1]), **TOL)
+    torch.testing.assert_close(tc.heat_map(0, heads=[1], **LATENT_GRID).value,
+                               daam_heat_map(store, row=4, heads=[1]), **TOL)
 
 
 def test_capture_time_filters_restrict_what_is_captured(reference):
     store, _ = reference
     pipe = sd_pipe()
-    with attnctl.trace(pipe, backend="torch", layers="down_blocks", heads=[0]) as tc:
+    with trace_every(pipe, backend="torch", layers="down_blocks", heads=[0], per_head=False) as tc:
         generate(pipe, PROMPTS, num_images_per_prompt=2)
     maps = tc.maps()
     assert [l.name for l in maps.layers] == ["down_blocks.0.attentions.0.transformer_blocks.0.attn2"]
     down = [l.name for l in maps.layers]
-    torch.testing.assert_close(tc.heat_map(3).value,
+    torch.testing.assert_close(tc.heat_map(3, **LATENT_GRID).value,
                                daam_heat_map(store, row=7, layers=down, heads=[0], clamp_each_head=False), **TOL)
 
 
 def test_per_step_maps_sum_to_the_whole_and_select_steps(traced):
     tc, _ = traced["per_step"]
-    whole, _ = traced["default"]
+    whole, _ = traced["summed"]
     maps = tc.maps()
     assert maps.steps == [0, 1] and maps.steps_run == 2
     for layer, full in zip(maps.layers, whole.maps().layers):
         torch.testing.assert_close(layer.maps[0] + layer.maps[1], full.maps[-1], **TOL)
-    only_first = tc.heat_map(0, steps=[0]).value
-    assert not torch.allclose(only_first, tc.heat_map(0, steps=1).value)
-    with attnctl.trace(sd_pipe(), backend="torch", steps=[0]) as first:
+    only_first = tc.heat_map(0, steps=[0], **LATENT_GRID).value
+    assert not torch.allclose(only_first, tc.heat_map(0, steps=1, **LATENT_GRID).value)
+    with trace_every(sd_pipe(), backend="torch", steps=[0], per_head=False) as first:
         generate(sd_pipe(), PROMPTS, num_images_per_prompt=2)
-    torch.testing.assert_close(first.heat_map(0).value, only_first, **TOL)
+    torch.testing.assert_close(first.heat_map(0, **LATENT_GRID).value, only_first, **TOL)
 
 
 def test_token_mass_per_head_per_layer(reference, traced):
     store, _ = reference
-    tc, _ = traced["default"]
+    tc, _ = traced["summed"]
     mass = tc.maps().token_mass(2)
     assert mass.keys() == store.keys()
     for name, probs in store.items():
@@ -125,17 +136,19 @@ def test_save_load_round_trip_answers_the_same_queries(traced, tmp_path):
         tc.save(str(path))
         loaded = TraceMaps.load(str(path))
         assert loaded.layout == tc.maps().layout and loaded.latent == LATENT
-        torch.testing.assert_close(loaded.heat_map(2).word("dog").value, tc.heat_map(2).word("dog").value)
+        torch.testing.assert_close(loaded.heat_map(2, **LATENT_GRID).word("dog").value,
+                                   tc.heat_map(2, **LATENT_GRID).word("dog").value)
         assert loaded.image_size == (32, 48) and loaded.steps == tc.maps().steps
 
 
 def test_overlay_pngs_and_upsampling_to_image_size(traced, tmp_path):
-    tc, images = traced["default"]
-    hm = tc.word_heat_map("cat")
+    tc, images = traced["summed"]
+    hm = tc.word_heat_map("cat", **LATENT_GRID)
     assert hm.upsample((32, 48)).value.shape == (32, 48) and hm.upsample((32, 48)).value.min() >= 0
     hm.plot(images[0], str(tmp_path / "cat.png"))
     from attnctl.tools.plot import overlay_grid
-    overlay_grid([m for _, m in tc.heat_map(0).words()], images[0], path=str(tmp_path / "all.png"))
+    overlay_grid([m for _, m in tc.heat_map(0, **LATENT_GRID).words()], images[0],
+                 path=str(tmp_path / "all.png"))
     for name in ("cat.png", "all.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -149,59 +162,60 @@ def test_no_cfg_non_square_batch_with_each_backend(backend):
     # Triton runs the default capture (maps summed over heads by atomics); the other
     # tests cover per-head maps with the reference backend.
     per_head = backend == "torch"
-    with attnctl.trace(pipe, backend=backend, per_head=per_head) as tc:
+    with trace_every(pipe, backend=backend, per_head=per_head) as tc:
         generate(pipe, PROMPTS, **size)
     maps = tc.maps()
     assert not maps.layout.cfg and maps.layout.rows == 2 and maps.latent == (8, 12)
     for image in (0, 1):
         expected = daam_heat_map(store, row=image, latent=(8, 12), clamp_each_head=per_head)
-        torch.testing.assert_close(tc.heat_map(image).value, expected, **TOL)
+        torch.testing.assert_close(tc.heat_map(image, **LATENT_GRID).value, expected, **TOL)
     with pytest.raises(ValueError, match="without classifier-free guidance"):
-        tc.heat_map(0, half="uncond")
+        tc.heat_map(0, half="uncond", **LATENT_GRID)
 
 
 def test_sdxl_two_text_encoders_and_added_conditions():
     pipe = sdxl_pipe()
     store, _ = materialised_probs(pipe, "a blue bird", steps=1)
-    with attnctl.trace(pipe, backend="torch") as tc:
+    with trace_every(pipe, backend="torch", per_head=False) as tc:
         generate(pipe, "a blue bird", steps=1)
     maps = tc.maps()
     assert len(maps.layers) == 8 and {l.heads for l in maps.layers} == {4}
     expected = daam_heat_map(store, row=1, clamp_each_head=False)
-    torch.testing.assert_close(tc.heat_map().value, expected, **TOL)
-    torch.testing.assert_close(tc.word_heat_map("bird").value, expected[[6, 7, 8, 9]].mean(0), **TOL)
+    torch.testing.assert_close(tc.heat_map(**LATENT_GRID).value, expected, **TOL)
+    torch.testing.assert_close(tc.word_heat_map("bird", **LATENT_GRID).value, expected[[6, 7, 8, 9]].mean(0),
+                               **TOL)
 
 
 def test_any_text_length_and_prompt_embeds_without_text():
     pipe = sd_pipe()
     long = torch.randn(1, 154, 32)  # two 77-token chunks, as long-prompt helpers build
     store, _ = materialised_probs(pipe, None, prompt_embeds=long, negative_prompt_embeds=torch.zeros_like(long))
-    with attnctl.trace(pipe, backend="torch") as tc:
+    with trace_every(pipe, backend="torch", per_head=False) as tc:
         generate(pipe, None, prompt_embeds=long, negative_prompt_embeds=torch.zeros_like(long))
-    hm = tc.heat_map()
+    hm = tc.heat_map(**LATENT_GRID)
     assert hm.value.shape == (154, *LATENT)
     torch.testing.assert_close(hm.token(120).value, daam_heat_map(store, row=1, clamp_each_head=False)[120], **TOL)
     with pytest.raises(ValueError, match="prompt text is unknown"):
         hm.word("cat")
-    assert tc.heat_map(prompt="a cat").word("cat").value.shape == LATENT
+    assert tc.heat_map(prompt="a cat", **LATENT_GRID).word("cat").value.shape == LATENT
 
 
 def test_bad_input_gets_clear_errors(traced):
-    tc, _ = traced["default"]
+    tc, _ = traced["summed"]
     with pytest.raises(ValueError, match=r"word: 'zebra' is not in the prompt 'a cat sitting on a car'"):
-        tc.word_heat_map("zebra")
+        tc.word_heat_map("zebra", **LATENT_GRID)
     with pytest.raises(ValueError, match="occurrence: 'cat' appears 1 time"):
-        tc.word_heat_map("cat", occurrence=1)
+        tc.word_heat_map("cat", occurrence=1, **LATENT_GRID)
     with pytest.raises(ValueError, match=r"layers: \['nothing'\] match none of the 4 cross-attention layers"):
-        tc.heat_map(layers="nothing")
+        tc.heat_map(layers="nothing", **LATENT_GRID)
     with pytest.raises(ValueError, match="resolutions: \\[8\\] match no traced layer"):
-        tc.heat_map(resolutions=[8])
+        tc.heat_map(resolutions=[8], **LATENT_GRID)
     with pytest.raises(ValueError, match="heads: this trace summed its heads"):
-        tc.heat_map(heads=[0])
+        tc.heat_map(heads=[0], **LATENT_GRID)
     with pytest.raises(IndexError, match=r"image: expected an index in \[0, 4\), got 4"):
-        tc.heat_map(4)
+        tc.heat_map(4, **LATENT_GRID)
     with pytest.raises(ValueError, match=r"index: expected token indices in \[0, 77\)"):
-        tc.heat_map().token(77)
+        tc.heat_map(**LATENT_GRID).token(77)
 
     pipe = sd_pipe()
     with pytest.raises(ValueError, match=r"layers: \['up_blocks.9'\] match none"):
@@ -210,7 +224,7 @@ def test_bad_input_gets_clear_errors(traced):
     assert attnctl.diffusers.installation_of(pipe) is None  # a failed trace leaves nothing behind
     with attnctl.trace(pipe) as early:
         with pytest.raises(RuntimeError, match="no generation has run inside this trace yet"):
-            early.heat_map()
+            early.heat_map(**LATENT_GRID)
     with pytest.raises(TypeError, match="UNet2DConditionModel"):
         attnctl.trace(object()).__enter__()
 
@@ -232,8 +246,8 @@ def test_trace_composes_with_another_capturing_controller(reference):
             return attnctl.Plan(capture=self.capture)
 
     other = TokenMass()
-    with attnctl.install(pipe, other, backend="torch"), attnctl.trace(pipe, per_head=True) as tc:
+    with attnctl.install(pipe, other, backend="torch"), trace_every(pipe) as tc:
         generate(pipe, PROMPTS, num_images_per_prompt=2)
     assert attnctl.diffusers.installation_of(pipe) is None
     torch.testing.assert_close(other.capture.token_mass, store[name].sum(2), **TOL)
-    torch.testing.assert_close(tc.heat_map(0).value, daam_heat_map(store, row=4), **TOL)
+    torch.testing.assert_close(tc.heat_map(0, **LATENT_GRID).value, daam_heat_map(store, row=4), **TOL)

@@ -26,7 +26,8 @@ def _attnctl(stack: ExitStack, unet) -> None:
 
 def _attnctl_trace(stack: ExitStack, unet) -> None:
     import attnctl
-    stack.enter_context(attnctl.trace(unet))
+    # The same work as the DAAM-style baseline: every cross-attention layer, heads summed.
+    stack.enter_context(attnctl.trace(unet, layers="*", per_head=False))
 
 
 def _daam(stack: ExitStack, unet) -> None:

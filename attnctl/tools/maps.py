@@ -2,11 +2,12 @@
 
 :class:`TraceMaps` holds, per traced layer, the maps the kernel accumulated (summed over
 denoising steps, or per step) and the token mass per head, plus what is needed to read
-them: grids, batch layout, prompts. Heat maps follow DAAM's aggregation: each layer's (and
-head's) map is upsampled bicubically to the latent grid, clamped at 0, and averaged over
-layers and heads. With ``per_head=True`` the clamp applies to every head's map, exactly as
-DAAM does; by default heads are summed in the kernel and the clamp applies to their sum
-(identical unless bicubic undershoot differs in sign between heads).
+them: grids, batch layout, prompts. Heat maps follow DAAM 0.2.0's aggregation: each
+layer's and head's map (summed over the steps) is upsampled bicubically to DAAM's fixed
+side (64, or 96 for SD 2.x at 768; ``size=`` picks another), clamped at 0, and averaged
+over layers and heads. A trace with ``per_head=False`` summed the heads in the kernel, so
+the clamp applies to their sum (identical unless bicubic undershoot differs in sign
+between heads).
 """
 from __future__ import annotations
 
@@ -22,15 +23,16 @@ from ..diffusers.controller import BatchLayout
 from .words import PromptText
 
 ALL_STEPS = -1  # step key of buffers summed over the traced steps
-FORMAT = "attnctl-trace/1"
+FORMAT = "attnctl-trace/2"
 
 
 @dataclass
 class LayerMaps:
     """One cross-attention layer's captures.
 
-    ``maps[step]`` is (rows, h*w, N) — or (rows, H, h*w, N) when ``per_head`` — and
-    ``token_mass[step]`` is (rows, H, N); ``step`` is a step index, or ALL_STEPS.
+    ``maps[step]`` is (rows, H, h*w, T) — or (rows, h*w, T) when heads were summed — for
+    the first T key columns, and ``token_mass[step]`` is (rows, H, N); ``step`` is a step
+    index, or ALL_STEPS.
     """
 
     name: str
@@ -91,7 +93,7 @@ class HeatMap:
 
 
 class GlobalHeatMap:
-    """Heat maps of every key column (N, h, w) of one image, with its prompt's words."""
+    """Heat maps of the captured key columns (T, h, w) of one image, with its prompt's words."""
 
     def __init__(self, value: torch.Tensor, text: Optional[PromptText], tokenizer=None):
         self.value = value
@@ -104,10 +106,26 @@ class GlobalHeatMap:
                              "prompt_embeds); pass prompt=... to heat_map(), or use token()")
         return self.text
 
-    def word(self, word: str, occurrence: int = 0) -> HeatMap:
-        """The mean map of the sub-tokens of ``word`` (its ``occurrence``-th appearance)."""
-        positions = self._text().positions(word, occurrence, self.tokenizer)
-        return HeatMap(self.value[positions].mean(0), word)
+    def _mean(self, columns: List[int], label: str) -> HeatMap:
+        T = self.value.shape[0]
+        if max(columns) >= T:
+            raise ValueError(f"{label}: needs key columns up to {max(columns)}, but the trace captured "
+                             f"columns [0, {T}); trace with tokens='all'")
+        return HeatMap(self.value[columns].mean(0), label)
+
+    def columns(self, word: str, occurrence: Optional[int] = None, match: str = "tokens") -> List[int]:
+        """The key columns :meth:`word` averages.
+
+        ``match="tokens"`` (DAAM): the word's tokens are found as a run anywhere in the
+        prompt's tokens (end-of-word marks ignored, so also inside longer words);
+        ``match="words"``: only whole words of the prompt. ``occurrence=None`` (DAAM)
+        takes the columns of every appearance; an int takes that appearance (0 = first).
+        """
+        return self._text().positions(word, occurrence, self.tokenizer, match)
+
+    def word(self, word: str, occurrence: Optional[int] = None, match: str = "tokens") -> HeatMap:
+        """The mean map of the key columns of ``word`` (one or more words); see :meth:`columns`."""
+        return self._mean(self.columns(word, occurrence, match), word)
 
     def token(self, index: Union[int, Sequence[int]]) -> HeatMap:
         """The mean map of explicit key columns (0 is BOS, 1 the first text token)."""
@@ -118,14 +136,10 @@ class GlobalHeatMap:
             raise ValueError(f"index: expected token indices in [0, {N}), got {index}")
         return HeatMap(self.value[idx].mean(0), f"tokens {idx}")
 
-    def words(self) -> List[Tuple[str, HeatMap]]:
-        """(word, heat map) for every word of the prompt (first occurrences)."""
-        out, seen = [], set()
-        for text, positions in self._text().words:
-            if text not in seen:
-                seen.add(text)
-                out.append((text, HeatMap(self.value[list(positions)].mean(0), text)))
-        return out
+    def words(self, match: str = "tokens") -> List[Tuple[str, HeatMap]]:
+        """(word, ``self.word(word, match=match)``) for every distinct word of the prompt."""
+        texts = dict.fromkeys(text for text, _ in self._text().words)
+        return [(text, self.word(text, match=match)) for text in texts]
 
     def __repr__(self) -> str:
         return f"GlobalHeatMap({tuple(self.value.shape)})"
@@ -136,7 +150,8 @@ class TraceMaps:
 
     def __init__(self, layers: List[LayerMaps], layout: BatchLayout, latent: Tuple[int, int],
                  image_scale: int, prompts: Optional[List[PromptText]], per_head: bool,
-                 per_step: bool, heads: Optional[List[int]], steps_run: int, tokenizer=None):
+                 per_step: bool, heads: Optional[List[int]], steps_run: int, tokenizer=None,
+                 daam_side: Optional[int] = None):
         self.layers = layers
         self.layout = layout
         self.latent = tuple(latent)
@@ -147,6 +162,7 @@ class TraceMaps:
         self.heads = heads
         self.steps_run = steps_run
         self.tokenizer = tokenizer
+        self.daam_side = daam_side  # DAAM's output side for the pipeline (None: unknown)
 
     @property
     def image_size(self) -> Tuple[int, int]:
@@ -196,19 +212,41 @@ class TraceMaps:
     def _row(self, image: int, half: str) -> int:
         return self.layout.row(image, half)
 
+    def _output_size(self, size) -> Tuple[int, int]:
+        if size == "latent":
+            return self.latent
+        if size == "daam":
+            if self.daam_side is None:
+                raise ValueError("size: DAAM's output side (64 or 96, from the UNet's sample_size and "
+                                 "the VAE factor) is unknown for this trace (a bare UNet, or a sample_size "
+                                 "that is not one int); pass size='latent' or (h, w)")
+            if self.latent[0] != self.latent[1]:
+                raise ValueError(f"size: DAAM 0.2.0 handles square images only (it reads a layer's M "
+                                 f"queries as a sqrt(M) x sqrt(M) grid); this latent is "
+                                 f"{self.latent[0]}x{self.latent[1]}; pass size='latent' or (h, w)")
+            return (self.daam_side, self.daam_side)
+        if (isinstance(size, (tuple, list)) and len(size) == 2
+                and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
+            return tuple(size)
+        raise ValueError(f"size: expected 'daam', 'latent' or (h, w) positive ints, got {size!r}")
+
     def heat_map(self, image: int = 0, *, half: str = "cond", layers=None, resolutions=None,
                  heads: Optional[Iterable[int]] = None, steps=None, normalize: bool = False,
-                 prompt: Optional[str] = None) -> GlobalHeatMap:
-        """DAAM's global heat map of ``image`` at the latent grid: (N, h, w).
+                 prompt: Optional[str] = None, size="daam") -> GlobalHeatMap:
+        """DAAM's global heat map of ``image``: (T, h, w) for the T captured key columns.
 
         Args:
             image: index of the image in the generated batch.
             half: "cond" (default) or "uncond" (CFG's unconditional half).
             layers: layer-name patterns (see select_layers); resolutions: factors or grids.
             heads: head indices (per_head traces); steps: step indices (per_step traces).
-            normalize: divide every map by the sum over the prompt's word tokens (DAAM).
+            normalize: divide every map by the sum over the prompt's tokens plus 1e-6 (DAAM).
             prompt: the prompt text, when the pipeline ran from prompt_embeds.
+            size: "daam" (DAAM's fixed side, 64 or 96; square images only), "latent" (the
+                latent grid, any aspect ratio) or (h, w): where each map is upsampled to
+                before the clamp.
         """
+        out_size = self._output_size(size)
         row = self._row(image, half)
         chosen = self._layers(layers, resolutions)
         keys = self._step_keys(steps)
@@ -226,7 +264,7 @@ class TraceMaps:
                 continue
             h, w = layer.grid
             maps = stack.transpose(1, 2).reshape(stack.shape[0], -1, h, w).float()
-            up = F.interpolate(maps, size=self.latent, mode="bicubic").clamp_min_(0).sum(0)
+            up = F.interpolate(maps, size=out_size, mode="bicubic").clamp_min_(0).sum(0)
             total = up if total is None else total + up
             count += n
         if total is None:
@@ -237,8 +275,11 @@ class TraceMaps:
         if normalize:
             if text is None:
                 raise ValueError("normalize: needs the prompt's word tokens; pass prompt=...")
-            word_cols = [p for _, pos in text.words for p in pos]
-            value = value / (value[word_cols].sum(0, keepdim=True) + 1e-6)
+            end = len(text.tokens) - 1  # DAAM's rows 1..-2: the prompt's tokens, not BOS nor EOS
+            if end > value.shape[0]:
+                raise ValueError(f"normalize: the prompt has {end + 1} key columns, the trace captured "
+                                 f"{value.shape[0]}; trace with tokens='all'")
+            value = value / (value[1:end].sum(0, keepdim=True) + 1e-6)
         return GlobalHeatMap(value, text, self.tokenizer)
 
     def _prompt_text(self, image: int, prompt: Optional[str]) -> Optional[PromptText]:
@@ -253,9 +294,10 @@ class TraceMaps:
             return None
         return self.prompts[self.layout.prompt_of_image(image)]
 
-    def word_heat_map(self, word: str, image: int = 0, *, occurrence: int = 0, **filters) -> HeatMap:
-        """Shortcut: ``heat_map(image, **filters).word(word, occurrence)``."""
-        return self.heat_map(image, **filters).word(word, occurrence)
+    def word_heat_map(self, word: str, image: int = 0, *, occurrence: Optional[int] = None,
+                      match: str = "tokens", **filters) -> HeatMap:
+        """Shortcut: ``heat_map(image, **filters).word(word, occurrence, match)``."""
+        return self.heat_map(image, **filters).word(word, occurrence, match)
 
     def token_mass(self, image: int = 0, *, half: str = "cond", steps=None) -> Dict[str, torch.Tensor]:
         """Σ_m P per head and text token, per layer: {layer: (H, N)}."""
@@ -278,7 +320,7 @@ class TraceMaps:
         meta = {
             "format": FORMAT, "layers": layers, "latent": list(self.latent),
             "image_scale": self.image_scale, "per_head": self.per_head, "per_step": self.per_step,
-            "heads": self.heads, "steps_run": self.steps_run,
+            "heads": self.heads, "steps_run": self.steps_run, "daam_side": self.daam_side,
             "layout": {"rows": self.layout.rows, "cfg": self.layout.cfg,
                        "images_per_prompt": self.layout.images_per_prompt},
             "prompts": [p.to_json() for p in self.prompts] if self.prompts is not None else None,
@@ -305,7 +347,8 @@ class TraceMaps:
         prompts = meta["prompts"]
         return cls(layers, BatchLayout(**meta["layout"]), tuple(meta["latent"]), meta["image_scale"],
                    [PromptText.from_json(p) for p in prompts] if prompts is not None else None,
-                   meta["per_head"], meta["per_step"], meta["heads"], meta["steps_run"], tokenizer)
+                   meta["per_head"], meta["per_step"], meta["heads"], meta["steps_run"], tokenizer,
+                   daam_side=meta["daam_side"])
 
     def __repr__(self) -> str:
         return (f"TraceMaps({len(self.layers)} layers, latent {self.latent}, images "

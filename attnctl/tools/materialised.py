@@ -13,6 +13,7 @@ import torch
 
 from ..diffusers.controller import BatchLayout
 from ..diffusers.install import find_unet, query_grid
+from .daam import output_side
 from .maps import ALL_STEPS, LayerMaps, TraceMaps
 from .words import record_prompt
 
@@ -91,7 +92,8 @@ class MaterialisedTrace:
         if isinstance(prompts, str):
             prompts = [prompts]
         texts = [record_prompt(tokenizer, p) for p in prompts] if tokenizer is not None else None
-        scale = int(getattr(self.pipe, "vae_scale_factor", 1) or 1)
+        vae = getattr(self.pipe, "vae_scale_factor", None)
         layout = BatchLayout(rows=rows, cfg=cfg, images_per_prompt=images_per_prompt)
-        return TraceMaps(layers, layout, self.latent, scale, texts, per_head=per_head, per_step=False,
-                         heads=None, steps_run=self._steps, tokenizer=tokenizer)
+        return TraceMaps(layers, layout, self.latent, int(vae or 1), texts, per_head=per_head, per_step=False,
+                         heads=None, steps_run=self._steps, tokenizer=tokenizer,
+                         daam_side=output_side(self.unet.config.sample_size, vae))

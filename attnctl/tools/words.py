@@ -2,8 +2,9 @@
 
 A prompt is recorded once per generation with the pipeline's tokenizer: its token strings
 and its words, each word the consecutive sub-tokens ending in CLIP's end-of-word mark
-``</w>`` (or, for SentencePiece-style tokenizers, starting at ``▁``). Looking a word up
-then needs no tokenizer, so a saved trace answers word queries on its own.
+``</w>`` (or, for SentencePiece-style tokenizers, starting at ``▁``). Looking up a word
+of the prompt then needs no tokenizer, so a saved trace answers such queries on its own;
+DAAM's lookup of a word inside longer words needs the tokenizer.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 END_OF_WORD = "</w>"
+MATCHES = ("tokens", "words")  # how positions() finds a word: DAAM's token runs, or whole words
 WORD_START = "▁"
 # CLIP's pre-tokenizer split: contractions, letter runs, single digits, punctuation runs.
 _CLIP_SPLIT = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|[^\s\w]+|_+")
@@ -40,24 +42,72 @@ class PromptText:
         return cls(d["prompt"], tuple(d["tokens"]), tuple((t, tuple(p)) for t, p in d["words"]),
                    d["truncated"])
 
-    def positions(self, word: str, occurrence: int = 0, tokenizer=None) -> List[int]:
-        """Key columns of the ``occurrence``-th appearance (0 = first) of ``word`` (one or
-        more words) in this prompt."""
+    def positions(self, word: str, occurrence: Optional[int] = 0, tokenizer=None,
+                  match: str = "words") -> List[int]:
+        """Key columns of ``word`` (one or more words) in this prompt.
+
+        ``match="words"``: a run of whole words. ``match="tokens"`` (DAAM's
+        compute_token_merge_indices): the word's tokens, end-of-word marks removed, as a run
+        anywhere in the prompt's tokens (so also the part of a longer word made of those
+        tokens). ``occurrence``: the index of one appearance (0 = first), or None for the
+        columns of every appearance (DAAM).
+        """
         if not isinstance(word, str) or not word.strip():
             raise ValueError(f"word: expected a non-empty string, got {word!r}")
-        query = query_words(word, tokenizer)
-        texts = [text for text, _ in self.words]
-        starts = [i for i in range(len(texts) - len(query) + 1) if texts[i:i + len(query)] == query]
-        if not starts:
+        if match == "tokens":
+            spans = self._token_spans(word, tokenizer)
+        elif match == "words":
+            spans = self._word_spans(word, tokenizer)
+        else:
+            raise ValueError(f"match: expected one of {MATCHES}, got {match!r}")
+        if not spans:
+            texts = [text for text, _ in self.words]
             cut = (f"; the prompt was cut to {len(self.tokens)} tokens by the text encoder's limit"
                    if self.truncated else "")
             raise ValueError(f"word: {word!r} is not in the prompt {self.prompt!r} "
                              f"(its words: {', '.join(texts)}{cut})")
-        if not 0 <= occurrence < len(starts):
-            raise ValueError(f"occurrence: {word!r} appears {len(starts)} time(s) in the prompt, "
+        if occurrence is None:
+            return [p for span in spans for p in span]
+        if not 0 <= occurrence < len(spans):
+            raise ValueError(f"occurrence: {word!r} appears {len(spans)} time(s) in the prompt, "
                              f"got occurrence={occurrence}")
-        first = starts[occurrence]
-        return [p for _, pos in self.words[first:first + len(query)] for p in pos]
+        return spans[occurrence]
+
+    def _word_spans(self, word: str, tokenizer) -> List[List[int]]:
+        query = query_words(word, tokenizer)
+        texts = [text for text, _ in self.words]
+        starts = [i for i in range(len(texts) - len(query) + 1) if texts[i:i + len(query)] == query]
+        return [[p for _, pos in self.words[i:i + len(query)] for p in pos] for i in starts]
+
+    def _token_spans(self, word: str, tokenizer) -> List[List[int]]:
+        query = self._query_tokens(word, tokenizer)
+        if not query:  # nothing the tokenizer keeps (an empty run would match everywhere)
+            return []
+        columns = [p for _, pos in self.words for p in pos]
+        body = [_bare(self.tokens[p]) for p in columns]
+        n = len(query)
+        return [columns[i:i + n] for i in range(len(body) - n + 1) if body[i:i + n] == query]
+
+    def _query_tokens(self, word: str, tokenizer) -> List[str]:
+        if tokenizer is not None:
+            return [_bare(t) for t in tokenizer.tokenize(word.lower())]
+        # A saved trace without its tokenizer: CLIP's BPE splits each word on its own, so a
+        # word of the prompt has the same tokens wherever it appears; others are unknown.
+        known = {}
+        for text, pos in self.words:
+            known.setdefault(text, pos)
+        parts = query_words(word)
+        missing = [p for p in parts if p not in known]
+        if missing:
+            raise ValueError(f"word: {missing} are not whole words of the prompt {self.prompt!r}; "
+                             "finding their tokens inside longer words needs the tokenizer: load the "
+                             "trace with TraceMaps.load(path, tokenizer=pipe.tokenizer)")
+        return [_bare(self.tokens[p]) for part in parts for p in known[part]]
+
+
+def _bare(token: str) -> str:
+    """A token without CLIP's end-of-word mark (DAAM compares tokens so)."""
+    return token.replace(END_OF_WORD, "")
 
 
 def _join(tokenizer, tokens: Sequence[str]) -> str:
