@@ -9,8 +9,8 @@ import torch
 
 import attnctl
 from attnctl.tools.hrv import ConceptAdjusting, HeadRelevance, OrderedWeakening, build_hrv
-from control_reference import (ReferenceState, generate_latents, prompt_columns, run_reference,
-                               word_columns)
+from control_reference import (ReferenceState, assert_matches_reference, generate_latents, prompt_columns,
+                               run_reference, word_columns)
 from diffusion_helpers import sd_pipe, sdxl_pipe
 
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
@@ -192,10 +192,9 @@ def test_bad_input(built, tmp_path):
 
 
 def _controlled(pipe, state, controller, prompt, backend):
-    expected = run_reference(pipe, state, prompt, **SIZE, steps=2)
     with attnctl.install(pipe, controller, backend=backend):
         got = generate_latents(pipe, prompt, **SIZE, steps=2)
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert_matches_reference(got, pipe, state, prompt, **SIZE, steps=2)
     return got
 
 

@@ -11,7 +11,7 @@ import torch
 
 import attnctl
 from attnctl.p2p import Refine, Replace, Reweight, global_align, refinement_mapper
-from control_reference import ReferenceState, generate_latents, run_reference
+from control_reference import ReferenceState, assert_matches_reference, generate_latents
 from diffusion_helpers import sd_pipe
 
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
@@ -169,7 +169,7 @@ class Original(ReferenceState):
 
     def replace_cross_attention(self, attn_base, att_replace):
         if self.kind == "replace":
-            return torch.einsum("hpw,bwn->bhpn", attn_base, self.mapper)
+            return torch.einsum("hpw,bwn->bhpn", attn_base, self.mapper.to(attn_base.dtype))
         if self.kind == "refine":
             attn_base_replace = attn_base[:, :, self.mapper].permute(2, 0, 1, 3)
             return attn_base_replace * self.alphas + att_replace * (1 - self.alphas)
@@ -197,11 +197,10 @@ class Original(ReferenceState):
 
 
 def _compare(pipe, state, controller, backend, prompts):
-    expected = run_reference(pipe, state, prompts, steps=STEPS, **SIZE)
     controllers = controller if isinstance(controller, list) else [controller]
     with attnctl.install(pipe, *controllers, backend=backend):
         got = generate_latents(pipe, prompts, steps=STEPS, **SIZE)
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=5e-5)
+    assert_matches_reference(got, pipe, state, prompts, steps=STEPS, **SIZE)
     _assert_source_untouched(pipe, got, backend, prompts)
     return got
 
@@ -399,14 +398,16 @@ def test_local_blend(backend):
     pipe = sd_pipe()
     prompts = REPLACE[:2]
     words = [["cat"], ["dog"]]
-    state = OriginalBlend(prompts, pipe.tokenizer, words, 0.9, 8 * 12, cross=0.6, self_steps=0.4)
-    expected = run_reference(pipe, state, prompts, steps=STEPS, callback_on_step_end=state.callback, **SIZE)
+    def state():
+        return OriginalBlend(prompts, pipe.tokenizer, words, 0.9, 8 * 12, cross=0.6, self_steps=0.4)
+
     controller = Replace(cross_steps=0.6, self_steps=0.4, local_blend=LocalBlend(words, threshold=0.9, level=1))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         got = edit(pipe, prompts[0], prompts[1:], controller, backend=backend, num_inference_steps=STEPS,
                    generator=generator, output_type="latent", **SIZE).images
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=5e-5)
+    assert_matches_reference(got, pipe, state, prompts, steps=STEPS, **SIZE,
+                             state_kwargs=lambda s: dict(callback_on_step_end=s.callback))
     with attnctl.install(pipe, Replace(cross_steps=0.6, self_steps=0.4), backend=backend):
         unblended = generate_latents(pipe, prompts, steps=STEPS, **SIZE)
     assert (got[1] - unblended[1]).abs().amax() > 1e-2      # the blend acts
@@ -437,10 +438,9 @@ def test_replace_sdxl(images_per_prompt):
 
     state = PerImage(prompts, pipe.tokenizer, "replace", 0.6, 0.4)
     kwargs = dict(num_images_per_prompt=images_per_prompt)
-    expected = run_reference(pipe, state, prompts, steps=STEPS, **SIZE, **kwargs)
     with attnctl.install(pipe, Replace(cross_steps=0.6, self_steps=0.4), backend="torch"):
         got = generate_latents(pipe, prompts, steps=STEPS, **SIZE, **kwargs)
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=5e-5)
+    assert_matches_reference(got, pipe, state, prompts, steps=STEPS, **SIZE, **kwargs)
     _assert_source_untouched(pipe, got, "torch", prompts, images=images_per_prompt, **kwargs)
 
 
