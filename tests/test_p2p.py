@@ -598,3 +598,97 @@ def test_after_must_not_have_windows():
             generate_latents(pipe, REPLACE[:2], steps=1, **SIZE)
     with pytest.raises(ValueError, match=r"self_max_queries: expected a positive int"):
         Replace(self_max_queries=0)
+
+
+# ---- the original's AttentionStore view: a trace during an edit records the edited maps ----
+
+@pytest.mark.parametrize("backend,kind", [("torch", "reweight"), ("triton", "replace")])
+def test_trace_during_an_edit_records_the_edited_maps(backend, kind):
+    """The original's AttentionStore keeps each cross-attention map after the edit (the
+    stored tensor is edited in place), summed over steps; a trace installed with the edit
+    gives those maps. Replayed from the very q, k of the run (recorded per call), in fp32
+    and fp64; the trace may differ from the fp64 replay by a few times the fp32 replay's
+    own error."""
+    from attnctl.diffusers.controller import Controller
+    from attnctl.tools.maps import ALL_STEPS
+    from control_reference import CallInfo
+
+    pipe = sd_pipe()
+    if kind == "reweight":     # the two-source form: injected and own terms
+        prompts = REFINE[:2]
+        eq = torch.ones(1, N)
+        eq[:, get_word_inds(prompts[1], "big", pipe.tokenizer)] = 4.0
+        prev = Original(prompts, pipe.tokenizer, "refine", 0.6, 0.4)
+        state = Original(prompts, pipe.tokenizer, "reweight", 0.6, 0.4, equalizer=eq, prev=prev)
+        controller = Reweight({"big": 4.0}, after=Refine(), cross_steps=0.6, self_steps=0.4)
+    else:                      # per-word windows in only some targets
+        prompts = REPLACE
+        cross = {"default_": (0.0, 0.3), "dog": (0.0, 0.7)}
+        state = Original(prompts, pipe.tokenizer, "replace", dict(cross), 0.4)
+        controller = Replace(cross_steps=cross, self_steps=0.4)
+
+    class Recorder(Controller):
+        def __init__(self):
+            self.calls = []
+
+        def plan(self, call):
+            if call.is_cross:
+                self.calls.append((call.layer, call.step.index, call.query.clone(), call.key.clone(), call.scale))
+            return None
+
+    recorder = Recorder()
+    with attnctl.install(pipe, controller, recorder, backend=backend), attnctl.trace(pipe) as tc:
+        generate_latents(pipe, prompts, steps=STEPS, **SIZE)
+    got = {layer.name: layer.maps[ALL_STEPS] for layer in tc.maps().layers}
+
+    def replay(dtype):
+        out = {}
+        for layer, step, q, k, scale in recorder.calls:
+            probs = (scale * q.to(dtype) @ k.to(dtype).transpose(-1, -2)).softmax(-1)
+            state.step = step
+            edited = state.edit(CallInfo(layer, True, step, None, None, q, k, scale), probs)
+            out[layer] = out.get(layer, 0) + edited.sum(1)
+        return out
+
+    single, exact = replay(torch.float32), replay(torch.float64)
+    assert set(got) == set(exact)
+    own_error = max((single[n].double() - exact[n]).abs().max().item() for n in exact)
+    error = max((got[n].double() - exact[n]).abs().max().item() for n in exact)
+    assert error <= 4 * own_error, (error, own_error)
+    plain = {n: sum((scale * q @ k.transpose(-1, -2)).softmax(-1).sum(1) for l, _, q, k, scale in recorder.calls
+                    if l == n) for n in exact}
+    assert max((got[n] - plain[n]).abs().max().item() for n in exact) > 1e-2     # edited, not the plain P
+
+
+def test_edited_capture_token_mass_and_per_head_maps():
+    """EditedCapture on one op call with a per-head token map (as ConceptStrengthening
+    makes it) and an own term: token mass, head-weighted maps of chosen columns (per row)
+    and per-head maps all equal the edited map A_h = P_src,h·W_h + P_h·g_h written out."""
+    from attnctl.diffusers.compose import compose
+    from attnctl.diffusers.controller import Plan
+
+    g = torch.Generator().manual_seed(1)
+    B, H, M, Nk, D = 3, 2, 5, 7, 16
+    q, k, v = (torch.randn(B, H, n, D, generator=g) for n in (M, Nk, Nk))
+    source = torch.tensor([0, 0, 0])
+    W = torch.rand(B, H, Nk, Nk, generator=g)
+    own = torch.rand(B, H, 1, Nk, generator=g)
+    weights = torch.rand(H, generator=g)
+    tokens = torch.tensor([[1, 4], [0, 6], [2, 2]])
+    trace = attnctl.Capture(token_mass=torch.zeros(B, H, Nk), maps=torch.zeros(B, M, 2), tokens=tokens,
+                            head_weights=weights)
+    heads = attnctl.Capture(head_maps=torch.zeros(B, H, M, 3), tokens=torch.tensor([0, 3, 5]))
+    plan, route = compose([Plan(source=source, value_map=W, own_prob_mult=own), Plan(capture=trace),
+                           Plan(capture=heads)], (B, H, M, Nk), "cpu")
+    attnctl.attention(q, k, W @ v, scale=D ** -0.5, source=plan.source, capture=plan.capture,
+                      own=attnctl.OwnTerm(v, plan.own_prob_mult, plan.own_capture), backend="torch")
+    route()
+    P = (D ** -0.5 * q @ k.transpose(-1, -2)).softmax(-1)
+    A = P[source] @ W + P * own
+    torch.testing.assert_close(trace.token_mass, A.sum(2))
+    expected_maps = torch.einsum("h,bhmt->bmt", weights, torch.stack([A[b][..., tokens[b]] for b in range(B)]))
+    torch.testing.assert_close(trace.maps, expected_maps)
+    torch.testing.assert_close(heads.head_maps, A[..., [0, 3, 5]])
+    with pytest.raises(ValueError, match="compose: capture: probe keys and row LSE of an edited"):
+        compose([Plan(source=source, value_map=W), Plan(capture=attnctl.Capture(lse=torch.zeros(B, H, M)))],
+                (B, H, M, Nk), "cpu")
