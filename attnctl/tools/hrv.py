@@ -1,24 +1,29 @@
 """Head relevance vectors (HRV; Park et al., arXiv 2412.02237) built inside ordinary
 generation, and the controllers that use them.
 
-**Construction.** Each visual concept is given by one or more concept words. Every word
-is encoded by the pipeline's own text encoder(s) (exactly as a prompt is), and the token
-embeddings of the word itself (start, end and padding tokens excluded) are stacked into a
-probe set of C tokens. Per cross-attention layer the probe set goes through that layer's
-``to_k`` (and ``norm_cross`` / ``norm_k`` where the layer has them) once, giving probe
-keys (1, H, C, D). During generation the fused kernel adds, per head,
-Σ_m softmax_c(scale · q · probe_key_c) over the pixels of the call (a softmax over the
-probe set alone, no V; see ``Capture.probe_keys``). After each UNet call, per image of the
-conditional half, per layer and head, each concept's score is the mean over its tokens,
-and the concept with the highest score gets a vote (one-hot argmax; ties to the first
-concept). Votes are summed over prompts and steps into counts (heads × concepts); each
-head is normalised over concepts, then each concept over heads so that Σ_h HRV_c[h] = H,
-the number of cross-attention heads (128 in SD1.x, 1300 in SDXL). A concept that never
-wins a head keeps an all-zero vector (listed in ``HeadRelevance.never_selected``).
+**Construction** (the official head_relevance_calculation.py by default). Each visual
+concept is given by one or more concept words. Every word is encoded by the pipeline's own
+text encoder(s) (exactly as a prompt is); the token embeddings of the word itself form its
+probe tokens. Per cross-attention layer they go through that layer's ``to_k`` (and
+``norm_cross`` / ``norm_k`` where the layer has them) once, giving probe keys
+(1, H, C, D). At every cross-attention call one word of each concept is drawn
+(``probe_words="sample"``, a seeded generator; ``"all"`` probes every word) and the probe
+set is [the start-of-text token (``probe_sot``, as the official keeps it)] + the drawn
+words' tokens; the fused kernel adds, per head, Σ_m softmax_c(scale · q · probe_key_c)
+over the pixels of the call (a softmax over the probe set alone, no V; see
+``Capture.probe_keys``). After each UNet call, per image of the conditional half, per layer
+and head, each concept's score is the mean over its probe tokens, and the concept with the
+highest score gets a vote (one-hot argmax; ties to the first concept). Votes are summed
+over prompts and steps into counts (heads × concepts); each head is normalised over
+concepts, then each concept over heads so that Σ_h HRV_c[h] = H, the number of
+cross-attention heads (128 in SD1.x, 1300 in SDXL). A concept that never wins a head keeps
+an all-zero vector (listed in ``HeadRelevance.never_selected``). Heads are ordered as the
+official files order them (see :mod:`attnctl.tools.hrv_official`).
 
-All of this runs on the device with no per-call allocation, loop over tokens or sync:
-the probe buffers are allocated on a layer's first call of a generation and zeroed after
-their votes are taken.
+The votes are taken on the device with no loop over tokens or sync. With
+``probe_words="all"`` the probe buffers are allocated on a layer's first call of a
+generation and zeroed after their votes are taken; with ``"sample"`` each call gathers its
+drawn words' keys and a small (B, H, C) buffer.
 
 **Controllers.** :class:`OrderedWeakening` (MoRHF / LeRHF: scale every prompt token's
 probabilities by ``factor``, default -2, in the k most or least relevant heads of a

@@ -486,9 +486,9 @@ class Reweight(Edit):
         if after is not None and not isinstance(after, Edit):
             raise TypeError(f"after: expected a Replace, Refine or Reweight controller, got {type(after).__name__}")
         if after is not None and (after.windows_given or after.local_blend is not None):
-            raise ValueError(f"after: expected a {type(after).__name__} without cross_steps, self_steps, num_steps "
-                             "or local_blend: only its token map is used (as in the original); give the windows "
-                             "and local_blend to the Reweight")
+            raise ValueError(f"after: expected a {type(after).__name__} without cross_steps, self_steps, num_steps, "
+                             "self_max_queries, strengthen or local_blend: only its token map is used (as in the "
+                             "original); give those to the Reweight")
         self.after = after
 
     def _start(self, prompts, tokenizer) -> None:
@@ -539,17 +539,8 @@ def edit(pipe, source: str, targets: Union[str, Sequence[str]], controller: Edit
     targets = [targets] if isinstance(targets, str) else list(targets)
     if not targets:
         raise ValueError("targets: expected at least one target prompt, got none")
-    blend = controller.local_blend
-    if blend is not None:
-        inputs = pipe_kwargs.get("callback_on_step_end_tensor_inputs", ["latents"])
-        if "latents" not in inputs:
-            raise ValueError(f"callback_on_step_end_tensor_inputs: expected it to include 'latents' (the "
-                             f"LocalBlend blends them), got {inputs!r}")
-        user = pipe_kwargs.get("callback_on_step_end")
-        if user is None or user is blend:
-            pipe_kwargs["callback_on_step_end"] = blend
-        else:
-            pipe_kwargs["callback_on_step_end"] = _chain(blend, user)
+    if controller.local_blend is not None:
+        _add_blend_callback(controller.local_blend, pipe_kwargs)
     owns = installation_of(pipe) is None
     installation = install(pipe, controller, backend=backend)
     try:
@@ -558,6 +549,22 @@ def edit(pipe, source: str, targets: Union[str, Sequence[str]], controller: Edit
         installation.remove(controller)
         if owns:
             installation.uninstall()
+
+
+def _add_blend_callback(blend: LocalBlend, pipe_kwargs: dict) -> None:
+    """Make ``pipe_kwargs``' step callback run the blend, then the user's own callback."""
+    from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
+    user = pipe_kwargs.get("callback_on_step_end")
+    if isinstance(user, (PipelineCallback, MultiPipelineCallbacks)):
+        # The pipeline takes such a callback's tensor inputs from it; once chained into a
+        # plain function they must be passed explicitly.
+        pipe_kwargs["callback_on_step_end_tensor_inputs"] = list(dict.fromkeys(["latents", *user.tensor_inputs]))
+    inputs = pipe_kwargs.get("callback_on_step_end_tensor_inputs", ["latents"])
+    if "latents" not in inputs:
+        raise ValueError(f"callback_on_step_end_tensor_inputs: expected it to include 'latents' (the "
+                         f"LocalBlend blends them), got {inputs!r}")
+    pipe_kwargs["callback_on_step_end"] = blend if user is None or user is blend else _chain(blend, user)
 
 
 def _chain(blend: LocalBlend, user):
