@@ -115,7 +115,9 @@ class HeadRelevance:
     def ranked_heads(self, concept: str, k: int, order: str = "most") -> torch.Tensor:
         """Flat indices of the k heads with the largest (``order="most"``) or smallest
         (``"least"``) HRV_concept. Ties: the head with the smaller flat index (official
-        order: down, mid, up) comes first, for "most" and "least" alike (a stable sort)."""
+        order: down, mid, up) comes first, for "most" and "least" alike (a stable sort; the
+        official top/bottom lists use numpy's unstable argsort, so their tie order is the
+        numpy build's)."""
         vec = self.vector(concept)
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_heads:
             raise ValueError(f"k: expected an integer in [1, {self.num_heads}] (the number of heads), got {k!r}")
