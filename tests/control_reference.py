@@ -121,3 +121,50 @@ def prompt_columns(tokenizer, prompt):
 def sigma_of(pipe, timestep):
     a = float(pipe.scheduler.alphas_cumprod[int(timestep)])
     return ((1 - a) / a) ** 0.5
+
+
+_FLOAT64_PIPES = {}
+
+
+def _float64_pipe(pipe):
+    """A float64 copy of a (tiny) pipeline, cached per pipeline object."""
+    import copy
+
+    key = id(pipe)
+    if key not in _FLOAT64_PIPES:
+        _FLOAT64_PIPES[key] = (pipe, copy.deepcopy(pipe).to(torch.float64))
+    return _FLOAT64_PIPES[key][1]
+
+
+def assert_matches_reference(got, pipe, state, prompt, *, factor=4.0, seed=0, height=16, width=24,
+                             num_images_per_prompt=1, state_kwargs=None, **kwargs):
+    """``got`` (latents of a controlled fp32 generation) against the materialising
+    reference, with a tolerance derived from the reference's own error: the reference runs
+    in fp32 and in fp64 from the same initial noise; got may be at most ``factor`` times
+    as far from the fp64 result as the fp32 reference is (both are fp32 computations of
+    the same math, differing only in the order of roundings). ``state`` is a
+    ReferenceState that keeps no run state but its step counter (it is run twice), or a
+    function making a fresh one; ``state_kwargs(state)`` adds pipeline arguments that
+    belong to a state (e.g. its callback). Returns the fp32 reference."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    scale = pipe.vae_scale_factor
+    shape = (len(prompts) * num_images_per_prompt, pipe.unet.config.in_channels, height // scale, width // scale)
+    noise = randn_tensor(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    common = dict(height=height, width=width, num_images_per_prompt=num_images_per_prompt, **kwargs)
+
+    def run(target, latents):
+        fresh = state() if callable(state) else state
+        fresh.step = -1
+        extra = state_kwargs(fresh) if state_kwargs is not None else {}
+        return run_reference(target, fresh, prompts, latents=latents, **common, **extra)
+
+    expected = run(pipe, noise)
+    exact = run(_float64_pipe(pipe), noise.double())
+    reference_error = (expected.double() - exact).abs().max().item()
+    error = (got.double() - exact).abs().max().item()
+    assert error <= factor * reference_error, (
+        f"greatest error {error:.3g} against the fp64 reference; the fp32 reference's own is "
+        f"{reference_error:.3g} (allowed: {factor} x)")
+    return expected

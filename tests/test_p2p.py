@@ -11,7 +11,7 @@ import torch
 
 import attnctl
 from attnctl.p2p import Refine, Replace, Reweight, global_align, refinement_mapper
-from control_reference import ReferenceState, generate_latents, run_reference
+from control_reference import ReferenceState, assert_matches_reference, generate_latents
 from diffusion_helpers import sd_pipe
 
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
@@ -153,9 +153,9 @@ def get_time_words_attention_alpha(prompts, num_steps, cross_replace_steps, toke
 class Original(ReferenceState):
     """AttentionControlEdit.forward on the conditional half of every call."""
 
-    def __init__(self, prompts, tok, kind, cross, self_steps, equalizer=None, prev=None):
+    def __init__(self, prompts, tok, kind, cross, self_steps, equalizer=None, prev=None, self_cap=None):
         super().__init__()
-        self.kind, self.prev, self.equalizer = kind, prev, equalizer
+        self.kind, self.prev, self.equalizer, self.self_cap = kind, prev, equalizer, self_cap
         self.alpha = get_time_words_attention_alpha(prompts, STEPS, cross, tok)
         if isinstance(self_steps, float):
             self_steps = 0, self_steps
@@ -169,7 +169,7 @@ class Original(ReferenceState):
 
     def replace_cross_attention(self, attn_base, att_replace):
         if self.kind == "replace":
-            return torch.einsum("hpw,bwn->bhpn", attn_base, self.mapper)
+            return torch.einsum("hpw,bwn->bhpn", attn_base, self.mapper.to(attn_base.dtype))
         if self.kind == "refine":
             attn_base_replace = attn_base[:, :, self.mapper].permute(2, 0, 1, 3)
             return attn_base_replace * self.alphas + att_replace * (1 - self.alphas)
@@ -188,21 +188,30 @@ class Original(ReferenceState):
                 alpha_words = self.alpha[cur_step]
                 new = self.replace_cross_attention(attn_base, attn_replace) * alpha_words \
                     + (1 - alpha_words) * attn_replace
-            else:   # replace_self_attention, at every resolution
+            elif self.self_cap is None or attn_replace.shape[2] <= self.self_cap:   # replace_self_attention
                 new = attn_base.unsqueeze(0).expand(attn_replace.shape[0], *attn_base.shape)
+            else:   # the original's cap (16**2): larger layers keep their own attention
+                new = attn_replace
             attn[1:] = new
         return torch.cat([probs[: B // 2], attn])
 
 
 def _compare(pipe, state, controller, backend, prompts):
-    expected = run_reference(pipe, state, prompts, steps=STEPS, **SIZE)
     controllers = controller if isinstance(controller, list) else [controller]
     with attnctl.install(pipe, *controllers, backend=backend):
         got = generate_latents(pipe, prompts, steps=STEPS, **SIZE)
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=5e-5)
-    plain = generate_latents(pipe, prompts, steps=STEPS, **SIZE)
-    torch.testing.assert_close(got[0], plain[0], rtol=1e-4, atol=1e-5)   # the source is untouched
-    assert (got[1:] - plain[1:]).abs().amax() > 1e-2                     # the edit acts
+    assert_matches_reference(got, pipe, state, prompts, steps=STEPS, **SIZE)
+    _assert_source_untouched(pipe, got, backend, prompts)
+    return got
+
+
+def _assert_source_untouched(pipe, got, backend, prompts, images=1, **kwargs):
+    """The source rows of an edit go through the same arithmetic as attnctl without any
+    controller (P·(I·V) + 0, I·V exact), so they are bit-identical to it on any machine."""
+    with attnctl.install(pipe, backend=backend):
+        plain = generate_latents(pipe, prompts, steps=STEPS, **SIZE, **kwargs)
+    assert torch.equal(got[:images], plain[:images])                    # the source is untouched
+    assert (got[images:] - plain[images:]).abs().amax() > 1e-2            # the edit acts
 
 
 REPLACE = ["a cat on a red car", "a dog on a red car", "a fox on a blue car"]   # blue: 4 tokens for 3
@@ -214,6 +223,37 @@ def test_replace_two_targets(backend):
     pipe = sd_pipe()
     state = Original(REPLACE, pipe.tokenizer, "replace", 0.6, 0.4)
     _compare(pipe, state, Replace(cross_steps=0.6, self_steps=0.4), backend, REPLACE)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_per_word_window_in_only_some_targets(backend):
+    """A per-word window whose word is in one target only: in the steps where only that
+    word is active, the other target keeps its own attention, P_tgt (not P_tgt twice)."""
+    pipe = sd_pipe()
+    cross = {"default_": (0.0, 0.3), "dog": (0.0, 0.7)}      # 3 steps: default step 0, dog steps 0-1
+    state = Original(REPLACE, pipe.tokenizer, "replace", dict(cross), 0.4)
+    _compare(pipe, state, Replace(cross_steps=cross, self_steps=0.4), backend, REPLACE)
+
+
+def test_self_attention_cap_option():
+    """self_max_queries=16**2 is the original's cap (attn.shape[2] <= 16**2); here a cap
+    between the tiny UNet's levels (96 and 24 queries) so that both sides are exercised."""
+    pipe = sd_pipe()
+    state = Original(REPLACE[:2], pipe.tokenizer, "replace", 0.6, 1.0, self_cap=24)
+    _compare(pipe, state, Replace(cross_steps=0.6, self_steps=1.0, self_max_queries=24), "torch", REPLACE[:2])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_reweight_one_factor_per_target(backend):
+    """The original's get_equalizer(text, words, values) with one value per target."""
+    pipe = sd_pipe()
+    prompts = ["a cat on a red car", "a dog on a red car", "a fox on a red car"]
+    eq = torch.ones(2, N)
+    eq[:, get_word_inds(prompts[1], "red", pipe.tokenizer)] = torch.tensor([[3.0], [0.5]])
+    prev = Original(prompts, pipe.tokenizer, "replace", 0.8, 0.4)
+    state = Original(prompts, pipe.tokenizer, "reweight", 0.8, 0.4, equalizer=eq, prev=prev)
+    _compare(pipe, state, Reweight({"red": (3.0, 0.5)}, after=Replace(), cross_steps=0.8, self_steps=0.4),
+             backend, prompts)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -358,14 +398,16 @@ def test_local_blend(backend):
     pipe = sd_pipe()
     prompts = REPLACE[:2]
     words = [["cat"], ["dog"]]
-    state = OriginalBlend(prompts, pipe.tokenizer, words, 0.9, 8 * 12, cross=0.6, self_steps=0.4)
-    expected = run_reference(pipe, state, prompts, steps=STEPS, callback_on_step_end=state.callback, **SIZE)
+    def state():
+        return OriginalBlend(prompts, pipe.tokenizer, words, 0.9, 8 * 12, cross=0.6, self_steps=0.4)
+
     controller = Replace(cross_steps=0.6, self_steps=0.4, local_blend=LocalBlend(words, threshold=0.9, level=1))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         got = edit(pipe, prompts[0], prompts[1:], controller, backend=backend, num_inference_steps=STEPS,
                    generator=generator, output_type="latent", **SIZE).images
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=5e-5)
+    assert_matches_reference(got, pipe, state, prompts, steps=STEPS, **SIZE,
+                             state_kwargs=lambda s: dict(callback_on_step_end=s.callback))
     with attnctl.install(pipe, Replace(cross_steps=0.6, self_steps=0.4), backend=backend):
         unblended = generate_latents(pipe, prompts, steps=STEPS, **SIZE)
     assert (got[1] - unblended[1]).abs().amax() > 1e-2      # the blend acts
@@ -396,12 +438,10 @@ def test_replace_sdxl(images_per_prompt):
 
     state = PerImage(prompts, pipe.tokenizer, "replace", 0.6, 0.4)
     kwargs = dict(num_images_per_prompt=images_per_prompt)
-    expected = run_reference(pipe, state, prompts, steps=STEPS, **SIZE, **kwargs)
     with attnctl.install(pipe, Replace(cross_steps=0.6, self_steps=0.4), backend="torch"):
         got = generate_latents(pipe, prompts, steps=STEPS, **SIZE, **kwargs)
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=5e-5)
-    plain = generate_latents(pipe, prompts, steps=STEPS, **SIZE, **kwargs)
-    assert (got[images_per_prompt:] - plain[images_per_prompt:]).abs().amax() > 1e-2
+    assert_matches_reference(got, pipe, state, prompts, steps=STEPS, **SIZE, **kwargs)
+    _assert_source_untouched(pipe, got, "torch", prompts, images=images_per_prompt, **kwargs)
 
 
 def test_compose_rules():
@@ -433,34 +473,222 @@ def test_compose_rules():
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_concept_strengthening_inside_replace(backend):
-    """HRV concept strengthening composed with a word swap: the target word's edited map
-    (P_src·M at its columns) rescaled per head by HRV_c[h], as a post-edit factor on the
-    reference's explicit P."""
+    """Official P2P-HRV (p2p_hrv.py AttentionControlEdit.forward / AttentionReplace.
+    replace_token_maps with use_soft_vector): from token_insertion_step on, the target
+    word's columns of the edited map R are the target's own map × HRV[head]; then
+    R·α + (1 - α)·P_tgt. Replayed on explicit P."""
     from diffusers.models.attention_processor import Attention
     from attnctl.tools.hrv import ConceptStrengthening, HeadRelevance
 
     pipe = sd_pipe()
-    prompts = REPLACE[:2]
+    prompts = ["a cat on a red car", "a dog on a red car", "a dog on a red dog"]
     layers = [(name, m.heads) for name, m in pipe.unet.named_modules()
               if isinstance(m, Attention) and m.is_cross_attention]
     total = sum(h for _, h in layers)
     values = torch.rand(2, total, generator=torch.Generator().manual_seed(3)) * 3
-    hrv = HeadRelevance(concepts=["animal", "vehicle"], layers=layers, hrv=values, counts=torch.zeros(total, 2))
+    hrv = HeadRelevance(concepts=["animal", "vehicle"], layers=layers, hrv=values, counts=None)
     offsets = hrv.offsets()
-    dog = get_word_inds(prompts[1], "dog", pipe.tokenizer)
+    word_indices = [get_word_inds(p, "dog", pipe.tokenizer) for p in prompts[1:]]
+    start_step = 1
 
-    class Strengthened(Original):
-        def mult(self, info):
+    class Official(Original):
+        def replace_token_maps(self, source, target, layer, head):
+            result = torch.zeros_like(source)
+            for prompt_idx in range(len(prompts) - 1):
+                mask = torch.zeros_like(source[prompt_idx])
+                mask[:, word_indices[prompt_idx]] = 1
+                soft_rescale_factor = values[0, offsets[layer][0] + head]
+                result[prompt_idx] = (1 - mask) * source[prompt_idx] + mask * target[prompt_idx] * soft_rescale_factor
+            return result
+
+        def edit(self, info, probs):
             if not info.is_cross:
-                return None
-            start, heads = offsets[info.layer]
-            f = torch.ones(4, heads, 1, N)
-            f[3, :, 0, dog] = values[0, start:start + heads][:, None]   # the target's cond row
-            return f
+                return super().edit(info, probs)
+            B = probs.shape[0]
+            attn = probs[B // 2:].clone()
+            attn_base, attn_replace = attn[0], attn[1:]
+            alpha_words = self.alpha[self.step]
+            attn_source = self.replace_cross_attention(attn_base, attn_replace)
+            if self.step >= start_step:
+                for head in range(attn.shape[1]):
+                    attn_source[:, head] = self.replace_token_maps(attn_source[:, head], attn_replace[:, head],
+                                                                   info.layer, head)
+            attn[1:] = attn_source * alpha_words + (1 - alpha_words) * attn_replace
+            return torch.cat([probs[: B // 2], attn])
 
-    state = Strengthened(prompts, pipe.tokenizer, "replace", 0.8, 0.4)
-    _compare(pipe, state, [Replace(cross_steps=0.8, self_steps=0.4), ConceptStrengthening(hrv, "dog", "animal")],
-             backend, prompts)
-    with pytest.raises(ValueError, match="ConceptStrengthening: word 'zebra' is in none of the prompts"):
-        with attnctl.install(pipe, ConceptStrengthening(hrv, "zebra", "animal")):
+    cross = {"default_": 0.8, "dog": (0.0, 0.5)}      # dog: steps 0-1 of 3
+    state = Official(prompts, pipe.tokenizer, "replace", dict(cross), 0.4)
+    strengthen = ConceptStrengthening(hrv, "dog", "animal", start_step=start_step)
+    got = _compare(pipe, state, Replace(cross_steps=cross, self_steps=0.4, strengthen=strengthen), backend, prompts)
+    with attnctl.install(pipe, Replace(cross_steps=cross, self_steps=0.4), backend=backend):
+        plain_edit = generate_latents(pipe, prompts, steps=STEPS, **SIZE)
+    assert (got[1:] - plain_edit[1:]).abs().amax() > 1e-3          # the strengthening acts
+    with pytest.raises(ValueError, match="strengthen: word 'zebra' is in none of the target prompts"):
+        with attnctl.install(pipe, Replace(strengthen=ConceptStrengthening(hrv, "zebra", "animal"))):
             generate_latents(pipe, prompts, steps=1, **SIZE)
+    with pytest.raises(TypeError, match="controller: expected an attnctl.Controller, got ConceptStrengthening"):
+        attnctl.install(pipe, strengthen)
+    attnctl.uninstall(pipe)
+    with pytest.raises(ValueError, match=r"start_step: expected a non-negative int"):
+        ConceptStrengthening(hrv, "dog", "animal", start_step=-1)
+
+
+# ---- traps ----------------------------------------------------------------------------------
+
+def test_edit_restores_the_pipeline_and_survives_set_attn_processor():
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    from attnctl.p2p import edit
+
+    pipe = sd_pipe()
+    prompts = REPLACE[:2]
+
+    def run():
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            return edit(pipe, prompts[0], prompts[1:], Replace(), backend="torch", num_inference_steps=2,
+                        generator=generator, output_type="latent", **SIZE).images
+
+    first = run()
+    assert attnctl.diffusers.installation_of(pipe) is None      # edit() installed for its own call only
+    pipe.unet.set_attn_processor(AttnProcessor2_0())
+    assert torch.equal(run(), first)
+    # processors replaced under an installation with controllers: a clear error, not a no-op
+    with attnctl.install(pipe, Replace(), backend="torch"):
+        pipe.unet.set_attn_processor(AttnProcessor2_0())
+        with pytest.raises(RuntimeError, match=r"attnctl: the attention processors of \d+ of \d+ layers .* were "
+                                               r"replaced after attnctl was installed"):
+            generate_latents(pipe, prompts, steps=1, **SIZE)
+
+
+def test_local_blend_with_a_user_callback():
+    from attnctl.p2p import LocalBlend, edit
+
+    pipe = sd_pipe()
+    prompts = REPLACE[:2]
+    seen = []
+
+    def user(pipe_, i, t, kwargs):
+        seen.append(kwargs["latents"].clone())
+        return kwargs
+
+    def run(**kw):
+        generator = torch.Generator().manual_seed(0)
+        blend = LocalBlend([["cat"], ["dog"]], threshold=0.9, level=1)
+        with torch.no_grad():
+            return edit(pipe, prompts[0], prompts[1:], Replace(cross_steps=0.6, self_steps=0.4, local_blend=blend),
+                        backend="torch", num_inference_steps=STEPS, generator=generator, output_type="latent",
+                        **SIZE, **kw).images
+
+    blended = run()          # = the original's LocalBlend (test_local_blend)
+    assert torch.equal(run(callback_on_step_end=user), blended)
+    assert len(seen) == STEPS and torch.equal(seen[-1], blended)      # the user sees the blended latents
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs: expected it to include 'latents'"):
+        run(callback_on_step_end=user, callback_on_step_end_tensor_inputs=[])
+
+
+def test_after_must_not_have_windows():
+    with pytest.raises(ValueError, match="after: expected a Replace without cross_steps, self_steps, num_steps"):
+        Reweight({"red": 2.0}, after=Replace(cross_steps=0.5))
+    with pytest.raises(ValueError, match="after: expected a Refine without"):
+        Reweight({"red": 2.0}, after=Refine(self_steps=0.2))
+    pipe = sd_pipe()
+    with attnctl.install(pipe, Reweight({"red": (1.0, 2.0, 3.0)}, after=Replace()), backend="torch"):
+        with pytest.raises(ValueError, match=r"weights\['red'\]: expected one factor or one per target prompt "
+                                             r"\(1\), got 3"):
+            generate_latents(pipe, REPLACE[:2], steps=1, **SIZE)
+    with pytest.raises(ValueError, match=r"self_max_queries: expected a positive int"):
+        Replace(self_max_queries=0)
+
+
+# ---- the original's AttentionStore view: a trace during an edit records the edited maps ----
+
+@pytest.mark.parametrize("backend,kind", [("torch", "reweight"), ("triton", "replace")])
+def test_trace_during_an_edit_records_the_edited_maps(backend, kind):
+    """The original's AttentionStore keeps each cross-attention map after the edit (the
+    stored tensor is edited in place), summed over steps; a trace installed with the edit
+    gives those maps. Replayed from the very q, k of the run (recorded per call), in fp32
+    and fp64; the trace may differ from the fp64 replay by a few times the fp32 replay's
+    own error."""
+    from attnctl.diffusers.controller import Controller
+    from attnctl.tools.maps import ALL_STEPS
+    from control_reference import CallInfo
+
+    pipe = sd_pipe()
+    if kind == "reweight":     # the two-source form: injected and own terms
+        prompts = REFINE[:2]
+        eq = torch.ones(1, N)
+        eq[:, get_word_inds(prompts[1], "big", pipe.tokenizer)] = 4.0
+        prev = Original(prompts, pipe.tokenizer, "refine", 0.6, 0.4)
+        state = Original(prompts, pipe.tokenizer, "reweight", 0.6, 0.4, equalizer=eq, prev=prev)
+        controller = Reweight({"big": 4.0}, after=Refine(), cross_steps=0.6, self_steps=0.4)
+    else:                      # per-word windows in only some targets
+        prompts = REPLACE
+        cross = {"default_": (0.0, 0.3), "dog": (0.0, 0.7)}
+        state = Original(prompts, pipe.tokenizer, "replace", dict(cross), 0.4)
+        controller = Replace(cross_steps=cross, self_steps=0.4)
+
+    class Recorder(Controller):
+        def __init__(self):
+            self.calls = []
+
+        def plan(self, call):
+            if call.is_cross:
+                self.calls.append((call.layer, call.step.index, call.query.clone(), call.key.clone(), call.scale))
+            return None
+
+    recorder = Recorder()
+    with attnctl.install(pipe, controller, recorder, backend=backend), attnctl.trace(pipe) as tc:
+        generate_latents(pipe, prompts, steps=STEPS, **SIZE)
+    got = {layer.name: layer.maps[ALL_STEPS] for layer in tc.maps().layers}
+
+    def replay(dtype):
+        out = {}
+        for layer, step, q, k, scale in recorder.calls:
+            probs = (scale * q.to(dtype) @ k.to(dtype).transpose(-1, -2)).softmax(-1)
+            state.step = step
+            edited = state.edit(CallInfo(layer, True, step, None, None, q, k, scale), probs)
+            out[layer] = out.get(layer, 0) + edited.sum(1)
+        return out
+
+    single, exact = replay(torch.float32), replay(torch.float64)
+    assert set(got) == set(exact)
+    own_error = max((single[n].double() - exact[n]).abs().max().item() for n in exact)
+    error = max((got[n].double() - exact[n]).abs().max().item() for n in exact)
+    assert error <= 4 * own_error, (error, own_error)
+    plain = {n: sum((scale * q @ k.transpose(-1, -2)).softmax(-1).sum(1) for l, _, q, k, scale in recorder.calls
+                    if l == n) for n in exact}
+    assert max((got[n] - plain[n]).abs().max().item() for n in exact) > 1e-2     # edited, not the plain P
+
+
+def test_edited_capture_token_mass_and_per_head_maps():
+    """EditedCapture on one op call with a per-head token map (as ConceptStrengthening
+    makes it) and an own term: token mass, head-weighted maps of chosen columns (per row)
+    and per-head maps all equal the edited map A_h = P_src,h·W_h + P_h·g_h written out."""
+    from attnctl.diffusers.compose import compose
+    from attnctl.diffusers.controller import Plan
+
+    g = torch.Generator().manual_seed(1)
+    B, H, M, Nk, D = 3, 2, 5, 7, 16
+    q, k, v = (torch.randn(B, H, n, D, generator=g) for n in (M, Nk, Nk))
+    source = torch.tensor([0, 0, 0])
+    W = torch.rand(B, H, Nk, Nk, generator=g)
+    own = torch.rand(B, H, 1, Nk, generator=g)
+    weights = torch.rand(H, generator=g)
+    tokens = torch.tensor([[1, 4], [0, 6], [2, 2]])
+    trace = attnctl.Capture(token_mass=torch.zeros(B, H, Nk), maps=torch.zeros(B, M, 2), tokens=tokens,
+                            head_weights=weights)
+    heads = attnctl.Capture(head_maps=torch.zeros(B, H, M, 3), tokens=torch.tensor([0, 3, 5]))
+    plan, route = compose([Plan(source=source, value_map=W, own_prob_mult=own), Plan(capture=trace),
+                           Plan(capture=heads)], (B, H, M, Nk), "cpu")
+    attnctl.attention(q, k, W @ v, scale=D ** -0.5, source=plan.source, capture=plan.capture,
+                      own=attnctl.OwnTerm(v, plan.own_prob_mult, plan.own_capture), backend="torch")
+    route()
+    P = (D ** -0.5 * q @ k.transpose(-1, -2)).softmax(-1)
+    A = P[source] @ W + P * own
+    torch.testing.assert_close(trace.token_mass, A.sum(2))
+    expected_maps = torch.einsum("h,bhmt->bmt", weights, torch.stack([A[b][..., tokens[b]] for b in range(B)]))
+    torch.testing.assert_close(trace.maps, expected_maps)
+    torch.testing.assert_close(heads.head_maps, A[..., [0, 3, 5]])
+    with pytest.raises(ValueError, match="compose: capture: probe keys and row LSE of an edited"):
+        compose([Plan(source=source, value_map=W), Plan(capture=attnctl.Capture(lse=torch.zeros(B, H, M)))],
+                (B, H, M, Nk), "cpu")

@@ -48,9 +48,9 @@ class MaterialisedEdit:
         if not isinstance(controller, Edit):
             raise TypeError(f"controller: expected attnctl.p2p.Replace, Refine or Reweight, "
                             f"got {type(controller).__name__}")
-        if controller.local_blend is not None:
-            raise ValueError("controller: the materialising baseline does not implement LocalBlend; "
-                             "pass a controller without local_blend")
+        if controller.local_blend is not None or controller.strengthen or controller.self_max_queries is not None:
+            raise ValueError("controller: the materialising baseline does not implement LocalBlend, strengthen "
+                             "or self_max_queries; pass a controller without them")
         self.pipe, self.controller = pipe, controller
         self._original = None
         self._hook = None

@@ -21,6 +21,10 @@ into a scratch :class:`Capture` and then added into each owner's buffers:
   that owner's ``probe_mass`` directly;
 * ``maps``: the scratch carries the first owner's ``head_weights``; an owner whose weights
   are another tensor gets its maps from scratch per-head maps, weighted afterwards.
+
+On a call with a prompt-to-prompt token map (``value_map``), other controllers' captures
+(a trace during an edit) receive the edited map the edit applies, as the original's
+AttentionStore does (:class:`EditedCapture`).
 """
 from __future__ import annotations
 
@@ -81,6 +85,15 @@ def compose(plans: Sequence[Optional[Plan]], shape: Tuple[int, int, int, int],
             value_map = _fold_into_value_map(value_map, others, shape)
             prob_mult = injection.prob_mult
     captures = [p.capture for p in plans if p.capture is not None and not p.capture.empty]
+    if injection is not None and injection.value_map is not None:
+        observers = [p.capture for p in plans if p is not injection and p.capture is not None and not p.capture.empty]
+        if observers:
+            if injection.capture is not None or injection.own_capture is not None:
+                raise ValueError("compose: capture: expected no other controller's capture on a call whose "
+                                 "prompt-to-prompt edit captures its own maps (LocalBlend); run the trace "
+                                 "without local_blend")
+            edited = EditedCapture(observers, injection.value_map, injection.own_prob_mult, shape, device)
+            return Plan(bias, prob_mult, edited.injected, regions, source, value_map, own, edited.own), edited.route
     if len(captures) <= 1:
         return Plan(bias, prob_mult, captures[0] if captures else None, regions, source, value_map, own,
                     own_capture), None
@@ -108,6 +121,88 @@ def _combine(tensors: List[Optional[torch.Tensor]], op) -> Optional[torch.Tensor
     for t in present[1:]:
         result = op(result, t)
     return result
+
+
+class EditedCapture:
+    """Captures of other controllers (a trace) on a call with a prompt-to-prompt token map:
+    they receive the edited map the edit applies, A = P_inj·W + P_own·g (the original's
+    AttentionStore keeps the maps after the edit), not the injected P. Both terms are
+    captured over every key column into scratch buffers; ``route`` maps them through the
+    edit's own W and g (without other controllers' factors: captures are of P before
+    ``prob_mult``) and adds the owners' columns into their buffers."""
+
+    def __init__(self, owners: Sequence[Capture], value_map: torch.Tensor, own_prob_mult: Optional[torch.Tensor],
+                 shape: Tuple[int, int, int, int], device: torch.device):
+        B, H, M, N = shape
+        for owner in owners:
+            if owner.wants_probes or owner.lse is not None:
+                raise ValueError("compose: capture: probe keys and row LSE of an edited prompt-to-prompt map are "
+                                 "not defined (the map is not a softmax); capture maps or token mass")
+        self.owners = list(owners)
+        self.W = (value_map if value_map.dim() == 4 else value_map[:, None]).float()      # (B, H|1, N, N)
+        self.g = None if own_prob_mult is None else own_prob_mult.float()                  # (B, H|1, 1, N)
+        self.shape = shape
+        map_owners = [c for c in self.owners if c.maps is not None]
+        self.weights = map_owners[0].head_weights if map_owners else None
+        per_head = (self.W.shape[1] > 1 or (self.g is not None and self.g.shape[1] > 1)
+                    or any(c.head_maps is not None for c in self.owners)
+                    or any(c.head_weights is not self.weights for c in map_owners))
+        self.per_head = per_head
+        need_maps = bool(map_owners) or any(c.head_maps is not None for c in self.owners)
+        columns = torch.arange(N, device=device)
+
+        def scratch() -> Capture:
+            return Capture(
+                token_mass=torch.zeros(B, H, N, device=device) if any(c.token_mass is not None for c in owners) else None,
+                maps=torch.zeros(B, M, N, device=device) if need_maps and not per_head else None,
+                head_maps=torch.zeros(B, H, M, N, device=device) if need_maps and per_head else None,
+                tokens=columns if need_maps else None,
+                head_weights=self.weights if need_maps and not per_head else None)
+
+        self.injected = scratch()
+        self.own = scratch() if self.g is not None else None
+
+    def _edited(self, name: str) -> Optional[torch.Tensor]:
+        """The edited statistic ``name`` over every column: token_mass, maps or head_maps."""
+        inj = getattr(self.injected, name)
+        if inj is None:
+            return None
+        W, g = self.W, self.g
+        if name == "maps":
+            out = inj @ W[:, 0]
+            return out if g is None else out + self.own.maps * g[:, 0]
+        if name == "token_mass":                                        # (B, H, N) · (B, H|1, N, N)
+            out = (inj.unsqueeze(-2) @ W).squeeze(-2)
+        else:                                                           # (B, H, M, N) · (B, H|1, N, N)
+            out = inj @ W
+        if g is None:
+            return out
+        return out + getattr(self.own, name) * (g[:, :, 0] if name == "token_mass" else g)
+
+    def route(self) -> None:
+        mass, maps, head_maps = self._edited("token_mass"), self._edited("maps"), self._edited("head_maps")
+        for owner in self.owners:
+            if owner.token_mass is not None:
+                owner.token_mass += mass
+            if owner.head_maps is not None:
+                owner.head_maps += _columns(head_maps, owner.tokens)
+            if owner.maps is None:
+                continue
+            if not self.per_head:
+                owner.maps += _columns(maps, owner.tokens)
+            else:
+                B, H = head_maps.shape[:2]
+                w = owner.head_weights
+                w = torch.ones(B, H, device=head_maps.device) if w is None else w.float().expand(B, H)
+                owner.maps += torch.einsum("bh,bhmt->bmt", w, _columns(head_maps, owner.tokens))
+
+
+def _columns(x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """x[..., tokens] for tokens (T,) or per row (B, T)."""
+    if tokens.dim() == 1:
+        return x[..., tokens]
+    index = tokens.reshape(tokens.shape[0], *([1] * (x.dim() - 2)), tokens.shape[-1])
+    return torch.gather(x, -1, index.expand(*x.shape[:-1], tokens.shape[-1]))
 
 
 class MergedCapture:

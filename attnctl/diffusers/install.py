@@ -138,9 +138,29 @@ class Installation:
             num_prompts=num_prompts, images_per_prompt=int(images_per_prompt), cfg=bool(cfg),
             tokenizer=tokenizer, image_scale=int(vae) if vae else 1)
         self._unet_calls = 0
+        self.check_processors()
         for controller in self.controllers:
             controller.on_generation_start(self.generation)
         return self.generation
+
+    def replaced_layers(self) -> List[str]:
+        """Layers whose processor is no longer this installation's (replaced by a
+        ``set_attn_processor`` after install)."""
+        return [name[: -len(".processor")] for name, proc in self.unet.attn_processors.items()
+                if not (isinstance(proc, AttnctlProcessor) and proc.installation is self)]
+
+    def check_processors(self) -> None:
+        """Raise if processors were replaced while controllers are attached: those layers
+        would run without the controllers, silently."""
+        if not self.controllers:
+            return
+        replaced = self.replaced_layers()
+        if replaced:
+            raise RuntimeError(
+                f"attnctl: the attention processors of {len(replaced)} of {len(self._original)} layers (e.g. "
+                f"{replaced[0]!r}) were replaced after attnctl was installed (set_attn_processor?), so the installed "
+                f"controllers ({', '.join(type(c).__name__ for c in self.controllers)}) would not run there; call "
+                "attnctl.uninstall(pipe) and install again")
 
     def _wrap_encode_prompt(self, pipe) -> None:
         self._had_encode_prompt = pipe.__dict__.get("encode_prompt")
@@ -253,6 +273,7 @@ def install(target, *controllers: Controller, backend: Optional[str] = None) -> 
         installation.backend = backend
     for controller in controllers:
         installation.add(controller)
+    installation.check_processors()
     return installation
 
 

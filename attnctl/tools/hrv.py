@@ -1,35 +1,38 @@
 """Head relevance vectors (HRV; Park et al., arXiv 2412.02237) built inside ordinary
 generation, and the controllers that use them.
 
-**Construction.** Each visual concept is given by one or more concept words. Every word
-is encoded by the pipeline's own text encoder(s) (exactly as a prompt is), and the token
-embeddings of the word itself (start, end and padding tokens excluded) are stacked into a
-probe set of C tokens. Per cross-attention layer the probe set goes through that layer's
-``to_k`` (and ``norm_cross`` / ``norm_k`` where the layer has them) once, giving probe
-keys (1, H, C, D). During generation the fused kernel adds, per head,
-Σ_m softmax_c(scale · q · probe_key_c) over the pixels of the call (a softmax over the
-probe set alone, no V; see ``Capture.probe_keys``). After each UNet call, per image of the
-conditional half, per layer and head, each concept's score is the mean over its tokens,
-and the concept with the highest score gets a vote (one-hot argmax; ties to the first
-concept). Votes are summed over prompts and steps into counts (heads × concepts); each
-head is normalised over concepts, then each concept over heads so that Σ_h HRV_c[h] = H,
-the number of cross-attention heads (128 in SD1.x, 1300 in SDXL). A concept that never
-wins a head keeps an all-zero vector (listed in ``HeadRelevance.never_selected``).
+**Construction** (the official head_relevance_calculation.py by default). Each visual
+concept is given by one or more concept words. Every word is encoded by the pipeline's own
+text encoder(s) (exactly as a prompt is); the token embeddings of the word itself form its
+probe tokens. Per cross-attention layer they go through that layer's ``to_k`` (and
+``norm_cross`` / ``norm_k`` where the layer has them) once, giving probe keys
+(1, H, C, D). At every cross-attention call one word of each concept is drawn
+(``probe_words="sample"``, a seeded generator; ``"all"`` probes every word) and the probe
+set is [the start-of-text token (``probe_sot``, as the official keeps it)] + the drawn
+words' tokens; the fused kernel adds, per head, Σ_m softmax_c(scale · q · probe_key_c)
+over the pixels of the call (a softmax over the probe set alone, no V; see
+``Capture.probe_keys``). After each UNet call, per image of the conditional half, per layer
+and head, each concept's score is the mean over its probe tokens, and the concept with the
+highest score gets a vote (one-hot argmax; ties to the first concept). Votes are summed
+over prompts and steps into counts (heads × concepts); each head is normalised over
+concepts, then each concept over heads so that Σ_h HRV_c[h] = H, the number of
+cross-attention heads (128 in SD1.x, 1300 in SDXL). A concept that never wins a head keeps
+an all-zero vector (listed in ``HeadRelevance.never_selected``). Heads are ordered as the
+official files order them (see :mod:`attnctl.tools.hrv_official`).
 
-All of this runs on the device with no per-call allocation, loop over tokens or sync:
-the probe buffers are allocated on a layer's first call of a generation and zeroed after
-their votes are taken.
+The votes are taken on the device with no loop over tokens or sync. With
+``probe_words="all"`` the probe buffers are allocated on a layer's first call of a
+generation and zeroed after their votes are taken; with ``"sample"`` each call gathers its
+drawn words' keys and a small (B, H, C) buffer.
 
 **Controllers.** :class:`OrderedWeakening` (MoRHF / LeRHF: scale every prompt token's
 probabilities by ``factor``, default -2, in the k most or least relevant heads of a
 concept) and :class:`ConceptAdjusting` (P[h, :, t] *= 2·HRV_desired[h] - HRV_undesired[h]
 for the words' token columns t, optionally clamping each HRV first). Both act on the
 conditional half only and give a (B, H, 1, N) prob_mult cached per layer and generation.
-:class:`ConceptStrengthening` rescales the edited word's map per head by HRV_c[h] inside a
-prompt-to-prompt edit: installed next to an attnctl.p2p edit, its factor is applied to the
-edited map in the target's token columns (the composition folds it into the edit's token
-map; see attnctl.diffusers.compose), so the target word attends through the heads that
-carry its concept.
+:class:`ConceptStrengthening` is given to a prompt-to-prompt edit (``strengthen=``): as
+the official P2P-HRV does, inside the word's replace window the target word's columns take
+the target's own map scaled per head by HRV_c[h] (from a start step on).
 """
 from __future__ import annotations
 
@@ -37,11 +40,13 @@ import json
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 from ..capture import Capture
 from ..diffusers.controller import AttentionCall, BatchLayout, Controller, DenoiseStep, Plan
 from ..diffusers.install import Generation, install, installation_of
+from .hrv_official import official_order
 from .words import query_words, record_prompt
 
 FORMAT = "attnctl-hrv/1"
@@ -57,16 +62,19 @@ class HeadRelevance:
     """Head relevance vectors of ``concepts`` over the cross-attention heads of a model.
 
     ``hrv``: (K, H_total) float32, row c is HRV_c (Σ_h = H_total unless never selected).
-    ``counts``: (H_total, K) votes (argmax wins summed over images, steps, prompts).
-    ``layers``: (layer name, heads) in the UNet's order; head i of the flat vector is
-    head ``i - offset`` of the layer whose range holds i.
+    ``counts``: (H_total, K) votes (argmax wins summed over images, steps, prompts); None
+    for vectors loaded from the official release (it ships no votes).
+    ``layers``: (layer name, heads); head i of the flat vector is head ``i - offset`` of
+    the layer whose range holds i. A built HRV lists the layers in the official HRV order
+    (down, mid, up; forward order within each), so flat head i is head i of the official
+    files (see :mod:`attnctl.tools.hrv_official`).
     ``per_step``: (S, K, H_total) HRVs of each denoising step alone, when requested.
     """
 
     concepts: List[str]
     layers: List[Tuple[str, int]]
     hrv: torch.Tensor
-    counts: torch.Tensor
+    counts: Optional[torch.Tensor]
     model_id: str = ""
     words: Dict[str, List[str]] = field(default_factory=dict)
     per_step: Optional[torch.Tensor] = None
@@ -77,7 +85,8 @@ class HeadRelevance:
 
     @property
     def never_selected(self) -> List[str]:
-        return [c for c, total in zip(self.concepts, self.counts.sum(0).tolist()) if total == 0]
+        totals = self.hrv.sum(1) if self.counts is None else self.counts.sum(0)
+        return [c for c, total in zip(self.concepts, totals.tolist()) if total == 0]
 
     def index(self, concept: str) -> int:
         if not isinstance(concept, str) or concept not in self.concepts:
@@ -105,7 +114,10 @@ class HeadRelevance:
 
     def ranked_heads(self, concept: str, k: int, order: str = "most") -> torch.Tensor:
         """Flat indices of the k heads with the largest (``order="most"``) or smallest
-        (``"least"``) HRV_concept; ties broken by head index (stable)."""
+        (``"least"``) HRV_concept. Ties: the head with the smaller flat index (official
+        order: down, mid, up) comes first, for "most" and "least" alike (a stable sort; the
+        official top/bottom lists use numpy's unstable argsort, so their tie order is the
+        numpy build's)."""
         vec = self.vector(concept)
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_heads:
             raise ValueError(f"k: expected an integer in [1, {self.num_heads}] (the number of heads), got {k!r}")
@@ -124,8 +136,9 @@ class HeadRelevance:
         concept words, layers and model id in its metadata."""
         from safetensors.torch import save_file
 
-        tensors = {"hrv": self.hrv.detach().float().cpu().contiguous(),
-                   "counts": self.counts.detach().float().cpu().contiguous()}
+        tensors = {"hrv": self.hrv.detach().float().cpu().contiguous()}
+        if self.counts is not None:
+            tensors["counts"] = self.counts.detach().float().cpu().contiguous()
         if self.per_step is not None:
             tensors["per_step"] = self.per_step.detach().float().cpu().contiguous()
         meta = {"format": FORMAT, "concepts": json.dumps(self.concepts), "model_id": self.model_id,
@@ -143,8 +156,31 @@ class HeadRelevance:
                                  f"format {meta.get('format')!r} in {path}")
             tensors = {name: f.get_tensor(name) for name in f.keys()}
         return cls(json.loads(meta["concepts"]), [(n, int(h)) for n, h in json.loads(meta["layers"])],
-                   tensors["hrv"], tensors["counts"], meta.get("model_id", ""),
+                   tensors["hrv"], tensors.get("counts"), meta.get("model_id", ""),
                    json.loads(meta.get("words", "{}")), tensors.get("per_step"))
+
+    @classmethod
+    def load_official(cls, vectors: str, head_index: str, concepts: Union[str, Sequence[str]], *,
+                      unet=None) -> "HeadRelevance":
+        """Head relevance vectors released with the HRV paper: the paths of a
+        ``category_vectors_*.npy`` and its ``head_index_*.npy``, and the concept names (a
+        list, or the path of the official description CSV). Heads are matched by their
+        official names to the cross-attention layers of ``unet`` (a UNet or pipeline; by
+        default the published SD 1.x or SDXL architecture, chosen by the number of heads).
+        No votes ship with the files, so ``counts`` is None."""
+        from . import hrv_official
+
+        layers = (hrv_official.cross_attention_layers(unet) if unet is not None
+                  else hrv_official.published_layers(int(np.load(head_index).shape[0])))
+        names, hrv = hrv_official.read(vectors, head_index, concepts, layers)
+        return cls(names, layers, hrv, None, model_id=str(vectors))
+
+    def save_official(self, vectors: str, head_index: str) -> None:
+        """Write ``hrv`` as the official release does: (K, H) float32 vectors and the head
+        names, in the official head order (whatever this HRV's layer order)."""
+        from . import hrv_official
+
+        hrv_official.write(vectors, head_index, self.hrv, self.layers)
 
     def plot(self, path: str, *, title: Optional[str] = None) -> None:
         """PNG of the head × concept matrix (heads along x, layer boundaries marked)."""
@@ -198,10 +234,11 @@ def _concept_words(concepts: Concepts) -> Dict[str, List[str]]:
     return out
 
 
-def encode_words(pipe, words: Sequence[str]) -> Tuple[torch.Tensor, List[int]]:
+def encode_words(pipe, words: Sequence[str]) -> Tuple[torch.Tensor, List[int], torch.Tensor]:
     """Token embeddings of each word as the UNet sees text (the pipeline's encode_prompt,
-    bypassing attnctl's hook), keeping the word's own tokens: (1, C, dim) and the number of
-    tokens of each word."""
+    bypassing attnctl's hook), keeping the word's own tokens: (1, C, dim), the number of
+    tokens of each word, and the start-of-text token's embedding (dim,) (the same for every
+    text: CLIP's causal attention lets it see only itself)."""
     tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
     if tokenizer is None:
         raise TypeError(f"pipe: expected a pipeline with a tokenizer, got {type(pipe).__name__}")
@@ -219,7 +256,8 @@ def encode_words(pipe, words: Sequence[str]) -> Tuple[torch.Tensor, List[int]]:
                                               do_classifier_free_guidance=False)[0]
             rows.append(embeds[0, positions])
             sizes.append(len(positions))
-    return torch.cat(rows)[None], sizes
+            sot = embeds[0, 0]
+    return torch.cat(rows)[None], sizes, sot
 
 
 def layer_probe_keys(attn, embeds: torch.Tensor) -> torch.Tensor:
@@ -238,42 +276,54 @@ def layer_probe_keys(attn, embeds: torch.Tensor) -> torch.Tensor:
 
 
 class _LayerProbe:
-    __slots__ = ("keys", "capture", "pending")
+    __slots__ = ("keys", "capture", "avg", "pending")
 
     def __init__(self, keys: torch.Tensor):
-        self.keys = keys
+        self.keys = keys                    # (1, H, C, D): every probe token of the layer
         self.capture = Capture(probe_keys=keys)
+        self.avg: Optional[torch.Tensor] = None   # (C_call, K): this call's tokens -> concept means
         self.pending = False
+
+
+PROBE_WORDS = ("sample", "all")
 
 
 class HRVBuilder(Controller):
     """Controller that votes, per call, for each head's most attended concept.
 
     Use :func:`build_hrv`; or install it yourself, run generations, then ``result()``.
+    ``probe_words``, ``probe_sot``, ``seed``: see :func:`build_hrv`.
     """
 
-    def __init__(self, pipe, concepts: Concepts, *, per_step: bool = False, model_id: str = ""):
+    def __init__(self, pipe, concepts: Concepts, *, per_step: bool = False, model_id: str = "",
+                 probe_words: str = "sample", probe_sot: bool = True, seed: int = 0):
+        if probe_words not in PROBE_WORDS:
+            raise ValueError(f"probe_words: expected one of {PROBE_WORDS}, got {probe_words!r}")
         self.words = _concept_words(concepts)
         self.concepts = list(self.words)
         self.per_step = bool(per_step)
         self.model_id = model_id
+        self.probe_words, self.probe_sot = probe_words, bool(probe_sot)
+        self._generator = torch.Generator().manual_seed(int(seed))
         flat_words = [w for ws in self.words.values() for w in ws]
-        embeds, sizes = encode_words(pipe, flat_words)
-        # concept of every probe token, and the (C, K) matrix averaging each concept's tokens
-        owner = []
-        i = 0
-        for c, ws in enumerate(self.words.values()):
-            for _ in ws:
-                owner.extend([c] * sizes[i])
-                i += 1
-        C, K = len(owner), len(self.concepts)
-        avg = torch.zeros(C, K)
-        avg[torch.arange(C), torch.tensor(owner)] = 1.0
-        avg /= avg.sum(0, keepdim=True)
+        embeds, sizes, sot = encode_words(pipe, flat_words)
+        if self.probe_sot:       # probe token 0: the start-of-text token, in no concept
+            embeds = torch.cat([sot[None, None].to(embeds.dtype), embeds], 1)
+        # token range of every word in the probe set, grouped by concept
+        self._word_tokens: List[List[List[int]]] = []
+        first, word_sizes = int(self.probe_sot), iter(sizes)
+        for ws in self.words.values():
+            ranges = []
+            for size in (next(word_sizes) for _ in ws):
+                ranges.append(list(range(first, first + size)))
+                first += size
+            self._word_tokens.append(ranges)
+        self._all_tokens = list(range(first))
+        self._avg_all = self._averaging([[t for r in ranges for t in r] for ranges in self._word_tokens],
+                                        self._all_tokens)
         self.embeds = embeds
         self.unet = pipe.unet
         self._avg: Dict[torch.device, torch.Tensor] = {}
-        self._avg_cpu = avg
         self.layers: Dict[str, _LayerProbe] = {}
         self.layer_heads: Dict[str, int] = {}
         self.counts: Dict[str, torch.Tensor] = {}               # layer -> (H, K)
@@ -281,6 +331,42 @@ class HRVBuilder(Controller):
         self.layout: Optional[BatchLayout] = None
         self._pending_step = 0
         self._modules = dict(pipe.unet.named_modules())
+
+    @staticmethod
+    def _averaging(concept_tokens: List[List[int]], probe_tokens: List[int]) -> torch.Tensor:
+        """(C, K): column k averages concept k's tokens among ``probe_tokens`` (the SOT row,
+        when probed, is all zero: it enters the softmax but no concept's score)."""
+        row = {t: i for i, t in enumerate(probe_tokens)}
+        avg = torch.zeros(len(probe_tokens), len(concept_tokens))
+        for k, tokens in enumerate(concept_tokens):
+            avg[[row[t] for t in tokens], k] = 1.0 / len(tokens)
+        return avg
+
+    def sample_words(self) -> List[int]:
+        """One word index per concept (the official probe: a concept's word drawn per
+        cross-attention call), from the builder's seeded generator."""
+        counts = [len(ranges) for ranges in self._word_tokens]
+        if len(set(counts)) == 1:       # the official draw: randint(0, words, (concepts,))
+            return torch.randint(0, counts[0], (len(counts),), generator=self._generator).tolist()
+        return [int(torch.randint(0, n, (1,), generator=self._generator)) for n in counts]
+
+    def _call_probe(self, probe: _LayerProbe, call: AttentionCall) -> None:
+        """Point the layer's capture at this call's probe tokens and averaging."""
+        if self.probe_words == "all":
+            cap = probe.capture
+            if cap.probe_mass is None or cap.probe_mass.shape[0] != call.batch:
+                cap.probe_mass = torch.zeros(call.batch, call.heads, probe.keys.shape[2], device=call.device)
+            avg = self._avg.get(call.device)
+            if avg is None:
+                avg = self._avg[call.device] = self._avg_all.to(call.device)
+            probe.avg = avg
+            return
+        chosen = [ranges[i] for ranges, i in zip(self._word_tokens, self.sample_words())]
+        tokens = ([0] if self.probe_sot else []) + [t for r in chosen for t in r]
+        keys = probe.keys[:, :, torch.tensor(tokens, device=probe.keys.device)]
+        probe.capture = Capture(probe_keys=keys)
+        probe.capture.probe_mass = torch.zeros(call.batch, call.heads, len(tokens), device=call.device)
+        probe.avg = self._averaging(chosen, tokens).to(call.device)
 
     # ---- protocol ----------------------------------------------------------------------
     def on_generation_start(self, generation: Generation) -> None:
@@ -299,13 +385,11 @@ class HRVBuilder(Controller):
             keys = layer_probe_keys(self._modules[call.layer], self.embeds)
             probe = self.layers[call.layer] = _LayerProbe(keys.to(call.device, call.dtype))
             self.layer_heads[call.layer] = call.heads
-        cap = probe.capture
-        if cap.probe_mass is None or cap.probe_mass.shape[0] != call.batch:
-            cap.probe_mass = torch.zeros(call.batch, call.heads, probe.keys.shape[2], device=call.device)
+        self._call_probe(probe, call)
         if call.layout.rows == call.batch:
             self.layout = call.layout
         probe.pending = True
-        return Plan(capture=cap)
+        return Plan(capture=probe.capture)
 
     # ---- votes -------------------------------------------------------------------------
     def flush(self) -> None:
@@ -317,9 +401,7 @@ class HRVBuilder(Controller):
             probe.pending = False
             mass = probe.capture.probe_mass
             rows = layout.cond_rows if layout is not None and layout.rows == mass.shape[0] else range(mass.shape[0])
-            avg = self._avg.get(mass.device)
-            if avg is None:
-                avg = self._avg[mass.device] = self._avg_cpu.to(mass.device)
+            avg = probe.avg
             scores = mass[rows.start:rows.stop] @ avg                  # (images, H, K)
             votes = torch.nn.functional.one_hot(scores.argmax(-1), avg.shape[1]).sum(0)  # (H, K)
             self.counts[name] = self.counts.get(name, 0) + votes
@@ -345,16 +427,17 @@ class HRVBuilder(Controller):
                              normalise_counts(counts), counts, self.model_id, self.words, per_step)
 
     def _layer_order(self) -> List[str]:
+        """Layer names in the official HRV order (down, mid, up; forward order within)."""
         installation = installation_of(self.unet)
-        if installation is not None:
-            return installation.cross_layers
-        return list(self.counts)
+        names = installation.cross_layers if installation is not None else list(self.counts)
+        return [name for name, _ in official_order([(name, 0) for name in names])]
 
 
 def build_hrv(pipe, concepts: Concepts, prompts: Sequence[str], *, steps: int = 50,
               guidance_scale: float = 7.5, seed: int = 0, batch_size: int = 4, per_step: bool = False,
               height: Optional[int] = None, width: Optional[int] = None, model_id: Optional[str] = None,
-              backend: Optional[str] = None, **pipe_kwargs) -> HeadRelevance:
+              backend: Optional[str] = None, probe_words: str = "sample", probe_sot: bool = True,
+              **pipe_kwargs) -> HeadRelevance:
     """Run ``prompts`` through ``pipe`` (SD 1.x / 2.x / SDXL) and build the HRVs of ``concepts``.
 
     Args:
@@ -367,6 +450,14 @@ def build_hrv(pipe, concepts: Concepts, prompts: Sequence[str], *, steps: int = 
         per_step: also keep each denoising step's HRVs.
         model_id: recorded in the result (default: the pipeline's name_or_path).
         backend: attention backend ("auto": fused Triton kernel on CUDA).
+        probe_words: "sample" (official, head_relevance_calculation.py): at every
+            cross-attention call one word of each concept is drawn (uniformly, from a
+            generator seeded with ``seed``; one draw per call, shared by the images of a
+            batch) and the probe set holds the drawn words' tokens; "all": every word of
+            every concept is probed at once and a concept's score is the mean over all its
+            tokens.
+        probe_sot: include the start-of-text token in the probe softmax, as the official
+            code does (it keeps the first concept's SOT); it is in no concept's score.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -377,7 +468,8 @@ def build_hrv(pipe, concepts: Concepts, prompts: Sequence[str], *, steps: int = 
         raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
     if model_id is None:
         model_id = str(getattr(getattr(pipe, "config", None), "_name_or_path", "") or "")
-    builder = HRVBuilder(pipe, concepts, per_step=per_step, model_id=model_id)
+    builder = HRVBuilder(pipe, concepts, per_step=per_step, model_id=model_id, probe_words=probe_words,
+                         probe_sot=probe_sot, seed=seed)
     owns = installation_of(pipe) is None
     installation = install(pipe, backend=backend)
     installation.add(builder)
@@ -437,16 +529,9 @@ class _HeadTokenController(Controller):
         return Plan(prob_mult=pm)
 
     def _build(self, call: AttentionCall) -> torch.Tensor:
-        where = self._offsets.get(call.layer)
-        if where is None:
-            raise ValueError(f"hrv: layer {call.layer} is not in this HRV (built for "
-                             f"{self.hrv.model_id or 'another model'} with {len(self.hrv.layers)} layers)")
-        start, heads = where
-        if heads != call.heads:
-            raise ValueError(f"hrv: layer {call.layer} has {call.heads} heads, the HRV expects {heads}")
+        factor = _layer_slice(self.hrv, self._offsets, self._head_factor, call.layer, call.heads)
         if self._columns is None:
             raise RuntimeError(f"{type(self).__name__}: no generation has started (install it on a pipeline)")
-        factor = self._head_factor[start:start + heads].float()
         columns = torch.zeros(call.batch, call.keys)
         layout = call.layout
         for i, row in enumerate(layout.cond_rows):
@@ -479,16 +564,19 @@ class OrderedWeakening(_HeadTokenController):
 
 
 class ConceptAdjusting(_HeadTokenController):
-    """P[h, :, t] *= 2·HRV_desired[h] - HRV_undesired[h] at the token columns t of ``word``
-    (every sub-token; the first occurrence in each prompt), conditional half only.
+    """P[h, :, t] *= 2·HRV_desired[h] - HRV_undesired[h] at the token columns t of ``word``,
+    conditional half only (the official concept adjusting, reduce_misinterpretation*.ipynb).
 
-    ``clamp=(lo, hi)`` clamps each HRV before the combination (None: no clamp)."""
+    ``occurrence="all"`` (the official ``get_equalizer``): every occurrence of the word in
+    a prompt; an int picks one (0: the first).
+    ``clamp``: a number c is the official clamping (an upper bound: min(HRV, c) for both
+    vectors; the official notebooks use 9); a pair (lo, hi) clamps both ways (an attnctl
+    extension); None: no clamp (the official default)."""
 
     def __init__(self, hrv: HeadRelevance, word: str, desired: str, undesired: str, *,
-                 clamp: Optional[Tuple[float, float]] = None):
-        if clamp is not None and (len(clamp) != 2 or not clamp[0] <= clamp[1]):
-            raise ValueError(f"clamp: expected (lo, hi) with lo <= hi, or None, got {clamp!r}")
-        self.word, self.desired, self.undesired, self.clamp = word, desired, undesired, clamp
+                 clamp: Union[None, float, Tuple[float, float]] = None, occurrence: Union[str, int] = "all"):
+        self.word, self.desired, self.undesired = word, desired, undesired
+        self.clamp, self.occurrence = _clamp_bounds(clamp), _occurrence(occurrence)
         super().__init__(hrv)
 
     def head_factors(self) -> torch.Tensor:
@@ -498,40 +586,78 @@ class ConceptAdjusting(_HeadTokenController):
         return 2 * d - u
 
     def token_columns(self, prompt) -> List[int]:
-        return prompt.positions(self.word)
+        return _word_columns(prompt, self.word, self.occurrence)
 
 
-class ConceptStrengthening(_HeadTokenController):
-    """P[h, :, t] *= HRV_concept[h] at the token columns t of ``word`` (first occurrence) in
-    every conditional row whose prompt has the word; prompts without it are untouched.
-
-    Meant for prompt-to-prompt edits (install it with the edit, e.g.
-    ``attnctl.install(pipe, Replace(...), ConceptStrengthening(hrv, "dog", "animal"))``):
-    the edited target word's map, whether injected from the source or the target's own, is
-    rescaled by the concept's head relevance (mean 1 over heads, so the total is kept).
-    ``clamp=(lo, hi)`` clamps the HRV first."""
-
-    def __init__(self, hrv: HeadRelevance, word: str, concept: str, *,
-                 clamp: Optional[Tuple[float, float]] = None):
-        if clamp is not None and (len(clamp) != 2 or not clamp[0] <= clamp[1]):
-            raise ValueError(f"clamp: expected (lo, hi) with lo <= hi, or None, got {clamp!r}")
-        self.word, self.concept, self.clamp = word, concept, clamp
-        super().__init__(hrv)
-
-    def head_factors(self) -> torch.Tensor:
-        v = self.hrv.vector(self.concept)
-        return v.clamp(*self.clamp) if self.clamp is not None else v
-
-    def token_columns(self, prompt) -> List[int]:
-        texts = [text for text, _ in prompt.words]
-        return prompt.positions(self.word) if _contains(texts, query_words(self.word)) else []
-
-    def on_generation_start(self, generation: Generation) -> None:
-        super().on_generation_start(generation)
-        if not any(self._columns):
-            raise ValueError(f"ConceptStrengthening: word {self.word!r} is in none of the prompts "
-                             f"({', '.join(repr(p) for p in generation.prompts)})")
+def _clamp_bounds(clamp) -> Optional[Tuple[Optional[float], Optional[float]]]:
+    """None, an upper bound c (-> (None, c)) or a pair (lo, hi)."""
+    if clamp is None:
+        return None
+    if isinstance(clamp, (int, float)) and not isinstance(clamp, bool):
+        return None, float(clamp)
+    if (not isinstance(clamp, (tuple, list)) or len(clamp) != 2
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in clamp) or clamp[0] > clamp[1]):
+        raise ValueError(f"clamp: expected an upper bound (the official clamping value), a pair (lo, hi) with "
+                         f"lo <= hi, or None, got {clamp!r}")
+    return float(clamp[0]), float(clamp[1])
 
 
-def _contains(words: List[str], query: List[str]) -> bool:
-    return any(words[i:i + len(query)] == query for i in range(len(words) - len(query) + 1))
+def _occurrence(occurrence) -> Union[str, int]:
+    if occurrence == "all" or (isinstance(occurrence, int) and not isinstance(occurrence, bool) and occurrence >= 0):
+        return occurrence
+    raise ValueError(f"occurrence: expected 'all' or the index of one occurrence (0 = first), got {occurrence!r}")
+
+
+def _word_columns(prompt, word: str, occurrence: Union[str, int]) -> List[int]:
+    """Token columns of ``word`` in a recorded prompt: every occurrence, or one."""
+    if occurrence != "all":
+        return prompt.positions(word, occurrence)
+    prompt.positions(word)            # raises, naming the prompt, when the word is absent
+    query = query_words(word)
+    texts = [text for text, _ in prompt.words]
+    starts = [i for i in range(len(texts) - len(query) + 1) if texts[i:i + len(query)] == query]
+    return [p for i in starts for _, pos in prompt.words[i:i + len(query)] for p in pos]
+
+
+class ConceptStrengthening:
+    """The official P2P-HRV concept strengthening (SNU-DRL/HRV applications/p2p_hrv.py,
+    ``use_soft_vector``), given to a prompt-to-prompt edit:
+    ``Replace(cross_steps=.8, self_steps=.9, strengthen=ConceptStrengthening(hrv, "red", "Color"))``.
+
+    In a target's conditional cross-attention, from step ``start_step`` on (the official
+    ``token_restoration_start_step``, default 0), the edited map at the token columns of
+    ``word`` (every occurrence, in each target prompt that has it) is restored to the
+    target's own map scaled per head by HRV_concept[h], inside the word's replace window;
+    outside the window the target keeps its own map unscaled (the original's
+    R·α + P_tgt·(1 - α) with R's word columns = P_tgt·HRV). Before ``start_step`` the edit
+    is the plain edit. ``clamp`` (an upper bound or a pair (lo, hi)) clamps the HRV first:
+    an attnctl extension (the official uses the vector as it is)."""
+
+    def __init__(self, hrv: HeadRelevance, word: str, concept: str, *, start_step: int = 0,
+                 clamp: Union[None, float, Tuple[float, float]] = None):
+        if not isinstance(hrv, HeadRelevance):
+            raise TypeError(f"hrv: expected an attnctl HeadRelevance, got {type(hrv).__name__}")
+        if not isinstance(word, str) or not word.strip():
+            raise ValueError(f"word: expected a non-empty string, got {word!r}")
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+            raise ValueError(f"start_step: expected a non-negative int (a denoising step index), got {start_step!r}")
+        self.hrv, self.word, self.concept, self.start_step = hrv, word, concept, start_step
+        self.clamp = _clamp_bounds(clamp)
+        vector = hrv.vector(concept)
+        self._vector = vector.clamp(*self.clamp) if self.clamp is not None else vector
+        self._offsets = hrv.offsets()
+
+    def layer_factors(self, layer: str, heads: int) -> torch.Tensor:
+        """HRV_concept of the ``heads`` heads of ``layer``, (heads,)."""
+        return _layer_slice(self.hrv, self._offsets, self._vector, layer, heads)
+
+
+def _layer_slice(hrv: HeadRelevance, offsets, vector: torch.Tensor, layer: str, heads: int) -> torch.Tensor:
+    where = offsets.get(layer)
+    if where is None:
+        raise ValueError(f"hrv: layer {layer} is not in this HRV (built for "
+                         f"{hrv.model_id or 'another model'} with {len(hrv.layers)} layers)")
+    start, expected = where
+    if expected != heads:
+        raise ValueError(f"hrv: layer {layer} has {heads} heads, the HRV expects {expected}")
+    return vector[start:start + heads].float()

@@ -38,7 +38,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--per-step", action="store_true", help="also keep each step's HRVs")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the latents and of the probe's word draws")
+    p.add_argument("--probe-words", choices=("sample", "all"), default="sample",
+                   help="sample: one word per concept drawn at every call (official); all: every word at once")
+    p.add_argument("--no-probe-sot", action="store_true",
+                   help="leave the start-of-text token out of the probe softmax (the official keeps it)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default fp16 on CUDA, fp32 on CPU")
     p.add_argument("--backend", choices=BACKENDS, default="auto")
@@ -83,7 +87,8 @@ def main(args) -> int:
         size["width"] = args.width
     result = build_hrv(pipe, concepts, args.prompts, steps=steps, guidance_scale=args.guidance,
                        seed=args.seed, batch_size=args.batch_size, per_step=args.per_step,
-                       model_id=model_id, backend=args.backend, **size)
+                       model_id=model_id, backend=args.backend, probe_words=args.probe_words,
+                       probe_sot=not args.no_probe_sot, **size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result.save(str(out / "hrv.safetensors"))

@@ -8,8 +8,9 @@ on the conditional rows of the targets only, as the original code does:
 * cross-attention, in the steps of the word's window (``cross_steps``): the target's
   attention maps are replaced by the edited source maps R, mixed per word with α_t ∈ {0, 1}:
   ``P_new = R·α_t + P_tgt·(1 - α_t)``;
-* self-attention, in the ``self_steps`` window: ``P_tgt ← P_src``, at every layer (the
-  original keeps it to layers of ≤ 16² queries for memory; here nothing is materialised).
+* self-attention, in the ``self_steps`` window: ``P_tgt ← P_src``, at every layer by
+  default (the original keeps it to layers of ≤ 16² queries, for memory; here nothing is
+  materialised). ``self_max_queries=256`` replicates the original's cap exactly.
 
 Every edit R is linear in the source map, so P_new·V = P_src·(W·V) + P_tgt·(g·V) with a
 77×77 matrix W and a per-token factor g per target and step: the op's injection
@@ -23,7 +24,9 @@ two-source form, each term with its own normaliser). No (M, N) map is materialis
   (``after=``), or alone (then R = P_src·e, as the original does).
 
 Windows: a fraction f (= (0, f)), a pair (start, end) of fractions in [0, 1], and for
-``cross_steps`` also a dict {word: window} with a ``"default_"`` entry (per-word schedule).
+``cross_steps`` also a dict {word: window} with a ``"default_"`` entry (per-word schedule;
+a word found in only some targets sets its window in those targets, the others follow
+``"default_"``). Defaults: ``cross_steps=0.8``, ``self_steps=0.4`` (the original notebook's).
 They follow the original's step arithmetic: cross-attention uses steps
 [int(start·(S+1)), int(end·(S+1))), self-attention [int(start·S), int(end·S)), S the number
 of denoising steps (taken from the scheduler's ``num_inference_steps``, or ``num_steps=``).
@@ -39,6 +42,8 @@ from ..diffusers.controller import AttentionCall, BatchLayout, Controller, Denoi
 from .alignment import refinement_mapper
 
 Window = Union[float, Tuple[float, float]]
+DEFAULT_CROSS_STEPS = 0.8
+DEFAULT_SELF_STEPS = 0.4
 
 __all__ = ["Edit", "Replace", "Refine", "Reweight", "LocalBlend", "edit", "word_columns", "replacement_mapper"]
 
@@ -115,11 +120,34 @@ def replacement_mapper(tokenizer, source: str, target: str, length: int = 77) ->
 class Edit(Controller):
     """Base of the prompt-to-prompt controllers (see the module docstring)."""
 
-    def __init__(self, *, cross_steps: Union[Window, Mapping[str, Window]] = 0.8, self_steps: Window = 0.4,
-                 num_steps: Optional[int] = None, local_blend: Optional["LocalBlend"] = None):
+    def __init__(self, *, cross_steps: Union[Window, Mapping[str, Window], None] = None,
+                 self_steps: Optional[Window] = None, num_steps: Optional[int] = None,
+                 local_blend: Optional["LocalBlend"] = None, self_max_queries: Optional[int] = None,
+                 strengthen=None):
+        from .hrv import ConceptStrengthening
+
         if local_blend is not None and not isinstance(local_blend, LocalBlend):
             raise TypeError(f"local_blend: expected an attnctl.p2p.LocalBlend or None, got {type(local_blend).__name__}")
+        self.strengthen = ([] if strengthen is None else
+                           list(strengthen) if isinstance(strengthen, (list, tuple)) else [strengthen])
+        if not all(isinstance(x, ConceptStrengthening) for x in self.strengthen):
+            raise TypeError(f"strengthen: expected an attnctl ConceptStrengthening (or a list of them), got "
+                            f"{strengthen!r}")
+        if self.strengthen and local_blend is not None:
+            raise ValueError("strengthen: expected no local_blend with it (LocalBlend combines head-summed maps, "
+                             "concept strengthening rescales each head)")
+        if self_max_queries is not None and (isinstance(self_max_queries, bool) or not isinstance(self_max_queries, int)
+                                             or self_max_queries < 1):
+            raise ValueError(f"self_max_queries: expected a positive int (the original's cap is 16**2 = 256) or None, "
+                             f"got {self_max_queries!r}")
+        # Remembered so that a controller given as another's ``after=`` can refuse to have
+        # windows of its own (they would be ignored, as in the original).
+        self.windows_given = (cross_steps is not None or self_steps is not None or num_steps is not None
+                              or self_max_queries is not None or bool(self.strengthen))
+        cross_steps = DEFAULT_CROSS_STEPS if cross_steps is None else cross_steps
+        self_steps = DEFAULT_SELF_STEPS if self_steps is None else self_steps
         self.local_blend = local_blend
+        self.self_max_queries = self_max_queries
         if isinstance(cross_steps, Mapping):
             self.cross_windows = {str(w): _window(v, f"cross_steps[{w!r}]") for w, v in cross_steps.items()}
         else:
@@ -172,6 +200,13 @@ class Edit(Controller):
                 raise ValueError(f"cross_steps: {word!r} is not a word of any target prompt "
                                  f"({', '.join(repr(p) for p in prompts[1:])})")
             self._word_windows.append((cols, window))
+        self._strengthen_columns = []
+        for spec in self.strengthen:
+            cols = {t: _positions_or_empty(tokenizer, prompts[t], spec.word) for t in range(1, len(prompts))}
+            if not any(cols.values()):
+                raise ValueError(f"strengthen: word {spec.word!r} is in none of the target prompts "
+                                 f"({', '.join(repr(p) for p in prompts[1:])})")
+            self._strengthen_columns.append((spec, cols))
         for t in range(1, len(prompts)):
             self._terms_of(t, 77)
 
@@ -191,7 +226,7 @@ class Edit(Controller):
             raise RuntimeError(f"{type(self).__name__}: no generation has started (install it on a pipeline)")
         blend = self.local_blend is not None and call.is_cross and call.factor == self.local_blend.level
         key = (call.is_cross, call.step.index, call.batch, call.keys, call.device, call.layout, blend,
-               call.queries if blend else None)
+               call.queries if blend else None, call.layer if self.strengthen and call.is_cross else None)
         if key not in self._cache:
             if len(self._cache) > 64:
                 self._cache.clear()
@@ -237,16 +272,23 @@ class Edit(Controller):
             start, end = self.self_window
             if not int(start * steps) <= t < int(end * steps):
                 return None
+            if self.self_max_queries is not None and call.queries > self.self_max_queries:
+                return None     # the original's cap: larger layers keep the target's own attention
             for row, src, _ in rows:
                 source[row] = src
             return Plan(source=self._device_source(source, call.device))
         N = call.keys
+        # Rows that are not edited (uncond rows, the source's rows) inject their own P with
+        # W = I and no own term: P·(I·V) + 0 is bit-identical to the plain P·V.
         W = torch.eye(N).repeat(call.batch, 1, 1)
         own = torch.zeros(call.batch, 1, 1, N)
         active = False
         for row, src, prompt in rows:
             alpha = self._alpha(prompt, t, steps, N)
             if not alpha.any():
+                # A target outside every window of this step keeps its own attention: the own
+                # term alone (no injected term, W = 0), not P·V twice.
+                W[row] = 0.0
                 own[row, 0, 0] = 1.0
                 continue
             active = True
@@ -256,9 +298,32 @@ class Edit(Controller):
             source[row] = src
         if not active:
             return None
+        restoring = [spec for spec in self._strengthen_columns if t >= spec[0].start_step]
+        if restoring:
+            W, own = self._restore(call, rows, t, steps, W, own, restoring)
         own_rows = [row for row, _, _ in rows if own[row].any()]
         return Plan(source=self._device_source(source, call.device), value_map=W.to(call.device),
                     own_prob_mult=own.to(call.device) if own_rows else None)
+
+    def _restore(self, call: AttentionCall, rows, t: int, steps: int, W: torch.Tensor, own: torch.Tensor, specs):
+        """Concept strengthening (official P2P-HRV): at a restored word's columns c of a
+        target row the edited map α·R + (1 - α)·P_tgt becomes α·s_h·P_tgt + (1 - α)·P_tgt,
+        s the concept's HRV of head h: the injected columns are dropped where α = 1 and the
+        own term's factor is α·s_h + 1 - α. Per-head W (B, H, N, N) and own (B, H, 1, N)."""
+        H, N = call.heads, call.keys
+        W = W[:, None].repeat(1, H, 1, 1)
+        own = own.repeat(1, H, 1, 1)
+        for row, _, prompt in rows:
+            alpha = self._alpha(prompt, t, steps, N)
+            for spec, cols in specs:
+                c = [x for x in cols[prompt] if x < N]
+                if not c or not alpha[c].any():
+                    continue
+                a = alpha[c]
+                s = spec.layer_factors(call.layer, H)
+                W[row][..., c] *= 1.0 - a
+                own[row, :, 0, c] = a[None, :] * s[:, None] + (1.0 - a[None, :])
+        return W, own
 
     def _device_source(self, source: torch.Tensor, device) -> torch.Tensor:
         """One device tensor per distinct source map and device for the whole generation:
@@ -403,29 +468,42 @@ class Refine(Edit):
 
 class Reweight(Edit):
     """Equalizer: the attention of chosen words of the target prompts multiplied by a
-    factor ({word: factor}), after the edit ``after`` (a Replace or Refine, whose windows
-    are not used: this controller's are) or, alone, on the source's maps."""
+    factor, after the edit ``after`` (a Replace or Refine, whose role is only its token map,
+    as in the original: it must not be given windows, local_blend or num_steps of its own;
+    this controller's are used) or, alone, on the source's maps.
 
-    def __init__(self, weights: Mapping[str, float], *, after: Optional[Edit] = None, **windows):
+    ``weights``: {word: factor}, the same factor for every target, or {word: (f_1, ..., f_T)}
+    with one factor per target prompt (the original's ``get_equalizer(text, words, values)``
+    with one value per target). A word is looked up in each target prompt (every
+    occurrence)."""
+
+    def __init__(self, weights: Mapping[str, Union[float, Sequence[float]]], *, after: Optional[Edit] = None,
+                 **windows):
         super().__init__(**windows)
         if not isinstance(weights, Mapping) or not weights:
             raise ValueError(f"weights: expected a non-empty dict {{word: factor}}, got {weights!r}")
-        for word, factor in weights.items():
-            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor):
-                raise ValueError(f"weights[{word!r}]: expected a finite number, got {factor!r}")
+        self.weights = {str(w): _factors(f, f"weights[{w!r}]") for w, f in weights.items()}
         if after is not None and not isinstance(after, Edit):
             raise TypeError(f"after: expected a Replace, Refine or Reweight controller, got {type(after).__name__}")
-        self.weights = {str(w): float(f) for w, f in weights.items()}
+        if after is not None and (after.windows_given or after.local_blend is not None):
+            raise ValueError(f"after: expected a {type(after).__name__} without cross_steps, self_steps, num_steps, "
+                             "self_max_queries, strengthen or local_blend: only its token map is used (as in the "
+                             "original); give those to the Reweight")
         self.after = after
 
     def _start(self, prompts, tokenizer) -> None:
         if self.after is not None:
             self.after._start(prompts, tokenizer)
+        targets = len(prompts) - 1
         self._equalizers = {}
+        for word, factors in self.weights.items():
+            if len(factors) not in (1, targets):
+                raise ValueError(f"weights[{word!r}]: expected one factor or one per target prompt ({targets}), "
+                                 f"got {len(factors)}")
         for t in range(1, len(prompts)):
             e = torch.ones(77)
-            for word, factor in self.weights.items():
-                e[_word_positions(tokenizer, prompts[t], word, f"weights[{word!r}]")] = factor
+            for word, factors in self.weights.items():
+                e[_word_positions(tokenizer, prompts[t], word, f"weights[{word!r}]")] = factors[(t - 1) % len(factors)]
             self._equalizers[t] = e
         super()._start(prompts, tokenizer)
 
@@ -437,21 +515,64 @@ class Reweight(Edit):
         return W0 * e[None, :], g0 * e
 
 
+def _factors(value, name: str) -> Tuple[float, ...]:
+    values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    if not values or any(isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f)
+                         for f in values):
+        raise ValueError(f"{name}: expected a finite number or a non-empty list of them (one per target), "
+                         f"got {value!r}")
+    return tuple(float(f) for f in values)
+
+
 def edit(pipe, source: str, targets: Union[str, Sequence[str]], controller: Edit, *, backend: Optional[str] = None,
          **pipe_kwargs):
     """Generate ``source`` and the edited ``targets`` in one batch with ``controller``
-    installed; returns the pipeline's output (image 0 the source, then the targets)."""
-    from ..diffusers.install import install
+    installed; returns the pipeline's output (image 0 the source, then the targets).
+
+    attnctl is installed for this call only (an installation that was already there is
+    kept, with only ``controller`` removed at the end). A LocalBlend runs after every step,
+    before the user's own ``callback_on_step_end`` (which then sees the blended latents)."""
+    from ..diffusers.install import install, installation_of
 
     if not isinstance(controller, Edit):
         raise TypeError(f"controller: expected attnctl.p2p.Replace, Refine or Reweight, got {type(controller).__name__}")
     targets = [targets] if isinstance(targets, str) else list(targets)
     if not targets:
         raise ValueError("targets: expected at least one target prompt, got none")
-    if controller.local_blend is not None and "callback_on_step_end" not in pipe_kwargs:
-        pipe_kwargs["callback_on_step_end"] = controller.local_blend
+    if controller.local_blend is not None:
+        _add_blend_callback(controller.local_blend, pipe_kwargs)
+    owns = installation_of(pipe) is None
     installation = install(pipe, controller, backend=backend)
     try:
         return pipe([source] + targets, **pipe_kwargs)
     finally:
         installation.remove(controller)
+        if owns:
+            installation.uninstall()
+
+
+def _add_blend_callback(blend: LocalBlend, pipe_kwargs: dict) -> None:
+    """Make ``pipe_kwargs``' step callback run the blend, then the user's own callback."""
+    from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
+    user = pipe_kwargs.get("callback_on_step_end")
+    if isinstance(user, (PipelineCallback, MultiPipelineCallbacks)):
+        # The pipeline takes such a callback's tensor inputs from it; once chained into a
+        # plain function they must be passed explicitly.
+        pipe_kwargs["callback_on_step_end_tensor_inputs"] = list(dict.fromkeys(["latents", *user.tensor_inputs]))
+    inputs = pipe_kwargs.get("callback_on_step_end_tensor_inputs", ["latents"])
+    if "latents" not in inputs:
+        raise ValueError(f"callback_on_step_end_tensor_inputs: expected it to include 'latents' (the "
+                         f"LocalBlend blends them), got {inputs!r}")
+    pipe_kwargs["callback_on_step_end"] = blend if user is None or user is blend else _chain(blend, user)
+
+
+def _chain(blend: LocalBlend, user):
+    """One ``callback_on_step_end``: the blend, then the user's callback on its result."""
+    if not callable(user):
+        raise TypeError(f"callback_on_step_end: expected a callable, got {type(user).__name__}")
+
+    def callback(pipe, step_index, timestep, callback_kwargs):
+        return user(pipe, step_index, timestep, blend(pipe, step_index, timestep, callback_kwargs))
+
+    return callback
