@@ -4,9 +4,9 @@ what it learnt even when it is cut short. Run it through bench/gpu_session.sh.
 Order (most truth first): set-up and versions -> Triton correctness on the GPU (every op
 test module, fp16 and bf16), with the CUDA extension building in the background -> the
 CUDA extension's GPU tests -> headline kernel benchmark (fp16) -> SD1.5 UNet loop and
-prompt-to-prompt edit -> the remaining (diffusers-level) tests -> with time left: the bf16
-kernel benchmark and compute-sanitizer. ``--sdxl`` instead runs the SDXL 1024² edit and
-loop, a call of its own.
+prompt-to-prompt edit -> with time left: the bf16 kernel benchmark, compute-sanitizer, the
+remaining (diffusers-level) tests. ``--sdxl`` instead runs the SDXL 1024² edit and loop, a
+call of its own.
 
 Every step runs under a hard cap, the smaller of its own and what is left of the total
 budget; its output streams into a log in the output folder as it comes; the benchmarks
@@ -47,6 +47,7 @@ DRY_RUN_BUDGET_S = 240
 RESERVE_S = 15                  # kept back from every cap: stopping a step, writing the summary
 MIN_STEP_S = 10                 # a step that would get less is skipped
 INTERRUPT_GRACE_S = 8           # SIGINT first: pytest and the benchmarks then save what they have
+BUILD_JOBS = 6                  # nvcc jobs of the background CUDA build; pytest-xdist gets the other cores
 WHEEL_SITE = "/tmp/attnctl-site"  # the carried wheels (.whl/) install here on the GPU machine
 CUDA_BUILD_DIR = os.path.join("build", "gpu-session")
 SESSION_LOG, BUILD_LOG, SUMMARY = "session.log", "build.log", "summary.txt"
@@ -232,7 +233,7 @@ class Session:
             cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider",
                    f"--junitxml={junit}", *targets, *(extra or [])]
             if self.pytest_plugins["xdist"] and not self.dry_run:
-                cmd += ["-n", str(max(2, (os.cpu_count() or 2) - 4))]   # the CUDA build keeps 4 cores
+                cmd += ["-n", str(max(2, (os.cpu_count() or 2) - BUILD_JOBS))]
             if self.pytest_plugins["timeout"]:
                 cmd += [f"--timeout={int(max(5, min(per_test_s, cap - 5)))}"]
             collect_only = "--collect-only" in cmd
@@ -314,7 +315,10 @@ def bundle_unexpected(out: str, expected: set) -> List[str]:
             tar.add(os.path.join(out, name), arcname=name)
     for name in moved:
         path = os.path.join(out, name)
-        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
     return moved
 
 
@@ -326,11 +330,12 @@ def setup(s: Session) -> None:
     pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
            "--no-cache-dir"]
     wheels = sorted(glob.glob(os.path.join(ROOT, ".whl", "*.whl")))
-    if wheels:
-        target = tempfile.mkdtemp(prefix="attnctl-site-") if s.dry_run else WHEEL_SITE
-        s.run("wheels", pip + ["--upgrade", "--target", target, *wheels], 120)
-        if not s.dry_run:
-            s.env["PYTHONPATH"] = os.pathsep.join(filter(None, [WHEEL_SITE, s.env.get("PYTHONPATH")]))
+    if wheels and s.dry_run:   # the install is tried, the current environment used
+        with tempfile.TemporaryDirectory(prefix="attnctl-site-") as target:
+            s.run("wheels", pip + ["--upgrade", "--target", target, *wheels], 120)
+    elif wheels:
+        s.run("wheels", pip + ["--upgrade", "--target", WHEEL_SITE, *wheels], 120)
+        s.env["PYTHONPATH"] = os.pathsep.join(filter(None, [WHEEL_SITE, s.env.get("PYTHONPATH")]))
     elif not s.dry_run:
         s.skip("wheels", "no .whl/: bench/fetch_gpu_wheels.sh")
     install = pip + ["--no-build-isolation", *(["--dry-run"] if s.dry_run else []), "-e", "."]
@@ -354,7 +359,7 @@ def start_cuda_build(s: Session) -> Optional[Running]:
         return None
     cmd = [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", os.path.join(CUDA_BUILD_DIR, "lib"),
            "--build-temp", os.path.join(CUDA_BUILD_DIR, "tmp")]
-    env = dict(s.env, ATTNCTL_BUILD_CUDA="1", MAX_JOBS="4")
+    env = dict(s.env, ATTNCTL_BUILD_CUDA="1", MAX_JOBS=str(BUILD_JOBS))
     return s.launch("cuda-build", cmd, 300, log=BUILD_LOG, env=env)
 
 
@@ -371,21 +376,23 @@ def finish_cuda_build(s: Session, build: Optional[Running]) -> None:
         os.replace(target + ".new", target)
 
 
+GPU_STEPS = ("triton-tests", "cuda-build", "cuda-tests", "bench-fp16", "sd15", "bench-bf16", "sanitizer",
+             "other-tests")
+# Benchmarks (steps of their own here) and the CPU-heavy published-architecture builds
+# stay out of other-tests: CI runs them.
+OTHER_TESTS_ELSEWHERE = ["tests/test_benchmarks.py", "tests/test_p2p_bench.py", "tests/test_real_architectures.py"]
+
+
 def gpu_plan(s: Session) -> None:
     setup(s)
     if not s.passed("versions"):   # nothing below means anything without the package
-        for name in ("triton-tests", "cuda-build", "cuda-tests", "bench-fp16", "sd15",
-                     "other-tests", "bench-bf16", "sanitizer"):
+        for name in GPU_STEPS:
             s.skip(name, "set-up failed")
         return
     build = start_cuda_build(s)
     s.pytest("triton-tests", TRITON_TESTS, 200, per_test_s=120)
     finish_cuda_build(s, build)
-    if s.dry_run:
-        s.skip("cuda-tests", s.args.gpu_steps_skipped)
-    elif not s.passed("cuda-build"):
-        s.skip("cuda-tests", "cuda-build failed")
-    else:
+    if cuda_ready(s, "cuda-tests"):
         s.pytest("cuda-tests", CUDA_TESTS, 100, per_test_s=60, extra=["-k", f"not {SANITIZER_SELECTION}"])
     kernel_bench = ["--quick"] + (["--contender", "sdpa", "--contender", "triton+capture"] if s.dry_run else [])
     s.bench("bench-fp16", "kernels-fp16", kernel_bench + ["--dtype", "fp16"], 100)
@@ -393,19 +400,25 @@ def gpu_plan(s: Session) -> None:
                            if s.dry_run else [])
     s.bench("sd15", "sd15", ["--skip-kernels", "--e2e", "sd15-512", "--p2p", "sd15-512", "--steps", "20",
                              *pipeline_contenders], 150)
-    done = TRITON_TESTS + CUDA_TESTS + [THIS_TEST]
-    # Their fixtures build pipelines: minutes on a CPU even for one test each, so the dry run
-    # only collects them (CI runs them in full).
-    s.pytest("other-tests", ["tests", *(f"--ignore={m}" for m in done), *(["--collect-only"] if s.dry_run else [])],
-             120, per_test_s=90)
     s.bench("bench-bf16", "kernels-bf16", kernel_bench + ["--dtype", "bf16"], 60)
+    if cuda_ready(s, "sanitizer"):
+        s.pytest("sanitizer", ["tests/gpu/test_cuda_gpu.py"], 120, per_test_s=110, extra=["-k", SANITIZER_SELECTION])
+    # The diffusers-level tests build their pipelines on the CPU. On the GPU machine their
+    # Triton cases would need the interpreter (and it numpy < 2.4, which is not there), so the
+    # torch-backend cases run: the machine's torch, transformers and diffusers under the tools.
+    # Their fixtures take minutes on a CPU, so the dry run only collects them (CI runs them).
+    elsewhere = TRITON_TESTS + CUDA_TESTS + OTHER_TESTS_ELSEWHERE + [THIS_TEST]
+    selection = ["--collect-only"] if s.dry_run else ["-k", "not triton"]
+    s.pytest("other-tests", ["tests", *(f"--ignore={m}" for m in elsewhere), *selection], 120, per_test_s=90)
+
+
+def cuda_ready(s: Session, name: str) -> bool:
+    """Whether a step that runs the CUDA extension can run; if not, it is reported skipped."""
     if s.dry_run:
-        s.skip("sanitizer", s.args.gpu_steps_skipped)
+        s.skip(name, s.args.gpu_steps_skipped)
     elif not s.passed("cuda-build"):
-        s.skip("sanitizer", "cuda-build failed")
-    else:
-        s.pytest("sanitizer", ["tests/gpu/test_cuda_gpu.py"], 120, per_test_s=110,
-                 extra=["-k", SANITIZER_SELECTION])
+        s.skip(name, "cuda-build failed")
+    return not s.dry_run and s.passed("cuda-build")
 
 
 def sdxl_plan(s: Session) -> None:
@@ -497,7 +510,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.gpu_steps_skipped = "dry run" if gpu else "no GPU: dry run"
     if args.budget is None:
         env_budget = os.environ.get("GPU_SESSION_BUDGET_S")
-        args.budget = float(env_budget) if env_budget else (DRY_RUN_BUDGET_S if args.dry_run else GPU_BUDGET_S)
+        try:
+            args.budget = float(env_budget) if env_budget else (DRY_RUN_BUDGET_S if args.dry_run else GPU_BUDGET_S)
+        except ValueError:
+            p.error(f"GPU_SESSION_BUDGET_S: expected a number of seconds, got {env_budget!r}")
     if args.budget < RESERVE_S + MIN_STEP_S:
         p.error(f"--budget: expected at least {RESERVE_S + MIN_STEP_S} s, got {args.budget:g}")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -506,6 +522,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.error(f"--out: expected an empty or new folder (everything in it is returned), got {args.out} "
                 f"holding {len(os.listdir(args.out))} entries")
     s = Session(args, stamp)
+    # Stopped from outside: still stop the steps, bundle and write the summary.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         (sdxl_plan if args.sdxl else gpu_plan)(s)
     finally:

@@ -39,6 +39,8 @@ def _dry_run(out, *args):
         m = re.match(r"^(\S+)\s+(passed|failed|timeout|skipped \([^)]*\))\s+rc=", line)
         if m:
             steps[m.group(1)] = (m.group(2), line)
+    # Only where bench/fetch_gpu_wheels.sh has filled .whl/ (the dry run then tries their install).
+    assert steps.pop("wheels", ("passed",))[0] == "passed", summary
     return proc, summary, steps
 
 
