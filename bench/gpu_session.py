@@ -163,7 +163,8 @@ class Session:
         self.logs = {name: Log(os.path.join(self.out, name)) for name in (SESSION_LOG, BUILD_LOG)}
         self.results: List[str] = []   # benchmark JSON files written into the folder
         self.versions: dict = {}
-        self.tag = f"{'cpu-dryrun' if self.dry_run else 'gpu'}-{stamp}"
+        self.stamp = stamp
+        self.tag = f"{'cpu-dryrun' if self.dry_run else 'gpu'}-{stamp}"   # names the result files
         self.env = dict(os.environ, PYTHONUNBUFFERED="1")
         if self.dry_run:
             self.env["TRITON_INTERPRET"] = "1"
@@ -351,6 +352,8 @@ def setup(s: Session) -> None:
         except (OSError, ValueError):
             pass
     os.remove(report)
+    if not s.dry_run and s.versions.get("device"):   # "NVIDIA H100 80GB HBM3" -> nvidia-h100-80gb-hbm3
+        s.tag = f"{re.sub(r'[^a-z0-9]+', '-', s.versions['device'].lower()).strip('-')}-{s.stamp}"
 
 
 def start_cuda_build(s: Session) -> Optional[Running]:

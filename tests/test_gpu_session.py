@@ -161,3 +161,46 @@ def test_out_folder_must_be_empty(tmp_path, capsys):
     with pytest.raises(SystemExit):
         gs.main(["--dry-run", "--out", str(tmp_path)])
     assert "--out: expected an empty or new folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("build_ok", [True, False])
+def test_gpu_plan_order_and_the_built_module_installed_after_the_triton_tests(tmp_path, monkeypatch, build_ok):
+    """The GPU plan without a GPU: steps stubbed, the background build a stand-in process."""
+    monkeypatch.setattr(gs, "ROOT", str(tmp_path))
+    (tmp_path / "attnctl").mkdir()
+    s = _session(tmp_path, budget=120)
+    s.dry_run = False
+    lib = str(tmp_path / gs.CUDA_BUILD_DIR / "lib" / "attnctl")
+    build = (f"import os; os.makedirs({lib!r}); open(os.path.join({lib!r}, '_attnctl_cuda.so'), 'w').write('built')"
+             if build_ok else "raise SystemExit(1)")
+    monkeypatch.setattr(gs, "setup", lambda s: s.record(gs.Outcome("versions", "passed", 0)))
+    monkeypatch.setattr(gs, "start_cuda_build", lambda s: s.launch("cuda-build", [sys.executable, "-c", build], 30,
+                                                                   log=gs.BUILD_LOG))
+    calls = {}
+
+    def step(name, *args, extra=None, **kw):
+        module = tmp_path / "attnctl" / "_attnctl_cuda.so"
+        if name == "triton-tests":   # never a half-written module under the Triton tests
+            time.sleep(1)            # (the stand-in build is done by now)
+            assert not module.exists()
+        if name == "cuda-tests":     # in place before its tests
+            assert module.read_text() == "built"
+        calls[name] = (args[0], extra or [])   # pytest: (targets, extra); bench: (JSON name, [])
+        s.record(gs.Outcome(name, "passed", 0))
+
+    monkeypatch.setattr(s, "pytest", step)
+    monkeypatch.setattr(s, "bench", step)
+    gs.gpu_plan(s)
+    statuses = [(o.name, o.status) for o in s.outcomes]
+    cuda = "passed" if build_ok else "skipped (cuda-build failed)"
+    assert statuses == [("versions", "passed"), ("triton-tests", "passed"),
+                        ("cuda-build", "passed" if build_ok else "failed"), ("cuda-tests", cuda),
+                        ("bench-fp16", "passed"), ("sd15", "passed"), ("bench-bf16", "passed"),
+                        ("sanitizer", cuda), ("other-tests", "passed")]
+    assert calls["triton-tests"][0] == gs.TRITON_TESTS
+    other = calls["other-tests"][0]
+    assert other[-2:] == ["-k", "not triton"]
+    assert {f"--ignore={m}" for m in gs.TRITON_TESTS + gs.CUDA_TESTS + [gs.THIS_TEST]} <= set(other)
+    if build_ok:
+        assert calls["cuda-tests"] == (gs.CUDA_TESTS, ["-k", f"not {gs.SANITIZER_SELECTION}"])
+        assert calls["sanitizer"][1] == ["-k", gs.SANITIZER_SELECTION]
