@@ -51,6 +51,8 @@ BUILD_JOBS = 6                  # nvcc jobs of the background CUDA build; pytest
 WHEEL_SITE = "/tmp/attnctl-site"  # the carried wheels (.whl/) install here on the GPU machine
 CUDA_BUILD_DIR = os.path.join("build", "gpu-session")
 SESSION_LOG, BUILD_LOG, SUMMARY = "session.log", "build.log", "summary.txt"
+PIPELINE_PACKAGES = ("diffusers", "transformers")   # without them only the pipelines' steps fail
+PIPELINES_MISSING, VERSIONS_FATAL = 1, 2   # the versions step's exit codes (see report_versions)
 EXTRAS = "extras.tar.gz"
 
 # Test modules by step; the rest of tests/ runs as "other-tests".
@@ -325,9 +327,10 @@ def bundle_unexpected(out: str, expected: set) -> List[str]:
 
 # ---- the steps ----
 
-def setup(s: Session) -> None:
+def setup(s: Session) -> bool:
     """Carried wheels (diffusers) and the package as installed (attnctl.kernels too), then
-    versions. The dry run asks pip what it would do and uses the current environment."""
+    versions; False if no other step can mean anything (see report_versions). The dry run
+    asks pip what it would do and uses the current environment."""
     pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
            "--no-cache-dir"]
     wheels = sorted(glob.glob(os.path.join(ROOT, ".whl", "*.whl")))
@@ -349,11 +352,12 @@ def setup(s: Session) -> None:
         try:
             with open(report) as f:
                 s.versions = json.load(f)
-        except (OSError, ValueError):
+        except (OSError, ValueError):   # the step crashed: its failure is in the summary
             pass
     os.remove(report)
     if not s.dry_run and s.versions.get("device"):   # "NVIDIA H100 80GB HBM3" -> nvidia-h100-80gb-hbm3
         s.tag = f"{re.sub(r'[^a-z0-9]+', '-', s.versions['device'].lower()).strip('-')}-{s.stamp}"
+    return outcome is not None and outcome.rc in (0, PIPELINES_MISSING)
 
 
 def start_cuda_build(s: Session) -> Optional[Running]:
@@ -387,8 +391,7 @@ OTHER_TESTS_ELSEWHERE = ["tests/test_benchmarks.py", "tests/test_p2p_bench.py", 
 
 
 def gpu_plan(s: Session) -> None:
-    setup(s)
-    if not s.passed("versions"):   # nothing below means anything without the package
+    if not setup(s):   # nothing below means anything
         for name in GPU_STEPS:
             s.skip(name, "set-up failed")
         return
@@ -426,8 +429,7 @@ def cuda_ready(s: Session, name: str) -> bool:
 
 def sdxl_plan(s: Session) -> None:
     """SDXL 1024² (a 2.6B-parameter UNet built on the CPU first): a device call of its own."""
-    setup(s)
-    if not s.passed("versions"):
+    if not setup(s):
         for name in ("sdxl-p2p", "sdxl-e2e"):
             s.skip(name, "set-up failed")
         return
@@ -440,10 +442,11 @@ def sdxl_plan(s: Session) -> None:
 # ---- versions (run as a child: it imports torch) ----
 
 def report_versions(path: str, expect_gpu: bool) -> int:
-    """Write the versions that matter to ``path`` and print them; non-zero if the package is
-    not importable as installed (attnctl.kernels too), diffusers is missing, or a GPU was
-    expected and torch sees none."""
-    problems = []
+    """Write the versions that matter to ``path`` and print them. Exit code VERSIONS_FATAL if
+    nothing can run: the package not importable as installed (attnctl.kernels too) or from
+    elsewhere, or a GPU expected and torch seeing none; 1 if only the pipelines' packages
+    (diffusers, transformers) are missing: the op tests still run, the rest fails on its own."""
+    problems, fatal = [], False
     found: dict = {"python": sys.version.split()[0]}
     for name in ("torch", "triton", "numpy", "diffusers", "transformers", "attnctl", "attnctl.kernels"):
         try:
@@ -451,17 +454,20 @@ def report_versions(path: str, expect_gpu: bool) -> int:
         except Exception as exc:  # reported, and makes the step fail
             found[name] = None
             problems.append(f"{name} does not import: {type(exc).__name__}: {exc}")
+            fatal = fatal or name not in PIPELINE_PACKAGES
             continue
         # the package's own modules by file: they must be this checkout's
         found[name] = module.__file__ if name.startswith("attnctl") else module.__version__
         if name.startswith("attnctl") and not os.path.abspath(module.__file__).startswith(ROOT + os.sep):
             problems.append(f"{name} imports from {module.__file__}, not from this checkout {ROOT}")
+            fatal = True
     if found.get("torch"):
         import torch
         found["torch_cuda"] = torch.version.cuda
         found["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         if expect_gpu and not torch.cuda.is_available():
             problems.append("a GPU was expected (nvidia-smi answered) but torch.cuda.is_available() is False")
+            fatal = True
     found["nvcc"] = _first_line(["nvcc", "--version"], last=True)
     found["driver"] = _first_line(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"])
     found["pytest_plugins"] = sorted(n for n in ("xdist", "pytest_timeout") if importlib.util.find_spec(n))
@@ -470,7 +476,7 @@ def report_versions(path: str, expect_gpu: bool) -> int:
     print(json.dumps(found, indent=1))
     for problem in problems:
         print(f"ERROR: {problem}")
-    return 1 if problems else 0
+    return VERSIONS_FATAL if fatal else (PIPELINES_MISSING if problems else 0)
 
 
 def _first_line(cmd: List[str], last: bool = False) -> Optional[str]:

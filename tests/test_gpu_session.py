@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "gpu_session.sh")
@@ -173,7 +174,7 @@ def test_gpu_plan_order_and_the_built_module_installed_after_the_triton_tests(tm
     lib = str(tmp_path / gs.CUDA_BUILD_DIR / "lib" / "attnctl")
     build = (f"import os; os.makedirs({lib!r}); open(os.path.join({lib!r}, '_attnctl_cuda.so'), 'w').write('built')"
              if build_ok else "raise SystemExit(1)")
-    monkeypatch.setattr(gs, "setup", lambda s: s.record(gs.Outcome("versions", "passed", 0)))
+    monkeypatch.setattr(gs, "setup", lambda s: s.record(gs.Outcome("versions", "passed", 0)) or True)
     monkeypatch.setattr(gs, "start_cuda_build", lambda s: s.launch("cuda-build", [sys.executable, "-c", build], 30,
                                                                    log=gs.BUILD_LOG))
     calls = {}
@@ -204,3 +205,13 @@ def test_gpu_plan_order_and_the_built_module_installed_after_the_triton_tests(tm
     if build_ok:
         assert calls["cuda-tests"] == (gs.CUDA_TESTS, ["-k", f"not {gs.SANITIZER_SELECTION}"])
         assert calls["sanitizer"][1] == ["-k", gs.SANITIZER_SELECTION]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there")
+def test_versions_report_a_missing_gpu_as_fatal(tmp_path, capsys):
+    path = tmp_path / "v.json"
+    assert gs.report_versions(str(path), expect_gpu=True) == gs.VERSIONS_FATAL
+    found = json.loads(path.read_text())
+    assert found["attnctl.kernels"].startswith(os.path.join(ROOT, "kernels")) and found["device"] == "cpu"
+    assert "ERROR: a GPU was expected" in capsys.readouterr().out
+    assert gs.report_versions(str(path), expect_gpu=False) == 0
