@@ -147,7 +147,7 @@ def _newest_with(results: List[dict], key: str) -> List[dict]:
 
 def _source(result: dict) -> str:
     env = result["environment"]
-    cut = ", cut short: the rows it measured" if result.get("complete") is False else ""
+    cut = "; the run was cut short: only the rows it measured" if result.get("complete") is False else ""
     return (f"{env['device_name']}, torch {env['torch']}, triton {env['triton']}, {env['date']} "
             f"(`{result['_file']}`{cut})")
 
