@@ -146,3 +146,32 @@ def test_attnctl_bench_command_runs_the_triton_kernel_on_a_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert rows and all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
+
+
+def test_json_holds_every_row_as_soon_as_it_is_measured(tmp_path, monkeypatch):
+    """A run cut short (a device call's time limit) leaves valid JSON with the rows it measured,
+    marked incomplete, and the README table says so."""
+    from attnctl.benchmarks import runner
+
+    measured = []
+    record = runner._record
+
+    def cut_after_first_group(*args):
+        if len(measured) == 2:   # the first shape's two contenders are done
+            assert len(json.loads(out.read_text())["rows"]) == 2
+            raise KeyboardInterrupt
+        measured.append(record(*args))
+        return measured[-1]
+
+    out = tmp_path / "r.json"
+    monkeypatch.setattr(runner, "_record", cut_after_first_group)
+    args = _parse(["--json", str(out), "--contender", "sdpa", "--contender", "materialised+capture"])
+    with pytest.raises(KeyboardInterrupt):
+        args.func(args)
+    result = json.loads(out.read_text())
+    assert result["complete"] is False and [r["contender"] for r in result["rows"]] == ["sdpa", "materialised+capture"]
+    assert not list(tmp_path.glob("*.partial"))
+    result["environment"].update(device="cuda", device_name="NVIDIA H100 80GB HBM3")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "cut.json").write_text(json.dumps(result))
+    assert "cut short" in report.readme_table(str(tmp_path / "results"))

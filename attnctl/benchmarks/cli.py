@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
+from typing import List, Tuple
 
 import torch
 
-from . import contenders, e2e, p2p_edit, report, runner, shapes
+from . import contenders, e2e, p2p_edit, report, runner, shapes, timing
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -60,51 +61,67 @@ def main(args: argparse.Namespace) -> int:
     if not todo:
         raise SystemExit("attnctl bench: no shape matches --model/--kind/--batch")
     chosen = contenders.select(args.contender, device)
+    # Saved after every measured group or record: a run cut short keeps what it measured.
+    result = report.ResultFile(args.json, runner.environment(device))
 
     def progress(group):
         print(report.format_table(group), flush=True)
+        result.add("rows", group)
 
-    if args.skip_kernels:
-        result = {"environment": runner.environment(device), "ceilings": {}, "rows": []}
-    else:
-        result = runner.run(todo, dtypes, chosen, device, progress=progress)
-    if result["ceilings"]:
-        c = result["ceilings"]
+    if not args.skip_kernels:
+        result.set("ceilings", timing.measure_ceilings(device))
+        runner.run(todo, dtypes, chosen, device, result.data["ceilings"], progress=progress)
+    if result.data["ceilings"]:
+        c = result.data["ceilings"]
         print(f"ceilings: copy {c['copy_gbps']:.0f} GB/s, bf16 matmul {c['bf16_matmul_tflops']:.0f} TFLOP/s")
     if args.e2e:
-        # On a CPU the tiny offline UNet stands in for the real architectures (smoke only).
-        models = args.e2e if device == "cuda" else ["tiny"]
-        steps = args.steps if device == "cuda" else 2
-        dtype = torch.float16 if device == "cuda" else torch.float32
-        result["e2e"] = []
-        for model in models:
-            result["e2e"] += e2e.run_e2e(model, args.e2e_contender or list(e2e.CONTENDERS),
-                                         steps=steps, dtype=dtype, device=device)
-        print(report.format_e2e_table(result["e2e"]))
+        result.set("e2e", [])
+        _run_e2e(args, device, result)
+        print(report.format_e2e_table(result.data["e2e"]))
     if args.p2p:
-        result["p2p"] = _run_p2p(args, device)
-        print(report.format_p2p_table(result["p2p"]))
+        result.set("p2p", [])
+        _run_p2p(args, device, result)
+        print(report.format_p2p_table(result.data["p2p"]))
+    result.finish()
     if args.json:
-        report.save(result, args.json)
         print(f"wrote {args.json}")
     if args.plot:
-        report.plot(result, args.plot)
+        report.plot(result.data, args.plot)
         print(f"wrote {args.plot}")
     return 0
 
 
-def _run_p2p(args: argparse.Namespace, device: str) -> list:
-    # On a CPU the tiny offline pipeline stands in for the real architectures (smoke only).
-    models = args.p2p if device == "cuda" else ["tiny"]
-    steps = args.steps if device == "cuda" else 2
-    dtype = torch.float16 if device == "cuda" else torch.float32
+def _pipeline_settings(models: List[str], args: argparse.Namespace, device: str) -> Tuple[List[str], int, torch.dtype]:
+    """Models, steps and dtype of the UNet loop and the p2p edit. On a CPU the tiny offline
+    model stands in for the real architectures (smoke only)."""
+    if device == "cuda":
+        return models, args.steps, torch.float16
+    return ["tiny"], 2, torch.float32
+
+
+def _run_e2e(args: argparse.Namespace, device: str, result: report.ResultFile) -> None:
+    models, steps, dtype = _pipeline_settings(args.e2e, args, device)
 
     def progress(rec):  # one line per contender, so a run cut short still shows what it measured
+        done = f"{rec['step_ms']:.1f} ms/step" if rec["status"] == "ok" else rec["status"]
+        print(f"e2e {rec['model']} {rec['contender']}: {done}", flush=True)
+        result.add("e2e", [rec])
+
+    for model in models:
+        e2e.run_e2e(model, args.e2e_contender or list(e2e.CONTENDERS), steps=steps, dtype=dtype,
+                    device=device, progress=progress)
+        result.save()  # the ratios to stock diffusers, added when a model's contenders are done
+
+
+def _run_p2p(args: argparse.Namespace, device: str, result: report.ResultFile) -> None:
+    models, steps, dtype = _pipeline_settings(args.p2p, args, device)
+
+    def progress(rec):
         done = f"{rec['median_ms']:.0f} ms" if rec["status"] == "ok" else rec["status"]
         print(f"p2p {rec['model']} {rec['contender']}: {done}", flush=True)
+        result.add("p2p", [rec])
 
-    rows = []
     for model in models:
-        rows += p2p_edit.run_p2p_edit(model, steps=steps, dtype=dtype, device=device,
-                                      contenders=args.p2p_contender, progress=progress)
-    return rows
+        p2p_edit.run_p2p_edit(model, steps=steps, dtype=dtype, device=device,
+                              contenders=args.p2p_contender, progress=progress)
+        result.save()  # the ratios and latent differences, added when a model's contenders are done

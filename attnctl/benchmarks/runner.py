@@ -11,7 +11,7 @@ import torch
 
 from .contenders import Contender, Inputs
 from .shapes import AttnShape
-from .timing import measure_ceilings, peak_memory_mb, time_call
+from .timing import peak_memory_mb, time_call
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 BASELINE = "sdpa"
@@ -69,8 +69,10 @@ def _record(shape: AttnShape, dtype_name: str, contender: Contender, inputs: Inp
 
 
 def run(shapes: Iterable[AttnShape], dtypes: Iterable[str], contenders: List[Contender],
-        device: str, progress=None) -> dict:
-    ceilings = measure_ceilings(device)
+        device: str, ceilings: dict, progress=None) -> List[dict]:
+    """One record per (shape, dtype, contender), judged against ``ceilings`` (see
+    timing.measure_ceilings). ``progress(group)`` gets the records of each (shape, dtype)
+    as soon as they are measured, so that a caller can show and save them before the end."""
     rows = []
     for shape in shapes:
         for dtype_name in dtypes:
@@ -83,7 +85,7 @@ def run(shapes: Iterable[AttnShape], dtypes: Iterable[str], contenders: List[Con
             del inputs
             if device == "cuda":
                 torch.cuda.empty_cache()
-    return {"environment": environment(device), "ceilings": ceilings, "rows": rows}
+    return rows
 
 
 def _add_ratios(group: List[dict]) -> None:
