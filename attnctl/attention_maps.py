@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 import torch
 
 from .capture import Capture, Tokens, as_token_tensor
-from .op import _in_q_order, _note, choose_backend
+from .op import _grad_unsupported, _in_q_order, _needs_grad, _note, choose_backend
 from .reference import attention_reference
 from .regions import Regions
 from .validation import check_capture, validate
@@ -51,7 +51,9 @@ def attention_with_maps(
     check_capture(Capture(maps=q.new_empty(B, M, token_tensor.shape[-1], dtype=torch.float32), tokens=token_tensor,
                           head_weights=head_weights),
                   B, H, M, k.shape[2], q.device, check_token_values=not compiling, name="attention_with_maps")
-    dispatch = choose_backend(backend, q, has_work=True, cuda_unsupported=("the maps output",))
+    dispatch = choose_backend(backend, q, has_work=True, needs_grad=_needs_grad(q, k, v, bias, prob_mult, None),
+                              cuda_unsupported=("the maps output",),
+                              grad_unsupported=_grad_unsupported(prob_mult, None, None, None))
     _note(dispatch)
     if dispatch.backend == "triton":
         from .autograd import differentiable_attention

@@ -146,6 +146,8 @@ def choose_backend(requested: str, q: torch.Tensor, has_work: bool, needs_grad: 
 
 def _note(dispatch: Dispatch) -> None:
     global _last_dispatch
+    if torch.compiler.is_compiling():
+        return  # a traced call (differentiable path) dispatches at trace time: no runtime record
     _last_dispatch = dispatch
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug("attnctl.attention -> %s (%s)", dispatch.backend, dispatch.reason)
