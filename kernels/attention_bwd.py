@@ -24,7 +24,7 @@ both kernels:
 import triton
 import triton.language as tl
 
-from .attention import _logits_log2, _numerator
+from .attention import _numerator
 
 
 @triton.jit
@@ -37,26 +37,24 @@ def _region_keep(region_q, lk_base, offs_n, mask_n, stride_lk_n, region_strength
 
 @triton.jit
 def _tile_gradients(
-    q, do, lse_log2, delta, k_base, v_base, bias_base, pm_base, lk_base, region_q, g_base, tok_base,
+    q, do, k, v, lse_log2, delta, bias_base, pm_base, lk_base, region_q, g_base, tok_base,
     offs_m, mask_m, offs_n, mask_n, T,
-    stride_kn, stride_kd, stride_vn, stride_vd, stride_bias_m, stride_bias_n,
-    stride_pm_m, stride_pm_n, stride_lk_n, stride_g_m, stride_g_t, stride_tok_t,
+    stride_bias_m, stride_bias_n, stride_pm_m, stride_pm_n, stride_lk_n, stride_g_m, stride_g_t, stride_tok_t,
     qk_scale_log2, region_strength,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_PROB_MULT: tl.constexpr, HAS_REGIONS: tl.constexpr,
     HAS_MAP_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """(P∘F, dS) of one (query block, key block) tile, both fp32."""
-    s = _logits_log2(q, k_base, bias_base, offs_m, mask_m, offs_n, mask_n,
-                     stride_kn, stride_kd, stride_bias_m, stride_bias_n, qk_scale_log2,
-                     D, BLOCK_D, HAS_BIAS, DOT_PRECISION)
-    # Rows past M (lse 0, logits 0) would give P = 1: zero them explicitly.
-    p = tl.where(mask_m[:, None], tl.exp2(s - lse_log2[:, None]), 0.0)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    v_t = tl.load(v_base + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
-                  mask=mask_n[None, :] & (offs_dv[:, None] < DV), other=0.0)
-    dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
+    """(P∘F, dS) of one (query block, key block) tile, both fp32; k (BLOCK_N, BLOCK_D) and
+    v (BLOCK_N, BLOCK_DV) are the key block's rows, already loaded by the caller."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+    if HAS_BIAS:
+        bias = tl.load(bias_base + offs_m[:, None] * stride_bias_m + offs_n[None, :] * stride_bias_n,
+                       mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        s += bias.to(tl.float32) * 1.4426950408889634
+    # Keys past N get P = 0; rows past M (lse 0, logits 0) would give P = 1: zero them too.
+    p = tl.where(mask_m[:, None] & mask_n[None, :], tl.exp2(s - lse_log2[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     pf = p
     if HAS_PROB_MULT or HAS_REGIONS:
         region_keep = 1.0
@@ -74,6 +72,28 @@ def _tile_gradients(
             dp += tl.where(offs_n[None, :] == col, g[:, None], 0.0)
     ds = p * (dp - delta[:, None])
     return pf, ds
+
+
+@triton.jit
+def _rows(base, offs, mask, stride_row, stride_col, COLS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """Rows ``offs`` of a (rows, COLS) matrix (q, dO, k or v of one head) as a tile, 0 outside."""
+    offs_c = tl.arange(0, BLOCK_COLS)
+    return tl.load(base + offs[:, None] * stride_row + offs_c[None, :] * stride_col,
+                   mask=mask[:, None] & (offs_c[None, :] < COLS), other=0.0)
+
+
+@triton.jit
+def _row_statistics(Lse, Delta, LabelsQ, b, h, H, M, offs_m, mask_m, stride_lse_b, stride_lse_h, stride_lse_m,
+                    stride_lq_b, stride_lq_m, HAS_REGIONS: tl.constexpr):
+    """Per query row: log2-domain LSE, Δ and the region label (-1 without regions)."""
+    lse = tl.load(Lse + b * stride_lse_b + h * stride_lse_h + offs_m * stride_lse_m, mask=mask_m, other=0.0)
+    # A fully masked row has L = -inf and logits -inf: a finite reference gives P = 0.
+    lse_log2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+    delta = tl.load(Delta + (b * H + h) * M + offs_m, mask=mask_m, other=0.0)
+    region_q = tl.full(offs_m.shape, -1, tl.int32)
+    if HAS_REGIONS:
+        region_q = tl.load(LabelsQ + b * stride_lq_b + offs_m * stride_lq_m, mask=mask_m, other=-1)
+    return lse_log2, delta, region_q
 
 
 @triton.jit
@@ -114,29 +134,23 @@ def attention_bwd_dkdv_kernel(
     g_base = GradHeadMaps + b * stride_g_b + h * stride_g_h
     tok_base = Tokens + b * stride_tok_b
 
+    k = _rows(k_base, offs_n, mask_n, stride_kn, stride_kd, D, BLOCK_D)
+    v = _rows(v_base, offs_n, mask_n, stride_vn, stride_vd, DV, BLOCK_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     for start_m in range(split * BLOCK_M, M, SPLITS * BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
-        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                    mask=mask_m[:, None] & (offs_d[None, :] < D), other=0.0)
-        do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
-                     + offs_dv[None, :] * stride_dod, mask=mask_m[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        lse = tl.load(Lse + b * stride_lse_b + h * stride_lse_h + offs_m * stride_lse_m, mask=mask_m, other=0.0)
-        # A fully masked row has L = -inf and logits -inf: a finite reference gives P = 0.
-        lse_log2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
-        delta = tl.load(Delta + (b * H + h) * M + offs_m, mask=mask_m, other=0.0)
-        region_q = offs_m
-        if HAS_REGIONS:
-            region_q = tl.load(LabelsQ + b * stride_lq_b + offs_m * stride_lq_m, mask=mask_m, other=-1)
+        q = _rows(Q + b * stride_qb + h * stride_qh, offs_m, mask_m, stride_qm, stride_qd, D, BLOCK_D)
+        do = _rows(DO + b * stride_dob + h * stride_doh, offs_m, mask_m, stride_dom, stride_dod, DV, BLOCK_DV)
+        lse_log2, delta, region_q = _row_statistics(
+            Lse, Delta, LabelsQ, b, h, H, M, offs_m, mask_m, stride_lse_b, stride_lse_h, stride_lse_m,
+            stride_lq_b, stride_lq_m, HAS_REGIONS)
         pf, ds = _tile_gradients(
-            q, do, lse_log2, delta, k_base, v_base, bias_base, pm_base, lk_base, region_q, g_base, tok_base,
+            q, do, k, v, lse_log2, delta, bias_base, pm_base, lk_base, region_q, g_base, tok_base,
             offs_m, mask_m, offs_n, mask_n, T,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_bias_m, stride_bias_n,
-            stride_pm_m, stride_pm_n, stride_lk_n, stride_g_m, stride_g_t, stride_tok_t,
-            qk_scale_log2, region_strength,
-            D, DV, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
+            stride_bias_m, stride_bias_n, stride_pm_m, stride_pm_n, stride_lk_n, stride_g_m, stride_g_t, stride_tok_t,
+            qk_scale_log2, region_strength, BLOCK_M, BLOCK_N,
             HAS_BIAS, HAS_PROB_MULT, HAS_REGIONS, HAS_MAP_GRAD, DOT_PRECISION)
         dv += tl.dot(tl.trans(pf.to(do.dtype)), do, input_precision=DOT_PRECISION)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
@@ -179,18 +193,11 @@ def attention_bwd_dq_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    q_mask = mask_m[:, None] & (offs_d[None, :] < D)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=q_mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
-                 mask=mask_m[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    lse = tl.load(Lse + b * stride_lse_b + h * stride_lse_h + offs_m * stride_lse_m, mask=mask_m, other=0.0)
-    lse_log2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
-    delta = tl.load(Delta + (b * H + h) * M + offs_m, mask=mask_m, other=0.0)
-    region_q = offs_m
-    if HAS_REGIONS:
-        region_q = tl.load(LabelsQ + b * stride_lq_b + offs_m * stride_lq_m, mask=mask_m, other=-1)
+    q = _rows(Q + b * stride_qb + h * stride_qh, offs_m, mask_m, stride_qm, stride_qd, D, BLOCK_D)
+    do = _rows(DO + b * stride_dob + h * stride_doh, offs_m, mask_m, stride_dom, stride_dod, DV, BLOCK_DV)
+    lse_log2, delta, region_q = _row_statistics(
+        Lse, Delta, LabelsQ, b, h, H, M, offs_m, mask_m, stride_lse_b, stride_lse_h, stride_lse_m,
+        stride_lq_b, stride_lq_m, HAS_REGIONS)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     bias_base = Bias + b * stride_bias_b + h * stride_bias_h
@@ -204,16 +211,14 @@ def attention_bwd_dq_kernel(
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
+        k = _rows(k_base, offs_n, mask_n, stride_kn, stride_kd, D, BLOCK_D)
+        v = _rows(v_base, offs_n, mask_n, stride_vn, stride_vd, DV, BLOCK_DV)
         _, ds = _tile_gradients(
-            q, do, lse_log2, delta, k_base, v_base, bias_base, pm_base, lk_base, region_q, g_base, tok_base,
+            q, do, k, v, lse_log2, delta, bias_base, pm_base, lk_base, region_q, g_base, tok_base,
             offs_m, mask_m, offs_n, mask_n, T,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_bias_m, stride_bias_n,
-            stride_pm_m, stride_pm_n, stride_lk_n, stride_g_m, stride_g_t, stride_tok_t,
-            qk_scale_log2, region_strength,
-            D, DV, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
+            stride_bias_m, stride_bias_n, stride_pm_m, stride_pm_n, stride_lk_n, stride_g_m, stride_g_t, stride_tok_t,
+            qk_scale_log2, region_strength, BLOCK_M, BLOCK_N,
             HAS_BIAS, HAS_PROB_MULT, HAS_REGIONS, HAS_MAP_GRAD, DOT_PRECISION)
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=mask_n[:, None] & (offs_d[None, :] < D), other=0.0)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
         if BIAS_GRAD:
             # Sum over a broadcast (size-1) query or key axis here; broadcast batch or head
@@ -228,4 +233,4 @@ def attention_bwd_dq_kernel(
                 tl.atomic_add(db_base + offs_m[:, None] * stride_db_m + offs_n[None, :] * stride_db_n, ds,
                               mask=mask_m[:, None] & mask_n[None, :])
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
-             (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+             (dq * scale).to(DQ.dtype.element_ty), mask=mask_m[:, None] & (offs_d[None, :] < D))

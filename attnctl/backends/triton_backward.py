@@ -2,7 +2,7 @@
 needs (row LSE, per-head maps at the token columns) and the backward kernels."""
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -33,16 +33,18 @@ def forward_for_backward(q, k, v, *, scale: float, bias: Optional[torch.Tensor],
     return SavedForward(out, capture.lse, head_maps)
 
 
-def backward_config(head_dim: int, value_dim: int, num_keys: int, elem_size: int) -> dict:
-    """Tiles of both backward kernels: 64 x 64 (or the whole key set up to 128 keys for
-    cross-attention), the same tile for dK/dV and dq so that one helper serves both."""
+def backward_configs(head_dim: int, value_dim: int, elem_size: int) -> Tuple[dict, dict]:
+    """Tiles of the (dK/dV, dq) kernels. Each holds a long block of the rows it accumulates
+    (128 keys for dK/dV, 128 queries for dq) and streams short blocks of 32 of the other
+    side, as FlashAttention-2's Triton backward does; the held block halves for each
+    doubling of the padded head dim past 64. Sized by ptxas's register report for sm_80 and
+    sm_90 (tests/compile_backward.py): 8 warps keep every control's tile without spills at
+    head dims up to 64."""
     block_d = _pow2_at_least_16(head_dim)
     block_dv = _pow2_at_least_16(value_dim)
-    block_n = _pow2_at_least_16(num_keys) if num_keys <= 128 else 64
-    block_m = 64 if max(block_d, block_dv) <= 128 and block_n <= 64 else 32
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-                num_warps=4 if block_m * block_n <= 64 * 64 else 8,
-                num_stages=2 if elem_size == 2 else 1)
+    held = 128 * 64 // max(64, block_d, block_dv)
+    common = dict(BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=8, num_stages=2 if elem_size == 2 else 1)
+    return dict(common, BLOCK_M=32, BLOCK_N=max(32, held)), dict(common, BLOCK_M=max(32, held), BLOCK_N=32)
 
 
 def query_splits(programs: int, query_blocks: int, target_programs: int = 264) -> int:
@@ -51,15 +53,20 @@ def query_splits(programs: int, query_blocks: int, target_programs: int = 264) -
     return max(1, min(query_blocks, triton.cdiv(target_programs, programs)))
 
 
-def attention_backward_triton(grad_out: torch.Tensor, grad_head_maps: Optional[torch.Tensor],
-                              q, k, v, saved: SavedForward, *, scale: float, bias: Optional[torch.Tensor],
-                              prob_mult: Optional[torch.Tensor], regions: Optional[Regions],
-                              tokens: Optional[torch.Tensor], bias_grad: bool):
-    """(dq, dk, dv, dbias or None) of the forward ``saved`` came from.
+class Launch(NamedTuple):
+    kernel: object
+    grid: tuple
+    args: list
+    meta: dict
 
-    ``grad_head_maps`` (B, H, M, T): the upstream of the per-head maps (None: only the
-    output is differentiated). dk, dv and dbias are accumulated in fp32 (atomics), then cast
-    to the inputs' dtypes; dbias has the bias's own (broadcast) shape."""
+
+def backward_launches(grad_out: torch.Tensor, grad_head_maps: Optional[torch.Tensor], q, k, v,
+                      saved: SavedForward, *, scale: float, bias: Optional[torch.Tensor],
+                      prob_mult: Optional[torch.Tensor], regions: Optional[Regions],
+                      tokens: Optional[torch.Tensor], bias_grad: bool):
+    """(launches, (dq, dk32, dv32, dbias32 or None)): the two kernel launches of the backward
+    and the buffers they write (dk, dv, dbias fp32, accumulated with atomics). Computes
+    Δ = rowsum(dO∘O) (+ Σ_t G·P at the token columns) first."""
     B, H, M, D = q.shape
     N, DV = k.shape[2], v.shape[3]
     delta = (grad_out.float() * saved.out.float()).sum(-1)
@@ -78,7 +85,7 @@ def attention_backward_triton(grad_out: torch.Tensor, grad_head_maps: Optional[t
     def ptr(t):  # absent operands get q: their loads are compiled out by the flags below
         return t if t is not None else q
 
-    cfg = backward_config(D, DV, N, q.element_size())
+    dkdv_cfg, dq_cfg = backward_configs(D, DV, q.element_size())
     common = [
         q, k, v, grad_out, saved.lse, delta, ptr(bias), ptr(prob_mult), ptr(labels_q), ptr(labels_k),
         ptr(grad_head_maps), ptr(token_cols),
@@ -95,20 +102,37 @@ def attention_backward_triton(grad_out: torch.Tensor, grad_head_maps: Optional[t
         HAS_REGIONS=regions is not None, HAS_MAP_GRAD=grad_head_maps is not None,
         # fp32 inputs must not be rounded to tf32 on tensor cores: the contract is fp32-exact.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        **cfg,
     )
-    key_blocks = triton.cdiv(N, cfg["BLOCK_N"])
-    query_blocks = triton.cdiv(M, cfg["BLOCK_M"])
-    splits = query_splits(key_blocks * B * H, query_blocks)
-    attention_bwd_dkdv_kernel[(key_blocks, B * H, splits)](
-        *common, dk, dv, *strides, *dk.stride(), *dv.stride(),
-        H, M, N, T, splits, scale * LOG2E, scale, region_strength, **meta)
-
+    key_blocks = triton.cdiv(N, dkdv_cfg["BLOCK_N"])
+    splits = query_splits(key_blocks * B * H, triton.cdiv(M, dkdv_cfg["BLOCK_M"]))
     db_strides = broadcast_strides(dbias, 4)
-    attention_bwd_dq_kernel[(query_blocks, B * H)](
-        *common, dq, ptr(dbias), *strides, *dq.stride(), *db_strides,
-        H, M, N, T, scale * LOG2E, scale, region_strength,
-        BIAS_GRAD=bias_grad, DBIAS_ROWS_SHARED=db_strides[2] == 0, DBIAS_COLS_SHARED=db_strides[3] == 0,
-        **meta)
+    launches = [
+        Launch(attention_bwd_dkdv_kernel, (key_blocks, B * H, splits),
+               [*common, dk, dv, *strides, *dk.stride(), *dv.stride(),
+                H, M, N, T, splits, scale * LOG2E, scale, region_strength], dict(meta, **dkdv_cfg)),
+        Launch(attention_bwd_dq_kernel, (triton.cdiv(M, dq_cfg["BLOCK_M"]), B * H),
+               [*common, dq, ptr(dbias), *strides, *dq.stride(), *db_strides,
+                H, M, N, T, scale * LOG2E, scale, region_strength],
+               dict(meta, BIAS_GRAD=bias_grad, DBIAS_ROWS_SHARED=db_strides[2] == 0,
+                    DBIAS_COLS_SHARED=db_strides[3] == 0, **dq_cfg)),
+    ]
+    return launches, (dq, dk, dv, dbias)
+
+
+def attention_backward_triton(grad_out: torch.Tensor, grad_head_maps: Optional[torch.Tensor],
+                              q, k, v, saved: SavedForward, *, scale: float, bias: Optional[torch.Tensor],
+                              prob_mult: Optional[torch.Tensor], regions: Optional[Regions],
+                              tokens: Optional[torch.Tensor], bias_grad: bool):
+    """(dq, dk, dv, dbias or None) of the forward ``saved`` came from.
+
+    ``grad_head_maps`` (B, H, M, T): the upstream of the per-head maps (None: only the
+    output is differentiated). dk, dv and dbias are accumulated in fp32 (atomics: the order
+    of additions, and so the last bits, may differ between runs), then cast to the inputs'
+    dtypes; dbias has the bias's own (broadcast) shape."""
+    launches, (dq, dk, dv, dbias) = backward_launches(
+        grad_out, grad_head_maps, q, k, v, saved, scale=scale, bias=bias, prob_mult=prob_mult,
+        regions=regions, tokens=tokens, bias_grad=bias_grad)
+    for launch in launches:
+        launch.kernel[launch.grid](*launch.args, **launch.meta)
     return (dq, dk.to(k.dtype), dv.to(v.dtype),
             dbias.to(bias.dtype) if dbias is not None else None)
