@@ -53,7 +53,7 @@ def attention_with_maps(
                   B, H, M, k.shape[2], q.device, check_token_values=not compiling, name="attention_with_maps")
     dispatch = choose_backend(backend, q, has_work=True, needs_grad=_needs_grad(q, k, v, bias, prob_mult, None),
                               cuda_unsupported=("the maps output",),
-                              grad_unsupported=_grad_unsupported(prob_mult, None, None, None))
+                              grad_unsupported=_grad_unsupported(prob_mult, None, None))
     _note(dispatch)
     if dispatch.backend == "triton":
         from .autograd import differentiable_attention

@@ -12,6 +12,12 @@ The differentiable Triton path is two torch.library ops, so torch.compile traces
 
 Differentiable: q, k, v and bias. prob_mult and the region labels are constants
 (a prob_mult that requires grad is refused by the op's dispatch).
+
+Injection and the two-source form (``source``, ``own``) are differentiated as the sum of
+single-source calls (:func:`differentiable_output`): each term its own softmax, LSE and Δ,
+the logit operands gathered at ``source`` (a (B, H, M, D) copy, never (M, N)), so the
+gather's backward adds the injected term's dq, dk, dbias into the source items. Without
+gradients the fused kernel still runs both terms in one pass.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ from typing import Optional, Tuple
 import torch
 
 from .backends._layout import empty_output
+from .injection import OwnTerm
 from .regions import Regions
 
 
@@ -111,3 +118,21 @@ def differentiable_attention(q, k, v, *, scale: float, bias: Optional[torch.Tens
         regions.labels_q if regions is not None else None, regions.labels_k if regions is not None else None,
         float(regions.strength) if regions is not None else 0.0, tokens)
     return out, head_maps
+
+
+def differentiable_output(q, k, v, *, scale: float, bias: Optional[torch.Tensor],
+                          prob_mult: Optional[torch.Tensor], regions: Optional[Regions],
+                          source: Optional[torch.Tensor] = None, own: Optional[OwnTerm] = None) -> torch.Tensor:
+    """The op's output on validated arguments, differentiable: one differentiable call, or
+    with injection ``source`` the call on item source[b]'s q, k and bias plus, for ``own``,
+    the call on item b's own logits and ``own.values`` (each term normalised by itself)."""
+    if source is None:
+        return differentiable_attention(q, k, v, scale=scale, bias=bias, prob_mult=prob_mult, regions=regions)[0]
+    index = source.long()
+    source_bias = bias[index] if bias is not None and bias.dim() == 4 and bias.shape[0] != 1 else bias
+    out = differentiable_attention(q[index], k[index], v, scale=scale, bias=source_bias, prob_mult=prob_mult,
+                                   regions=regions)[0]
+    if own is not None:
+        out = out + differentiable_attention(q, k, own.values, scale=scale, bias=bias, prob_mult=own.prob_mult,
+                                             regions=regions)[0]
+    return out

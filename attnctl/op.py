@@ -9,8 +9,8 @@ set, replaces "auto" by a fixed backend for every call):
 * CUDA tensors -> ``"triton"``; if Triton cannot be imported -> ``"torch"`` with a warning.
   Inputs that require grad run the differentiable Triton path (attnctl.autograd: the
   forward saves the row LSE, a Triton backward recomputes P per tile) unless the call has
-  something that path does not differentiate (captures, injection, a prob_mult requiring
-  grad): then ``"torch"`` with a warning. The CUDA C++ backend (``"cuda"``, no backward)
+  something that path does not differentiate (captures, a prob_mult requiring grad): then
+  ``"torch"`` with a warning. The CUDA C++ backend (``"cuda"``, no backward)
   is chosen only explicitly until GPU benchmarks show where it is faster.
 * CPU tensors -> ``"torch"``, the reference.
 
@@ -164,11 +164,12 @@ def _run(q, k, v, scale, bias, prob_mult, capture, backend, regions=None, source
     unsupported = tuple(name for name, used in (("regions", regions is not None),
                                                 ("capture.probe_keys", probes)) if used)
     dispatch = choose_backend(backend, q, has_work, needs_grad, cuda_unsupported=unsupported,
-                              grad_unsupported=_grad_unsupported(prob_mult, capture, source, own))
+                              grad_unsupported=_grad_unsupported(prob_mult, capture, own))
     _note(dispatch)
     if dispatch.backend == "triton" and needs_grad:
-        from .autograd import differentiable_attention
-        return differentiable_attention(q, k, v, scale=scale, bias=bias, prob_mult=prob_mult, regions=regions)[0]
+        from .autograd import differentiable_output
+        return _in_q_order(differentiable_output(q, k, v, scale=scale, bias=bias, prob_mult=prob_mult,
+                                                 regions=regions, source=source, own=own), q)
     if dispatch.backend == "triton":
         from .backends.triton_backend import attention_triton
         return attention_triton(q, k, v, scale=scale, bias=bias, prob_mult=prob_mult, capture=capture,
@@ -190,12 +191,13 @@ def _needs_grad(q, k, v, bias, prob_mult, own) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in operands)
 
 
-def _grad_unsupported(prob_mult, capture, source, own) -> Tuple[str, ...]:
+def _grad_unsupported(prob_mult, capture, own) -> Tuple[str, ...]:
     """What the differentiable Triton path (attnctl.autograd) does not cover in this call."""
     return tuple(name for name, used in (
         ("capture", capture is not None and not capture.empty),
-        ("source", source is not None), ("own", own is not None),
-        ("prob_mult requiring grad", prob_mult is not None and prob_mult.requires_grad)) if used)
+        ("prob_mult requiring grad", prob_mult is not None and prob_mult.requires_grad),
+        ("own.prob_mult requiring grad", own is not None and own.prob_mult is not None
+         and own.prob_mult.requires_grad)) if used)
 
 
 def _in_q_order(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

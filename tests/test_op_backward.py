@@ -267,3 +267,42 @@ def test_compiled_forward_and_backward_fullgraph():
     compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
     for name, got, ref in zip(("dq", "dk", "dv", "dbias"), grads(compiled), grads(loss)):
         compare(name, got, ref)
+
+
+# ---- injection and the two-source form ----------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("two_source", [False, True], ids=["injection", "two-source"])
+def test_injection_and_two_source_gradients(dtype, two_source):
+    """O_b = (P_src[b]·f)·V_b (+ (P_b·f_own)·V_own_b): dq, dk and dbias of an item gather the
+    injected term of every item that takes its P, each term differentiated with its own
+    normaliser."""
+    B, H, M, N, D = 3, 2, 21, 77, 16
+    q, k, v = make_qkv(B, H, M, N, D, dtype=dtype)
+    own_v = make_qkv(B, H, M, N, D, dtype=dtype)[2]
+    source = torch.tensor([0, 0, 1], device=DEVICE)
+    bias = make_operand("b1mn", B, H, M, N, dtype=dtype)
+    pm = make_operand("1h1n", B, H, M, N, kind="signed", dtype=dtype)
+    own_pm = make_operand("bh1n", B, H, M, N, kind="mult", dtype=dtype)
+    regions = Regions(torch.randint(-1, 2, (1, M)), torch.randint(-1, 2, (B, N)), 0.6)
+    d_out = torch.randn(B, H, M, D).to(DEVICE)
+
+    def grads(compute):
+        wide = compute == torch.float64
+        leaves = _leaves(*(t.double() if wide else t for t in (q, k, v, own_v, bias)))
+        qq, kk, vv, ov, bb = leaves
+        own = attnctl.OwnTerm(ov, own_pm) if two_source else None
+        if compute is None:
+            out = attnctl.attention(qq, kk, vv, scale=0.3, bias=bb, prob_mult=pm, regions=regions, source=source,
+                                    own=own, backend="triton")
+            assert "differentiable Triton path" in attnctl.last_dispatch().reason
+        else:
+            out = attention_reference(qq, kk, vv, scale=0.3, bias=bb, prob_mult=pm, regions=regions, source=source,
+                                      own=own, compute_dtype=compute)
+        return _grads([out], [d_out], leaves if two_source else leaves[:3] + leaves[4:])
+
+    got, oracle = grads(None), grads(torch.float64)
+    low = grads(dtype) if dtype in LOW else [None] * len(got)
+    names = ["dq", "dk", "dv"] + (["d own.values"] if two_source else []) + ["dbias"]
+    for name, g, ref, ref_low in zip(names, got, oracle, low):
+        compare(name, g, ref, ref_low, dtype)
