@@ -306,3 +306,19 @@ def test_injection_and_two_source_gradients(dtype, two_source):
     names = ["dq", "dk", "dv"] + (["d own.values"] if two_source else []) + ["dbias"]
     for name, g, ref, ref_low in zip(names, got, oracle, low):
         compare(name, g, ref, ref_low, dtype)
+
+
+# ---- benchmark contenders -----------------------------------------------------------------
+
+def test_backward_contenders_agree():
+    """The forward+backward contenders compute the same gradients (fp32, a small shape)."""
+    from attnctl.benchmarks.contenders import CONTENDERS, Inputs
+    from attnctl.benchmarks.shapes import AttnShape
+    x = Inputs.make(AttnShape("tiny", "4x4", "cross", 1, 2, 16, 12, 16), torch.float32, DEVICE)
+    torch.manual_seed(5)
+    triton_grads = CONTENDERS["triton+maps+backward"].build(x)()
+    torch.manual_seed(5)  # the same upstream gradients
+    materialised_grads = CONTENDERS["materialised+maps+backward"].build(x)()
+    for name, got, ref in zip(("dq", "dk", "dv"), triton_grads, materialised_grads):
+        compare(name, got, ref)
+    assert [g.shape for g in CONTENDERS["sdpa+backward"].build(x)()] == [x.q.shape, x.k.shape, x.v.shape]
