@@ -97,6 +97,16 @@ def _row_statistics(Lse, Delta, LabelsQ, b, h, H, M, offs_m, mask_m, stride_lse_
 
 
 @triton.jit
+def _head_bases(K, V, Bias, ProbMult, LabelsK, GradHeadMaps, Tokens, b, h, stride_kb, stride_kh, stride_vb, stride_vh,
+                stride_bias_b, stride_bias_h, stride_pm_b, stride_pm_h, stride_lk_b, stride_g_b, stride_g_h,
+                stride_tok_b):
+    """Base addresses of (batch b, head h) in the operands both kernels read per tile."""
+    return (K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh,
+            Bias + b * stride_bias_b + h * stride_bias_h, ProbMult + b * stride_pm_b + h * stride_pm_h,
+            LabelsK + b * stride_lk_b, GradHeadMaps + b * stride_g_b + h * stride_g_h, Tokens + b * stride_tok_b)
+
+
+@triton.jit
 def attention_bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, Bias, ProbMult, LabelsQ, LabelsK, GradHeadMaps, Tokens, DK, DV_,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -126,13 +136,9 @@ def attention_bwd_dkdv_kernel(
     mask_n = offs_n < N
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    bias_base = Bias + b * stride_bias_b + h * stride_bias_h
-    pm_base = ProbMult + b * stride_pm_b + h * stride_pm_h
-    lk_base = LabelsK + b * stride_lk_b
-    g_base = GradHeadMaps + b * stride_g_b + h * stride_g_h
-    tok_base = Tokens + b * stride_tok_b
+    k_base, v_base, bias_base, pm_base, lk_base, g_base, tok_base = _head_bases(
+        K, V, Bias, ProbMult, LabelsK, GradHeadMaps, Tokens, b, h, stride_kb, stride_kh, stride_vb, stride_vh,
+        stride_bias_b, stride_bias_h, stride_pm_b, stride_pm_h, stride_lk_b, stride_g_b, stride_g_h, stride_tok_b)
 
     k = _rows(k_base, offs_n, mask_n, stride_kn, stride_kd, D, BLOCK_D)
     v = _rows(v_base, offs_n, mask_n, stride_vn, stride_vd, DV, BLOCK_DV)
@@ -198,13 +204,9 @@ def attention_bwd_dq_kernel(
     lse_log2, delta, region_q = _row_statistics(
         Lse, Delta, LabelsQ, b, h, H, M, offs_m, mask_m, stride_lse_b, stride_lse_h, stride_lse_m,
         stride_lq_b, stride_lq_m, HAS_REGIONS)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    bias_base = Bias + b * stride_bias_b + h * stride_bias_h
-    pm_base = ProbMult + b * stride_pm_b + h * stride_pm_h
-    lk_base = LabelsK + b * stride_lk_b
-    g_base = GradHeadMaps + b * stride_g_b + h * stride_g_h
-    tok_base = Tokens + b * stride_tok_b
+    k_base, v_base, bias_base, pm_base, lk_base, g_base, tok_base = _head_bases(
+        K, V, Bias, ProbMult, LabelsK, GradHeadMaps, Tokens, b, h, stride_kb, stride_kh, stride_vb, stride_vh,
+        stride_bias_b, stride_bias_h, stride_pm_b, stride_pm_h, stride_lk_b, stride_g_b, stride_g_h, stride_tok_b)
     db_base = DBias + b * stride_db_b + h * stride_db_h
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
