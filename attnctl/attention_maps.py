@@ -10,6 +10,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .autograd import differentiable_attention
 from .capture import Capture, Tokens, as_token_tensor
 from .op import _grad_unsupported, _in_q_order, _needs_grad, _note, choose_backend
 from .reference import attention_reference
@@ -56,7 +57,6 @@ def attention_with_maps(
                               grad_unsupported=_grad_unsupported(prob_mult, None, None))
     _note(dispatch)
     if dispatch.backend == "triton":
-        from .autograd import differentiable_attention
         out, head_maps = differentiable_attention(q, k, v, scale=scale, bias=bias, prob_mult=prob_mult,
                                                   regions=regions, tokens=token_tensor)
     else:

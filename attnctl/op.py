@@ -26,6 +26,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .autograd import differentiable_output
 from .backends._layout import empty_output
 from .capture import BUFFER_FIELDS, Capture
 from .injection import OwnTerm
@@ -167,7 +168,6 @@ def _run(q, k, v, scale, bias, prob_mult, capture, backend, regions=None, source
                               grad_unsupported=_grad_unsupported(prob_mult, capture, own))
     _note(dispatch)
     if dispatch.backend == "triton" and needs_grad:
-        from .autograd import differentiable_output
         return _in_q_order(differentiable_output(q, k, v, scale=scale, bias=bias, prob_mult=prob_mult,
                                                  regions=regions, source=source, own=own), q)
     if dispatch.backend == "triton":

@@ -108,7 +108,7 @@ def _head_bases(K, V, Bias, ProbMult, LabelsK, GradHeadMaps, Tokens, b, h, strid
 
 @triton.jit
 def attention_bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, Bias, ProbMult, LabelsQ, LabelsK, GradHeadMaps, Tokens, DK, DV_,
+    Q, K, V, DO, Lse, Delta, Bias, ProbMult, LabelsQ, LabelsK, GradHeadMaps, Tokens, GradK, GradV,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -162,16 +162,16 @@ def attention_bwd_dkdv_kernel(
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
 
     mask_nd = mask_n[:, None] & (offs_d[None, :] < D)
-    tl.atomic_add(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+    tl.atomic_add(GradK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
                   dk * scale, mask=mask_nd)
     mask_ndv = mask_n[:, None] & (offs_dv[None, :] < DV)
-    tl.atomic_add(DV_ + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn
+    tl.atomic_add(GradV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn
                   + offs_dv[None, :] * stride_dvd, dv, mask=mask_ndv)
 
 
 @triton.jit
 def attention_bwd_dq_kernel(
-    Q, K, V, DO, Lse, Delta, Bias, ProbMult, LabelsQ, LabelsK, GradHeadMaps, Tokens, DQ, DBias,
+    Q, K, V, DO, Lse, Delta, Bias, ProbMult, LabelsQ, LabelsK, GradHeadMaps, Tokens, GradQ, GradBias,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -207,7 +207,7 @@ def attention_bwd_dq_kernel(
     k_base, v_base, bias_base, pm_base, lk_base, g_base, tok_base = _head_bases(
         K, V, Bias, ProbMult, LabelsK, GradHeadMaps, Tokens, b, h, stride_kb, stride_kh, stride_vb, stride_vh,
         stride_bias_b, stride_bias_h, stride_pm_b, stride_pm_h, stride_lk_b, stride_g_b, stride_g_h, stride_tok_b)
-    db_base = DBias + b * stride_db_b + h * stride_db_h
+    db_base = GradBias + b * stride_db_b + h * stride_db_h
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, N, BLOCK_N):
@@ -234,5 +234,5 @@ def attention_bwd_dq_kernel(
             else:
                 tl.atomic_add(db_base + offs_m[:, None] * stride_db_m + offs_n[None, :] * stride_db_n, ds,
                               mask=mask_m[:, None] & mask_n[None, :])
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
-             (dq * scale).to(DQ.dtype.element_ty), mask=mask_m[:, None] & (offs_d[None, :] < D))
+    tl.store(GradQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+             (dq * scale).to(GradQ.dtype.element_ty), mask=mask_m[:, None] & (offs_d[None, :] < D))

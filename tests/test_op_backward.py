@@ -245,11 +245,19 @@ def test_differentiable_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.attnctl.attention_differentiable.default,
                           (q, k, v, 0.25, bias, None, None, None, 0.0, tokens),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    with torch.no_grad():
+        out, lse, head_maps = torch.ops.attnctl.attention_differentiable(q, k, v, 0.25, bias, None, None, None, 0.0,
+                                                                         tokens)
+    torch.library.opcheck(torch.ops.attnctl.attention_differentiable_backward.default,
+                          (torch.randn_like(out), torch.randn_like(head_maps), q.detach(), k.detach(), v.detach(),
+                           out, lse, head_maps, 0.25, bias.detach(), None, None, None, 0.0, tokens, True),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
-def test_compiled_forward_and_backward_fullgraph():
-    """torch.compile (aot_eager, fullgraph) through attention and attention_with_maps on the
-    Triton backend, backward included, gives eager's gradients."""
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compiled_forward_and_backward_fullgraph(compiler):
+    """torch.compile (fullgraph) through attention and attention_with_maps on the Triton
+    backend, backward included, gives eager's gradients."""
     B, H, M, N, D = 1, 2, 17, 20, 16
     q, k, v = make_qkv(B, H, M, N, D, layout="bmhd")
     bias = make_operand("b1mn", B, H, M, N)
@@ -264,7 +272,7 @@ def test_compiled_forward_and_backward_fullgraph():
         leaves = _leaves(q, k, v, bias)
         return torch.autograd.grad(fn(*leaves), leaves)
 
-    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(loss, backend=compiler, fullgraph=True)
     for name, got, ref in zip(("dq", "dk", "dv", "dbias"), grads(compiled), grads(loss)):
         compare(name, got, ref)
 
