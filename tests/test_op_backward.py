@@ -169,7 +169,8 @@ def test_regions_gradients_over_several_key_blocks():
     B, H, M, N, D = 2, 1, 29, 150, 16
     q, k, v = make_qkv(B, H, M, N, D)
     gen = torch.Generator().manual_seed(3)
-    regions = Regions(torch.randint(-1, 3, (B, M), generator=gen), torch.randint(-1, 3, (1, N), generator=gen), 0.8)
+    regions = Regions(torch.randint(-1, 3, (B, M), generator=gen).to(DEVICE),
+                      torch.randint(-1, 3, (1, N), generator=gen).to(DEVICE), 0.8)
     check_gradients(q, k, v, regions=regions, prob_mult=make_operand("1hmn", B, H, M, N, kind="mult"),
                     tokens=make_tokens("1d", B, N, 2))
 
@@ -225,7 +226,7 @@ def test_attention_with_maps_auto_on_cpu_runs_the_reference():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(tokens=[9]), r"attention_with_maps.tokens: expected indices in \[0, 8\)"),
-    (dict(tokens=[1], head_weights=torch.ones(3)), r"attention_with_maps.head_weights: expected shape \(2,\)"),
+    (dict(tokens=[1], head_weights=torch.ones(3, device=DEVICE)), r"attention_with_maps.head_weights: expected shape \(2,\)"),
     (dict(tokens=[1.5]), "tokens: expected integer indices"),
     (dict(tokens=[1], backend="cuda"), "the CUDA backend does not support the maps output"),
 ])
@@ -292,7 +293,7 @@ def test_injection_and_two_source_gradients(dtype, two_source):
     bias = make_operand("b1mn", B, H, M, N, dtype=dtype)
     pm = make_operand("1h1n", B, H, M, N, kind="signed", dtype=dtype)
     own_pm = make_operand("bh1n", B, H, M, N, kind="mult", dtype=dtype)
-    regions = Regions(torch.randint(-1, 2, (1, M)), torch.randint(-1, 2, (B, N)), 0.6)
+    regions = Regions(torch.randint(-1, 2, (1, M)).to(DEVICE), torch.randint(-1, 2, (B, N)).to(DEVICE), 0.6)
     d_out = torch.randn(B, H, M, D).to(DEVICE)
 
     def grads(compute):
