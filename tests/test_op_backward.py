@@ -189,6 +189,28 @@ def test_attention_op_gradients_output_only():
                     through=("out",), api="op")
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_random_cases(seed):
+    """Shapes, broadcast forms, controls and upstreams drawn at random (seeded)."""
+    import random
+    rng = random.Random(seed)
+    B, H, M, N = rng.randint(1, 2), rng.randint(1, 3), rng.randint(1, 90), rng.choice([1, 7, 77, 130])
+    D = rng.choice([16, 40, 80])
+    q, k, v = make_qkv(B, H, M, N, D, layout=rng.choice(["contiguous", "bmhd", "strided"]))
+    forms = ["bhmn", "1hmn", "b1mn", "bh1n", "11mn", "111n", "n", "expanded"]
+    bias = make_operand(rng.choice(forms), B, H, M, N) if rng.random() < 0.7 else None
+    pm = make_operand(rng.choice(forms), B, H, M, N, kind="signed") if rng.random() < 0.5 else None
+    regions = None
+    if rng.random() < 0.4:
+        gen = torch.Generator().manual_seed(seed)
+        regions = Regions(torch.randint(-1, 3, (1, M), generator=gen).to(DEVICE),
+                          torch.randint(-1, 3, (B, N), generator=gen).to(DEVICE), rng.uniform(0, 1))
+    through = rng.choice([("out",), ("maps",), ("out", "maps")])
+    check_gradients(q, k, v, bias=bias, prob_mult=pm, regions=regions, through=through,
+                    tokens=make_tokens(rng.choice(["1d", "2d"]), B, N, rng.randint(1, 4)),
+                    head_weights=make_head_weights(rng.choice([None, "h", "bh"]), B, H))
+
+
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 @pytest.mark.parametrize("shape", [(1, 2, 37, 77, 40), (1, 1, 33, 130, 16)], ids=lambda s: "x".join(map(str, s)))
 def test_low_precision_gradients(dtype, shape):
