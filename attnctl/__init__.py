@@ -2,6 +2,7 @@
 from .capture import Capture
 from .injection import OwnTerm
 from .op import BACKENDS, Dispatch, attention, last_dispatch, logit_max
+from .attention_maps import attention_with_maps
 from .reference import attention_reference
 from .regions import Regions
 from .diffusers import AttentionCall, Controller, Plan, install, uninstall
@@ -11,5 +12,5 @@ from . import p2p
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "attention_reference", "Capture", "Dispatch", "last_dispatch", "BACKENDS",
+__all__ = ["attention", "attention_with_maps", "attention_reference", "Capture", "Dispatch", "last_dispatch", "BACKENDS",
            "install", "uninstall", "logit_max", "Regions", "OwnTerm", "trace", "TraceMaps", "Controller", "Plan", "AttentionCall", "p2p"]

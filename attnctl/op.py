@@ -6,9 +6,12 @@ set, replaces "auto" by a fixed backend for every call):
 * no bias, no prob_mult, no capture -> ``"sdpa"`` (torch.nn.functional.scaled_dot_product_
   attention). For plain attention torch's FlashAttention/cuDNN kernels are the tuned path
   and attnctl has nothing to add; the fused kernel is used where it does work SDPA cannot.
-* CUDA tensors -> ``"triton"``; if Triton cannot be imported, or the inputs require grad
-  (the kernels have no backward), -> ``"torch"`` with a warning. The CUDA C++ backend
-  (``"cuda"``) is chosen only explicitly until GPU benchmarks show where it is faster.
+* CUDA tensors -> ``"triton"``; if Triton cannot be imported -> ``"torch"`` with a warning.
+  Inputs that require grad run the differentiable Triton path (attnctl.autograd: the
+  forward saves the row LSE, a Triton backward recomputes P per tile) unless the call has
+  something that path does not differentiate (captures, a prob_mult requiring grad): then
+  ``"torch"`` with a warning. The CUDA C++ backend (``"cuda"``, no backward)
+  is chosen only explicitly until GPU benchmarks show where it is faster.
 * CPU tensors -> ``"torch"``, the reference.
 
 ``last_dispatch()`` tells which backend ran last and why; the ``attnctl`` logger prints
@@ -23,6 +26,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .autograd import differentiable_output
 from .backends._layout import empty_output
 from .capture import BUFFER_FIELDS, Capture
 from .injection import OwnTerm
@@ -85,9 +89,11 @@ def _check_backend_name(name, source: str) -> None:
 
 
 def choose_backend(requested: str, q: torch.Tensor, has_work: bool, needs_grad: bool = False,
-                   cuda_unsupported: Tuple[str, ...] = ()) -> Dispatch:
+                   cuda_unsupported: Tuple[str, ...] = (), grad_unsupported: Tuple[str, ...] = ()) -> Dispatch:
     """``cuda_unsupported``: the features of this call the CUDA backend does not implement
-    (asking for 'cuda' with any of them is an error naming them)."""
+    (asking for 'cuda' with any of them is an error naming them). ``grad_unsupported``: the
+    features the Triton backward does not differentiate (with ``needs_grad``, 'triton' is
+    then an error naming them and 'auto' runs the reference)."""
     _check_backend_name(requested, "backend")
     source = "backend argument"
     if requested == "auto" and os.environ.get(ENV_BACKEND, "auto") != "auto":
@@ -111,9 +117,15 @@ def choose_backend(requested: str, q: torch.Tensor, has_work: bool, needs_grad: 
                              f"got q {q.dtype} on {q.device}")
     if requested == "triton":
         _require_triton(source, q)
-    if requested in ("triton", "cuda") and needs_grad:
-        raise NotImplementedError(f"{source}: the {requested} kernel has no backward; inputs require grad. "
-                                  "Use backend='torch', or run under torch.no_grad() for inference")
+    if requested == "cuda" and needs_grad:
+        raise NotImplementedError(f"{source}: the cuda kernel has no backward; inputs require grad. "
+                                  "Use backend='triton' or 'torch', or run under torch.no_grad() for inference")
+    if requested == "triton" and needs_grad and grad_unsupported:
+        raise NotImplementedError(f"{source}: the Triton backward does not support {', '.join(grad_unsupported)}; "
+                                  "inputs require grad. Use backend='torch', or run under torch.no_grad()")
+    if requested == "triton" and needs_grad:
+        return Dispatch("triton", f"requested by {source}; inputs require grad, so the differentiable Triton "
+                        "path runs (forward saves the row LSE, Triton backward)")
     if requested != "auto":
         return Dispatch(requested, f"requested by {source}")
 
@@ -121,17 +133,22 @@ def choose_backend(requested: str, q: torch.Tensor, has_work: bool, needs_grad: 
         return Dispatch("sdpa", "auto: no bias, prob_mult or capture, so torch SDPA runs plain attention")
     if not q.is_cuda:
         return Dispatch("torch", f"auto: tensors on {q.device}, so the PyTorch reference runs")
-    if needs_grad:
-        return Dispatch("torch", "auto: inputs require grad and only the reference has a backward; "
-                        "it materialises P (run under torch.no_grad() for the fused kernel)", True)
+    if needs_grad and grad_unsupported:
+        return Dispatch("torch", f"auto: inputs require grad and the Triton backward does not support "
+                        f"{', '.join(grad_unsupported)}; the reference materialises P", True)
     err = _triton_available()
     if err:
         return Dispatch("torch", f"auto: Triton unavailable ({err}); the reference materialises P", True)
+    if needs_grad:
+        return Dispatch("triton", "auto: CUDA tensors requiring grad with controls, so the differentiable "
+                        "Triton path runs (forward saves the row LSE, Triton backward)")
     return Dispatch("triton", "auto: CUDA tensors with controls or captures, so the fused Triton kernel runs")
 
 
 def _note(dispatch: Dispatch) -> None:
     global _last_dispatch
+    if torch.compiler.is_compiling():
+        return  # a traced call (differentiable path) dispatches at trace time: no runtime record
     _last_dispatch = dispatch
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug("attnctl.attention -> %s (%s)", dispatch.backend, dispatch.reason)
@@ -144,12 +161,15 @@ def _run(q, k, v, scale, bias, prob_mult, capture, backend, regions=None, source
     probes = capture is not None and capture.probe_keys is not None
     has_work = (bias is not None or prob_mult is not None or regions is not None or source is not None
                 or (capture is not None and not capture.empty))
-    needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (q, k, v) + ((own.values,) if own is not None else ()))
+    needs_grad = _needs_grad(q, k, v, bias, prob_mult, own)
     unsupported = tuple(name for name, used in (("regions", regions is not None),
                                                 ("capture.probe_keys", probes)) if used)
-    dispatch = choose_backend(backend, q, has_work, needs_grad, cuda_unsupported=unsupported)
+    dispatch = choose_backend(backend, q, has_work, needs_grad, cuda_unsupported=unsupported,
+                              grad_unsupported=_grad_unsupported(prob_mult, capture, own))
     _note(dispatch)
+    if dispatch.backend == "triton" and needs_grad:
+        return _in_q_order(differentiable_output(q, k, v, scale=scale, bias=bias, prob_mult=prob_mult,
+                                                 regions=regions, source=source, own=own), q)
     if dispatch.backend == "triton":
         from .backends.triton_backend import attention_triton
         return attention_triton(q, k, v, scale=scale, bias=bias, prob_mult=prob_mult, capture=capture,
@@ -164,6 +184,20 @@ def _run(q, k, v, scale, bias, prob_mult, capture, backend, regions=None, source
         out = attention_reference(q, k, v, scale=scale, bias=bias, prob_mult=prob_mult, capture=capture,
                                   regions=regions, source=source, own=own)
     return _in_q_order(out, q)
+
+
+def _needs_grad(q, k, v, bias, prob_mult, own) -> bool:
+    operands = (q, k, v, bias, prob_mult) + ((own.values,) if own is not None else ())
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in operands)
+
+
+def _grad_unsupported(prob_mult, capture, own) -> Tuple[str, ...]:
+    """What the differentiable Triton path (attnctl.autograd) does not cover in this call."""
+    return tuple(name for name, used in (
+        ("capture", capture is not None and not capture.empty),
+        ("prob_mult requiring grad", prob_mult is not None and prob_mult.requires_grad),
+        ("own.prob_mult requiring grad", own is not None and own.prob_mult is not None
+         and own.prob_mult.requires_grad)) if used)
 
 
 def _in_q_order(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -223,6 +257,10 @@ def attention(
     compiling = torch.compiler.is_compiling()
     scale = validate(q, k, v, scale, bias, prob_mult, capture, check_token_values=not compiling,
                      regions=regions, source=source, own=own)
+    if compiling and _needs_grad(q, k, v, bias, prob_mult, own):
+        # The mutating op attnctl::attention has no backward: trace the dispatch instead, to
+        # the differentiable op attnctl::attention_differentiable or the reference.
+        return _run(q, k, v, scale, bias, prob_mult, capture, backend, regions, source, own)
     if compiling:
         cap = capture if capture is not None else Capture()
         own_cap = own.capture if own is not None and own.capture is not None else Capture()

@@ -221,25 +221,33 @@ def test_output_layout_follows_q(backend):
     assert out.is_contiguous(), f"{backend}: contiguous q gave strides {out.stride()}"
 
 
-def test_triton_with_inputs_requiring_grad_raises():
+def test_triton_with_inputs_requiring_grad_runs_the_differentiable_path_or_names_what_it_lacks():
     q, k, v = make_qkv(1, 2, 8, 8, 16, layout="bmhd")
     q.requires_grad_(True)
-    with pytest.raises(NotImplementedError, match="no backward"):
-        attnctl.attention(q, k, v, bias=torch.zeros(1), backend="triton")
+    attnctl.attention(q, k, v, bias=torch.zeros(1), backend="triton")
+    assert "differentiable Triton path" in attnctl.last_dispatch().reason
+    with pytest.raises(NotImplementedError, match="Triton backward does not support capture"):
+        attnctl.attention(q, k, v, capture=lse_capture(q, k), backend="triton")
+    with pytest.raises(NotImplementedError, match="prob_mult requiring grad"):
+        attnctl.attention(q.detach(), k, v, prob_mult=torch.ones(1, requires_grad=True), backend="triton")
     with torch.no_grad():
-        attnctl.attention(q, k, v, bias=torch.zeros(1), backend="triton")
+        attnctl.attention(q, k, v, capture=lse_capture(q, k), backend="triton")
 
 
-def test_auto_with_grad_on_cuda_falls_back_to_the_reference_and_says_so(monkeypatch, caplog):
-    """A CUDA call whose inputs require grad cannot use the kernel (no backward): auto runs
-    the reference, marks the dispatch as a slow fallback, and logs a warning once."""
+def test_auto_with_grad_on_cuda_runs_triton_or_falls_back_to_the_reference_and_says_so(monkeypatch, caplog):
+    """A CUDA call whose inputs require grad runs the differentiable Triton path; with
+    something its backward does not cover (a capture), auto runs the reference, marks the
+    dispatch as a slow fallback, and logs a warning once."""
     monkeypatch.setattr(op_module, "_triton_import_error", "")
 
     class FakeCudaTensor:
         is_cuda = True
         device = "cuda:0"
     d = op_module.choose_backend("auto", FakeCudaTensor(), has_work=True, needs_grad=True)
-    assert d.backend == "torch" and d.slow_fallback and "require grad" in d.reason
+    assert d.backend == "triton" and not d.slow_fallback and "differentiable" in d.reason
+    d = op_module.choose_backend("auto", FakeCudaTensor(), has_work=True, needs_grad=True,
+                                 grad_unsupported=("capture",))
+    assert d.backend == "torch" and d.slow_fallback and "require grad" in d.reason and "capture" in d.reason
     assert op_module.choose_backend("auto", FakeCudaTensor(), has_work=True).backend == "triton"
     monkeypatch.setattr(op_module, "_warned", set())
     with caplog.at_level("WARNING", logger="attnctl"):

@@ -118,6 +118,48 @@ def _materialised_p2p(x: Inputs):
     return run
 
 
+def _backward_operands(x: Inputs):
+    """Leaf copies of q, k, v requiring grad, upstream gradients of the output and of the
+    maps at the columns an Attend-and-Excite step reads (the subject tokens of a prompt;
+    a subset of keys for self-attention), and those columns."""
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (x.q, x.k, x.v))
+    B, M = x.shape.B, x.shape.M
+    tokens = [2, 5] if x.shape.kind == "cross" else torch.linspace(
+        0, x.shape.N - 1, SELF_ATTENTION_CAPTURED_KEYS).long().tolist()
+    d_out = torch.randn_like(x.q)
+    d_maps = torch.randn(B, M, len(tokens), device=x.q.device)
+    return q, k, v, tokens, d_out, d_maps
+
+
+def _sdpa_backward(x: Inputs):
+    q, k, v, _, d_out, _ = _backward_operands(x)
+    return lambda: torch.autograd.grad(F.scaled_dot_product_attention(q, k, v), (q, k, v), d_out)
+
+
+def _triton_maps_backward(x: Inputs):
+    # Forward with differentiable maps, then dq, dk, dv through output and maps: no (M, N) tensor.
+    from attnctl.attention_maps import attention_with_maps
+    q, k, v, tokens, d_out, d_maps = _backward_operands(x)
+
+    def run():
+        out, maps = attention_with_maps(q, k, v, tokens, backend="triton")
+        return torch.autograd.grad((out, maps), (q, k, v), (d_out, d_maps))
+    return run
+
+
+def _materialised_maps_backward(x: Inputs):
+    # As Attend-and-Excite ports do: P explicit in the inputs' precision, maps read from it,
+    # autograd through softmax(QKᵀ) (it keeps P, and the backward builds dP and dS, all (M, N)).
+    q, k, v, tokens, d_out, d_maps = _backward_operands(x)
+    scale = x.q.shape[-1] ** -0.5
+
+    def run():
+        p = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, dim=-1)
+        maps = p[..., tokens].float().sum(dim=1)
+        return torch.autograd.grad((torch.matmul(p, v), maps), (q, k, v), (d_out, d_maps))
+    return run
+
+
 CONTENDERS: Dict[str, Contender] = {c.name: c for c in [
     Contender("sdpa", False, _sdpa(None)),
     Contender("sdpa-flash", False, _sdpa("FLASH_ATTENTION"), cuda_only=True),
@@ -131,6 +173,10 @@ CONTENDERS: Dict[str, Contender] = {c.name: c for c in [
     Contender("cuda+capture", True, _attnctl("cuda", True), cuda_only=True),
     Contender("triton+p2p", False, _attnctl_p2p),
     Contender("materialised+p2p", False, _materialised_p2p),
+    # forward + backward (Attend-and-Excite's step): the times include both passes
+    Contender("sdpa+backward", False, _sdpa_backward),
+    Contender("triton+maps+backward", True, _triton_maps_backward),
+    Contender("materialised+maps+backward", True, _materialised_maps_backward),
 ]}
 
 
