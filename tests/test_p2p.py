@@ -243,7 +243,7 @@ def test_self_attention_cap_option():
     _compare(pipe, state, Replace(cross_steps=0.6, self_steps=1.0, self_max_queries=24), "torch", REPLACE[:2])
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch"])
 def test_reweight_one_factor_per_target(backend):
     """The original's get_equalizer(text, words, values) with one value per target."""
     pipe = sd_pipe()
