@@ -558,6 +558,10 @@ def test_edit_restores_the_pipeline_and_survives_set_attn_processor():
         with pytest.raises(RuntimeError, match=r"attnctl: the attention processors of \d+ of \d+ layers .* were "
                                                r"replaced after attnctl was installed"):
             generate_latents(pipe, prompts, steps=1, **SIZE)
+        with pytest.raises(RuntimeError, match=r"were replaced after attnctl was installed .* controllers "
+                                               r"\(Replace, Refine\)"):
+            edit(pipe, prompts[0], prompts[1:], Refine(), num_inference_steps=1, **SIZE)
+        assert [type(c) for c in attnctl.diffusers.installation_of(pipe).controllers] == [Replace]
 
 
 def test_local_blend_with_a_user_callback():
