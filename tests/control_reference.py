@@ -126,7 +126,7 @@ def sigma_of(pipe, timestep):
 _FLOAT64_PIPES = {}
 
 
-def _float64_pipe(pipe):
+def float64_pipe(pipe):
     """A float64 copy of a (tiny) pipeline, cached per pipeline object."""
     import copy
 
@@ -134,6 +134,25 @@ def _float64_pipe(pipe):
     if key not in _FLOAT64_PIPES:
         _FLOAT64_PIPES[key] = (pipe, copy.deepcopy(pipe).to(torch.float64))
     return _FLOAT64_PIPES[key][1]
+
+
+def initial_noise(pipe, images, height, width, seed=0):
+    """The fp32 initial latents a seeded generation of ``images`` images draws."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    scale = pipe.vae_scale_factor
+    shape = (images, pipe.unet.config.in_channels, height // scale, width // scale)
+    return randn_tensor(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+
+
+def assert_within_reference_error(got, single, exact, factor=4.0):
+    """``got`` may be at most ``factor`` times as far from the fp64 reference ``exact`` as
+    the fp32 reference ``single`` is."""
+    reference_error = (single.double() - exact).abs().max().item()
+    error = (got.double() - exact).abs().max().item()
+    assert error <= factor * reference_error, (
+        f"greatest error {error:.3g} against the fp64 reference; the fp32 reference's own is "
+        f"{reference_error:.3g} (allowed: {factor} x)")
 
 
 def assert_matches_reference(got, pipe, state, prompt, *, factor=4.0, seed=0, height=16, width=24,
@@ -146,12 +165,8 @@ def assert_matches_reference(got, pipe, state, prompt, *, factor=4.0, seed=0, he
     ReferenceState that keeps no run state but its step counter (it is run twice), or a
     function making a fresh one; ``state_kwargs(state)`` adds pipeline arguments that
     belong to a state (e.g. its callback). Returns the fp32 reference."""
-    from diffusers.utils.torch_utils import randn_tensor
-
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    scale = pipe.vae_scale_factor
-    shape = (len(prompts) * num_images_per_prompt, pipe.unet.config.in_channels, height // scale, width // scale)
-    noise = randn_tensor(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    noise = initial_noise(pipe, len(prompts) * num_images_per_prompt, height, width, seed)
     common = dict(height=height, width=width, num_images_per_prompt=num_images_per_prompt, **kwargs)
 
     def run(target, latents):
@@ -161,10 +176,5 @@ def assert_matches_reference(got, pipe, state, prompt, *, factor=4.0, seed=0, he
         return run_reference(target, fresh, prompts, latents=latents, **common, **extra)
 
     expected = run(pipe, noise)
-    exact = run(_float64_pipe(pipe), noise.double())
-    reference_error = (expected.double() - exact).abs().max().item()
-    error = (got.double() - exact).abs().max().item()
-    assert error <= factor * reference_error, (
-        f"greatest error {error:.3g} against the fp64 reference; the fp32 reference's own is "
-        f"{reference_error:.3g} (allowed: {factor} x)")
+    assert_within_reference_error(got, expected, run(float64_pipe(pipe), noise.double()), factor)
     return expected

@@ -243,7 +243,7 @@ def test_self_attention_cap_option():
     _compare(pipe, state, Replace(cross_steps=0.6, self_steps=1.0, self_max_queries=24), "torch", REPLACE[:2])
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch"])
 def test_reweight_one_factor_per_target(backend):
     """The original's get_equalizer(text, words, values) with one value per target."""
     pipe = sd_pipe()
@@ -558,6 +558,10 @@ def test_edit_restores_the_pipeline_and_survives_set_attn_processor():
         with pytest.raises(RuntimeError, match=r"attnctl: the attention processors of \d+ of \d+ layers .* were "
                                                r"replaced after attnctl was installed"):
             generate_latents(pipe, prompts, steps=1, **SIZE)
+        with pytest.raises(RuntimeError, match=r"were replaced after attnctl was installed .* controllers "
+                                               r"\(Replace, Refine\)"):
+            edit(pipe, prompts[0], prompts[1:], Refine(), num_inference_steps=1, **SIZE)
+        assert [type(c) for c in attnctl.diffusers.installation_of(pipe).controllers] == [Replace]
 
 
 def test_local_blend_with_a_user_callback():

@@ -149,17 +149,18 @@ class Installation:
         return [name[: -len(".processor")] for name, proc in self.unet.attn_processors.items()
                 if not (isinstance(proc, AttnctlProcessor) and proc.installation is self)]
 
-    def check_processors(self) -> None:
-        """Raise if processors were replaced while controllers are attached: those layers
-        would run without the controllers, silently."""
-        if not self.controllers:
+    def check_processors(self, adding: Sequence[Controller] = ()) -> None:
+        """Raise if processors were replaced while controllers are (or are being) attached:
+        those layers would run without the controllers, silently."""
+        controllers = self.controllers + [c for c in adding if c not in self.controllers]
+        if not controllers:
             return
         replaced = self.replaced_layers()
         if replaced:
             raise RuntimeError(
                 f"attnctl: the attention processors of {len(replaced)} of {len(self._original)} layers (e.g. "
-                f"{replaced[0]!r}) were replaced after attnctl was installed (set_attn_processor?), so the installed "
-                f"controllers ({', '.join(type(c).__name__ for c in self.controllers)}) would not run there; call "
+                f"{replaced[0]!r}) were replaced after attnctl was installed (set_attn_processor?), so the "
+                f"controllers ({', '.join(type(c).__name__ for c in controllers)}) would not run there; call "
                 "attnctl.uninstall(pipe) and install again")
 
     def _wrap_encode_prompt(self, pipe) -> None:
@@ -271,9 +272,9 @@ def install(target, *controllers: Controller, backend: Optional[str] = None) -> 
         installation = Installation(unet, pipe, backend or "auto")
     elif backend is not None:
         installation.backend = backend
+    installation.check_processors(controllers)
     for controller in controllers:
         installation.add(controller)
-    installation.check_processors()
     return installation
 
 
