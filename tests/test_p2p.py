@@ -641,7 +641,8 @@ def test_trace_during_an_edit_records_the_edited_maps(backend, kind):
             return None
 
     recorder = Recorder()
-    with attnctl.install(pipe, controller, recorder, backend=backend), attnctl.trace(pipe) as tc:
+    with attnctl.install(pipe, controller, recorder, backend=backend), \
+            attnctl.trace(pipe, layers="*", per_head=False, tokens="all") as tc:   # every layer and column
         generate_latents(pipe, prompts, steps=STEPS, **SIZE)
     got = {layer.name: layer.maps[ALL_STEPS] for layer in tc.maps().layers}
 
