@@ -11,14 +11,20 @@ Statistics of P (before f) are added into fp32 caller buffers:
 * token mass Σ_m P (B, H, N): when every key fits one block the last running sum *is*
   the final normaliser, so it is taken in the main loop; otherwise a second pass over
   all key blocks recomputes S and normalises with the final (m, l): one extra QKᵀ, no PV.
-* maps / head maps at token columns: after the main loop, the captured key columns are
-  gathered and their logits recomputed against the final (m, l) — an extra
-  BLOCK_M × D × T product, whatever N is.
+* maps / head maps at token columns: when every key fits one block, gathered from the
+  main loop's P tile (final, as its l is the normaliser): no logits are recomputed.
+  Otherwise, after the main loop, the captured key columns are gathered and their logits
+  recomputed against the final (m, l): an extra BLOCK_M × D × T product.
 * row log-sum-exp.
 * auxiliary-key probes Σ_m softmax_c(s · q · probe_keys) (B, H, C): a softmax over the
   probe keys only, from the q block already in registers, after the main loop. One probe
   block: single pass; more: a first pass for the row max and sum (online), a second for
   the normalised values.
+
+Captured rows: captures apply only to batch items in [capture_rows_start,
+capture_rows_stop) (own term: [own_rows_start, own_rows_stop)); a program of another item
+skips every capture (no token mass, no column gather or recompute, no probe softmax, no
+buffer access) by a uniform branch.
 
 Injection (``HAS_SOURCE``): program (b, h) loads q, k and bias of batch item Source[b]
 and v, prob_mult, region labels and capture/output addresses of b, so b's output is
@@ -79,10 +85,66 @@ def _online_softmax_step(s, m_i, l_i):
 
 
 @triton.jit
-def _add_token_mass_of_block(tm_base, p, l_i, mask_m, offs_n, mask_n, stride_tm_n):
-    """Token mass of a block whose running sum l_i is already the final normaliser."""
+def _add_token_columns(p_cols, offs_m, mask_m, offs_t, mask_t, hm_base, map_base, weight,
+                       stride_hm_m, stride_hm_t, stride_map_m, stride_map_t,
+                       CAPTURE_MAPS: tl.constexpr, CAPTURE_HEAD_MAPS: tl.constexpr):
+    """Add normalised probabilities at token columns (BLOCK_M, BLOCK_T) to the map buffers."""
+    mask_mt = mask_m[:, None] & mask_t[None, :]
+    if CAPTURE_HEAD_MAPS:
+        hm_ptr = hm_base + offs_m[:, None] * stride_hm_m + offs_t[None, :] * stride_hm_t
+        tl.store(hm_ptr, tl.load(hm_ptr, mask=mask_mt, other=0.0) + p_cols, mask=mask_mt)
+    if CAPTURE_MAPS:
+        # Heads of one batch item add into the same map: atomics.
+        tl.atomic_add(map_base + offs_m[:, None] * stride_map_m + offs_t[None, :] * stride_map_t,
+                      p_cols * weight, mask=mask_mt)
+
+
+@triton.jit
+def _token_columns_of_block(p, inv_l, offs_m, mask_m, b, h, T, HeadMaps, Maps, Tokens, HeadWeights,
+                            stride_map_b, stride_map_m, stride_map_t,
+                            stride_hm_b, stride_hm_h, stride_hm_m, stride_hm_t,
+                            stride_tok_b, stride_tok_t, stride_w_b, stride_w_h,
+                            BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
+                            CAPTURE_MAPS: tl.constexpr, CAPTURE_HEAD_MAPS: tl.constexpr,
+                            HAS_HEAD_WEIGHTS: tl.constexpr):
+    """Maps / head maps taken from the P tile of the only key block (its l is final):
+    the token columns are gathered from registers, no logits are recomputed."""
+    weight = 1.0
+    if HAS_HEAD_WEIGHTS:
+        weight = tl.load(HeadWeights + b * stride_w_b + h * stride_w_h).to(tl.float32)
+    for start_t in range(0, T, BLOCK_T):
+        offs_t = start_t + tl.arange(0, BLOCK_T)
+        mask_t = offs_t < T
+        cols = tl.load(Tokens + b * stride_tok_b + offs_t * stride_tok_t, mask=mask_t, other=0)
+        idx = tl.broadcast_to(cols[None, :], (BLOCK_M, BLOCK_T))
+        p_cols = tl.gather(p, idx, 1) * inv_l[:, None]
+        _add_token_columns(p_cols, offs_m, mask_m, offs_t, mask_t,
+                           HeadMaps + b * stride_hm_b + h * stride_hm_h, Maps + b * stride_map_b, weight,
+                           stride_hm_m, stride_hm_t, stride_map_m, stride_map_t, CAPTURE_MAPS, CAPTURE_HEAD_MAPS)
+
+
+@triton.jit
+def _captures_of_only_block(
+    p, l_i, offs_m, mask_m, offs_n, mask_n, b, h, T,
+    TokenMass, Maps, HeadMaps, Tokens, HeadWeights,
+    stride_tm_b, stride_tm_h, stride_tm_n, stride_map_b, stride_map_m, stride_map_t,
+    stride_hm_b, stride_hm_h, stride_hm_m, stride_hm_t, stride_tok_b, stride_tok_t, stride_w_b, stride_w_h,
+    BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
+    CAPTURE_TOKEN_MASS: tl.constexpr, CAPTURE_MAPS: tl.constexpr, CAPTURE_HEAD_MAPS: tl.constexpr,
+    HAS_HEAD_WEIGHTS: tl.constexpr,
+):
+    """Token mass and token-column maps of the only key block: its running sum l_i is
+    already the final normaliser, so its P tile is final and nothing is recomputed."""
     inv_l = tl.where(mask_m & (l_i > 0), 1.0 / l_i, 0.0)
-    tl.atomic_add(tm_base + offs_n * stride_tm_n, tl.sum(p * inv_l[:, None], 0), mask=mask_n)
+    if CAPTURE_TOKEN_MASS:
+        tl.atomic_add(TokenMass + b * stride_tm_b + h * stride_tm_h + offs_n * stride_tm_n,
+                      tl.sum(p * inv_l[:, None], 0), mask=mask_n)
+    if CAPTURE_MAPS or CAPTURE_HEAD_MAPS:
+        _token_columns_of_block(p, inv_l, offs_m, mask_m, b, h, T, HeadMaps, Maps, Tokens, HeadWeights,
+                                stride_map_b, stride_map_m, stride_map_t,
+                                stride_hm_b, stride_hm_h, stride_hm_m, stride_hm_t,
+                                stride_tok_b, stride_tok_t, stride_w_b, stride_w_h,
+                                BLOCK_M, BLOCK_T, CAPTURE_MAPS, CAPTURE_HEAD_MAPS, HAS_HEAD_WEIGHTS)
 
 
 @triton.jit
@@ -150,8 +212,9 @@ def _capture_statistics(
             p = tl.exp2(s - m_ref[:, None]) * inv_l[:, None]
             tl.atomic_add(tm_base + offs_n * stride_tm_n, tl.sum(p, 0), mask=mask_n)
 
-    # Maps: recompute the logits of the captured key columns only.
-    if CAPTURE_MAPS or CAPTURE_HEAD_MAPS:
+    # Maps over several key blocks: recompute the logits of the captured key columns only
+    # (with one key block they were taken from the main loop's P).
+    if (CAPTURE_MAPS or CAPTURE_HEAD_MAPS) and not SINGLE_KEY_BLOCK:
         weight = 1.0
         if HAS_HEAD_WEIGHTS:
             weight = tl.load(HeadWeights + b * stride_w_b + h * stride_w_h).to(tl.float32)
@@ -162,17 +225,11 @@ def _capture_statistics(
             s = _logits_log2(q, k_base, bias_base, offs_m, mask_m, cols, mask_t,
                              stride_kn, stride_kd, stride_bias_m, stride_bias_n, qk_scale_log2,
                              D, BLOCK_D, HAS_BIAS, DOT_PRECISION)
-            p = tl.exp2(s - m_ref[:, None]) * inv_l[:, None]
-            mask_mt = mask_m[:, None] & mask_t[None, :]
-            if CAPTURE_HEAD_MAPS:
-                hm_ptr = (HeadMaps + b * stride_hm_b + h * stride_hm_h
-                          + offs_m[:, None] * stride_hm_m + offs_t[None, :] * stride_hm_t)
-                tl.store(hm_ptr, tl.load(hm_ptr, mask=mask_mt, other=0.0) + p, mask=mask_mt)
-            if CAPTURE_MAPS:
-                # Heads of one batch item add into the same map: atomics.
-                map_ptr = (Maps + b * stride_map_b
-                           + offs_m[:, None] * stride_map_m + offs_t[None, :] * stride_map_t)
-                tl.atomic_add(map_ptr, p * weight, mask=mask_mt)
+            p_cols = tl.exp2(s - m_ref[:, None]) * inv_l[:, None]
+            _add_token_columns(p_cols, offs_m, mask_m, offs_t, mask_t,
+                               HeadMaps + b * stride_hm_b + h * stride_hm_h, Maps + b * stride_map_b, weight,
+                               stride_hm_m, stride_hm_t, stride_map_m, stride_map_t,
+                               CAPTURE_MAPS, CAPTURE_HEAD_MAPS)
 
 
 @triton.jit
@@ -206,6 +263,7 @@ def attention_fwd_kernel(
     stride_ow_b, stride_ow_h,
     stride_fan,
     H, M, N, T, C, T_OWN, qk_scale_log2, region_strength,
+    capture_rows_start, capture_rows_stop, own_rows_start, own_rows_stop,
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -246,6 +304,11 @@ def attention_fwd_kernel(
         if HAS_SOURCE:
             src = tl.load(Source + b).to(tl.int64)
 
+    # Captures apply to a range of batch items (capture.rows): other items do no capture
+    # work at all (a uniform branch per program).
+    capture_row = (b >= capture_rows_start) & (b < capture_rows_stop)
+    own_capture_row = (b >= own_rows_start) & (b < own_rows_stop)
+
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     offs_d = tl.arange(0, BLOCK_D)
@@ -258,7 +321,6 @@ def attention_fwd_kernel(
     v_base = V + b * stride_vb + h * stride_vh
     bias_base = Bias + src * stride_bias_b + h * stride_bias_h
     pm_base = ProbMult + b * stride_pm_b + h * stride_pm_h
-    tm_base = TokenMass + b * stride_tm_b + h * stride_tm_h
 
     if HAS_REGIONS:
         # Region of each query row (-1: unlabelled, never scaled).
@@ -280,7 +342,6 @@ def attention_fwd_kernel(
         bias_own_base = Bias + b * stride_bias_b + h * stride_bias_h
         v_own_base = OwnV + b * stride_ov_b + h * stride_ov_h
         opm_base = OwnProbMult + b * stride_opm_b + h * stride_opm_h
-        otm_base = OwnTokenMass + b * stride_otm_b + h * stride_otm_h
         m_own = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_own = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc_own = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -293,8 +354,14 @@ def attention_fwd_kernel(
                          stride_kn, stride_kd, stride_bias_m, stride_bias_n, qk_scale_log2,
                          D, BLOCK_D, HAS_BIAS, DOT_PRECISION)
         p, alpha, m_i, l_i = _online_softmax_step(s, m_i, l_i)
-        if CAPTURE_TOKEN_MASS and SINGLE_KEY_BLOCK:
-            _add_token_mass_of_block(tm_base, p, l_i, mask_m, offs_n, mask_n, stride_tm_n)
+        if SINGLE_KEY_BLOCK and (CAPTURE_TOKEN_MASS or CAPTURE_MAPS or CAPTURE_HEAD_MAPS):
+            if capture_row:
+                _captures_of_only_block(
+                    p, l_i, offs_m, mask_m, offs_n, mask_n, b, h, T, TokenMass, Maps, HeadMaps, Tokens,
+                    HeadWeights, stride_tm_b, stride_tm_h, stride_tm_n, stride_map_b, stride_map_m,
+                    stride_map_t, stride_hm_b, stride_hm_h, stride_hm_m, stride_hm_t, stride_tok_b,
+                    stride_tok_t, stride_w_b, stride_w_h, BLOCK_M, BLOCK_T,
+                    CAPTURE_TOKEN_MASS, CAPTURE_MAPS, CAPTURE_HEAD_MAPS, HAS_HEAD_WEIGHTS)
 
         region_keep = 1.0
         if HAS_REGIONS:
@@ -324,8 +391,14 @@ def attention_fwd_kernel(
                                  stride_kn, stride_kd, stride_bias_m, stride_bias_n, qk_scale_log2,
                                  D, BLOCK_D, HAS_BIAS, DOT_PRECISION)
             p_own, alpha_own, m_own, l_own = _online_softmax_step(s_own, m_own, l_own)
-            if OWN_CAPTURE_TOKEN_MASS and SINGLE_KEY_BLOCK:
-                _add_token_mass_of_block(otm_base, p_own, l_own, mask_m, offs_n, mask_n, stride_otm_n)
+            if SINGLE_KEY_BLOCK and (OWN_CAPTURE_TOKEN_MASS or OWN_CAPTURE_MAPS or OWN_CAPTURE_HEAD_MAPS):
+                if own_capture_row:
+                    _captures_of_only_block(
+                        p_own, l_own, offs_m, mask_m, offs_n, mask_n, b, h, T_OWN, OwnTokenMass, OwnMaps,
+                        OwnHeadMaps, OwnTokens, OwnHeadWeights, stride_otm_b, stride_otm_h, stride_otm_n,
+                        stride_omap_b, stride_omap_m, stride_omap_t, stride_ohm_b, stride_ohm_h, stride_ohm_m,
+                        stride_ohm_t, stride_otok_b, stride_otok_t, stride_ow_b, stride_ow_h, BLOCK_M, BLOCK_T,
+                        OWN_CAPTURE_TOKEN_MASS, OWN_CAPTURE_MAPS, OWN_CAPTURE_HEAD_MAPS, OWN_HAS_HEAD_WEIGHTS)
             pf_own = _numerator(p_own, opm_base, offs_m, mask_m, offs_n, mask_n, stride_opm_m, stride_opm_n,
                                 region_keep, HAS_OWN_PROB_MULT, HAS_REGIONS)
             acc_own = _pv_update(acc_own, alpha_own, pf_own, v_own_base, offs_n, mask_n, offs_dv,
@@ -349,61 +422,64 @@ def attention_fwd_kernel(
                             offs_dv, stride_om, stride_od, DV)
 
     # ---- captures that need the final normaliser ---------------------------------------
-    _capture_statistics(
-        q, k_base, bias_base, m_i, l_i, offs_m, mask_m, b, h, N, T,
-        TokenMass, Maps, HeadMaps, Lse, Tokens, HeadWeights,
-        stride_kn, stride_kd, stride_bias_m, stride_bias_n,
-        stride_tm_b, stride_tm_h, stride_tm_n, stride_map_b, stride_map_m, stride_map_t,
-        stride_hm_b, stride_hm_h, stride_hm_m, stride_hm_t, stride_lse_b, stride_lse_h, stride_lse_m,
-        stride_tok_b, stride_tok_t, stride_w_b, stride_w_h, qk_scale_log2,
-        D, BLOCK_N, BLOCK_D, BLOCK_T, HAS_BIAS, DOT_PRECISION,
-        CAPTURE_TOKEN_MASS, CAPTURE_MAPS, CAPTURE_HEAD_MAPS, CAPTURE_LSE, HAS_HEAD_WEIGHTS, SINGLE_KEY_BLOCK)
-    if HAS_OWN:
+    if capture_row:
         _capture_statistics(
-            q_own, k_own_base, bias_own_base, m_own, l_own, offs_m, mask_m, b, h, N, T_OWN,
-            OwnTokenMass, OwnMaps, OwnHeadMaps, OwnLse, OwnTokens, OwnHeadWeights,
+            q, k_base, bias_base, m_i, l_i, offs_m, mask_m, b, h, N, T,
+            TokenMass, Maps, HeadMaps, Lse, Tokens, HeadWeights,
             stride_kn, stride_kd, stride_bias_m, stride_bias_n,
-            stride_otm_b, stride_otm_h, stride_otm_n, stride_omap_b, stride_omap_m, stride_omap_t,
-            stride_ohm_b, stride_ohm_h, stride_ohm_m, stride_ohm_t, stride_olse_b, stride_olse_h, stride_olse_m,
-            stride_otok_b, stride_otok_t, stride_ow_b, stride_ow_h, qk_scale_log2,
+            stride_tm_b, stride_tm_h, stride_tm_n, stride_map_b, stride_map_m, stride_map_t,
+            stride_hm_b, stride_hm_h, stride_hm_m, stride_hm_t, stride_lse_b, stride_lse_h, stride_lse_m,
+            stride_tok_b, stride_tok_t, stride_w_b, stride_w_h, qk_scale_log2,
             D, BLOCK_N, BLOCK_D, BLOCK_T, HAS_BIAS, DOT_PRECISION,
-            OWN_CAPTURE_TOKEN_MASS, OWN_CAPTURE_MAPS, OWN_CAPTURE_HEAD_MAPS, OWN_CAPTURE_LSE,
-            OWN_HAS_HEAD_WEIGHTS, SINGLE_KEY_BLOCK)
+            CAPTURE_TOKEN_MASS, CAPTURE_MAPS, CAPTURE_HEAD_MAPS, CAPTURE_LSE, HAS_HEAD_WEIGHTS, SINGLE_KEY_BLOCK)
+    if HAS_OWN:
+        if own_capture_row:
+            _capture_statistics(
+                q_own, k_own_base, bias_own_base, m_own, l_own, offs_m, mask_m, b, h, N, T_OWN,
+                OwnTokenMass, OwnMaps, OwnHeadMaps, OwnLse, OwnTokens, OwnHeadWeights,
+                stride_kn, stride_kd, stride_bias_m, stride_bias_n,
+                stride_otm_b, stride_otm_h, stride_otm_n, stride_omap_b, stride_omap_m, stride_omap_t,
+                stride_ohm_b, stride_ohm_h, stride_ohm_m, stride_ohm_t, stride_olse_b, stride_olse_h,
+                stride_olse_m, stride_otok_b, stride_otok_t, stride_ow_b, stride_ow_h, qk_scale_log2,
+                D, BLOCK_N, BLOCK_D, BLOCK_T, HAS_BIAS, DOT_PRECISION,
+                OWN_CAPTURE_TOKEN_MASS, OWN_CAPTURE_MAPS, OWN_CAPTURE_HEAD_MAPS, OWN_CAPTURE_LSE,
+                OWN_HAS_HEAD_WEIGHTS, SINGLE_KEY_BLOCK)
 
     # ---- auxiliary-key probes: a softmax over the probe keys alone, summed over rows -----
     if CAPTURE_PROBES:
-        pk_base = ProbeKeys + b * stride_pk_b + h * stride_pk_h
-        pmass_base = ProbeMass + b * stride_pmass_b + h * stride_pmass_h
-        if SINGLE_PROBE_BLOCK:
-            offs_c = tl.arange(0, BLOCK_C)
-            mask_c = offs_c < C
-            s = _logits_log2(q, pk_base, pk_base, offs_m, mask_m, offs_c, mask_c,
-                             stride_pk_c, stride_pk_d, 0, 0, qk_scale_log2,
-                             D, BLOCK_D, False, DOT_PRECISION)
-            p = tl.exp2(s - tl.max(s, 1)[:, None])
-            row_w = tl.where(mask_m, 1.0 / tl.sum(p, 1), 0.0)
-            tl.atomic_add(pmass_base + offs_c * stride_pmass_c, tl.sum(p * row_w[:, None], 0), mask=mask_c)
-        else:
-            pm_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-            pl_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for start_c in range(0, C, BLOCK_C):
-                offs_c = start_c + tl.arange(0, BLOCK_C)
+        if capture_row:
+            pk_base = ProbeKeys + b * stride_pk_b + h * stride_pk_h
+            pmass_base = ProbeMass + b * stride_pmass_b + h * stride_pmass_h
+            if SINGLE_PROBE_BLOCK:
+                offs_c = tl.arange(0, BLOCK_C)
                 mask_c = offs_c < C
                 s = _logits_log2(q, pk_base, pk_base, offs_m, mask_m, offs_c, mask_c,
                                  stride_pk_c, stride_pk_d, 0, 0, qk_scale_log2,
                                  D, BLOCK_D, False, DOT_PRECISION)
-                pm_new = tl.maximum(pm_i, tl.max(s, 1))  # finite: every block has a live key
-                pl_i = pl_i * tl.exp2(pm_i - pm_new) + tl.sum(tl.exp2(s - pm_new[:, None]), 1)
-                pm_i = pm_new
-            row_w = tl.where(mask_m, 1.0 / pl_i, 0.0)
-            for start_c in range(0, C, BLOCK_C):
-                offs_c = start_c + tl.arange(0, BLOCK_C)
-                mask_c = offs_c < C
-                s = _logits_log2(q, pk_base, pk_base, offs_m, mask_m, offs_c, mask_c,
-                                 stride_pk_c, stride_pk_d, 0, 0, qk_scale_log2,
-                                 D, BLOCK_D, False, DOT_PRECISION)
-                p = tl.exp2(s - pm_i[:, None]) * row_w[:, None]
-                tl.atomic_add(pmass_base + offs_c * stride_pmass_c, tl.sum(p, 0), mask=mask_c)
+                p = tl.exp2(s - tl.max(s, 1)[:, None])
+                row_w = tl.where(mask_m, 1.0 / tl.sum(p, 1), 0.0)
+                tl.atomic_add(pmass_base + offs_c * stride_pmass_c, tl.sum(p * row_w[:, None], 0), mask=mask_c)
+            else:
+                pm_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+                pl_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+                for start_c in range(0, C, BLOCK_C):
+                    offs_c = start_c + tl.arange(0, BLOCK_C)
+                    mask_c = offs_c < C
+                    s = _logits_log2(q, pk_base, pk_base, offs_m, mask_m, offs_c, mask_c,
+                                     stride_pk_c, stride_pk_d, 0, 0, qk_scale_log2,
+                                     D, BLOCK_D, False, DOT_PRECISION)
+                    pm_new = tl.maximum(pm_i, tl.max(s, 1))  # finite: every block has a live key
+                    pl_i = pl_i * tl.exp2(pm_i - pm_new) + tl.sum(tl.exp2(s - pm_new[:, None]), 1)
+                    pm_i = pm_new
+                row_w = tl.where(mask_m, 1.0 / pl_i, 0.0)
+                for start_c in range(0, C, BLOCK_C):
+                    offs_c = start_c + tl.arange(0, BLOCK_C)
+                    mask_c = offs_c < C
+                    s = _logits_log2(q, pk_base, pk_base, offs_m, mask_m, offs_c, mask_c,
+                                     stride_pk_c, stride_pk_d, 0, 0, qk_scale_log2,
+                                     D, BLOCK_D, False, DOT_PRECISION)
+                    p = tl.exp2(s - pm_i[:, None]) * row_w[:, None]
+                    tl.atomic_add(pmass_base + offs_c * stride_pmass_c, tl.sum(p, 0), mask=mask_c)
 
 
 @triton.jit

@@ -102,6 +102,7 @@ def kernel_arguments(q, k, v, out, *, scale: float, bias: Optional[torch.Tensor]
         *capture_strides(own_cap, own_tokens),
         fanout.stride(0) if fanout is not None else 0,
         H, M, N, T, C, T_own, scale * LOG2E, float(regions.strength) if regions is not None else 0.0,
+        *cap.row_range(B), *own_cap.row_range(B),
     ]
     meta = dict(
         D=D, DV=DV,
