@@ -11,8 +11,9 @@ Statistics of P (before f) are added into fp32 caller buffers:
 * token mass Σ_m P (B, H, N): when every key fits one block the last running sum *is*
   the final normaliser, so it is taken in the main loop; otherwise a second pass over
   all key blocks recomputes S and normalises with the final (m, l): one extra QKᵀ, no PV.
-* maps / head maps at token columns: when every key fits one block, gathered from the
-  main loop's P tile (final, as its l is the normaliser): no logits are recomputed.
+* maps / head maps at token columns: when every key fits one block, selected from the
+  main loop's P tile (final, as its l is the normaliser) by a one-hot product: no logits
+  are recomputed.
   Otherwise, after the main loop, the captured key columns are gathered and their logits
   recomputed against the final (m, l): an extra BLOCK_M × D × T product.
 * row log-sum-exp.
@@ -100,24 +101,30 @@ def _add_token_columns(p_cols, offs_m, mask_m, offs_t, mask_t, hm_base, map_base
 
 
 @triton.jit
-def _token_columns_of_block(p, inv_l, offs_m, mask_m, b, h, T, HeadMaps, Maps, Tokens, HeadWeights,
+def _token_columns_of_block(p, inv_l, offs_m, mask_m, offs_n, b, h, T, HeadMaps, Maps, Tokens, HeadWeights,
                             stride_map_b, stride_map_m, stride_map_t,
                             stride_hm_b, stride_hm_h, stride_hm_m, stride_hm_t,
                             stride_tok_b, stride_tok_t, stride_w_b, stride_w_h,
-                            BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
-                            CAPTURE_MAPS: tl.constexpr, CAPTURE_HEAD_MAPS: tl.constexpr,
+                            BLOCK_T: tl.constexpr, CAPTURE_MAPS: tl.constexpr, CAPTURE_HEAD_MAPS: tl.constexpr,
                             HAS_HEAD_WEIGHTS: tl.constexpr):
-    """Maps / head maps taken from the P tile of the only key block (its l is final):
-    the token columns are gathered from registers, no logits are recomputed."""
+    """Maps / head maps taken from the P tile of the only key block (its l is final): the
+    token columns are selected by a one-hot product on tensor cores, no logits are
+    recomputed. (tl.gather on the tile lowers to a per-thread local array: kilobytes of
+    stack.) The normalised P (<= 1) goes in as two fp16 parts, hi + lo, so the selection
+    keeps 22 bits (absolute error <= 2^-24 in fp16's subnormal range): fp32-exact enough
+    for every input dtype."""
     weight = 1.0
     if HAS_HEAD_WEIGHTS:
         weight = tl.load(HeadWeights + b * stride_w_b + h * stride_w_h).to(tl.float32)
+    p = p * inv_l[:, None]
+    p_hi = p.to(tl.float16)
+    p_lo = (p - p_hi.to(tl.float32)).to(tl.float16)
     for start_t in range(0, T, BLOCK_T):
         offs_t = start_t + tl.arange(0, BLOCK_T)
         mask_t = offs_t < T
-        cols = tl.load(Tokens + b * stride_tok_b + offs_t * stride_tok_t, mask=mask_t, other=0)
-        idx = tl.broadcast_to(cols[None, :], (BLOCK_M, BLOCK_T))
-        p_cols = tl.gather(p, idx, 1) * inv_l[:, None]
+        cols = tl.load(Tokens + b * stride_tok_b + offs_t * stride_tok_t, mask=mask_t, other=-1)
+        one_hot = (offs_n[:, None] == cols[None, :]).to(tl.float16)  # (BLOCK_N, BLOCK_T)
+        p_cols = tl.dot(p_hi, one_hot) + tl.dot(p_lo, one_hot)
         _add_token_columns(p_cols, offs_m, mask_m, offs_t, mask_t,
                            HeadMaps + b * stride_hm_b + h * stride_hm_h, Maps + b * stride_map_b, weight,
                            stride_hm_m, stride_hm_t, stride_map_m, stride_map_t, CAPTURE_MAPS, CAPTURE_HEAD_MAPS)
@@ -129,7 +136,7 @@ def _captures_of_only_block(
     TokenMass, Maps, HeadMaps, Tokens, HeadWeights,
     stride_tm_b, stride_tm_h, stride_tm_n, stride_map_b, stride_map_m, stride_map_t,
     stride_hm_b, stride_hm_h, stride_hm_m, stride_hm_t, stride_tok_b, stride_tok_t, stride_w_b, stride_w_h,
-    BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_T: tl.constexpr,
     CAPTURE_TOKEN_MASS: tl.constexpr, CAPTURE_MAPS: tl.constexpr, CAPTURE_HEAD_MAPS: tl.constexpr,
     HAS_HEAD_WEIGHTS: tl.constexpr,
 ):
@@ -140,11 +147,11 @@ def _captures_of_only_block(
         tl.atomic_add(TokenMass + b * stride_tm_b + h * stride_tm_h + offs_n * stride_tm_n,
                       tl.sum(p * inv_l[:, None], 0), mask=mask_n)
     if CAPTURE_MAPS or CAPTURE_HEAD_MAPS:
-        _token_columns_of_block(p, inv_l, offs_m, mask_m, b, h, T, HeadMaps, Maps, Tokens, HeadWeights,
+        _token_columns_of_block(p, inv_l, offs_m, mask_m, offs_n, b, h, T, HeadMaps, Maps, Tokens, HeadWeights,
                                 stride_map_b, stride_map_m, stride_map_t,
                                 stride_hm_b, stride_hm_h, stride_hm_m, stride_hm_t,
                                 stride_tok_b, stride_tok_t, stride_w_b, stride_w_h,
-                                BLOCK_M, BLOCK_T, CAPTURE_MAPS, CAPTURE_HEAD_MAPS, HAS_HEAD_WEIGHTS)
+                                BLOCK_T, CAPTURE_MAPS, CAPTURE_HEAD_MAPS, HAS_HEAD_WEIGHTS)
 
 
 @triton.jit
@@ -360,7 +367,7 @@ def attention_fwd_kernel(
                     p, l_i, offs_m, mask_m, offs_n, mask_n, b, h, T, TokenMass, Maps, HeadMaps, Tokens,
                     HeadWeights, stride_tm_b, stride_tm_h, stride_tm_n, stride_map_b, stride_map_m,
                     stride_map_t, stride_hm_b, stride_hm_h, stride_hm_m, stride_hm_t, stride_tok_b,
-                    stride_tok_t, stride_w_b, stride_w_h, BLOCK_M, BLOCK_T,
+                    stride_tok_t, stride_w_b, stride_w_h, BLOCK_T,
                     CAPTURE_TOKEN_MASS, CAPTURE_MAPS, CAPTURE_HEAD_MAPS, HAS_HEAD_WEIGHTS)
 
         region_keep = 1.0
@@ -397,7 +404,7 @@ def attention_fwd_kernel(
                         p_own, l_own, offs_m, mask_m, offs_n, mask_n, b, h, T_OWN, OwnTokenMass, OwnMaps,
                         OwnHeadMaps, OwnTokens, OwnHeadWeights, stride_otm_b, stride_otm_h, stride_otm_n,
                         stride_omap_b, stride_omap_m, stride_omap_t, stride_ohm_b, stride_ohm_h, stride_ohm_m,
-                        stride_ohm_t, stride_otok_b, stride_otok_t, stride_ow_b, stride_ow_h, BLOCK_M, BLOCK_T,
+                        stride_ohm_t, stride_otok_b, stride_otok_t, stride_ow_b, stride_ow_h, BLOCK_T,
                         OWN_CAPTURE_TOKEN_MASS, OWN_CAPTURE_MAPS, OWN_CAPTURE_HEAD_MAPS, OWN_HAS_HEAD_WEIGHTS)
             pf_own = _numerator(p_own, opm_base, offs_m, mask_m, offs_n, mask_n, stride_opm_m, stride_opm_n,
                                 region_keep, HAS_OWN_PROB_MULT, HAS_REGIONS)

@@ -304,6 +304,8 @@ class HRVBuilder(Controller):
             cap.probe_mass = torch.zeros(call.batch, call.heads, probe.keys.shape[2], device=call.device)
         if call.layout.rows == call.batch:
             self.layout = call.layout
+        # Votes read the cond rows only: the kernel probes no other row.
+        cap.rows = call.layout.cond_rows if call.layout.rows == call.batch else None
         probe.pending = True
         return Plan(capture=cap)
 

@@ -32,13 +32,15 @@ class TraceController(Controller):
     """Captures cross-attention maps and token mass; see :func:`trace` for the options."""
 
     def __init__(self, *, layers=None, resolutions=None, heads: Optional[Iterable[int]] = None,
-                 steps: Optional[Iterable[int]] = None, per_step: bool = False, per_head: bool = False):
+                 steps: Optional[Iterable[int]] = None, per_step: bool = False, per_head: bool = False,
+                 uncond: bool = False):
         self.layer_patterns = layers
         self.resolutions = _as_list(resolutions, "resolutions")
         self.heads = sorted(set(_as_list(heads, "heads"))) if heads is not None else None
         self.steps = frozenset(_as_list(steps, "steps")) if steps is not None else None
         self.per_step = bool(per_step)
         self.per_head = bool(per_head)
+        self.uncond = bool(uncond)
         self.allowed_layers: Optional[frozenset] = None  # set by Trace from the UNet's layers
         self.generation: Optional[Generation] = None
         self.layout: Optional[BatchLayout] = None
@@ -80,6 +82,8 @@ class TraceController(Controller):
         capture = self._capture
         capture.token_mass = token_mass
         capture.tokens = self._columns[(call.keys, call.device)]
+        # Only the rows that will be read: the kernel skips capture work for the others.
+        capture.rows = None if self.uncond else call.layout.cond_rows
         if self.per_head:
             capture.head_maps = maps
         else:
@@ -123,7 +127,7 @@ class TraceController(Controller):
         if gen.prompts is not None and gen.tokenizer is not None:
             prompts = [record_prompt(gen.tokenizer, p) for p in gen.prompts]
         return TraceMaps(layers, self.layout, self.latent, gen.image_scale, prompts, self.per_head,
-                         self.per_step, self.heads, self.steps_run, gen.tokenizer)
+                         self.per_step, self.heads, self.steps_run, gen.tokenizer, uncond=self.uncond)
 
 
 def _as_list(value, name: str) -> Optional[list]:
@@ -187,7 +191,7 @@ class Trace:
 
 
 def trace(pipe, *, layers=None, resolutions=None, heads=None, steps=None, per_step: bool = False,
-          per_head: bool = False, backend: Optional[str] = None) -> Trace:
+          per_head: bool = False, uncond: bool = False, backend: Optional[str] = None) -> Trace:
     """Trace cross-attention heat maps of an SD 1.x / 2.x / SDXL pipeline::
 
         with attnctl.trace(pipe) as tc:
@@ -202,10 +206,13 @@ def trace(pipe, *, layers=None, resolutions=None, heads=None, steps=None, per_st
         per_step: keep each step's maps apart (select steps afterwards).
         per_head: keep each head's maps apart (exact DAAM per-head clamping, head selection
             afterwards; H times the memory).
+        uncond: also capture CFG's unconditional half (for ``heat_map(half="uncond")``); by
+            default only the conditional rows are captured and the kernel does no capture
+            work for the others.
         backend: the attention backend ("auto" picks the fused Triton kernel on CUDA).
 
     If attnctl is not installed on ``pipe`` the trace installs it and uninstalls on exit.
     """
     controller = TraceController(layers=layers, resolutions=resolutions, heads=heads, steps=steps,
-                                 per_step=per_step, per_head=per_head)
+                                 per_step=per_step, per_head=per_head, uncond=uncond)
     return Trace(pipe, controller, backend)
