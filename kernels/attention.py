@@ -11,11 +11,12 @@ Statistics of P (before f) are added into fp32 caller buffers:
 * token mass Σ_m P (B, H, N): when every key fits one block the last running sum *is*
   the final normaliser, so it is taken in the main loop; otherwise a second pass over
   all key blocks recomputes S and normalises with the final (m, l): one extra QKᵀ, no PV.
-* maps / head maps at token columns: when every key fits one block, selected from the
-  main loop's P tile (final, as its l is the normaliser) by a one-hot product: no logits
-  are recomputed.
-  Otherwise, after the main loop, the captured key columns are gathered and their logits
-  recomputed against the final (m, l): an extra BLOCK_M × D × T product.
+* maps / head maps at token columns: after the main loop, the captured key columns are
+  gathered and their logits recomputed against the final (m, l) — an extra
+  BLOCK_M × D × T product, whatever N is. (Taking them from the main loop's P tile when
+  every key fits one block keeps that tile live through the capture work: selected by
+  tl.gather it lowers to kilobytes of per-thread stack, by a one-hot product it spills
+  at d 80 on sm_80 unless the tile has 16 rows; measured with tests/compile_kernel.py.)
 * row log-sum-exp.
 * auxiliary-key probes Σ_m softmax_c(s · q · probe_keys) (B, H, C): a softmax over the
   probe keys only, from the q block already in registers, after the main loop. One probe
@@ -86,72 +87,10 @@ def _online_softmax_step(s, m_i, l_i):
 
 
 @triton.jit
-def _add_token_columns(p_cols, offs_m, mask_m, offs_t, mask_t, hm_base, map_base, weight,
-                       stride_hm_m, stride_hm_t, stride_map_m, stride_map_t,
-                       CAPTURE_MAPS: tl.constexpr, CAPTURE_HEAD_MAPS: tl.constexpr):
-    """Add normalised probabilities at token columns (BLOCK_M, BLOCK_T) to the map buffers."""
-    mask_mt = mask_m[:, None] & mask_t[None, :]
-    if CAPTURE_HEAD_MAPS:
-        hm_ptr = hm_base + offs_m[:, None] * stride_hm_m + offs_t[None, :] * stride_hm_t
-        tl.store(hm_ptr, tl.load(hm_ptr, mask=mask_mt, other=0.0) + p_cols, mask=mask_mt)
-    if CAPTURE_MAPS:
-        # Heads of one batch item add into the same map: atomics.
-        tl.atomic_add(map_base + offs_m[:, None] * stride_map_m + offs_t[None, :] * stride_map_t,
-                      p_cols * weight, mask=mask_mt)
-
-
-@triton.jit
-def _token_columns_of_block(p, inv_l, offs_m, mask_m, offs_n, b, h, T, HeadMaps, Maps, Tokens, HeadWeights,
-                            stride_map_b, stride_map_m, stride_map_t,
-                            stride_hm_b, stride_hm_h, stride_hm_m, stride_hm_t,
-                            stride_tok_b, stride_tok_t, stride_w_b, stride_w_h,
-                            BLOCK_T: tl.constexpr, CAPTURE_MAPS: tl.constexpr, CAPTURE_HEAD_MAPS: tl.constexpr,
-                            HAS_HEAD_WEIGHTS: tl.constexpr):
-    """Maps / head maps taken from the P tile of the only key block (its l is final): the
-    token columns are selected by a one-hot product on tensor cores, no logits are
-    recomputed. (tl.gather on the tile lowers to a per-thread local array: kilobytes of
-    stack.) The normalised P (<= 1) goes in as two fp16 parts, hi + lo, so the selection
-    keeps 22 bits (absolute error <= 2^-24 in fp16's subnormal range): fp32-exact enough
-    for every input dtype."""
-    weight = 1.0
-    if HAS_HEAD_WEIGHTS:
-        weight = tl.load(HeadWeights + b * stride_w_b + h * stride_w_h).to(tl.float32)
-    p = p * inv_l[:, None]
-    p_hi = p.to(tl.float16)
-    p_lo = (p - p_hi.to(tl.float32)).to(tl.float16)
-    for start_t in range(0, T, BLOCK_T):
-        offs_t = start_t + tl.arange(0, BLOCK_T)
-        mask_t = offs_t < T
-        cols = tl.load(Tokens + b * stride_tok_b + offs_t * stride_tok_t, mask=mask_t, other=-1)
-        one_hot = (offs_n[:, None] == cols[None, :]).to(tl.float16)  # (BLOCK_N, BLOCK_T)
-        p_cols = tl.dot(p_hi, one_hot) + tl.dot(p_lo, one_hot)
-        _add_token_columns(p_cols, offs_m, mask_m, offs_t, mask_t,
-                           HeadMaps + b * stride_hm_b + h * stride_hm_h, Maps + b * stride_map_b, weight,
-                           stride_hm_m, stride_hm_t, stride_map_m, stride_map_t, CAPTURE_MAPS, CAPTURE_HEAD_MAPS)
-
-
-@triton.jit
-def _captures_of_only_block(
-    p, l_i, offs_m, mask_m, offs_n, mask_n, b, h, T,
-    TokenMass, Maps, HeadMaps, Tokens, HeadWeights,
-    stride_tm_b, stride_tm_h, stride_tm_n, stride_map_b, stride_map_m, stride_map_t,
-    stride_hm_b, stride_hm_h, stride_hm_m, stride_hm_t, stride_tok_b, stride_tok_t, stride_w_b, stride_w_h,
-    BLOCK_T: tl.constexpr,
-    CAPTURE_TOKEN_MASS: tl.constexpr, CAPTURE_MAPS: tl.constexpr, CAPTURE_HEAD_MAPS: tl.constexpr,
-    HAS_HEAD_WEIGHTS: tl.constexpr,
-):
-    """Token mass and token-column maps of the only key block: its running sum l_i is
-    already the final normaliser, so its P tile is final and nothing is recomputed."""
+def _add_token_mass_of_block(tm_base, p, l_i, mask_m, offs_n, mask_n, stride_tm_n):
+    """Token mass of a block whose running sum l_i is already the final normaliser."""
     inv_l = tl.where(mask_m & (l_i > 0), 1.0 / l_i, 0.0)
-    if CAPTURE_TOKEN_MASS:
-        tl.atomic_add(TokenMass + b * stride_tm_b + h * stride_tm_h + offs_n * stride_tm_n,
-                      tl.sum(p * inv_l[:, None], 0), mask=mask_n)
-    if CAPTURE_MAPS or CAPTURE_HEAD_MAPS:
-        _token_columns_of_block(p, inv_l, offs_m, mask_m, offs_n, b, h, T, HeadMaps, Maps, Tokens, HeadWeights,
-                                stride_map_b, stride_map_m, stride_map_t,
-                                stride_hm_b, stride_hm_h, stride_hm_m, stride_hm_t,
-                                stride_tok_b, stride_tok_t, stride_w_b, stride_w_h,
-                                BLOCK_T, CAPTURE_MAPS, CAPTURE_HEAD_MAPS, HAS_HEAD_WEIGHTS)
+    tl.atomic_add(tm_base + offs_n * stride_tm_n, tl.sum(p * inv_l[:, None], 0), mask=mask_n)
 
 
 @triton.jit
@@ -219,9 +158,8 @@ def _capture_statistics(
             p = tl.exp2(s - m_ref[:, None]) * inv_l[:, None]
             tl.atomic_add(tm_base + offs_n * stride_tm_n, tl.sum(p, 0), mask=mask_n)
 
-    # Maps over several key blocks: recompute the logits of the captured key columns only
-    # (with one key block they were taken from the main loop's P).
-    if (CAPTURE_MAPS or CAPTURE_HEAD_MAPS) and not SINGLE_KEY_BLOCK:
+    # Maps: recompute the logits of the captured key columns only.
+    if CAPTURE_MAPS or CAPTURE_HEAD_MAPS:
         weight = 1.0
         if HAS_HEAD_WEIGHTS:
             weight = tl.load(HeadWeights + b * stride_w_b + h * stride_w_h).to(tl.float32)
@@ -232,11 +170,17 @@ def _capture_statistics(
             s = _logits_log2(q, k_base, bias_base, offs_m, mask_m, cols, mask_t,
                              stride_kn, stride_kd, stride_bias_m, stride_bias_n, qk_scale_log2,
                              D, BLOCK_D, HAS_BIAS, DOT_PRECISION)
-            p_cols = tl.exp2(s - m_ref[:, None]) * inv_l[:, None]
-            _add_token_columns(p_cols, offs_m, mask_m, offs_t, mask_t,
-                               HeadMaps + b * stride_hm_b + h * stride_hm_h, Maps + b * stride_map_b, weight,
-                               stride_hm_m, stride_hm_t, stride_map_m, stride_map_t,
-                               CAPTURE_MAPS, CAPTURE_HEAD_MAPS)
+            p = tl.exp2(s - m_ref[:, None]) * inv_l[:, None]
+            mask_mt = mask_m[:, None] & mask_t[None, :]
+            if CAPTURE_HEAD_MAPS:
+                hm_ptr = (HeadMaps + b * stride_hm_b + h * stride_hm_h
+                          + offs_m[:, None] * stride_hm_m + offs_t[None, :] * stride_hm_t)
+                tl.store(hm_ptr, tl.load(hm_ptr, mask=mask_mt, other=0.0) + p, mask=mask_mt)
+            if CAPTURE_MAPS:
+                # Heads of one batch item add into the same map: atomics.
+                map_ptr = (Maps + b * stride_map_b
+                           + offs_m[:, None] * stride_map_m + offs_t[None, :] * stride_map_t)
+                tl.atomic_add(map_ptr, p * weight, mask=mask_mt)
 
 
 @triton.jit
@@ -361,15 +305,6 @@ def attention_fwd_kernel(
                          stride_kn, stride_kd, stride_bias_m, stride_bias_n, qk_scale_log2,
                          D, BLOCK_D, HAS_BIAS, DOT_PRECISION)
         p, alpha, m_i, l_i = _online_softmax_step(s, m_i, l_i)
-        if SINGLE_KEY_BLOCK and (CAPTURE_TOKEN_MASS or CAPTURE_MAPS or CAPTURE_HEAD_MAPS):
-            if capture_row:
-                _captures_of_only_block(
-                    p, l_i, offs_m, mask_m, offs_n, mask_n, b, h, T, TokenMass, Maps, HeadMaps, Tokens,
-                    HeadWeights, stride_tm_b, stride_tm_h, stride_tm_n, stride_map_b, stride_map_m,
-                    stride_map_t, stride_hm_b, stride_hm_h, stride_hm_m, stride_hm_t, stride_tok_b,
-                    stride_tok_t, stride_w_b, stride_w_h, BLOCK_T,
-                    CAPTURE_TOKEN_MASS, CAPTURE_MAPS, CAPTURE_HEAD_MAPS, HAS_HEAD_WEIGHTS)
-
         region_keep = 1.0
         if HAS_REGIONS:
             region_k = tl.load(lk_base + offs_n * stride_lk_n, mask=mask_n, other=-1)
@@ -393,23 +328,24 @@ def attention_fwd_kernel(
                     acc3 = _pv_update(acc3, alpha, p, V + b3 * stride_vb + h * stride_vh, offs_n, mask_n,
                                       offs_dv, stride_vn, stride_vd, DV, DOT_PRECISION)
 
+        if CAPTURE_TOKEN_MASS and SINGLE_KEY_BLOCK:
+            if capture_row:
+                _add_token_mass_of_block(TokenMass + b * stride_tm_b + h * stride_tm_h, p, l_i, mask_m,
+                                         offs_n, mask_n, stride_tm_n)
+
         if HAS_OWN:
             s_own = _logits_log2(q_own, k_own_base, bias_own_base, offs_m, mask_m, offs_n, mask_n,
                                  stride_kn, stride_kd, stride_bias_m, stride_bias_n, qk_scale_log2,
                                  D, BLOCK_D, HAS_BIAS, DOT_PRECISION)
             p_own, alpha_own, m_own, l_own = _online_softmax_step(s_own, m_own, l_own)
-            if SINGLE_KEY_BLOCK and (OWN_CAPTURE_TOKEN_MASS or OWN_CAPTURE_MAPS or OWN_CAPTURE_HEAD_MAPS):
-                if own_capture_row:
-                    _captures_of_only_block(
-                        p_own, l_own, offs_m, mask_m, offs_n, mask_n, b, h, T_OWN, OwnTokenMass, OwnMaps,
-                        OwnHeadMaps, OwnTokens, OwnHeadWeights, stride_otm_b, stride_otm_h, stride_otm_n,
-                        stride_omap_b, stride_omap_m, stride_omap_t, stride_ohm_b, stride_ohm_h, stride_ohm_m,
-                        stride_ohm_t, stride_otok_b, stride_otok_t, stride_ow_b, stride_ow_h, BLOCK_T,
-                        OWN_CAPTURE_TOKEN_MASS, OWN_CAPTURE_MAPS, OWN_CAPTURE_HEAD_MAPS, OWN_HAS_HEAD_WEIGHTS)
             pf_own = _numerator(p_own, opm_base, offs_m, mask_m, offs_n, mask_n, stride_opm_m, stride_opm_n,
                                 region_keep, HAS_OWN_PROB_MULT, HAS_REGIONS)
             acc_own = _pv_update(acc_own, alpha_own, pf_own, v_own_base, offs_n, mask_n, offs_dv,
                                  stride_ov_n, stride_ov_d, DV, DOT_PRECISION)
+            if OWN_CAPTURE_TOKEN_MASS and SINGLE_KEY_BLOCK:
+                if own_capture_row:
+                    _add_token_mass_of_block(OwnTokenMass + b * stride_otm_b + h * stride_otm_h, p_own, l_own,
+                                             mask_m, offs_n, mask_n, stride_otm_n)
 
     inv_l = tl.where(mask_m & (l_i > 0), 1.0 / l_i, 0.0)
     out = acc * inv_l[:, None]

@@ -20,21 +20,31 @@ def _pow2_at_least_16(n: int) -> int:
 
 def launch_config(head_dim: int, value_dim: int, num_keys: int, num_tokens: int,
                   captures: bool, elem_size: int, accumulators: int = 1) -> dict:
-    """Block sizes and warps by shape.
+    """Block sizes, warps and pipeline stages by shape.
 
     N up to 128 keys (cross-attention, N = 77) fits a single key block, which makes
-    token-mass capture single-pass. Tiles are sized so that ptxas neither spills much nor
-    exceeds shared memory (tests/compile_kernel.py reports both for sm_80/sm_90 without a
-    GPU): 128 query rows only for 16-bit inputs with head dims up to 64, one output
-    accumulator, and not with captures on a 128-key tile; 8 warps for 128 x 128 tiles and
-    for the capture passes. ``accumulators``: output tiles a program keeps (2 for the
-    two-source form, the fan-out width), which count like a wider value tile.
+    token-mass capture single-pass (not with captures at head dims up to 64: see below). Tiles are chosen so that ptxas spills
+    no register and shared memory fits, on sm_80 and sm_90 (tests/compile_kernel.py
+    compiles every variant without a GPU; tests/test_kernel_compiles.py fails on a spill):
+
+    * 128 query rows only for 16-bit inputs with head dims up to 64, one output
+      accumulator and no capture (the capture epilogues hold extra tiles); else 64;
+    * 8 warps for 128-row tiles, for 128 x 128-element tiles and with captures, else 4;
+    * one pipeline stage when all keys fit one block (there is no next block to prefetch,
+      so a second stage would only hold registers and shared memory), for fp32 (twice the
+      bytes per tile) and for 512 value columns (the two-source form at d = 160); else two.
+
+    ``accumulators``: output tiles a program keeps (2 for the two-source form, the fan-out
+    width), which count like a wider value tile.
     """
     block_d = _pow2_at_least_16(head_dim)
     block_dv = _pow2_at_least_16(value_dim)
-    block_n = _pow2_at_least_16(num_keys) if num_keys <= 128 else 64
+    # Captures at head dims up to 64 spill on a 128-key tile on sm_80 and sm_90 (measured:
+    # 100-400 B of stack) and not on a 64-key one: N = 77 then runs two key blocks.
+    single_key_block = num_keys <= (64 if captures and block_d <= 64 else 128)
+    block_n = _pow2_at_least_16(num_keys) if single_key_block else 64
     width = block_dv * accumulators
-    narrow = max(block_d, width) <= 64 and elem_size == 2 and not (captures and block_n == 128)
+    narrow = max(block_d, width) <= 64 and elem_size == 2 and not captures
     block_m = 128 if narrow else 64
     big_tile = block_m * max(block_n, width) >= 128 * 128
     return dict(
@@ -43,10 +53,8 @@ def launch_config(head_dim: int, value_dim: int, num_keys: int, num_tokens: int,
         BLOCK_D=block_d,
         BLOCK_DV=block_dv,
         BLOCK_T=min(64, _pow2_at_least_16(num_tokens)),
-        num_warps=8 if big_tile or captures else 4,
-        # fp32 tiles are twice the bytes, and the two-source form at d = 160 streams two
-        # 256-wide value tiles: one stage keeps either inside sm_80's 163 KB.
-        num_stages=2 if elem_size == 2 and width < 512 else 1,
+        num_warps=8 if block_m == 128 or big_tile or captures else 4,
+        num_stages=1 if single_key_block or elem_size == 4 or width >= 512 else 2,
     )
 
 
