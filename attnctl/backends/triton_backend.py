@@ -19,7 +19,7 @@ def _pow2_at_least_16(n: int) -> int:
 
 
 def launch_config(head_dim: int, value_dim: int, num_keys: int, num_tokens: int,
-                  captures: bool, elem_size: int, accumulators: int = 1) -> dict:
+                  captures: bool, elem_size: int, accumulators: int = 1, probes: bool = False) -> dict:
     """Block sizes, warps and pipeline stages by shape.
 
     N up to 128 keys (cross-attention, N = 77) fits a single key block, which makes
@@ -28,24 +28,29 @@ def launch_config(head_dim: int, value_dim: int, num_keys: int, num_tokens: int,
     compiles every variant without a GPU; tests/test_kernel_compiles.py fails on a spill):
 
     * 128 query rows only for 16-bit inputs with head dims up to 64, one output
-      accumulator and no capture (the capture epilogues hold extra tiles); else 64;
-    * 8 warps for 128-row tiles, for 128 x 128-element tiles and with captures, else 4;
-    * one pipeline stage when all keys fit one block (there is no next block to prefetch,
-      so a second stage would only hold registers and shared memory), for fp32 (twice the
-      bytes per tile) and for 512 value columns (the two-source form at d = 160); else two.
+      accumulator and no capture (the capture epilogues hold extra tiles); 32 for 256-wide
+      tiles (d = 160, the two-source form) on a single key block or with captures; else 64;
+    * 64-key blocks with captures at head dims up to 64 and with probes (a 128-key tile
+      spills there, measured: 30-400 B of stack), so N = 77 runs two key blocks;
+    * 8 warps for 128-row tiles, 128 x 128-element tiles, 256-wide tiles and with
+      captures, else 4;
+    * two pipeline stages, also when all keys fit one block: the pipeliner then copies
+      K and V to shared memory asynchronously, without a register round trip (one stage
+      spills at d 80-128, N = 77); one stage for fp32 (twice the bytes per tile), for 512
+      value columns (the two-source form at d = 160) and for 256-wide head tiles on a
+      single key block (d = 160, N = 77: two stages need 176 KB on sm_80, 288 KB on sm_90).
 
     ``accumulators``: output tiles a program keeps (2 for the two-source form, the fan-out
     width), which count like a wider value tile.
     """
     block_d = _pow2_at_least_16(head_dim)
     block_dv = _pow2_at_least_16(value_dim)
-    # Captures at head dims up to 64 spill on a 128-key tile on sm_80 and sm_90 (measured:
-    # 100-400 B of stack) and not on a 64-key one: N = 77 then runs two key blocks.
-    single_key_block = num_keys <= (64 if captures and block_d <= 64 else 128)
+    single_key_block = num_keys <= (64 if probes or (captures and block_d <= 64) else 128)
     block_n = _pow2_at_least_16(num_keys) if single_key_block else 64
     width = block_dv * accumulators
     narrow = max(block_d, width) <= 64 and elem_size == 2 and not captures
-    block_m = 128 if narrow else 64
+    wide = max(block_d, width) >= 256
+    block_m = 128 if narrow else 32 if wide and (single_key_block or captures) else 64
     big_tile = block_m * max(block_n, width) >= 128 * 128
     return dict(
         BLOCK_M=block_m,
@@ -53,8 +58,8 @@ def launch_config(head_dim: int, value_dim: int, num_keys: int, num_tokens: int,
         BLOCK_D=block_d,
         BLOCK_DV=block_dv,
         BLOCK_T=min(64, _pow2_at_least_16(num_tokens)),
-        num_warps=8 if block_m == 128 or big_tile or captures else 4,
-        num_stages=1 if single_key_block or elem_size == 4 or width >= 512 else 2,
+        num_warps=8 if block_m == 128 or big_tile or wide or captures else 4,
+        num_stages=1 if elem_size == 4 or width >= 512 or (single_key_block and block_d >= 256) else 2,
     )
 
 
@@ -76,9 +81,9 @@ def kernel_arguments(q, k, v, out, *, scale: float, bias: Optional[torch.Tensor]
     T = tokens.shape[-1] if tokens is not None else 0
     T_own = own_tokens.shape[-1] if own_tokens is not None else 0
     fan = fanout.shape[1] - 1 if fanout is not None else 1
-    cfg = launch_config(D, DV, N, max(T, T_own), captures=not (cap.empty and own_cap.empty),
-                        elem_size=q.element_size(), accumulators=2 if own is not None else fan)
     probes = cap.probe_keys is not None and cap.probe_mass is not None
+    cfg = launch_config(D, DV, N, max(T, T_own), captures=not (cap.empty and own_cap.empty),
+                        elem_size=q.element_size(), accumulators=2 if own is not None else fan, probes=probes)
     C = cap.probe_keys.shape[2] if probes else 0
     # Probe blocks: up to 64 probe keys per block (a concept set of a few words fits one).
     block_c = min(64, _pow2_at_least_16(C)) if probes else 16
