@@ -28,10 +28,13 @@ def launch_config(head_dim: int, value_dim: int, num_keys: int, num_tokens: int,
     compiles every variant without a GPU; tests/test_kernel_compiles.py fails on a spill):
 
     * 128 query rows only for 16-bit inputs with head dims up to 64, one output
-      accumulator and no capture (the capture epilogues hold extra tiles); 32 for 256-wide
-      tiles (d = 160, the two-source form) on a single key block or with captures; else 64;
-    * 64-key blocks with captures at head dims up to 64 and with probes (a 128-key tile
-      spills there, measured: 30-400 B of stack), so N = 77 runs two key blocks;
+      accumulator and no capture (the capture epilogues hold extra tiles); 16 for 512
+      value columns (the two-source form at d = 160) and for probes at d = 160; 32 for
+      probes at d = 80-128 and for 256-wide tiles (d = 160) on a single key block or with
+      captures; else 64;
+    * 64-key blocks with probes and with captures at head dims up to 64 or 256-wide tiles
+      (a 128-key tile spills there, measured: 30-1700 B of stack), so N = 77 runs two
+      key blocks;
     * 8 warps for 128-row tiles, 128 x 128-element tiles, 256-wide tiles and with
       captures, else 4;
     * two pipeline stages, also when all keys fit one block: the pipeliner then copies
@@ -45,12 +48,19 @@ def launch_config(head_dim: int, value_dim: int, num_keys: int, num_tokens: int,
     """
     block_d = _pow2_at_least_16(head_dim)
     block_dv = _pow2_at_least_16(value_dim)
-    single_key_block = num_keys <= (64 if probes or (captures and block_d <= 64) else 128)
-    block_n = _pow2_at_least_16(num_keys) if single_key_block else 64
     width = block_dv * accumulators
     narrow = max(block_d, width) <= 64 and elem_size == 2 and not captures
     wide = max(block_d, width) >= 256
-    block_m = 128 if narrow else 32 if wide and (single_key_block or captures) else 64
+    single_key_block = num_keys <= (64 if probes or (captures and (block_d <= 64 or wide)) else 128)
+    block_n = _pow2_at_least_16(num_keys) if single_key_block else 64
+    if narrow:
+        block_m = 128
+    elif width >= 512 or (probes and wide):
+        block_m = 16
+    elif (probes and block_d > 64) or (wide and (single_key_block or captures)):
+        block_m = 32
+    else:
+        block_m = 64
     big_tile = block_m * max(block_n, width) >= 128 * 128
     return dict(
         BLOCK_M=block_m,
