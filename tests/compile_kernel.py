@@ -174,19 +174,24 @@ def sweep(names, archs) -> list:
 
 
 def resource_table(rows: list) -> str:
-    """Markdown: one line per variant, one column per (Triton version, arch):
-    registers / shared KB / stack B (a spill is marked **SPILL**)."""
-    columns = sorted({(r["triton"], r["arch"]) for r in rows})
-    cells = {(r["variant"], r["triton"], r["arch"]): r for r in rows}
-    names = list(dict.fromkeys(r["variant"] for r in rows))
-    head = "| variant | tile M×N, warps, stages | " + " | ".join(f"triton {t} sm_{a}" for t, a in columns) + " |"
+    """Markdown: one line per variant (dtype aside), one column per (Triton version, arch,
+    dtype): registers / shared KB / stack B, a spill marked **SPILL**."""
+    def split(row):
+        feature, dtype, d, n = row["variant"].split("-")
+        return f"{feature}-{d}-{n}", (row["triton"], row["arch"], dtype)
+
+    cells = {split(r): r for r in rows}
+    columns = sorted({column for _, column in cells})
+    names = list(dict.fromkeys(name for name, _ in cells))
+    head = "| variant | tile M×N, warps, stages | " + " | ".join(
+        f"triton {t} sm_{a} {dt}" for t, a, dt in columns) + " |"
     lines = [head, "|" + "---|" * (2 + len(columns))]
     for name in names:
-        first = next(r for r in rows if r["variant"] == name)
+        first = next(r for (n, _), r in cells.items() if n == name)
         tile = f"{first.get('BLOCK_M', '')}×{first.get('BLOCK_N', '')}, {first['num_warps']}, {first['num_stages']}"
         out = []
-        for t, a in columns:
-            r = cells.get((name, t, a))
+        for column in columns:
+            r = cells.get((name, column))
             if r is None:
                 out.append("—")
                 continue
