@@ -30,7 +30,8 @@ def launch_config(head_dim: int, value_dim: int, num_keys: int, num_tokens: int,
     * 128 query rows only for 16-bit inputs with head dims up to 64, one output
       accumulator and no capture (the capture epilogues hold extra tiles); 16 for 512
       value columns (the two-source form at d = 160) and for probes at d = 160; 32 for
-      probes at d = 80-128, for 256-wide tiles (d = 160, the two-source form at d = 128,
+      probes at other head dims than 64 (64 rows spill at d = 40 on sm_80 with Triton 3.6,
+      32 rows at d = 64 on sm_90 with 3.9), for 256-wide tiles (d = 160, the two-source form at d = 128,
       fan-out to 4) on a single key block, with captures or fanned out to 4, and for the
       two-source form with captures; else 64;
     * 64-key blocks with probes and with captures at head dims up to 64 or 256-wide tiles
@@ -58,7 +59,7 @@ def launch_config(head_dim: int, value_dim: int, num_keys: int, num_tokens: int,
         block_m = 128
     elif width >= 512 or (probes and wide):
         block_m = 16
-    elif ((probes and block_d > 64) or (wide and (single_key_block or captures or accumulators > 2))
+    elif ((probes and head_dim != 64) or (wide and (single_key_block or captures or accumulators > 2))
           or (accumulators > 1 and captures)):
         block_m = 32
     else:
