@@ -5,14 +5,15 @@ compiled dialect, unsupported ops, shared-memory overflow, register spills.
 
     python tests/compile_kernel.py [VARIANT ...] [--arch 80 90] [--json PATH] [--readme]
 
-(run with TRITON_INTERPRET unset). With no VARIANT every variant in VARIANTS is compiled.
-``--json`` writes the rows (bench/results/kernel-resources/triton-<version>.json by
-convention); ``--readme`` rewrites the README's resource table from every JSON file there,
+(run with TRITON_INTERPRET unset). With no VARIANT every variant of all_variants() is
+compiled. ``--json`` writes the rows (bench/results/kernel-resources/
+triton-<version>-sm<arch>.json by convention); ``--readme`` rewrites the README's resource table from every JSON file there,
 so the table shows each Triton version that has been swept (run the sweep once per venv).
 
 A variant name is FEATURE-DTYPE-dD-nN. Every N > 128 compiles to the same kernel (64-key
 blocks, several of them), so n4096 stands for self-attention and for long text (N = 300,
-333, 512) alike; n77 is the single-key-block kernel of cross-attention.
+333, 512) alike; n77 is cross-attention (one 128-key block, or two 64-key blocks where
+launch_config says so).
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 
 import torch
