@@ -29,7 +29,14 @@ Auxiliary-key probes (head relevance vectors): ``probe_keys`` (shape (B, H, C, D
 attention itself. For every query row the op takes a separate softmax over the C probe
 keys only (scaled like the attention logits; no bias, no V) and adds its sum over all M
 rows to ``probe_mass``. Every batch row is probed; a caller wanting the CFG cond half
-reads those rows of the buffer.
+reads those rows of the buffer, or sets ``rows``.
+
+Captured rows: ``rows`` (a ``range`` of batch items with step 1, e.g. ``range(B // 2, B)``
+for the conditional half of a classifier-free-guidance batch [uncond; cond]; None: every
+item) restricts every capture above to those items. The buffers keep their full B rows,
+so ``buffer[b]`` is always batch item b; rows outside the range are left exactly as they
+were, and the kernels do no capture work for them (no token mass, no map gather or
+recompute, no probe softmax, no buffer access). The attention output is unaffected.
 """
 from __future__ import annotations
 
@@ -56,6 +63,7 @@ class Capture:
     head_weights: Optional[torch.Tensor] = None
     probe_keys: Optional[torch.Tensor] = None
     probe_mass: Optional[torch.Tensor] = None
+    rows: Optional[range] = None
     # (tokens, tokens._version, N) already range-checked: checking costs a device sync, so
     # it runs once per tokens tensor, version and key length, not once per call.
     _checked_tokens: list = field(default_factory=list, init=False, repr=False, compare=False)
@@ -73,11 +81,13 @@ class Capture:
         lse: bool = False,
         head_weights: Optional[torch.Tensor] = None,
         probe_keys: Optional[torch.Tensor] = None,
+        rows: Optional[range] = None,
     ) -> "Capture":
         """Zeroed fp32 buffers shaped for ``attention(q, k, v, capture=...)``.
 
         ``maps`` and ``head_maps`` need ``tokens``; ``probe_keys`` (B or 1, H, C, D) adds a
-        zeroed ``probe_mass`` (B, H, C). The buffers live on q's device.
+        zeroed ``probe_mass`` (B, H, C); ``rows`` limits the captures to a range of batch
+        items (buffers keep all B rows). The buffers live on q's device.
         """
         if q.dim() != 4 or k.dim() != 4:
             raise ValueError(
@@ -104,6 +114,7 @@ class Capture:
             probe_keys=probe_keys,
             probe_mass=(buf(True, B, H, probe_keys.shape[2])
                         if isinstance(probe_keys, torch.Tensor) and probe_keys.dim() == 4 else None),
+            rows=rows,
         )
 
     def buffers(self) -> dict:
@@ -115,6 +126,10 @@ class Capture:
         for buffer in self.buffers().values():
             buffer.zero_()
         return self
+
+    def row_range(self, batch: int) -> tuple:
+        """(start, stop) of the captured batch items (every item when ``rows`` is None)."""
+        return (0, batch) if self.rows is None else (self.rows.start, self.rows.stop)
 
     @property
     def wants_token_columns(self) -> bool:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -162,8 +162,11 @@ def _run(q, k, v, scale, bias, prob_mult, capture, backend, regions=None, source
     has_work = (bias is not None or prob_mult is not None or regions is not None or source is not None
                 or (capture is not None and not capture.empty))
     needs_grad = _needs_grad(q, k, v, bias, prob_mult, own)
+    rows = ((capture is not None and capture.rows is not None)
+            or (own is not None and own.capture is not None and own.capture.rows is not None))
     unsupported = tuple(name for name, used in (("regions", regions is not None),
-                                                ("capture.probe_keys", probes)) if used)
+                                                ("capture.probe_keys", probes),
+                                                ("capture.rows", rows)) if used)
     dispatch = choose_backend(backend, q, has_work, needs_grad, cuda_unsupported=unsupported,
                               grad_unsupported=_grad_unsupported(prob_mult, capture, own))
     _note(dispatch)
@@ -278,8 +281,14 @@ def attention(
             regions.labels_k if regions is not None else None,
             float(regions.strength) if regions is not None else 0.0, source,
             own.values if own is not None else None, own.prob_mult if own is not None else None,
-            *buffers(own_cap, BUFFER_FIELDS), own_cap.tokens, own_cap.head_weights)
+            *buffers(own_cap, BUFFER_FIELDS), own_cap.tokens, own_cap.head_weights,
+            _row_list(cap), _row_list(own_cap))
     return _run(q, k, v, scale, bias, prob_mult, capture, backend, regions, source, own)
+
+
+def _row_list(capture: Capture) -> Optional[List[int]]:
+    """capture.rows as the op schema carries it: [start, stop] or None."""
+    return None if capture.rows is None else [capture.rows.start, capture.rows.stop]
 
 
 def logit_max(q: torch.Tensor, k: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
@@ -334,13 +343,16 @@ def _attention_op(
     own_token_mass: Optional[torch.Tensor] = None, own_maps: Optional[torch.Tensor] = None,
     own_head_maps: Optional[torch.Tensor] = None, own_lse: Optional[torch.Tensor] = None,
     own_tokens: Optional[torch.Tensor] = None, own_head_weights: Optional[torch.Tensor] = None,
+    capture_rows: Optional[List[int]] = None, own_capture_rows: Optional[List[int]] = None,
 ) -> torch.Tensor:
-    """The op as torch.compile sees it; an empty buffer means "not captured"."""
+    """The op as torch.compile sees it; an empty buffer means "not captured"; rows travel
+    as [start, stop]."""
     def present(buf):
         return buf if buf is not None and buf.numel() else None
 
     capture = Capture(*map(present, (token_mass, maps, head_maps, lse)), tokens=tokens, head_weights=head_weights,
-                      probe_keys=probe_keys, probe_mass=present(probe_mass))
+                      probe_keys=probe_keys, probe_mass=present(probe_mass),
+                      rows=range(*capture_rows) if capture_rows is not None else None)
     B, H, M, D = q.shape
     check_capture(capture, B, H, M, k.shape[2], q.device, check_token_values=True,
                   dtype=q.dtype, head_dim=D)
@@ -353,7 +365,8 @@ def _attention_op(
     own = None
     if own_values is not None:
         own_capture = Capture(*map(present, (own_token_mass, own_maps, own_head_maps, own_lse)),
-                              tokens=own_tokens, head_weights=own_head_weights)
+                              tokens=own_tokens, head_weights=own_head_weights,
+                              rows=range(*own_capture_rows) if own_capture_rows is not None else None)
         own = OwnTerm(own_values, own_prob_mult, None if own_capture.empty else own_capture)
         check_own(own, q, k, v, source)
     return _run(q, k, v, scale, bias, prob_mult, capture, backend, regions, source, own)

@@ -13,7 +13,8 @@ own.values, P_b the softmax of item b's own logits.
 With ``regions`` (attnctl.Regions) the numerator factor is f · f_regions, f_regions[q, k] =
 1 - s·[r(q) >= 0, r(k) >= 0, r(q) != r(k)].
 
-Captures (see attnctl.capture) are statistics of P before f, added in fp32; the probe
+Captures (see attnctl.capture) are statistics of P before f, added in fp32 to the rows of
+``capture.rows`` (all by default); the probe
 capture is Σ_m softmax_c(scale · q · probe_keys), a softmax over the probe keys alone.
 """
 from __future__ import annotations
@@ -83,7 +84,9 @@ def _term(qc, kc, vc, scale, bias, prob_mult, capture, regions, source) -> torch
     if capture is not None:
         add_captures(capture, probs, lse)
         if capture.probe_keys is not None and capture.probe_mass is not None:
-            capture.probe_mass += probe_mass_reference(qc, capture.probe_keys.to(qc.dtype), scale).float()
+            start, stop = capture.row_range(qc.shape[0])
+            keys = capture.probe_keys[start:stop] if capture.probe_keys.shape[0] != 1 else capture.probe_keys
+            capture.probe_mass[start:stop] += probe_mass_reference(qc[start:stop], keys.to(qc.dtype), scale).float()
     if prob_mult is not None:
         probs = probs * prob_mult.to(qc.dtype)
     if regions is not None:
@@ -93,21 +96,23 @@ def _term(qc, kc, vc, scale, bias, prob_mult, capture, regions, source) -> torch
 
 
 def add_captures(capture: Capture, probs: torch.Tensor, lse: torch.Tensor) -> None:
-    """Add the statistics of ``probs`` (B, H, M, N) to the capture's buffers."""
+    """Add the statistics of ``probs`` (B, H, M, N) to the capture's buffers, in the rows
+    of ``capture.rows`` only (the others are left as they are)."""
+    B, H = probs.shape[:2]
+    rows = slice(*capture.row_range(B))
     p = probs.float()
     if capture.token_mass is not None:
-        capture.token_mass += p.sum(dim=2)
+        capture.token_mass[rows] += p.sum(dim=2)[rows]
     if capture.lse is not None:
-        capture.lse += lse.float()
+        capture.lse[rows] += lse.float()[rows]
     if capture.wants_token_columns:
-        cols = token_columns(p, capture.tokens)  # (B, H, M, T)
+        cols = token_columns(p, capture.tokens)[rows]  # (R, H, M, T)
         if capture.head_maps is not None:
-            capture.head_maps += cols
+            capture.head_maps[rows] += cols
         if capture.maps is not None:
-            B, H = p.shape[:2]
             w = capture.head_weights
             w = torch.ones(B, H, device=p.device) if w is None else w.float().expand(B, H)
-            capture.maps += torch.einsum("bh,bhmt->bmt", w, cols)
+            capture.maps[rows] += torch.einsum("bh,bhmt->bmt", w[rows], cols)
 
 
 def token_columns(p: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

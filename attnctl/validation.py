@@ -111,6 +111,7 @@ def check_capture(capture, B: int, H: int, M: int, N: int, device: torch.device,
         return
     if not isinstance(capture, Capture):
         raise TypeError(f"{name}: expected attnctl.Capture or None, got {type(capture).__name__}")
+    _check_rows(capture.rows, B, name)
     expected = {"token_mass": (B, H, N), "lse": (B, H, M)}
     if capture.wants_probes:
         expected["probe_mass"] = _check_probe_keys(capture, B, H, device, dtype, head_dim)
@@ -141,6 +142,18 @@ def check_capture(capture, B: int, H: int, M: int, N: int, device: torch.device,
             raise ValueError(f"{name}.head_weights: expected device {device} (that of q), got {w.device}")
         if _shape(w) not in ((H,), (B, H)):
             raise ValueError(f"{name}.head_weights: expected shape ({H},) or ({B}, {H}), got {_shape(w)}")
+
+
+def _check_rows(rows, B: int, name: str) -> None:
+    """``rows``: None or a non-empty range of batch items in [0, B) with step 1."""
+    if rows is None:
+        return
+    if not isinstance(rows, range):
+        raise TypeError(f"{name}.rows: expected a range of batch items (e.g. range({B // 2}, {B})) or None, "
+                        f"got {type(rows).__name__}")
+    if rows.step != 1 or not 0 <= rows.start < rows.stop <= B:
+        raise ValueError(f"{name}.rows: expected a non-empty range with step 1 inside [0, {B}) (B = batch), "
+                         f"got {rows}")
 
 
 def _check_probe_keys(capture: Capture, B: int, H: int, device: torch.device,

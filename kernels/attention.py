@@ -13,12 +13,20 @@ Statistics of P (before f) are added into fp32 caller buffers:
   all key blocks recomputes S and normalises with the final (m, l): one extra QKᵀ, no PV.
 * maps / head maps at token columns: after the main loop, the captured key columns are
   gathered and their logits recomputed against the final (m, l) — an extra
-  BLOCK_M × D × T product, whatever N is.
+  BLOCK_M × D × T product, whatever N is. (Taking them from the main loop's P tile when
+  every key fits one block keeps that tile live through the capture work: selected by
+  tl.gather it lowers to kilobytes of per-thread stack, by a one-hot product it spills
+  at d 80 on sm_80 unless the tile has 16 rows; measured with tests/compile_kernel.py.)
 * row log-sum-exp.
 * auxiliary-key probes Σ_m softmax_c(s · q · probe_keys) (B, H, C): a softmax over the
   probe keys only, from the q block already in registers, after the main loop. One probe
   block: single pass; more: a first pass for the row max and sum (online), a second for
   the normalised values.
+
+Captured rows: captures apply only to batch items in [capture_rows_start,
+capture_rows_stop) (own term: [own_rows_start, own_rows_stop)); a program of another item
+skips every capture (no token mass, no column gather or recompute, no probe softmax, no
+buffer access) by a uniform branch.
 
 Injection (``HAS_SOURCE``): program (b, h) loads q, k and bias of batch item Source[b]
 and v, prob_mult, region labels and capture/output addresses of b, so b's output is
@@ -206,6 +214,7 @@ def attention_fwd_kernel(
     stride_ow_b, stride_ow_h,
     stride_fan,
     H, M, N, T, C, T_OWN, qk_scale_log2, region_strength,
+    capture_rows_start, capture_rows_stop, own_rows_start, own_rows_stop,
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -246,6 +255,11 @@ def attention_fwd_kernel(
         if HAS_SOURCE:
             src = tl.load(Source + b).to(tl.int64)
 
+    # Captures apply to a range of batch items (capture.rows): other items do no capture
+    # work at all (a uniform branch per program).
+    capture_row = (b >= capture_rows_start) & (b < capture_rows_stop)
+    own_capture_row = (b >= own_rows_start) & (b < own_rows_stop)
+
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     offs_d = tl.arange(0, BLOCK_D)
@@ -258,7 +272,6 @@ def attention_fwd_kernel(
     v_base = V + b * stride_vb + h * stride_vh
     bias_base = Bias + src * stride_bias_b + h * stride_bias_h
     pm_base = ProbMult + b * stride_pm_b + h * stride_pm_h
-    tm_base = TokenMass + b * stride_tm_b + h * stride_tm_h
 
     if HAS_REGIONS:
         # Region of each query row (-1: unlabelled, never scaled).
@@ -280,7 +293,6 @@ def attention_fwd_kernel(
         bias_own_base = Bias + b * stride_bias_b + h * stride_bias_h
         v_own_base = OwnV + b * stride_ov_b + h * stride_ov_h
         opm_base = OwnProbMult + b * stride_opm_b + h * stride_opm_h
-        otm_base = OwnTokenMass + b * stride_otm_b + h * stride_otm_h
         m_own = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_own = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc_own = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -293,9 +305,6 @@ def attention_fwd_kernel(
                          stride_kn, stride_kd, stride_bias_m, stride_bias_n, qk_scale_log2,
                          D, BLOCK_D, HAS_BIAS, DOT_PRECISION)
         p, alpha, m_i, l_i = _online_softmax_step(s, m_i, l_i)
-        if CAPTURE_TOKEN_MASS and SINGLE_KEY_BLOCK:
-            _add_token_mass_of_block(tm_base, p, l_i, mask_m, offs_n, mask_n, stride_tm_n)
-
         region_keep = 1.0
         if HAS_REGIONS:
             region_k = tl.load(lk_base + offs_n * stride_lk_n, mask=mask_n, other=-1)
@@ -319,17 +328,24 @@ def attention_fwd_kernel(
                     acc3 = _pv_update(acc3, alpha, p, V + b3 * stride_vb + h * stride_vh, offs_n, mask_n,
                                       offs_dv, stride_vn, stride_vd, DV, DOT_PRECISION)
 
+        if CAPTURE_TOKEN_MASS and SINGLE_KEY_BLOCK:
+            if capture_row:
+                _add_token_mass_of_block(TokenMass + b * stride_tm_b + h * stride_tm_h, p, l_i, mask_m,
+                                         offs_n, mask_n, stride_tm_n)
+
         if HAS_OWN:
             s_own = _logits_log2(q_own, k_own_base, bias_own_base, offs_m, mask_m, offs_n, mask_n,
                                  stride_kn, stride_kd, stride_bias_m, stride_bias_n, qk_scale_log2,
                                  D, BLOCK_D, HAS_BIAS, DOT_PRECISION)
             p_own, alpha_own, m_own, l_own = _online_softmax_step(s_own, m_own, l_own)
-            if OWN_CAPTURE_TOKEN_MASS and SINGLE_KEY_BLOCK:
-                _add_token_mass_of_block(otm_base, p_own, l_own, mask_m, offs_n, mask_n, stride_otm_n)
             pf_own = _numerator(p_own, opm_base, offs_m, mask_m, offs_n, mask_n, stride_opm_m, stride_opm_n,
                                 region_keep, HAS_OWN_PROB_MULT, HAS_REGIONS)
             acc_own = _pv_update(acc_own, alpha_own, pf_own, v_own_base, offs_n, mask_n, offs_dv,
                                  stride_ov_n, stride_ov_d, DV, DOT_PRECISION)
+            if OWN_CAPTURE_TOKEN_MASS and SINGLE_KEY_BLOCK:
+                if own_capture_row:
+                    _add_token_mass_of_block(OwnTokenMass + b * stride_otm_b + h * stride_otm_h, p_own, l_own,
+                                             mask_m, offs_n, mask_n, stride_otm_n)
 
     inv_l = tl.where(mask_m & (l_i > 0), 1.0 / l_i, 0.0)
     out = acc * inv_l[:, None]
@@ -349,61 +365,64 @@ def attention_fwd_kernel(
                             offs_dv, stride_om, stride_od, DV)
 
     # ---- captures that need the final normaliser ---------------------------------------
-    _capture_statistics(
-        q, k_base, bias_base, m_i, l_i, offs_m, mask_m, b, h, N, T,
-        TokenMass, Maps, HeadMaps, Lse, Tokens, HeadWeights,
-        stride_kn, stride_kd, stride_bias_m, stride_bias_n,
-        stride_tm_b, stride_tm_h, stride_tm_n, stride_map_b, stride_map_m, stride_map_t,
-        stride_hm_b, stride_hm_h, stride_hm_m, stride_hm_t, stride_lse_b, stride_lse_h, stride_lse_m,
-        stride_tok_b, stride_tok_t, stride_w_b, stride_w_h, qk_scale_log2,
-        D, BLOCK_N, BLOCK_D, BLOCK_T, HAS_BIAS, DOT_PRECISION,
-        CAPTURE_TOKEN_MASS, CAPTURE_MAPS, CAPTURE_HEAD_MAPS, CAPTURE_LSE, HAS_HEAD_WEIGHTS, SINGLE_KEY_BLOCK)
-    if HAS_OWN:
+    if capture_row:
         _capture_statistics(
-            q_own, k_own_base, bias_own_base, m_own, l_own, offs_m, mask_m, b, h, N, T_OWN,
-            OwnTokenMass, OwnMaps, OwnHeadMaps, OwnLse, OwnTokens, OwnHeadWeights,
+            q, k_base, bias_base, m_i, l_i, offs_m, mask_m, b, h, N, T,
+            TokenMass, Maps, HeadMaps, Lse, Tokens, HeadWeights,
             stride_kn, stride_kd, stride_bias_m, stride_bias_n,
-            stride_otm_b, stride_otm_h, stride_otm_n, stride_omap_b, stride_omap_m, stride_omap_t,
-            stride_ohm_b, stride_ohm_h, stride_ohm_m, stride_ohm_t, stride_olse_b, stride_olse_h, stride_olse_m,
-            stride_otok_b, stride_otok_t, stride_ow_b, stride_ow_h, qk_scale_log2,
+            stride_tm_b, stride_tm_h, stride_tm_n, stride_map_b, stride_map_m, stride_map_t,
+            stride_hm_b, stride_hm_h, stride_hm_m, stride_hm_t, stride_lse_b, stride_lse_h, stride_lse_m,
+            stride_tok_b, stride_tok_t, stride_w_b, stride_w_h, qk_scale_log2,
             D, BLOCK_N, BLOCK_D, BLOCK_T, HAS_BIAS, DOT_PRECISION,
-            OWN_CAPTURE_TOKEN_MASS, OWN_CAPTURE_MAPS, OWN_CAPTURE_HEAD_MAPS, OWN_CAPTURE_LSE,
-            OWN_HAS_HEAD_WEIGHTS, SINGLE_KEY_BLOCK)
+            CAPTURE_TOKEN_MASS, CAPTURE_MAPS, CAPTURE_HEAD_MAPS, CAPTURE_LSE, HAS_HEAD_WEIGHTS, SINGLE_KEY_BLOCK)
+    if HAS_OWN:
+        if own_capture_row:
+            _capture_statistics(
+                q_own, k_own_base, bias_own_base, m_own, l_own, offs_m, mask_m, b, h, N, T_OWN,
+                OwnTokenMass, OwnMaps, OwnHeadMaps, OwnLse, OwnTokens, OwnHeadWeights,
+                stride_kn, stride_kd, stride_bias_m, stride_bias_n,
+                stride_otm_b, stride_otm_h, stride_otm_n, stride_omap_b, stride_omap_m, stride_omap_t,
+                stride_ohm_b, stride_ohm_h, stride_ohm_m, stride_ohm_t, stride_olse_b, stride_olse_h,
+                stride_olse_m, stride_otok_b, stride_otok_t, stride_ow_b, stride_ow_h, qk_scale_log2,
+                D, BLOCK_N, BLOCK_D, BLOCK_T, HAS_BIAS, DOT_PRECISION,
+                OWN_CAPTURE_TOKEN_MASS, OWN_CAPTURE_MAPS, OWN_CAPTURE_HEAD_MAPS, OWN_CAPTURE_LSE,
+                OWN_HAS_HEAD_WEIGHTS, SINGLE_KEY_BLOCK)
 
     # ---- auxiliary-key probes: a softmax over the probe keys alone, summed over rows -----
     if CAPTURE_PROBES:
-        pk_base = ProbeKeys + b * stride_pk_b + h * stride_pk_h
-        pmass_base = ProbeMass + b * stride_pmass_b + h * stride_pmass_h
-        if SINGLE_PROBE_BLOCK:
-            offs_c = tl.arange(0, BLOCK_C)
-            mask_c = offs_c < C
-            s = _logits_log2(q, pk_base, pk_base, offs_m, mask_m, offs_c, mask_c,
-                             stride_pk_c, stride_pk_d, 0, 0, qk_scale_log2,
-                             D, BLOCK_D, False, DOT_PRECISION)
-            p = tl.exp2(s - tl.max(s, 1)[:, None])
-            row_w = tl.where(mask_m, 1.0 / tl.sum(p, 1), 0.0)
-            tl.atomic_add(pmass_base + offs_c * stride_pmass_c, tl.sum(p * row_w[:, None], 0), mask=mask_c)
-        else:
-            pm_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-            pl_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for start_c in range(0, C, BLOCK_C):
-                offs_c = start_c + tl.arange(0, BLOCK_C)
+        if capture_row:
+            pk_base = ProbeKeys + b * stride_pk_b + h * stride_pk_h
+            pmass_base = ProbeMass + b * stride_pmass_b + h * stride_pmass_h
+            if SINGLE_PROBE_BLOCK:
+                offs_c = tl.arange(0, BLOCK_C)
                 mask_c = offs_c < C
                 s = _logits_log2(q, pk_base, pk_base, offs_m, mask_m, offs_c, mask_c,
                                  stride_pk_c, stride_pk_d, 0, 0, qk_scale_log2,
                                  D, BLOCK_D, False, DOT_PRECISION)
-                pm_new = tl.maximum(pm_i, tl.max(s, 1))  # finite: every block has a live key
-                pl_i = pl_i * tl.exp2(pm_i - pm_new) + tl.sum(tl.exp2(s - pm_new[:, None]), 1)
-                pm_i = pm_new
-            row_w = tl.where(mask_m, 1.0 / pl_i, 0.0)
-            for start_c in range(0, C, BLOCK_C):
-                offs_c = start_c + tl.arange(0, BLOCK_C)
-                mask_c = offs_c < C
-                s = _logits_log2(q, pk_base, pk_base, offs_m, mask_m, offs_c, mask_c,
-                                 stride_pk_c, stride_pk_d, 0, 0, qk_scale_log2,
-                                 D, BLOCK_D, False, DOT_PRECISION)
-                p = tl.exp2(s - pm_i[:, None]) * row_w[:, None]
-                tl.atomic_add(pmass_base + offs_c * stride_pmass_c, tl.sum(p, 0), mask=mask_c)
+                p = tl.exp2(s - tl.max(s, 1)[:, None])
+                row_w = tl.where(mask_m, 1.0 / tl.sum(p, 1), 0.0)
+                tl.atomic_add(pmass_base + offs_c * stride_pmass_c, tl.sum(p * row_w[:, None], 0), mask=mask_c)
+            else:
+                pm_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+                pl_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+                for start_c in range(0, C, BLOCK_C):
+                    offs_c = start_c + tl.arange(0, BLOCK_C)
+                    mask_c = offs_c < C
+                    s = _logits_log2(q, pk_base, pk_base, offs_m, mask_m, offs_c, mask_c,
+                                     stride_pk_c, stride_pk_d, 0, 0, qk_scale_log2,
+                                     D, BLOCK_D, False, DOT_PRECISION)
+                    pm_new = tl.maximum(pm_i, tl.max(s, 1))  # finite: every block has a live key
+                    pl_i = pl_i * tl.exp2(pm_i - pm_new) + tl.sum(tl.exp2(s - pm_new[:, None]), 1)
+                    pm_i = pm_new
+                row_w = tl.where(mask_m, 1.0 / pl_i, 0.0)
+                for start_c in range(0, C, BLOCK_C):
+                    offs_c = start_c + tl.arange(0, BLOCK_C)
+                    mask_c = offs_c < C
+                    s = _logits_log2(q, pk_base, pk_base, offs_m, mask_m, offs_c, mask_c,
+                                     stride_pk_c, stride_pk_d, 0, 0, qk_scale_log2,
+                                     D, BLOCK_D, False, DOT_PRECISION)
+                    p = tl.exp2(s - pm_i[:, None]) * row_w[:, None]
+                    tl.atomic_add(pmass_base + offs_c * stride_pmass_c, tl.sum(p, 0), mask=mask_c)
 
 
 @triton.jit

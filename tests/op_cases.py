@@ -235,7 +235,7 @@ def clone_capture(cap: Optional[Capture]) -> Optional[Capture]:
         return None
     out = Capture(**{n: (getattr(cap, n).clone() if getattr(cap, n) is not None else None)
                      for n in CAPTURE_KINDS},
-                  tokens=cap.tokens, head_weights=cap.head_weights)
+                  tokens=cap.tokens, head_weights=cap.head_weights, rows=cap.rows)
     return out
 
 

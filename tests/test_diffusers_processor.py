@@ -211,7 +211,7 @@ def test_controllers_compose_biases_add_prob_mults_multiply_captures_merge():
                            tokens=torch.tensor([1, 2], dtype=torch.int32))
     cap2 = attnctl.Capture(head_maps=torch.zeros(B, H, M, 1), lse=torch.zeros(B, H, M),
                            maps=torch.zeros(B, M, 1), head_weights=w,
-                           tokens=torch.tensor([[3], [5]], dtype=torch.int32))
+                           tokens=torch.tensor([[3], [5]], dtype=torch.int32), rows=range(1, 2))
     with attnctl.install(pipe, Fixed(name, b1, f1, cap1), Fixed(name, b2, f2, cap2), backend="torch"):
         with torch.no_grad():
             got = attn(x, encoder_hidden_states=context)
@@ -227,7 +227,8 @@ def test_controllers_compose_biases_add_prob_mults_multiply_captures_merge():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cap1.token_mass, p.sum(2))
     torch.testing.assert_close(cap1.maps, p[..., [1, 2]].sum(1))
-    cols = torch.stack([p[0, :, :, 3], p[1, :, :, 5]])[..., None]  # (B, H, M, 1)
+    # cap2 captures row 1 only (Capture.rows): its row 0 stays zero.
+    cols = torch.stack([torch.zeros_like(p[0, :, :, 3]), p[1, :, :, 5]])[..., None]  # (B, H, M, 1)
     torch.testing.assert_close(cap2.head_maps, cols)
     torch.testing.assert_close(cap2.maps, torch.einsum("h,bhmt->bmt", w, cols))
-    torch.testing.assert_close(cap2.lse, torch.logsumexp(s, -1))
+    torch.testing.assert_close(cap2.lse, torch.logsumexp(s, -1) * torch.tensor([0.0, 1.0])[:, None, None])

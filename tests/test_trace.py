@@ -31,7 +31,7 @@ def traced():
     """One traced generation per mode, shared by the tests that read it."""
     pipe = sd_pipe()
     results = {}
-    for name, options in {"summed": dict(per_head=False), "per_head": {},
+    for name, options in {"summed": dict(per_head=False), "per_head": dict(uncond=True),
                           "per_step": dict(per_step=True, per_head=False)}.items():
         with trace_every(pipe, backend="torch", **options) as tc:
             images = generate(pipe, PROMPTS, num_images_per_prompt=2)
@@ -51,6 +51,18 @@ def test_images_and_maps_match_the_materialising_reference(reference, traced):
     # The unconditional half on request.
     torch.testing.assert_close(tc.heat_map(1, half="uncond", **LATENT_GRID).value, daam_heat_map(store, row=1),
                                **TOL)
+
+
+def test_default_trace_captures_the_cond_half_only(traced):
+    """Capture.rows = the cond half: the uncond rows are never written, and asking for
+    them is an error naming the option that keeps them."""
+    tc, _ = traced["summed"]
+    for layer in tc.maps().layers:
+        for buffers in (layer.maps, layer.token_mass):
+            for buf in buffers.values():
+                assert not buf[:4].any() and buf[4:].any()
+    with pytest.raises(ValueError, match=r"'uncond' was not captured; trace with uncond=True"):
+        tc.heat_map(0, half="uncond")
 
 
 def test_summed_mode_sums_heads_in_kernel(reference, traced):

@@ -19,23 +19,51 @@ def _pow2_at_least_16(n: int) -> int:
 
 
 def launch_config(head_dim: int, value_dim: int, num_keys: int, num_tokens: int,
-                  captures: bool, elem_size: int, accumulators: int = 1) -> dict:
-    """Block sizes and warps by shape.
+                  captures: bool, elem_size: int, accumulators: int = 1, probes: bool = False) -> dict:
+    """Block sizes, warps and pipeline stages by shape.
 
     N up to 128 keys (cross-attention, N = 77) fits a single key block, which makes
-    token-mass capture single-pass. Tiles are sized so that ptxas neither spills much nor
-    exceeds shared memory (tests/compile_kernel.py reports both for sm_80/sm_90 without a
-    GPU): 128 query rows only for 16-bit inputs with head dims up to 64, one output
-    accumulator, and not with captures on a 128-key tile; 8 warps for 128 x 128 tiles and
-    for the capture passes. ``accumulators``: output tiles a program keeps (2 for the
-    two-source form, the fan-out width), which count like a wider value tile.
+    token-mass capture single-pass (not with captures at head dims up to 64: see below). Tiles are chosen so that ptxas spills
+    no register and shared memory fits, on sm_80 and sm_90 (tests/compile_kernel.py
+    compiles every variant without a GPU; tests/test_kernel_compiles.py fails on a spill):
+
+    * 128 query rows only for 16-bit inputs with head dims up to 64, one output
+      accumulator and no capture (the capture epilogues hold extra tiles); 16 for 512
+      value columns (the two-source form at d = 160) and for probes at d = 160; 32 for
+      probes at other head dims than 64 (64 rows spill at d = 40 on sm_80 with Triton 3.6,
+      32 rows at d = 64 on sm_90 with 3.9), for 256-wide tiles (d = 160, the two-source form at d = 128,
+      fan-out to 4) on a single key block, with captures or fanned out to 4, and for the
+      two-source form with captures; else 64;
+    * 64-key blocks with probes and with captures at head dims up to 64 or 256-wide tiles
+      (a 128-key tile spills there, measured: 30-1700 B of stack), so N = 77 runs two
+      key blocks;
+    * 8 warps for 128-row tiles, 128 x 128-element tiles, 256-wide tiles and with
+      captures, else 4;
+    * two pipeline stages, also when all keys fit one block: the pipeliner then copies
+      K and V to shared memory asynchronously, without a register round trip (one stage
+      spills at d 80-128, N = 77); one stage for fp32 (twice the bytes per tile), for 512
+      value columns (the two-source form at d = 160) and for 256-wide head tiles on a
+      single key block (d = 160, N = 77: two stages need 176 KB on sm_80, 288 KB on sm_90).
+
+    ``accumulators``: output tiles a program keeps (2 for the two-source form, the fan-out
+    width), which count like a wider value tile.
     """
     block_d = _pow2_at_least_16(head_dim)
     block_dv = _pow2_at_least_16(value_dim)
-    block_n = _pow2_at_least_16(num_keys) if num_keys <= 128 else 64
     width = block_dv * accumulators
-    narrow = max(block_d, width) <= 64 and elem_size == 2 and not (captures and block_n == 128)
-    block_m = 128 if narrow else 64
+    narrow = max(block_d, width) <= 64 and elem_size == 2 and not captures
+    wide = max(block_d, width) >= 256
+    single_key_block = num_keys <= (64 if probes or (captures and (block_d <= 64 or wide)) else 128)
+    block_n = _pow2_at_least_16(num_keys) if single_key_block else 64
+    if narrow:
+        block_m = 128
+    elif width >= 512 or (probes and wide):
+        block_m = 16
+    elif ((probes and head_dim != 64) or (wide and (single_key_block or captures or accumulators > 2))
+          or (accumulators > 1 and captures)):
+        block_m = 32
+    else:
+        block_m = 64
     big_tile = block_m * max(block_n, width) >= 128 * 128
     return dict(
         BLOCK_M=block_m,
@@ -43,10 +71,8 @@ def launch_config(head_dim: int, value_dim: int, num_keys: int, num_tokens: int,
         BLOCK_D=block_d,
         BLOCK_DV=block_dv,
         BLOCK_T=min(64, _pow2_at_least_16(num_tokens)),
-        num_warps=8 if big_tile or captures else 4,
-        # fp32 tiles are twice the bytes, and the two-source form at d = 160 streams two
-        # 256-wide value tiles: one stage keeps either inside sm_80's 163 KB.
-        num_stages=2 if elem_size == 2 and width < 512 else 1,
+        num_warps=8 if block_m == 128 or big_tile or wide or captures else 4,
+        num_stages=1 if elem_size == 4 or width >= 512 or (single_key_block and block_d >= 256) else 2,
     )
 
 
@@ -68,9 +94,9 @@ def kernel_arguments(q, k, v, out, *, scale: float, bias: Optional[torch.Tensor]
     T = tokens.shape[-1] if tokens is not None else 0
     T_own = own_tokens.shape[-1] if own_tokens is not None else 0
     fan = fanout.shape[1] - 1 if fanout is not None else 1
-    cfg = launch_config(D, DV, N, max(T, T_own), captures=not (cap.empty and own_cap.empty),
-                        elem_size=q.element_size(), accumulators=2 if own is not None else fan)
     probes = cap.probe_keys is not None and cap.probe_mass is not None
+    cfg = launch_config(D, DV, N, max(T, T_own), captures=not (cap.empty and own_cap.empty),
+                        elem_size=q.element_size(), accumulators=2 if own is not None else fan, probes=probes)
     C = cap.probe_keys.shape[2] if probes else 0
     # Probe blocks: up to 64 probe keys per block (a concept set of a few words fits one).
     block_c = min(64, _pow2_at_least_16(C)) if probes else 16
@@ -102,6 +128,7 @@ def kernel_arguments(q, k, v, out, *, scale: float, bias: Optional[torch.Tensor]
         *capture_strides(own_cap, own_tokens),
         fanout.stride(0) if fanout is not None else 0,
         H, M, N, T, C, T_own, scale * LOG2E, float(regions.strength) if regions is not None else 0.0,
+        *cap.row_range(B), *own_cap.row_range(B),
     ]
     meta = dict(
         D=D, DV=DV,

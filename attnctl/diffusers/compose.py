@@ -20,7 +20,9 @@ into a scratch :class:`Capture` and then added into each owner's buffers:
 * auxiliary-key probes: at most one owner may carry ``probe_keys``; the kernel adds into
   that owner's ``probe_mass`` directly;
 * ``maps``: the scratch carries the first owner's ``head_weights``; an owner whose weights
-  are another tensor gets its maps from scratch per-head maps, weighted afterwards.
+  are another tensor gets its maps from scratch per-head maps, weighted afterwards;
+* captured rows: the scratch captures the smallest row range covering every owner's
+  ``rows`` (all rows if one owner has none) and each owner receives its own rows only.
 
 On a call with a prompt-to-prompt token map (``value_map``), other controllers' captures
 (a trace during an edit) receive the edited map the edit applies, as the original's
@@ -181,20 +183,22 @@ class EditedCapture:
 
     def route(self) -> None:
         mass, maps, head_maps = self._edited("token_mass"), self._edited("maps"), self._edited("head_maps")
+        B = self.shape[0]
         for owner in self.owners:
+            r = slice(*owner.row_range(B))   # an owner's capture.rows: the other rows stay untouched
             if owner.token_mass is not None:
-                owner.token_mass += mass
+                owner.token_mass[r] += mass[r]
             if owner.head_maps is not None:
-                owner.head_maps += _columns(head_maps, owner.tokens)
+                owner.head_maps[r] += _columns(head_maps, owner.tokens)[r]
             if owner.maps is None:
                 continue
             if not self.per_head:
-                owner.maps += _columns(maps, owner.tokens)
+                owner.maps[r] += _columns(maps, owner.tokens)[r]
             else:
-                B, H = head_maps.shape[:2]
+                H = head_maps.shape[1]
                 w = owner.head_weights
                 w = torch.ones(B, H, device=head_maps.device) if w is None else w.float().expand(B, H)
-                owner.maps += torch.einsum("bh,bhmt->bmt", w, _columns(head_maps, owner.tokens))
+                owner.maps[r] += torch.einsum("bh,bhmt->bmt", w, _columns(head_maps, owner.tokens))[r]
 
 
 def _columns(x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -212,11 +216,17 @@ class MergedCapture:
                  device: torch.device):
         self.owners = list(owners)
         B, H, M, N = shape
+        self.batch = B
         probe_owners = [c for c in self.owners if c.wants_probes]
         if len(probe_owners) > 1:
             raise ValueError(f"compose: capture.probe_keys: expected at most one capture with probe keys per "
                              f"call, got {len(probe_owners)}")
         probe_owner = probe_owners[0] if probe_owners else None
+        ranges = [c.rows for c in self.owners]
+        rows = None if None in ranges else range(min(r.start for r in ranges), max(r.stop for r in ranges))
+        if probe_owner is not None and probe_owner.rows != rows:
+            raise ValueError(f"compose: capture.rows: the capture with probe keys has rows {probe_owner.rows}, "
+                             f"the merged capture {rows}; expected the same rows for both")
 
         def zeros_if(wanted: bool, *size: int) -> Optional[torch.Tensor]:
             return torch.zeros(size, device=device) if wanted else None
@@ -248,25 +258,28 @@ class MergedCapture:
             head_weights=self.weights,
             probe_keys=probe_owner.probe_keys if probe_owner is not None else None,
             probe_mass=probe_owner.probe_mass if probe_owner is not None else None,
+            rows=rows,
         )
 
     def route(self) -> None:
         """Add the scratch statistics into every owner's buffers."""
         s = self.scratch
         for owner in self.owners:
+            r = slice(*owner.row_range(self.batch))
             if owner.token_mass is not None:
-                owner.token_mass += s.token_mass
+                owner.token_mass[r] += s.token_mass[r]
             if owner.lse is not None:
-                owner.lse += s.lse
+                owner.lse[r] += s.lse[r]
         for owner, start, stop in self.columns:
+            r = slice(*owner.row_range(self.batch))
             if owner.head_maps is not None:
-                owner.head_maps += s.head_maps[..., start:stop]
+                owner.head_maps[r] += s.head_maps[r, ..., start:stop]
             if owner.maps is None:
                 continue
             if owner.head_weights is self.weights:
-                owner.maps += s.maps[..., start:stop]
+                owner.maps[r] += s.maps[r, ..., start:stop]
             else:
                 B, H = s.head_maps.shape[:2]
                 w = owner.head_weights
                 w = torch.ones(B, H, device=s.head_maps.device) if w is None else w.float().expand(B, H)
-                owner.maps += torch.einsum("bh,bhmt->bmt", w, s.head_maps[..., start:stop])
+                owner.maps[r] += torch.einsum("bh,bhmt->bmt", w[r], s.head_maps[r, ..., start:stop])

@@ -388,6 +388,8 @@ class HRVBuilder(Controller):
         self._call_probe(probe, call)
         if call.layout.rows == call.batch:
             self.layout = call.layout
+        # Votes read the cond rows only: the kernel probes no other row.
+        probe.capture.rows = call.layout.cond_rows if call.layout.rows == call.batch else None
         probe.pending = True
         return Plan(capture=probe.capture)
 

@@ -151,7 +151,7 @@ class TraceMaps:
     def __init__(self, layers: List[LayerMaps], layout: BatchLayout, latent: Tuple[int, int],
                  image_scale: int, prompts: Optional[List[PromptText]], per_head: bool,
                  per_step: bool, heads: Optional[List[int]], steps_run: int, tokenizer=None,
-                 daam_side: Optional[int] = None):
+                 daam_side: Optional[int] = None, uncond: bool = True):
         self.layers = layers
         self.layout = layout
         self.latent = tuple(latent)
@@ -163,6 +163,7 @@ class TraceMaps:
         self.steps_run = steps_run
         self.tokenizer = tokenizer
         self.daam_side = daam_side  # DAAM's output side for the pipeline (None: unknown)
+        self.uncond = uncond  # whether CFG's unconditional rows were captured
 
     @property
     def image_size(self) -> Tuple[int, int]:
@@ -210,6 +211,9 @@ class TraceMaps:
         return chosen
 
     def _row(self, image: int, half: str) -> int:
+        if half == "uncond" and not self.uncond and self.layout.cfg:
+            raise ValueError("half: 'uncond' was not captured; trace with uncond=True to keep CFG's "
+                             "unconditional half")
         return self.layout.row(image, half)
 
     def _output_size(self, size) -> Tuple[int, int]:
@@ -321,6 +325,7 @@ class TraceMaps:
             "format": FORMAT, "layers": layers, "latent": list(self.latent),
             "image_scale": self.image_scale, "per_head": self.per_head, "per_step": self.per_step,
             "heads": self.heads, "steps_run": self.steps_run, "daam_side": self.daam_side,
+            "uncond": self.uncond,
             "layout": {"rows": self.layout.rows, "cfg": self.layout.cfg,
                        "images_per_prompt": self.layout.images_per_prompt},
             "prompts": [p.to_json() for p in self.prompts] if self.prompts is not None else None,
@@ -348,7 +353,7 @@ class TraceMaps:
         return cls(layers, BatchLayout(**meta["layout"]), tuple(meta["latent"]), meta["image_scale"],
                    [PromptText.from_json(p) for p in prompts] if prompts is not None else None,
                    meta["per_head"], meta["per_step"], meta["heads"], meta["steps_run"], tokenizer,
-                   daam_side=meta["daam_side"])
+                   daam_side=meta["daam_side"], uncond=meta.get("uncond", True))
 
     def __repr__(self) -> str:
         return (f"TraceMaps({len(self.layers)} layers, latent {self.latent}, images "

@@ -41,7 +41,7 @@ class TraceController(Controller):
 
     def __init__(self, *, layers=None, resolutions=None, heads: Optional[Iterable[int]] = None,
                  steps: Optional[Iterable[int]] = None, per_step: bool = False, per_head: bool = True,
-                 tokens: str = "prompt"):
+                 tokens: str = "prompt", uncond: bool = False):
         if tokens not in TOKEN_CHOICES:
             raise ValueError(f"tokens: expected one of {TOKEN_CHOICES}, got {tokens!r}")
         self.layer_patterns = layers
@@ -51,6 +51,7 @@ class TraceController(Controller):
         self.per_step = bool(per_step)
         self.per_head = bool(per_head)
         self.tokens = tokens
+        self.uncond = bool(uncond)
         self.allowed_layers: Optional[frozenset] = None  # set by Trace from the UNet's layers
         self.daam_side: Optional[int] = None  # set by Trace: DAAM's output side for the pipeline
         self.generation: Optional[Generation] = None
@@ -101,6 +102,8 @@ class TraceController(Controller):
         capture = self._capture
         capture.token_mass = token_mass
         capture.tokens = self._columns[(maps.shape[-1], call.device)]
+        # Only the rows that will be read: the kernel skips capture work for the others.
+        capture.rows = None if self.uncond else call.layout.cond_rows
         if self.per_head:
             capture.head_maps = maps
         else:
@@ -145,7 +148,8 @@ class TraceController(Controller):
                                "them; layers='*' takes every cross-attention layer)")
         gen = self.generation
         return TraceMaps(layers, self.layout, self.latent, gen.image_scale, self.texts, self.per_head,
-                         self.per_step, self.heads, self.steps_run, gen.tokenizer, daam_side=self.daam_side)
+                         self.per_step, self.heads, self.steps_run, gen.tokenizer, daam_side=self.daam_side,
+                         uncond=self.uncond)
 
 
 def _as_list(value, name: str) -> Optional[list]:
@@ -225,7 +229,8 @@ class Trace:
 
 
 def trace(pipe, *, layers=None, resolutions=None, heads=None, steps=None, per_step: bool = False,
-          per_head: bool = True, tokens: str = "prompt", backend: Optional[str] = None) -> Trace:
+          per_head: bool = True, tokens: str = "prompt", uncond: bool = False,
+          backend: Optional[str] = None) -> Trace:
     """Trace cross-attention heat maps of an SD 1.x / 2.x / SDXL pipeline::
 
         with attnctl.trace(pipe) as tc:
@@ -249,10 +254,13 @@ def trace(pipe, *, layers=None, resolutions=None, heads=None, steps=None, per_st
         tokens: "prompt" (DAAM): capture BOS, the prompt's tokens and the first EOS (the
             columns of DAAM's global map; every column when the prompt text is unknown);
             "all": every key column, padding included.
+        uncond: also capture CFG's unconditional half (for ``heat_map(half="uncond")``); by
+            default only the conditional rows are captured and the kernel does no capture
+            work for the others.
         backend: the attention backend ("auto" picks the fused Triton kernel on CUDA).
 
     If attnctl is not installed on ``pipe`` the trace installs it and uninstalls on exit.
     """
     controller = TraceController(layers=layers, resolutions=resolutions, heads=heads, steps=steps,
-                                 per_step=per_step, per_head=per_head, tokens=tokens)
+                                 per_step=per_step, per_head=per_head, tokens=tokens, uncond=uncond)
     return Trace(pipe, controller, backend)
