@@ -8,7 +8,8 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 import attnctl
 from attnctl.diffusers import AttnctlProcessor, Controller, Plan
 from attnctl.diffusers.install import query_grid
-from diffusion_helpers import LATENT, generate, sd_pipe, sdxl_pipe
+from control_reference import assert_within_reference_error, float64_pipe, initial_noise
+from diffusion_helpers import HEIGHT, LATENT, WIDTH, generate, sd_pipe, sdxl_pipe
 
 BACKENDS = ["torch", "triton"]
 
@@ -72,18 +73,28 @@ def test_installed_pipeline_matches_attnprocessor2_0_without_controllers(backend
     pipe = sd_pipe()
     # The interpreted Triton kernel is slow: a smaller image (latent 8 x 12) and one step.
     size = dict(height=16, width=24, steps=1) if backend == "triton" else {}
-    expected = generate(pipe, ["a cat on a car", "a dog"], **size)
-    with attnctl.install(pipe, backend=backend):
-        got = generate(pipe, ["a cat on a car", "a dog"], **size)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    got, expected, exact = _stock_and_installed(pipe, ["a cat on a car", "a dog"], backend, **size)
+    assert_within_reference_error(got, expected, exact)
 
 
 def test_sdxl_unet_matches_attnprocessor2_0():
     pipe = sdxl_pipe()
-    expected = generate(pipe, "a red bus", steps=1)
-    with attnctl.install(pipe, backend="torch"):
-        got = generate(pipe, "a red bus", steps=1)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    got, expected, exact = _stock_and_installed(pipe, "a red bus", "torch", steps=1)
+    assert_within_reference_error(got, expected, exact)
+
+
+def _stock_and_installed(pipe, prompt, backend, **kwargs):
+    """Images of attnctl installed (no controller), of stock diffusers in fp32, and of stock
+    diffusers in fp64, all from the same initial noise: the tolerance of the comparison is
+    the fp32 pipeline's own rounding error (assert_within_reference_error)."""
+    images = len([prompt] if isinstance(prompt, str) else prompt)
+    size = {key: kwargs.pop(key, default) for key, default in (("height", HEIGHT), ("width", WIDTH))}
+    noise = initial_noise(pipe, images, size["height"], size["width"])
+    expected = generate(pipe, prompt, latents=noise, **size, **kwargs)
+    exact = generate(float64_pipe(pipe), prompt, latents=noise.double(), **size, **kwargs)
+    with attnctl.install(pipe, backend=backend):
+        got = generate(pipe, prompt, latents=noise, **size, **kwargs)
+    return got, expected, exact
 
 
 def test_uninstall_restores_the_exact_processor_objects_and_hooks():
