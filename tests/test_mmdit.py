@@ -1,0 +1,206 @@
+"""Flux, SD3 and SD3.5 (MM-DiT joint attention): install / uninstall against stock diffusers
+and word maps against a materialising reference, on tiny random-weight pipelines built
+offline (attnctl.diffusers.offline_mmdit).
+
+The reference runs the stock processors with torch's SDPA replaced by an explicit
+softmax(q·kᵀ/√D)·v that also keeps P (B, H, S, S) per layer, summed over the steps; the
+expected word map is then the mean over layers and heads of P's image-row × word-column
+block, which is what a trace defines (no upsampling: maps on the image token grid)."""
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnctl
+from attnctl.diffusers.joint import CONTEXT_PRE_ONLY, DOUBLE, IMAGE_SELF, JOINT, SINGLE
+from attnctl.diffusers.offline_mmdit import tiny_flux_pipeline, tiny_sd3_pipeline
+
+PROMPTS = ["a cat on a red car", "a dog"]
+HEIGHT, WIDTH = 16, 24       # non-square: Flux 4x6 image tokens, SD3 4x6 patches
+TEXT = 16                    # max_sequence_length: T5 tokens, padded
+# The traced maps are sums of the same fp32 probabilities the reference forms
+# explicitly; the two differ by fp32 rounding of exp and of the sums (a few ulp of the
+# largest entry per layer, accumulated over 2 steps and 2 layers).
+TOL = dict(rtol=1e-4, atol=1e-6)
+
+PIPES = {"flux": tiny_flux_pipeline, "sd3": tiny_sd3_pipeline, "sd35": lambda: tiny_sd3_pipeline(sd35=True)}
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    return {name: make() for name, make in PIPES.items()}
+
+
+def generate(pipe, prompts=PROMPTS, cfg=True, **kwargs):
+    options = dict(height=HEIGHT, width=WIDTH, num_inference_steps=2, max_sequence_length=TEXT,
+                   output_type="latent", generator=torch.Generator().manual_seed(0))
+    if type(pipe).__name__.startswith("StableDiffusion3"):
+        options["guidance_scale"] = 4.0 if cfg else 1.0
+    return pipe(prompts, **{**options, **kwargs}).images
+
+
+@contextlib.contextmanager
+def materialised(pipe):
+    """Stock processors with SDPA made explicit; yields {layer: Σ_steps P (B, H, S, S)}."""
+    store, current = {}, []
+    hooks = [module.register_forward_pre_hook(lambda m, a, name=name: current.append(name))
+             for name, module in pipe.transformer.named_modules() if hasattr(module, "processor")]
+    sdpa = F.scaled_dot_product_attention
+
+    def explicit(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if not current:  # not a transformer layer (the text encoders)
+            return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                        scale=scale, enable_gqa=enable_gqa)
+        assert attn_mask is None and not is_causal and scale is None and not enable_gqa
+        q, k, v = query, key, value
+        p = torch.softmax((q.double() @ k.double().transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1)
+        layer = current.pop()
+        store[layer] = store.get(layer, 0) + p.float()
+        return (p @ v.double()).to(q.dtype)
+
+    F.scaled_dot_product_attention = explicit
+    try:
+        yield store
+    finally:
+        F.scaled_dot_product_attention = sdpa
+        for hook in hooks:
+            hook.remove()
+
+
+def reference_word_map(store, row, image_rows, columns, grid, layers):
+    total = sum(store[name][row][:, image_rows][:, :, columns].sum(0) for name in layers)
+    heads = store[layers[0]].shape[1]
+    return (total / (len(layers) * heads)).mean(-1).reshape(grid)
+
+
+# ---- install / uninstall ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(PIPES))
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_outputs_equal_stock_and_uninstall_restores(pipes, name, backend):
+    pipe = pipes[name]
+    original = dict(pipe.transformer.attn_processors)
+    stock = generate(pipe)
+    with attnctl.install(pipe, backend=backend) as installation:
+        assert set(installation.layers) == {n[: -len(".processor")] for n in original}
+        out = generate(pipe)
+    # Tolerance: the Triton kernel's fp32 attention vs SDPA's differs by rounding only
+    # (online softmax), then goes through two tiny transformer steps.
+    torch.testing.assert_close(out, stock, rtol=1e-4, atol=1e-5)
+    restored = pipe.transformer.attn_processors
+    assert restored.keys() == original.keys() and all(restored[k] is v for k, v in original.items())
+    assert "encode_prompt" not in pipe.__dict__
+
+
+def test_uninstall_keeps_the_attention_backend(pipes):
+    pipe = pipes["flux"]
+    pipe.transformer.set_attention_backend("native")
+    backends = {k: p._attention_backend for k, p in pipe.transformer.attn_processors.items()}
+    attnctl.install(pipe).uninstall()
+    assert {k: p._attention_backend for k, p in pipe.transformer.attn_processors.items()} == backends
+
+
+class _Recorder(attnctl.Controller):
+    def __init__(self):
+        self.calls = []
+
+    def plan(self, call):
+        self.calls.append((call.layer, call.joint, call.step.index, call.layout, call.keys, call.query.shape))
+
+
+@pytest.mark.parametrize("name,kinds,text_first", [
+    ("flux", {"transformer_blocks.0.attn": DOUBLE, "single_transformer_blocks.0.attn": SINGLE}, True),
+    ("sd35", {"transformer_blocks.0.attn": JOINT, "transformer_blocks.0.attn2": IMAGE_SELF,
+              "transformer_blocks.1.attn": CONTEXT_PRE_ONLY}, False)])
+def test_call_descriptor_tells_the_joint_layout(pipes, name, kinds, text_first):
+    pipe, recorder = pipes[name], _Recorder()
+    with attnctl.install(pipe, recorder, backend="torch"):
+        generate(pipe, ["a cat"], num_images_per_prompt=2)
+    rows = 2 if name == "flux" else 4          # SD3: CFG doubles the batch, Flux has no CFG
+    image = (HEIGHT // 4) * (WIDTH // 4)
+    assert [c[0] for c in recorder.calls] == list(kinds) * 2
+    for layer, joint, step, layout, keys, q_shape in recorder.calls:
+        assert joint.block == kinds[layer] and joint.grid == (HEIGHT // 4, WIDTH // 4)
+        assert layout.rows == rows and layout.cfg == (name != "flux") and q_shape[0] == rows
+        text = 0 if joint.block == IMAGE_SELF else (TEXT if name == "flux" else 77 + TEXT)
+        assert len(joint.text) == text and len(joint.image) == image and keys == text + image
+        assert joint.text_first == (text_first and text > 0)
+        assert joint.image == (range(text, text + image) if text_first else range(0, image))
+    assert [c[2] for c in recorder.calls] == [0] * len(kinds) + [1] * len(kinds)
+
+
+# ---- word maps ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(PIPES))
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_word_maps_match_the_materialising_reference(pipes, name, backend):
+    pipe = pipes[name]
+    with materialised(pipe) as store:
+        expected_images = generate(pipe)
+    with attnctl.trace(pipe, backend=backend) as tc:
+        images = generate(pipe)
+    torch.testing.assert_close(images, expected_images, rtol=1e-4, atol=1e-5)
+    maps = tc.maps()
+    flux = name == "flux"
+    layers = [l.name for l in maps.layers]
+    assert layers == [n for n in store if not n.endswith("attn2")]
+    image = (HEIGHT // 4) * (WIDTH // 4)
+    first = 0 if flux else image + 77          # T5 segment's first key column
+    image_rows = slice(TEXT, TEXT + image) if flux else slice(0, image)
+    for b, prompt in enumerate(PROMPTS):
+        row = maps.layout.row(b)
+        text = maps.prompts[b]
+        assert text.tokens[-1] == "</s>"
+        for word in ("cat", "red", "car", "a dog"):
+            if word.split()[-1] not in prompt.split():
+                continue
+            columns = [first + c for c in text.positions(word, None, match="tokens")]
+            got = tc.word_heat_map(word, b).value
+            assert got.shape == (HEIGHT // 4, WIDTH // 4)
+            expected = reference_word_map(store, row, image_rows, columns, (HEIGHT // 4, WIDTH // 4), layers)
+            torch.testing.assert_close(got, expected, **TOL)
+    # Padding is not captured: the longest prompt's pieces and </s> only.
+    assert maps.layers[0].maps[-1].shape[-1] == max(len(t.tokens) for t in maps.prompts) < TEXT
+
+
+def test_per_head_kinds_clip_segment_and_all_tokens(pipes):
+    pipe = pipes["sd3"]
+    with materialised(pipe) as store:
+        generate(pipe, PROMPTS[:1], cfg=False)
+    image = (HEIGHT // 4) * (WIDTH // 4)
+    with attnctl.trace(pipe, backend="torch", per_head=True, kinds="context_pre_only", text="clip",
+                       tokens="all") as tc:
+        generate(pipe, PROMPTS[:1], cfg=False)
+    maps = tc.maps()
+    assert [l.name for l in maps.layers] == ["transformer_blocks.1.attn"]
+    assert maps.layers[0].maps[-1].shape == (1, 2, image + 77 + TEXT, 77)   # every CLIP column, each head
+    columns = [image + c for c in maps.prompts[0].positions("cat", None, match="tokens")]
+    expected = reference_word_map(store, 0, slice(0, image), columns, (HEIGHT // 4, WIDTH // 4),
+                                  ["transformer_blocks.1.attn"])
+    torch.testing.assert_close(tc.word_heat_map("cat").value, expected, **TOL)
+    # one head on request, afterwards
+    one = store["transformer_blocks.1.attn"][0, 1:2]
+    expected_head = one[:, :image][:, :, columns].sum(0).mean(-1).reshape(HEIGHT // 4, WIDTH // 4)
+    torch.testing.assert_close(tc.word_heat_map("cat", heads=[1]).value, expected_head, **TOL)
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+def test_clear_errors(pipes):
+    pipe = pipes["flux"]
+    with attnctl.trace(pipe, backend="torch") as tc:
+        generate(pipe, PROMPTS[:1])
+    with pytest.raises(ValueError, match="'horse' is not in the prompt"):
+        tc.word_heat_map("horse")
+    with pytest.raises(ValueError, match="text: Flux attends to T5 tokens only"):
+        with attnctl.trace(pipe, text="clip"):
+            pass
+    with pytest.raises(ValueError, match="kinds: expected block kinds"):
+        attnctl.trace(pipe, kinds=["image_self"])
+    with pytest.raises(NotImplementedError, match="Flux true CFG"):
+        with attnctl.install(pipe):
+            generate(pipe, PROMPTS[:1], negative_prompt="blurry", true_cfg_scale=2.0)
+    assert "encode_prompt" not in pipe.__dict__
+    with pytest.raises(TypeError, match="install: expected a diffusers pipeline.*got Linear"):
+        attnctl.install(torch.nn.Linear(2, 2))
