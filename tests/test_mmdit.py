@@ -244,3 +244,80 @@ def test_clear_errors(pipes):
     assert "encode_prompt" not in pipe.__dict__
     with pytest.raises(TypeError, match="install: expected a diffusers pipeline.*got Linear"):
         attnctl.install(torch.nn.Linear(2, 2))
+
+
+# ---- published configs on the meta device ------------------------------------------------------
+
+def _meta_model(name):
+    import json
+    from pathlib import Path
+
+    import diffusers
+
+    path = Path(__file__).resolve().parents[1] / ".." / "shared" / "configs" / f"{name}_transformer.json"
+    if not path.exists():
+        pytest.skip(f"published config {path} not present")
+    config = json.loads(path.read_text())
+    with torch.device("meta"):
+        return getattr(diffusers, config["_class_name"]).from_config(config)
+
+
+def _meta_inputs(name, model, side=1024, text=512):
+    """Transformer inputs at ``side``² on the meta device (batch 1; SD3: CFG's 2 rows)."""
+    config = model.config
+    with torch.device("meta"):
+        if name.startswith("flux"):
+            tokens = (side // 16) ** 2
+            return dict(hidden_states=torch.randn(1, tokens, config.in_channels),
+                        encoder_hidden_states=torch.randn(1, text, config.joint_attention_dim),
+                        pooled_projections=torch.randn(1, config.pooled_projection_dim), timestep=torch.ones(1),
+                        img_ids=torch.zeros(tokens, 3), txt_ids=torch.zeros(text, 3), guidance=torch.ones(1))
+        return dict(hidden_states=torch.randn(2, config.in_channels, side // 8, side // 8),
+                    encoder_hidden_states=torch.randn(2, 77 + text, config.joint_attention_dim),
+                    pooled_projections=torch.randn(2, config.pooled_projection_dim), timestep=torch.ones(2))
+
+
+def _shape_only_attention(q, k, v, **kwargs):
+    """The op's output shape and memory order without computing (meta tensors have no
+    values for the op's token-range check); the trace allocates its buffers before this."""
+    return torch.empty_like(q[..., :1].expand(*q.shape[:-1], v.shape[-1]))
+
+
+@pytest.mark.parametrize("name,blocks,heads,text", [
+    ("flux1_dev", [DOUBLE] * 19 + [SINGLE] * 38, 24, 512),
+    ("sd3_medium", [JOINT] * 23 + [CONTEXT_PRE_ONLY], 24, 256),
+    ("sd35_medium", [JOINT, IMAGE_SELF] * 13 + [JOINT] * 10 + [CONTEXT_PRE_ONLY], 24, 256),
+    ("sd35_large", [JOINT] * 37 + [CONTEXT_PRE_ONLY], 38, 256)])
+def test_published_configs_layers_and_map_shapes(monkeypatch, name, blocks, heads, text):
+    from attnctl.diffusers.offline_mmdit import t5_tokenizer
+
+    monkeypatch.setattr("attnctl.diffusers.joint.attention", _shape_only_attention)
+    model = _meta_model(name)
+    recorder = _Recorder()
+    flux = name.startswith("flux")
+    with attnctl.trace(model, layers="*", backend="torch") as tc:
+        installation = tc.installation
+        installation.add(recorder)
+        assert [installation.joint[layer].block for layer in installation.layers] == blocks
+        if flux:
+            installation.image_grid = (64, 64)
+        prompt = "a photo of a cat sitting on the car"
+        installation.start_generation([prompt], cfg=not flux, tokenizer=t5_tokenizer())
+        for _ in range(2):
+            model(**_meta_inputs(name, model, text=text), return_dict=False)
+    rows, image = (1 if flux else 2), 64 * 64
+    text_len = text if flux else 77 + text
+    assert [c[0] for c in recorder.calls] == installation.layers * 2
+    for layer, joint, step, layout, keys, q_shape in recorder.calls:
+        assert joint.grid == (64, 64) and len(joint.image) == image and q_shape[:2] == (rows, heads)
+        assert len(joint.text) == keys - image == (0 if joint.block == IMAGE_SELF else text_len)
+    maps = tc.maps()
+    prompt_tokens = len(maps.prompts[0].tokens)       # the prompt's pieces and </s>
+    assert len(maps.layers) == len([b for b in blocks if b != IMAGE_SELF])
+    for layer in maps.layers:
+        assert layer.maps[-1].shape == (rows, image + text_len, prompt_tokens)   # heads summed, no padding
+        assert layer.token_mass[-1].shape == (rows, heads, image + text_len)
+        assert layer.image_rows == ((text_len, text_len + image) if flux else (0, image))
+    if flux:  # a full trace of every block at 1024² (steps are summed: 28 steps cost what 2 do)
+        captured = sum(t.numel() * 4 for l in maps.layers for d in (l.maps, l.token_mass) for t in d.values())
+        assert captured < 100e6

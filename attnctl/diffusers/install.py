@@ -127,6 +127,18 @@ class Installation:
         setattr(model, _ATTRIBUTE, self)
 
     @property
+    def image_grid(self) -> Optional[Tuple[int, int]]:
+        """Flux: the image token grid, when set by the caller instead of read from img_ids."""
+        return self._read_forward.flux_grid
+
+    @image_grid.setter
+    def image_grid(self, grid: Tuple[int, int]) -> None:
+        if self.family != FLUX:
+            raise ValueError(f"image_grid: only Flux reads its grid from img_ids; this installation is on "
+                             f"{type(self.model).__name__}")
+        self._read_forward.flux_grid = tuple(grid)
+
+    @property
     def unet(self):
         """The model attnctl is installed on (named for the UNet tools that read it)."""
         return self.model

@@ -52,12 +52,14 @@ def joint_layers(model, family: str) -> Dict[str, JointLayer]:
 class ForwardReader:
     """Reads a transformer forward's inputs: batch rows, the image token grid, the text
     length and the timestep. Flux's grid comes from ``img_ids`` (read once per ids tensor:
-    the pipeline passes the same one every step), SD3's from the latent and patch size."""
+    the pipeline passes the same one every step), or from ``flux_grid`` when set (ids on
+    the meta device have no values); SD3's from the latent and patch size."""
 
     def __init__(self, model, family: str):
         self.family = family
         self.patch = model.config.patch_size
         self._flux_grid: Tuple[Optional[torch.Tensor], Optional[Tuple[int, int]]] = (None, None)
+        self.flux_grid: Optional[Tuple[int, int]] = None
 
     def __call__(self, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -73,6 +75,13 @@ class ForwardReader:
         if ids is None:
             raise ValueError("img_ids: attnctl reads the Flux image grid from the transformer's img_ids "
                              "(as FluxPipeline passes them), got none")
+        if self.flux_grid is not None:
+            if self.flux_grid[0] * self.flux_grid[1] != tokens:
+                raise ValueError(f"image_grid: expected {tokens} image tokens, got {self.flux_grid}")
+            return self.flux_grid
+        if ids.is_meta:
+            raise ValueError("img_ids: on the meta device the ids have no values to read the image grid from; "
+                             "set installation.image_grid = (h, w) first")
         held, grid = self._flux_grid
         if held is not ids:
             ids2 = ids[0] if ids.ndim == 3 else ids

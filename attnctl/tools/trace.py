@@ -111,7 +111,10 @@ class TraceController(Controller):
         text = call.joint.text
         if length is None:
             length = len(text) - offset
-        if self.texts is None and self.generation is not None and self.generation.prompts is not None:
+        gen = self.generation
+        # A bare transformer has no pipeline tokenizer: the one given to start_generation.
+        tokenizer = tokenizer if tokenizer is not None else getattr(gen, "tokenizer", None)
+        if self.texts is None and gen is not None and gen.prompts is not None and tokenizer is not None:
             self._record_texts(tokenizer, length)
         return text.start + offset, length
 
@@ -191,7 +194,7 @@ class TraceController(Controller):
                                "all of them; layers='*' takes every cross-attention layer)")
         gen = self.generation
         joint = self.segment is not None
-        tokenizer = self.segment[0] if joint else gen.tokenizer
+        tokenizer = self.segment[0] if joint and self.segment[0] is not None else gen.tokenizer
         return TraceMaps(layers, self.layout, self.latent, self.image_scale or gen.image_scale, self.texts,
                          self.per_head, self.per_step, self.heads, self.steps_run, tokenizer,
                          daam_side=self.daam_side, joint=joint)
