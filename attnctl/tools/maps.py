@@ -36,7 +36,7 @@ class LayerMaps:
     """One cross-attention layer's captures.
 
     ``maps[step]`` is (rows, H, M, T) — or (rows, M, T) when heads were summed — for T
-    captured key columns, and ``token_mass[step]`` is (rows, H, N); ``step`` is a step
+    captured key columns, and ``token_mass[step]`` is (rows, H, N) (UNets only); ``step`` is a step
     index, or ALL_STEPS. M is h*w on a UNet; on MM-DiT joint attention M is the whole joint
     sequence and ``image_rows`` (start, stop) the image tokens' rows among them.
     """
@@ -315,6 +315,9 @@ class TraceMaps:
 
     def token_mass(self, image: int = 0, *, half: str = "cond", steps=None) -> Dict[str, torch.Tensor]:
         """Σ_m P per head and text token, per layer: {layer: (H, N)}."""
+        if self.joint:
+            raise ValueError("token_mass: an MM-DiT trace does not capture token mass (over all joint keys "
+                             "it would cost the kernel a second pass over QKᵀ)")
         row = self._row(image, half)
         keys = self._step_keys(steps)
         return {l.name: sum(l.token_mass[k][row] for k in keys) for l in self.layers}

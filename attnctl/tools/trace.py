@@ -137,10 +137,11 @@ class TraceController(Controller):
         elif layer.maps.image_rows is not None and layer.maps.image_rows != (call.joint.image.start,
                                                                               call.joint.image.stop):
             raise RuntimeError(f"trace: layer {call.layer} changed its joint layout within a generation")
-        token_mass = layer.maps.token_mass[key]
-        if token_mass.shape != (call.batch, call.heads, call.keys):
-            raise RuntimeError(f"trace: layer {call.layer} changed shape within a generation "
-                               f"(B, H, N) {tuple(token_mass.shape)} -> {(call.batch, call.heads, call.keys)}")
+        token_mass = layer.maps.token_mass.get(key)  # None on MM-DiT (see _allocate)
+        held = (maps.shape[0], maps.shape[-2], token_mass.shape[1:] if token_mass is not None else None)
+        if held != (call.batch, call.queries, (call.heads, call.keys) if token_mass is not None else None):
+            raise RuntimeError(f"trace: layer {call.layer} changed shape within a generation (B, M) "
+                               f"{held[:2]} -> {(call.batch, call.queries)}")
         capture = self._capture
         capture.token_mass = token_mass
         capture.tokens = layer.columns
@@ -180,7 +181,10 @@ class TraceController(Controller):
         zeros = dict(device=call.device, dtype=torch.float32)
         maps = torch.zeros((B, H, M, T) if self.per_head else (B, M, T), **zeros)
         layer.maps.maps[key] = maps
-        layer.maps.token_mass[key] = torch.zeros(B, H, N, **zeros)
+        if call.joint is None:
+            # Not on MM-DiT joint attention: its N (all text and image keys) spans many key
+            # blocks, where token mass costs the kernel a second pass over QKᵀ (+50 % FLOPs).
+            layer.maps.token_mass[key] = torch.zeros(B, H, N, **zeros)
         return maps
 
     def result(self) -> TraceMaps:
