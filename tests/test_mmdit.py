@@ -233,7 +233,7 @@ def test_per_head_kinds_clip_segment_and_all_tokens(pipes, tmp_path):
 
 # ---- bad input ---------------------------------------------------------------------------------
 
-def test_clear_errors(pipes):
+def test_clear_errors(pipes, stock):
     pipe = pipes["flux"]
     with attnctl.trace(pipe, backend="torch") as tc:
         generate(pipe, PROMPTS[:1])
@@ -246,10 +246,15 @@ def test_clear_errors(pipes):
             pass
     with pytest.raises(ValueError, match="kinds: expected block kinds"):
         attnctl.trace(pipe, kinds=["image_self"])
+    true_cfg = dict(negative_prompt="blurry", true_cfg_scale=2.0)
     with pytest.raises(NotImplementedError, match="Flux true CFG"):
-        with attnctl.install(pipe):
-            generate(pipe, PROMPTS[:1], negative_prompt="blurry", true_cfg_scale=2.0)
+        with attnctl.trace(pipe):
+            generate(pipe, PROMPTS[:1], **true_cfg)
     assert "encode_prompt" not in pipe.__dict__
+    with attnctl.install(pipe, backend="torch"):  # without controllers it is plain attention
+        with_attnctl = generate(pipe, PROMPTS[:1], **true_cfg)
+    # the tolerance of the same pipeline's fp32 run (fixture `stock`)
+    torch.testing.assert_close(with_attnctl, generate(pipe, PROMPTS[:1], **true_cfg), rtol=0, atol=stock["flux"][1])
     with pytest.raises(TypeError, match="install: expected a diffusers pipeline.*got Linear"):
         attnctl.install(torch.nn.Linear(2, 2))
 

@@ -113,6 +113,7 @@ class Installation:
         self._cross_layers: Optional[List[str]] = None
         self._had_encode_prompt = None
         self.text_tokens = 0  # MM-DiT: text tokens of the transformer's current input
+        self._last_step = None  # MM-DiT: (generation, scheduler step index) of the last transformer call
         if self.family is None:
             processors = {name: AttnctlProcessor(name[: -len(".processor")], self) for name in self._original}
             self._hook = model.register_forward_pre_hook(self._before_unet, with_kwargs=True)
@@ -225,11 +226,6 @@ class Installation:
             prompt, embeds = a.get("prompt"), a.get("prompt_embeds")
             num = (1 if isinstance(prompt, str) else len(prompt)) if prompt is not None else (
                 embeds.shape[0] if embeds is not None else 1)
-            if self.family == FLUX and self.generation is not None and self._unet_calls == 0:
-                # FluxPipeline encodes the negative prompt right after the prompt when
-                # true CFG is on, then calls the transformer twice per step.
-                raise NotImplementedError("install: Flux true CFG (negative_prompt with true_cfg_scale > 1: two "
-                                          "transformer calls per step) is not supported by attnctl yet")
             tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
             self.start_generation(prompt, num_prompts=num, images_per_prompt=a.get("num_images_per_prompt") or 1,
                                   cfg=bool(a.get("do_classifier_free_guidance", False)), tokenizer=tokenizer)
@@ -245,6 +241,16 @@ class Installation:
 
     def _before_transformer(self, module, args, kwargs) -> None:
         rows, grid, self.text_tokens, timestep = self._read_forward(args, kwargs)
+        # FluxPipeline's true CFG (negative_prompt, true_cfg_scale > 1) calls the transformer
+        # twice per step, so the scheduler's step index repeats; controllers would take the
+        # second (unconditional) call for the next step.
+        step_index = getattr(getattr(self.pipe, "scheduler", None), "step_index", False)
+        marker = (self._generations, step_index)
+        if self.controllers and step_index is not False and marker == self._last_step:
+            raise NotImplementedError("install: two transformer calls in one scheduler step (Flux true CFG: "
+                                      "negative_prompt with true_cfg_scale > 1) are not supported by attnctl's "
+                                      "controllers yet")
+        self._last_step = marker
         self._start_step(rows, grid, timestep)
 
     def _start_step(self, rows: int, latent: Tuple[int, int], timestep) -> None:
