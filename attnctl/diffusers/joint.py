@@ -72,6 +72,13 @@ class JointLayer:
     text_first: bool
 
 
+def _heads(states: torch.Tensor, head_dim: int, projections, norms):
+    """(q, k, v) of one stream as (B, S, H, D), q and k through their norms (None: none)."""
+    q, k, v = (proj(states).unflatten(-1, (-1, head_dim)) for proj in projections)
+    norm_q, norm_k = norms
+    return (norm_q(q) if norm_q is not None else q, norm_k(k) if norm_k is not None else k, v)
+
+
 class JointProcessor:
     """Replaces FluxAttnProcessor / JointAttnProcessor2_0 on one MM-DiT attention layer
     (see the module doc for the math it keeps)."""
@@ -86,28 +93,15 @@ class JointProcessor:
         if attention_mask is not None and self.kind.text_first:  # Flux; SD3's original ignores it
             raise NotImplementedError(f"attention_mask: attnctl's Flux processor ({self.layer}) takes no mask "
                                       f"(FluxPipeline passes none), got a tensor of shape {tuple(attention_mask.shape)}")
-        batch = hidden_states.shape[0]
         head_dim = attn.to_k.out_features // attn.heads
-        query = attn.to_q(hidden_states).unflatten(-1, (-1, head_dim))      # (B, S, H, D)
-        key = attn.to_k(hidden_states).unflatten(-1, (-1, head_dim))
-        value = attn.to_v(hidden_states).unflatten(-1, (-1, head_dim))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-
+        query, key, value = _heads(hidden_states, head_dim, (attn.to_q, attn.to_k, attn.to_v),
+                                   (attn.norm_q, attn.norm_k))
         text_len = 0
         if encoder_hidden_states is not None:
             text_len = encoder_hidden_states.shape[1]
-            text_q = attn.add_q_proj(encoder_hidden_states).unflatten(-1, (-1, head_dim))
-            text_k = attn.add_k_proj(encoder_hidden_states).unflatten(-1, (-1, head_dim))
-            text_v = attn.add_v_proj(encoder_hidden_states).unflatten(-1, (-1, head_dim))
-            if attn.norm_added_q is not None:
-                text_q = attn.norm_added_q(text_q)
-            if attn.norm_added_k is not None:
-                text_k = attn.norm_added_k(text_k)
-            query, key, value = (self._join(text, image) for text, image in
-                                 ((text_q, query), (text_k, key), (text_v, value)))
+            text = _heads(encoder_hidden_states, head_dim, (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj),
+                          (attn.norm_added_q, attn.norm_added_k))
+            query, key, value = (self._join(t, i) for t, i in zip(text, (query, key, value)))
         if image_rotary_emb is not None:
             from diffusers.models.embeddings import apply_rotary_emb
 
@@ -148,6 +142,7 @@ class JointProcessor:
         return image_out, text_out
 
     def _join(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """The joint sequence of one of q, k, v in the model's order."""
         return torch.cat([text, image] if self.kind.text_first else [image, text], dim=1)
 
     def _layout(self, length: int, text_len: int) -> JointLayout:
