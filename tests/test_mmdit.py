@@ -246,6 +246,15 @@ def test_clear_errors(pipes, stock):
             pass
     with pytest.raises(ValueError, match="kinds: expected block kinds"):
         attnctl.trace(pipe, kinds=["image_self"])
+    from attnctl.diffusers.offline import tiny_sd_pipeline
+
+    unet_pipe = tiny_sd_pipeline()
+    for option, message in ((dict(kinds="double"), "kinds: block kinds select MM-DiT"),
+                            (dict(text="clip"), "text: selects the text segment")):
+        with pytest.raises(ValueError, match=message):
+            with attnctl.trace(unet_pipe, **option):
+                pass
+        assert attnctl.diffusers.installation_of(unet_pipe) is None
     true_cfg = dict(negative_prompt="blurry", true_cfg_scale=2.0)
     with pytest.raises(NotImplementedError, match="Flux true CFG"):
         with attnctl.trace(pipe):

@@ -248,6 +248,9 @@ class Trace:
         if controller.kinds is not None:
             raise ValueError(f"kinds: block kinds select MM-DiT (Flux, SD3) blocks; this is a UNet, got "
                              f"{sorted(controller.kinds)}")
+        if controller.text != "t5":
+            raise ValueError(f"text: selects the text segment of an MM-DiT (SD3) trace; a UNet has one, got "
+                             f"{controller.text!r}")
         if controller.per_head is None:
             controller.per_head = True
         if pipe is not None:
