@@ -23,7 +23,7 @@ import torch
 
 from ..op import BACKENDS
 from .controller import AttentionCall, BatchLayout, Controller, DenoiseStep
-from .joint import JointLayout, JointProcessor, IMAGE_SELF
+from .joint import IMAGE_SELF, JointLayer, JointLayout, JointProcessor
 from .mmdit import FLUX, ForwardReader, joint_layers, mmdit_family
 from .processor import AttnctlProcessor
 
@@ -114,6 +114,7 @@ class Installation:
         self._had_encode_prompt = None
         self.text_tokens = 0  # MM-DiT: text tokens of the transformer's current input
         self._last_step = None  # MM-DiT: (generation, scheduler step index) of the last transformer call
+        self.joint: Dict[str, JointLayer] = {}  # MM-DiT: each layer's block kind
         if self.family is None:
             processors = {name: AttnctlProcessor(name[: -len(".processor")], self) for name in self._original}
             self._hook = model.register_forward_pre_hook(self._before_unet, with_kwargs=True)
@@ -130,7 +131,7 @@ class Installation:
     @property
     def image_grid(self) -> Optional[Tuple[int, int]]:
         """Flux: the image token grid, when set by the caller instead of read from img_ids."""
-        return self._read_forward.flux_grid
+        return self._read_forward.flux_grid if self.family == FLUX else None
 
     @image_grid.setter
     def image_grid(self, grid: Tuple[int, int]) -> None:
