@@ -231,6 +231,25 @@ def test_per_head_kinds_clip_segment_and_all_tokens(pipes, tmp_path):
     torch.testing.assert_close(loaded.word_heat_map("cat").value, tc.word_heat_map("cat").value, rtol=0, atol=0)
 
 
+def test_block_index_and_step_filters(pipes):
+    """Block index by layer name, kind, and steps: per-step maps add up to the summed trace."""
+    pipe = pipes["flux"]
+    with attnctl.trace(pipe, backend="torch") as every:
+        generate(pipe)
+    with attnctl.trace(pipe, backend="torch", layers="single_transformer_blocks.0.*", per_step=True) as one:
+        generate(pipe)
+    with attnctl.trace(pipe, backend="torch", kinds="single", steps=[1]) as last:
+        generate(pipe)
+    assert [l.name for l in one.maps().layers] == [l.name for l in last.maps().layers] == [
+        "single_transformer_blocks.0.attn"]
+    assert one.maps().steps == [0, 1]
+    single = dict(layers="single_transformer_blocks.0.attn")
+    torch.testing.assert_close(one.word_heat_map("cat", steps=[0, 1]).value,
+                               every.word_heat_map("cat", **single).value, rtol=0, atol=0)
+    torch.testing.assert_close(last.word_heat_map("cat").value, one.word_heat_map("cat", steps=[1]).value,
+                               rtol=0, atol=0)
+
+
 # ---- bad input ---------------------------------------------------------------------------------
 
 def test_clear_errors(pipes, stock):
