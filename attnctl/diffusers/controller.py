@@ -155,10 +155,15 @@ class AttentionCall:
             only), for controls that depend on the logits (paint-with-words' logit max).
         backend: the attention backend of the installation ("auto", "triton", ...).
         scale: the softmax scale of the layer (``attn.scale``; 1/sqrt(head_dim) if unknown).
+        joint: on MM-DiT joint attention (Flux, SD3) an
+            :class:`attnctl.diffusers.joint.JointLayout`: which query rows / key columns
+            are text and which image, the image token grid, the block kind and index;
+            None on UNet layers. There ``is_cross`` is False, ``grid`` and ``latent`` are
+            the image token grid and ``factor`` is 1.
     """
 
     __slots__ = ("layer", "is_cross", "grid", "factor", "latent", "step", "layout", "batch", "heads",
-                 "queries", "keys", "head_dim", "device", "dtype", "query", "key", "backend", "scale")
+                 "queries", "keys", "head_dim", "device", "dtype", "query", "key", "backend", "scale", "joint")
 
     def __init__(self, layer: str, is_cross: bool, grid: Optional[Tuple[int, int]],
                  factor: Optional[int], latent: Optional[Tuple[int, int]], step: DenoiseStep,
@@ -179,6 +184,7 @@ class AttentionCall:
         self.key = k
         self.backend = backend
         self.scale = float(scale) if scale is not None else self.head_dim ** -0.5
+        self.joint = None
 
     def __repr__(self) -> str:
         return (f"AttentionCall({self.layer}, cross={self.is_cross}, grid={self.grid}, "

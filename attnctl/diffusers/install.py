@@ -1,5 +1,6 @@
-"""install / uninstall: put AttnctlProcessor on every attention layer of a UNet and keep
-the per-generation state (step, latent size, batch layout, prompts) the processors share.
+"""install / uninstall: put AttnctlProcessor on every attention layer of a UNet (or
+JointProcessor on every layer of a Flux / SD3 transformer) and keep the per-generation
+state (step, latent size, batch layout, prompts) the processors share.
 
 State comes from two hooks that restore exactly on uninstall:
 
@@ -9,6 +10,8 @@ State comes from two hooks that restore exactly on uninstall:
 * a forward pre-hook on the UNet counts UNet calls since that start (the step index: one
   UNet call per denoising step with CFG, batch 2B, and without, batch B) and records the
   latent size, from which each layer's query grid (h, w) follows for any aspect ratio.
+  On a Flux / SD3 transformer the hook records the image token grid after patchify and
+  the text length (see attnctl.diffusers.mmdit).
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ import torch
 
 from ..op import BACKENDS
 from .controller import AttentionCall, BatchLayout, Controller, DenoiseStep
+from .joint import IMAGE_SELF, JointLayer, JointLayout, JointProcessor
+from .mmdit import FLUX, ForwardReader, joint_layers, mmdit_family
 from .processor import AttnctlProcessor
 
 _ATTRIBUTE = "_attnctl_installation"
@@ -41,6 +46,29 @@ class Generation:
     image_scale: int = 1  # image pixels per latent pixel (the VAE's downsampling)
 
 
+def find_model(target):
+    """(model, pipeline or None) for a UNet / Flux / SD3 pipeline or such a model."""
+    from diffusers import UNet2DConditionModel
+
+    if isinstance(target, UNet2DConditionModel) or mmdit_family(target) is not None:
+        return target, None
+    for attr in ("unet", "transformer"):
+        model = getattr(target, attr, None)
+        if isinstance(model, UNet2DConditionModel) or (model is not None and mmdit_family(model) is not None):
+            return model, target
+    raise TypeError("install: expected a diffusers pipeline whose `unet` is a UNet2DConditionModel (Stable "
+                    "Diffusion 1.x, 2.x, SDXL) or whose `transformer` is a FluxTransformer2DModel or "
+                    f"SD3Transformer2DModel (Flux, SD3, SD3.5), or such a model, got {_describe(target)}")
+
+
+def _describe(target) -> str:
+    parts = []
+    components = getattr(target, "components", None)
+    if isinstance(components, dict):
+        parts = [f"{k}: {type(v).__name__}" for k, v in components.items() if isinstance(v, torch.nn.Module)]
+    return type(target).__name__ + (f" (models: {', '.join(parts)})" if parts else "")
+
+
 def find_unet(target):
     from diffusers import UNet2DConditionModel
 
@@ -49,13 +77,8 @@ def find_unet(target):
     unet = getattr(target, "unet", None)
     if isinstance(unet, UNet2DConditionModel):
         return unet, target
-    parts = []
-    components = getattr(target, "components", None)
-    if isinstance(components, dict):
-        parts = [f"{k}: {type(v).__name__}" for k, v in components.items() if isinstance(v, torch.nn.Module)]
-    got = type(target).__name__ + (f" (models: {', '.join(parts)})" if parts else "")
     raise TypeError("install: expected a diffusers pipeline whose `unet` is a UNet2DConditionModel "
-                    f"(Stable Diffusion 1.x, 2.x, SDXL) or such a UNet, got {got}")
+                    f"(Stable Diffusion 1.x, 2.x, SDXL) or such a UNet, got {_describe(target)}")
 
 
 def query_grid(latent: Tuple[int, int], queries: int) -> Tuple[Optional[Tuple[int, int]], Optional[int]]:
@@ -70,11 +93,12 @@ def query_grid(latent: Tuple[int, int], queries: int) -> Tuple[Optional[Tuple[in
 
 
 class Installation:
-    """attnctl installed on one UNet; shared by its processors. Use it as a context manager
-    to uninstall on exit."""
+    """attnctl installed on one UNet or MM-DiT transformer; shared by its processors. Use it
+    as a context manager to uninstall on exit."""
 
-    def __init__(self, unet, pipe, backend: str):
-        self.unet = unet
+    def __init__(self, model, pipe, backend: str):
+        self.model = model
+        self.family = mmdit_family(model)  # None for a UNet, "flux" or "sd3"
         self.pipe = pipe
         self.backend = backend
         self.controllers: List[Controller] = []
@@ -85,15 +109,41 @@ class Installation:
         self._unet_calls = 0
         self._generations = 0
         self._grids: Dict[Tuple, Tuple] = {}
-        self._original = unet.attn_processors  # name -> the exact processor objects
+        self._original = model.attn_processors  # name -> the exact processor objects
         self._cross_layers: Optional[List[str]] = None
         self._had_encode_prompt = None
-        self._hook = unet.register_forward_pre_hook(self._before_unet, with_kwargs=True)
+        self.text_tokens = 0  # MM-DiT: text tokens of the transformer's current input
+        self._last_step = None  # MM-DiT: (generation, scheduler step index) of the last transformer call
+        self.joint: Dict[str, JointLayer] = {}  # MM-DiT: each layer's block kind
+        if self.family is None:
+            processors = {name: AttnctlProcessor(name[: -len(".processor")], self) for name in self._original}
+            self._hook = model.register_forward_pre_hook(self._before_unet, with_kwargs=True)
+        else:
+            self.joint = joint_layers(model, self.family)
+            processors = {f"{layer}.processor": JointProcessor(layer, self, kind) for layer, kind in self.joint.items()}
+            self._read_forward = ForwardReader(model, self.family)
+            self._hook = model.register_forward_pre_hook(self._before_transformer, with_kwargs=True)
         if pipe is not None and hasattr(pipe, "encode_prompt"):
             self._wrap_encode_prompt(pipe)
-        unet.set_attn_processor({name: AttnctlProcessor(name[: -len(".processor")], self)
-                                 for name in self._original})
-        setattr(unet, _ATTRIBUTE, self)
+        model.set_attn_processor(processors)
+        setattr(model, _ATTRIBUTE, self)
+
+    @property
+    def image_grid(self) -> Optional[Tuple[int, int]]:
+        """Flux: the image token grid, when set by the caller instead of read from img_ids."""
+        return self._read_forward.flux_grid if self.family == FLUX else None
+
+    @image_grid.setter
+    def image_grid(self, grid: Tuple[int, int]) -> None:
+        if self.family != FLUX:
+            raise ValueError(f"image_grid: only Flux reads its grid from img_ids; this installation is on "
+                             f"{type(self.model).__name__}")
+        self._read_forward.flux_grid = tuple(grid)
+
+    @property
+    def unet(self):
+        """The model attnctl is installed on (named for the UNet tools that read it)."""
+        return self.model
 
     # ---- controllers -------------------------------------------------------------------
     def add(self, controller: Controller) -> Controller:
@@ -116,9 +166,12 @@ class Installation:
 
     @property
     def cross_layers(self) -> List[str]:
-        """Names of the cross-attention layers (those whose keys are the text)."""
+        """Names of the cross-attention layers (those whose keys are the text; on an MM-DiT
+        every joint layer, not SD3.5's image-only attn2)."""
+        if self._cross_layers is None and self.family is not None:
+            self._cross_layers = [name for name, kind in self.joint.items() if kind.block != IMAGE_SELF]
         if self._cross_layers is None:
-            modules = dict(self.unet.named_modules())
+            modules = dict(self.model.named_modules())
             self._cross_layers = [name for name in self.layers if modules[name].is_cross_attention]
         return self._cross_layers
 
@@ -146,8 +199,8 @@ class Installation:
     def replaced_layers(self) -> List[str]:
         """Layers whose processor is no longer this installation's (replaced by a
         ``set_attn_processor`` after install)."""
-        return [name[: -len(".processor")] for name, proc in self.unet.attn_processors.items()
-                if not (isinstance(proc, AttnctlProcessor) and proc.installation is self)]
+        return [name[: -len(".processor")] for name, proc in self.model.attn_processors.items()
+                if not (isinstance(proc, (AttnctlProcessor, JointProcessor)) and proc.installation is self)]
 
     def check_processors(self, adding: Sequence[Controller] = ()) -> None:
         """Raise if processors were replaced while controllers are (or are being) attached:
@@ -186,8 +239,24 @@ class Installation:
     def _before_unet(self, module, args, kwargs) -> None:
         sample = args[0] if args else kwargs["sample"]
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
-        self.latent = tuple(sample.shape[-2:])
-        rows = sample.shape[0]
+        self._start_step(sample.shape[0], tuple(sample.shape[-2:]), timestep)
+
+    def _before_transformer(self, module, args, kwargs) -> None:
+        rows, grid, self.text_tokens, timestep = self._read_forward(args, kwargs)
+        # FluxPipeline's true CFG (negative_prompt, true_cfg_scale > 1) calls the transformer
+        # twice per step, so the scheduler's step index repeats; controllers would take the
+        # second (unconditional) call for the next step.
+        step_index = getattr(getattr(self.pipe, "scheduler", None), "step_index", False)
+        marker = (self._generations, step_index)
+        if self.controllers and step_index is not False and marker == self._last_step:
+            raise NotImplementedError("install: two transformer calls in one scheduler step (Flux true CFG: "
+                                      "negative_prompt with true_cfg_scale > 1) are not supported by attnctl's "
+                                      "controllers yet")
+        self._last_step = marker
+        self._start_step(rows, grid, timestep)
+
+    def _start_step(self, rows: int, latent: Tuple[int, int], timestep) -> None:
+        self.latent = latent
         gen = self.generation
         if gen is None:
             self.layout = BatchLayout(rows=rows, cfg=False)
@@ -224,24 +293,33 @@ class Installation:
         return AttentionCall(layer, is_cross, derived[0], derived[1], self.latent, self.step, layout, q, k,
                              self.backend, scale)
 
+    def describe_joint(self, layer: str, joint: JointLayout, q: torch.Tensor, k: torch.Tensor) -> AttentionCall:
+        """The AttentionCall of an MM-DiT joint attention call (grid: the image token grid)."""
+        layout = self.layout
+        if layout.rows != q.shape[0]:
+            layout = BatchLayout(rows=q.shape[0], cfg=False)
+        call = AttentionCall(layer, False, joint.grid, 1, joint.grid, self.step, layout, q, k, self.backend)
+        call.joint = joint
+        return call
+
     # ---- teardown ----------------------------------------------------------------------
     def uninstall(self) -> None:
         """Restore the original processor objects and remove every hook."""
-        if getattr(self.unet, _ATTRIBUTE, None) is not self:
+        if getattr(self.model, _ATTRIBUTE, None) is not self:
             return
-        self.unet.set_attn_processor(dict(self._original))
+        self.model.set_attn_processor(dict(self._original))
         self._hook.remove()
         if self.pipe is not None and "encode_prompt" in self.pipe.__dict__:
             if self._had_encode_prompt is None:
                 del self.pipe.__dict__["encode_prompt"]
             else:
                 self.pipe.__dict__["encode_prompt"] = self._had_encode_prompt
-        delattr(self.unet, _ATTRIBUTE)
+        delattr(self.model, _ATTRIBUTE)
         self.controllers.clear()
 
     @property
     def active(self) -> bool:
-        return getattr(self.unet, _ATTRIBUTE, None) is self
+        return getattr(self.model, _ATTRIBUTE, None) is self
 
     def __enter__(self) -> "Installation":
         return self
@@ -251,14 +329,15 @@ class Installation:
 
 
 def installation_of(target) -> Optional[Installation]:
-    """The active installation on a pipeline or UNet, or None."""
-    unet, _ = find_unet(target)
-    return getattr(unet, _ATTRIBUTE, None)
+    """The active installation on a pipeline, UNet or MM-DiT transformer, or None."""
+    model, _ = find_model(target)
+    return getattr(model, _ATTRIBUTE, None)
 
 
 def install(target, *controllers: Controller, backend: Optional[str] = None) -> Installation:
-    """Route every attention layer of ``target`` (an SD 1.x / 2.x / SDXL pipeline, or its
-    UNet2DConditionModel) through attnctl, with ``controllers`` attached.
+    """Route every attention layer of ``target`` (an SD 1.x / 2.x / SDXL pipeline or its
+    UNet2DConditionModel; a Flux, SD3 or SD3.5 pipeline or its transformer) through
+    attnctl, with ``controllers`` attached.
 
     Installing twice returns the existing installation (adding the controllers; a given
     ``backend`` replaces the installed one). Use the result as a context manager, or call
@@ -266,10 +345,10 @@ def install(target, *controllers: Controller, backend: Optional[str] = None) -> 
     """
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
-    unet, pipe = find_unet(target)
-    installation = getattr(unet, _ATTRIBUTE, None)
+    model, pipe = find_model(target)
+    installation = getattr(model, _ATTRIBUTE, None)
     if installation is None:
-        installation = Installation(unet, pipe, backend or "auto")
+        installation = Installation(model, pipe, backend or "auto")
     elif backend is not None:
         installation.backend = backend
     installation.check_processors(controllers)

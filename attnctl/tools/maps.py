@@ -8,6 +8,11 @@ side (64, or 96 for SD 2.x at 768; ``size=`` picks another), clamped at 0, and a
 over layers and heads. A trace with ``per_head=False`` summed the heads in the kernel, so
 the clamp applies to their sum (identical unless bicubic undershoot differs in sign
 between heads).
+
+MM-DiT traces (Flux, SD3) capture every row of the joint query sequence; a layer's
+``image_rows`` says which rows are image tokens, and heat maps read only those, on the
+image token grid after patchify (``size="latent"``, their default: there is no DAAM
+original to follow).
 """
 from __future__ import annotations
 
@@ -30,9 +35,10 @@ FORMAT = "attnctl-trace/2"
 class LayerMaps:
     """One cross-attention layer's captures.
 
-    ``maps[step]`` is (rows, H, h*w, T) — or (rows, h*w, T) when heads were summed — for
-    the first T key columns, and ``token_mass[step]`` is (rows, H, N); ``step`` is a step
-    index, or ALL_STEPS.
+    ``maps[step]`` is (rows, H, M, T) — or (rows, M, T) when heads were summed — for T
+    captured key columns, and ``token_mass[step]`` is (rows, H, N) (UNets only); ``step`` is a step
+    index, or ALL_STEPS. M is h*w on a UNet; on MM-DiT joint attention M is the whole joint
+    sequence and ``image_rows`` (start, stop) the image tokens' rows among them.
     """
 
     name: str
@@ -41,6 +47,7 @@ class LayerMaps:
     heads: int
     maps: Dict[int, torch.Tensor] = field(default_factory=dict)
     token_mass: Dict[int, torch.Tensor] = field(default_factory=dict)
+    image_rows: Optional[Tuple[int, int]] = None
 
 
 def select_layers(names: Sequence[str], patterns) -> List[str]:
@@ -151,7 +158,7 @@ class TraceMaps:
     def __init__(self, layers: List[LayerMaps], layout: BatchLayout, latent: Tuple[int, int],
                  image_scale: int, prompts: Optional[List[PromptText]], per_head: bool,
                  per_step: bool, heads: Optional[List[int]], steps_run: int, tokenizer=None,
-                 daam_side: Optional[int] = None, uncond: bool = True):
+                 daam_side: Optional[int] = None, uncond: bool = True, joint: bool = False):
         self.layers = layers
         self.layout = layout
         self.latent = tuple(latent)
@@ -164,6 +171,7 @@ class TraceMaps:
         self.tokenizer = tokenizer
         self.daam_side = daam_side  # DAAM's output side for the pipeline (None: unknown)
         self.uncond = uncond  # whether CFG's unconditional rows were captured
+        self.joint = joint          # an MM-DiT trace: maps on the image token grid by default
 
     @property
     def image_size(self) -> Tuple[int, int]:
@@ -236,7 +244,7 @@ class TraceMaps:
 
     def heat_map(self, image: int = 0, *, half: str = "cond", layers=None, resolutions=None,
                  heads: Optional[Iterable[int]] = None, steps=None, normalize: bool = False,
-                 prompt: Optional[str] = None, size="daam") -> GlobalHeatMap:
+                 prompt: Optional[str] = None, size=None) -> GlobalHeatMap:
         """DAAM's global heat map of ``image``: (T, h, w) for the T captured key columns.
 
         Args:
@@ -246,11 +254,12 @@ class TraceMaps:
             heads: head indices (per_head traces); steps: step indices (per_step traces).
             normalize: divide every map by the sum over the prompt's tokens plus 1e-6 (DAAM).
             prompt: the prompt text, when the pipeline ran from prompt_embeds.
-            size: "daam" (DAAM's fixed side, 64 or 96; square images only), "latent" (the
-                latent grid, any aspect ratio) or (h, w): where each map is upsampled to
-                before the clamp.
+            size: "daam" (DAAM's fixed side, 64 or 96; square images only; the default
+                on UNets), "latent" (the latent grid, any aspect ratio; on MM-DiT the image
+                token grid after patchify, their default) or (h, w): where each map is
+                upsampled to before the clamp.
         """
-        out_size = self._output_size(size)
+        out_size = self._output_size(size if size is not None else ("latent" if self.joint else "daam"))
         row = self._row(image, half)
         chosen = self._layers(layers, resolutions)
         keys = self._step_keys(steps)
@@ -258,6 +267,8 @@ class TraceMaps:
         for layer in chosen:
             head_idx = self._heads(heads, layer)
             summed = sum(layer.maps[k][row] for k in keys)
+            if layer.image_rows is not None:
+                summed = summed[..., layer.image_rows[0]:layer.image_rows[1], :]
             if self.per_head:
                 if head_idx is not None:
                     summed = summed[head_idx]
@@ -279,6 +290,9 @@ class TraceMaps:
         if normalize:
             if text is None:
                 raise ValueError("normalize: needs the prompt's word tokens; pass prompt=...")
+            if self.joint:
+                raise ValueError("normalize: DAAM's normalisation (rows between BOS and EOS) has no MM-DiT "
+                                 "form; got normalize=True on a Flux / SD3 trace")
             end = len(text.tokens) - 1  # DAAM's rows 1..-2: the prompt's tokens, not BOS nor EOS
             if end > value.shape[0]:
                 raise ValueError(f"normalize: the prompt has {end + 1} key columns, the trace captured "
@@ -305,6 +319,9 @@ class TraceMaps:
 
     def token_mass(self, image: int = 0, *, half: str = "cond", steps=None) -> Dict[str, torch.Tensor]:
         """Σ_m P per head and text token, per layer: {layer: (H, N)}."""
+        if self.joint:
+            raise ValueError("token_mass: an MM-DiT trace does not capture token mass (over all joint keys "
+                             "it would cost the kernel a second pass over QKᵀ)")
         row = self._row(image, half)
         keys = self._step_keys(steps)
         return {l.name: sum(l.token_mass[k][row] for k in keys) for l in self.layers}
@@ -320,12 +337,12 @@ class TraceMaps:
                 for step, t in getattr(layer, kind).items():
                     tensors[f"layers.{i}.{kind}.{step}"] = t.detach().to("cpu").contiguous()
             layers.append({"name": layer.name, "grid": list(layer.grid), "factor": layer.factor,
-                           "heads": layer.heads})
+                           "heads": layer.heads, "image_rows": layer.image_rows})
         meta = {
             "format": FORMAT, "layers": layers, "latent": list(self.latent),
             "image_scale": self.image_scale, "per_head": self.per_head, "per_step": self.per_step,
             "heads": self.heads, "steps_run": self.steps_run, "daam_side": self.daam_side,
-            "uncond": self.uncond,
+            "uncond": self.uncond, "joint": self.joint,
             "layout": {"rows": self.layout.rows, "cfg": self.layout.cfg,
                        "images_per_prompt": self.layout.images_per_prompt},
             "prompts": [p.to_json() for p in self.prompts] if self.prompts is not None else None,
@@ -345,7 +362,9 @@ class TraceMaps:
             meta = json.loads(header)
             if meta.get("format") != FORMAT:
                 raise ValueError(f"path: expected trace format {FORMAT}, got {meta.get('format')}")
-            layers = [LayerMaps(d["name"], tuple(d["grid"]), d["factor"], d["heads"]) for d in meta["layers"]]
+            layers = [LayerMaps(d["name"], tuple(d["grid"]), d["factor"], d["heads"],
+                                image_rows=tuple(d["image_rows"]) if d.get("image_rows") else None)
+                      for d in meta["layers"]]
             for key in f.keys():
                 _, i, kind, step = key.split(".")
                 getattr(layers[int(i)], kind)[int(step)] = f.get_tensor(key)
@@ -353,7 +372,7 @@ class TraceMaps:
         return cls(layers, BatchLayout(**meta["layout"]), tuple(meta["latent"]), meta["image_scale"],
                    [PromptText.from_json(p) for p in prompts] if prompts is not None else None,
                    meta["per_head"], meta["per_step"], meta["heads"], meta["steps_run"], tokenizer,
-                   daam_side=meta["daam_side"], uncond=meta.get("uncond", True))
+                   daam_side=meta["daam_side"], uncond=meta.get("uncond", True), joint=meta.get("joint", False))
 
     def __repr__(self) -> str:
         return (f"TraceMaps({len(self.layers)} layers, latent {self.latent}, images "

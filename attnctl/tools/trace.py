@@ -10,6 +10,13 @@ layers, every head apart, and the key columns of DAAM's global map (BOS, the pro
 tokens, the first EOS). Heads stay apart because DAAM clamps each head's map after
 upsampling the map summed over steps: a clamp after the step sum cannot be folded per
 call, so each head's step sum is kept, for the prompt's columns only.
+
+On Flux and SD3 (MM-DiT joint attention) there is no DAAM original; the trace captures
+the text key columns of one text segment (T5 by default: Flux's only sequence, SD3's 256
+tokens after the 77 CLIP ones; ``text="clip"`` takes SD3's CLIP segment) from every
+joint block, heads summed in the kernel, over all joint query rows (the text rows, 11 %
+of Flux 1024²'s 4608, are captured and never read: slicing them out would need a second
+kernel call). P is the joint softmax, normalised over all keys, text and image.
 """
 from __future__ import annotations
 
@@ -22,38 +29,54 @@ from ..diffusers.controller import AttentionCall, BatchLayout, Controller, Denoi
 from ..diffusers.install import Generation, install, installation_of
 from .daam import counts_in_daam, is_daam_layer, output_side
 from .maps import ALL_STEPS, LayerMaps, TraceMaps, resolution_matches, select_layers
+from ..diffusers.joint import BLOCK_KINDS, IMAGE_SELF
+from ..diffusers.mmdit import FLUX
 from .words import record_prompt
 
 TOKEN_CHOICES = ("prompt", "all")
+TEXT_SEGMENTS = ("t5", "clip")
+SD3_CLIP_TOKENS = 77  # SD3's CLIP-L‖G segment comes first in its text sequence
 
 
 class _LayerTrace:
-    __slots__ = ("maps", "selected", "head_weights")
+    __slots__ = ("maps", "selected", "head_weights", "columns")
 
     def __init__(self, maps: LayerMaps, selected: bool, head_weights):
         self.maps = maps          # its dicts hold the buffers the kernel accumulates into
         self.selected = selected
         self.head_weights = head_weights
+        self.columns: Optional[torch.Tensor] = None  # the captured key columns (shared per (T, first, device))
 
 
 class TraceController(Controller):
     """Captures cross-attention maps and token mass; see :func:`trace` for the options."""
 
     def __init__(self, *, layers=None, resolutions=None, heads: Optional[Iterable[int]] = None,
-                 steps: Optional[Iterable[int]] = None, per_step: bool = False, per_head: bool = True,
-                 tokens: str = "prompt", uncond: bool = False):
+                 steps: Optional[Iterable[int]] = None, per_step: bool = False, per_head: Optional[bool] = None,
+                 tokens: str = "prompt", kinds: Optional[Iterable[str]] = None, text: str = "t5",
+                 uncond: bool = False):
         if tokens not in TOKEN_CHOICES:
             raise ValueError(f"tokens: expected one of {TOKEN_CHOICES}, got {tokens!r}")
+        if text not in TEXT_SEGMENTS:
+            raise ValueError(f"text: expected one of {TEXT_SEGMENTS}, got {text!r}")
+        self.kinds = frozenset(_as_list([kinds] if isinstance(kinds, str) else kinds, "kinds") or ()) or None
+        with_text = [k for k in BLOCK_KINDS if k != IMAGE_SELF]  # SD3.5's attn2 has no text to trace
+        bad = sorted(set(self.kinds or ()) - set(with_text))
+        if bad:
+            raise ValueError(f"kinds: expected block kinds among {with_text}, got {bad}")
+        self.text = text
         self.layer_patterns = layers
         self.resolutions = _as_list(resolutions, "resolutions")
         self.heads = sorted(set(_as_list(heads, "heads"))) if heads is not None else None
         self.steps = frozenset(_as_list(steps, "steps")) if steps is not None else None
         self.per_step = bool(per_step)
-        self.per_head = bool(per_head)
+        self.per_head = per_head  # None: True on UNets (DAAM), False on MM-DiT (set by Trace)
         self.tokens = tokens
         self.uncond = bool(uncond)
+        self.segment = None  # MM-DiT: (tokenizer, first column in the text, length or None = the rest)
         self.allowed_layers: Optional[frozenset] = None  # set by Trace from the UNet's layers
         self.daam_side: Optional[int] = None  # set by Trace: DAAM's output side for the pipeline
+        self.image_scale: Optional[int] = None  # MM-DiT: image pixels per image token (VAE x patch)
         self.generation: Optional[Generation] = None
         self.texts = None          # the generation's prompts as tokenised, when known
         self.kept_columns: Optional[int] = None  # key columns captured (None: all N)
@@ -61,7 +84,7 @@ class TraceController(Controller):
         self.latent: Optional[Tuple[int, int]] = None
         self.steps_run = 0
         self._layers: Dict[str, _LayerTrace] = {}
-        self._columns: Dict[Tuple[int, torch.device], torch.Tensor] = {}
+        self._columns: Dict[Tuple[int, int, torch.device], torch.Tensor] = {}
         # One Capture for every call, its buffers pointed at the layer's (and step's) own:
         # the op range-checks a tokens tensor once per Capture (a device sync), so sharing
         # it makes that one check per trace instead of one per layer and step.
@@ -73,18 +96,36 @@ class TraceController(Controller):
         self._layers = {}  # the previous generation's TraceMaps keep their own buffers
         self.steps_run = 0
         self.texts = None
-        if generation.prompts is not None and generation.tokenizer is not None:
-            self.texts = [record_prompt(generation.tokenizer, p) for p in generation.prompts]
-        # DAAM keeps BOS, the prompt's tokens and the first EOS; for a batch, the longest's.
-        self.kept_columns = (max(len(t.tokens) for t in self.texts)
-                             if self.tokens == "prompt" and self.texts else None)
+        self.kept_columns = None
+        if self.segment is None and generation.prompts is not None and generation.tokenizer is not None:
+            self._record_texts(generation.tokenizer, None)
+
+    def _record_texts(self, tokenizer, max_length: Optional[int]) -> None:
+        self.texts = [record_prompt(tokenizer, p, max_length) for p in self.generation.prompts]
+        # DAAM keeps BOS, the prompt's tokens and the first EOS; for a batch, the longest's
+        # (T5: the prompt's pieces and </s>, no padding).
+        self.kept_columns = (max(len(t.tokens) for t in self.texts) if self.tokens == "prompt" else None)
+
+    def _segment_columns(self, call: AttentionCall) -> Tuple[int, int]:
+        """MM-DiT: (first key column, length) of the traced text segment in this call; the
+        first call records the prompts with the segment's tokenizer and length."""
+        tokenizer, offset, length = self.segment
+        text = call.joint.text
+        if length is None:
+            length = len(text) - offset
+        gen = self.generation
+        # A bare transformer has no pipeline tokenizer: the one given to start_generation.
+        tokenizer = tokenizer if tokenizer is not None else getattr(gen, "tokenizer", None)
+        if self.texts is None and gen is not None and gen.prompts is not None and tokenizer is not None:
+            self._record_texts(tokenizer, length)
+        return text.start + offset, length
 
     def on_step(self, step: DenoiseStep, layout: BatchLayout) -> None:
         self.layout = layout
         self.steps_run = step.index + 1
 
     def plan(self, call: AttentionCall) -> Optional[Plan]:
-        if not call.is_cross:
+        if not call.is_cross and (call.joint is None or not call.joint.text):
             return None
         layer = self._layers.get(call.layer)
         if layer is None:
@@ -95,13 +136,17 @@ class TraceController(Controller):
         maps = layer.maps.maps.get(key)
         if maps is None:
             maps = self._allocate(call, layer, key)
-        token_mass = layer.maps.token_mass[key]
-        if token_mass.shape != (call.batch, call.heads, call.keys):
-            raise RuntimeError(f"trace: layer {call.layer} changed shape within a generation "
-                               f"(B, H, N) {tuple(token_mass.shape)} -> {(call.batch, call.heads, call.keys)}")
+        elif layer.maps.image_rows is not None and layer.maps.image_rows != (call.joint.image.start,
+                                                                              call.joint.image.stop):
+            raise RuntimeError(f"trace: layer {call.layer} changed its joint layout within a generation")
+        token_mass = layer.maps.token_mass.get(key)  # None on MM-DiT (see _allocate)
+        held = (maps.shape[0], maps.shape[-2], token_mass.shape[1:] if token_mass is not None else None)
+        if held != (call.batch, call.queries, (call.heads, call.keys) if token_mass is not None else None):
+            raise RuntimeError(f"trace: layer {call.layer} changed shape within a generation (B, M) "
+                               f"{held[:2]} -> {(call.batch, call.queries)}")
         capture = self._capture
         capture.token_mass = token_mass
-        capture.tokens = self._columns[(maps.shape[-1], call.device)]
+        capture.tokens = layer.columns
         # Only the rows that will be read: the kernel skips capture work for the others.
         capture.rows = None if self.uncond else call.layout.cond_rows
         if self.per_head:
@@ -117,24 +162,33 @@ class TraceController(Controller):
         self.latent = call.latent
         selected = (self.allowed_layers is None or call.layer in self.allowed_layers) and (
             self.resolutions is None or resolution_matches(self.resolutions, call.grid, call.factor))
-        if self.layer_patterns is None:  # DAAM's selection also goes by its factor of the call
+        if call.joint is not None:
+            selected = selected and (self.kinds is None or call.joint.block in self.kinds)
+        elif self.layer_patterns is None:  # DAAM's selection also goes by its factor of the call
             selected = selected and counts_in_daam(self.daam_side, call.queries)
         weights = None
         if self.heads is not None and not self.per_head:
             weights = torch.zeros(call.heads, device=call.device)
             weights[[h for h in self.heads if h < call.heads]] = 1.0
-        maps = LayerMaps(call.layer, call.grid, call.factor, call.heads)
+        image_rows = (call.joint.image.start, call.joint.image.stop) if call.joint is not None else None
+        maps = LayerMaps(call.layer, call.grid, call.factor, call.heads, image_rows=image_rows)
         return _LayerTrace(maps, selected, weights)
 
     def _allocate(self, call: AttentionCall, layer: _LayerTrace, key: int) -> torch.Tensor:
         B, H, M, N = call.batch, call.heads, call.queries, call.keys
-        T = min(self.kept_columns, N) if self.kept_columns is not None else N
-        if (T, call.device) not in self._columns:
-            self._columns[(T, call.device)] = torch.arange(T, dtype=torch.int32, device=call.device)
+        first, available = self._segment_columns(call) if call.joint is not None else (0, N)
+        T = min(self.kept_columns, available) if self.kept_columns is not None else available
+        if (T, first, call.device) not in self._columns:
+            self._columns[(T, first, call.device)] = torch.arange(first, first + T, dtype=torch.int32,
+                                                                 device=call.device)
+        layer.columns = self._columns[(T, first, call.device)]
         zeros = dict(device=call.device, dtype=torch.float32)
         maps = torch.zeros((B, H, M, T) if self.per_head else (B, M, T), **zeros)
         layer.maps.maps[key] = maps
-        layer.maps.token_mass[key] = torch.zeros(B, H, N, **zeros)
+        if call.joint is None:
+            # Not on MM-DiT joint attention: its N (all text and image keys) spans many key
+            # blocks, where token mass costs the kernel a second pass over QKᵀ (+50 % FLOPs).
+            layer.maps.token_mass[key] = torch.zeros(B, H, N, **zeros)
         return maps
 
     def result(self) -> TraceMaps:
@@ -143,13 +197,15 @@ class TraceController(Controller):
                                "inside `with attnctl.trace(pipe) as tc:` before reading maps")
         layers = [l.maps for l in self._layers.values() if l.selected and l.maps.maps]
         if not layers:
-            raise RuntimeError("trace: no cross-attention call was captured (the step or resolution "
-                               "filters, or DAAM's layer selection at this image size, excluded all of "
-                               "them; layers='*' takes every cross-attention layer)")
+            raise RuntimeError("trace: no cross-attention call was captured (the step, resolution or "
+                               "block-kind filters, or DAAM's layer selection at this image size, excluded "
+                               "all of them; layers='*' takes every cross-attention layer)")
         gen = self.generation
-        return TraceMaps(layers, self.layout, self.latent, gen.image_scale, self.texts, self.per_head,
-                         self.per_step, self.heads, self.steps_run, gen.tokenizer, daam_side=self.daam_side,
-                         uncond=self.uncond)
+        joint = self.segment is not None
+        tokenizer = self.segment[0] if joint and self.segment[0] is not None else gen.tokenizer
+        return TraceMaps(layers, self.layout, self.latent, self.image_scale or gen.image_scale, self.texts,
+                         self.per_head, self.per_step, self.heads, self.steps_run, tokenizer,
+                         daam_side=self.daam_side, uncond=self.uncond, joint=joint)
 
 
 def _as_list(value, name: str) -> Optional[list]:
@@ -189,6 +245,18 @@ class Trace:
         installation, controller = self.installation, self.controller
         cross = installation.cross_layers
         pipe = installation.pipe
+        if installation.family is not None:
+            self._select_joint_text()
+            controller.allowed_layers = frozenset(select_layers(cross, controller.layer_patterns))
+            return
+        if controller.kinds is not None:
+            raise ValueError(f"kinds: block kinds select MM-DiT (Flux, SD3) blocks; this is a UNet, got "
+                             f"{sorted(controller.kinds)}")
+        if controller.text != "t5":
+            raise ValueError(f"text: selects the text segment of an MM-DiT (SD3) trace; a UNet has one, got "
+                             f"{controller.text!r}")
+        if controller.per_head is None:
+            controller.per_head = True
         if pipe is not None:
             controller.daam_side = output_side(installation.unet.config.sample_size,
                                                getattr(pipe, "vae_scale_factor", None))
@@ -201,6 +269,28 @@ class Trace:
                              "call, which needs the pipeline's UNet sample size and VAE factor; got "
                              f"{what}; pass layers='*' (every cross-attention layer) or name patterns")
         controller.allowed_layers = frozenset(n for n in cross if is_daam_layer(n))
+
+    def _select_joint_text(self) -> None:
+        """MM-DiT: the text segment whose key columns are traced, and its tokenizer."""
+        installation, controller = self.installation, self.controller
+        pipe = installation.pipe
+        if controller.per_head is None:
+            controller.per_head = False
+        if installation.family == FLUX:
+            if controller.text != "t5":
+                raise ValueError(f"text: Flux attends to T5 tokens only (CLIP gives a pooled vector), got "
+                                 f"{controller.text!r}")
+            segment = ("tokenizer_2", 0, None)
+        elif controller.text == "t5":
+            segment = ("tokenizer_3", SD3_CLIP_TOKENS, None)
+        else:
+            segment = ("tokenizer", 0, SD3_CLIP_TOKENS)
+        tokenizer = getattr(pipe, segment[0], None) if pipe is not None else None
+        controller.segment = (tokenizer,) + segment[1:]
+        vae = getattr(pipe, "vae_scale_factor", None) if pipe is not None else None
+        patch = installation.model.config.patch_size
+        # Flux packs 2x2 latent pixels into a token (its patch_size is 1); SD3 patchifies by patch_size.
+        controller.image_scale = int(vae or 1) * (2 if installation.family == FLUX else patch)
 
     def __exit__(self, *exc) -> None:
         self._close()
@@ -229,15 +319,18 @@ class Trace:
 
 
 def trace(pipe, *, layers=None, resolutions=None, heads=None, steps=None, per_step: bool = False,
-          per_head: bool = True, tokens: str = "prompt", uncond: bool = False,
-          backend: Optional[str] = None) -> Trace:
-    """Trace cross-attention heat maps of an SD 1.x / 2.x / SDXL pipeline::
+          per_head: Optional[bool] = None, tokens: str = "prompt", kinds=None, text: str = "t5",
+          uncond: bool = False, backend: Optional[str] = None) -> Trace:
+    """Trace cross-attention heat maps of an SD 1.x / 2.x / SDXL pipeline, or the text
+    columns of the joint attention of a Flux / SD3 / SD3.5 pipeline::
 
         with attnctl.trace(pipe) as tc:
             image = pipe("a cat on a hamburger").images[0]
         tc.word_heat_map("cat").plot(image, "cat.png")
 
-    The defaults capture what DAAM 0.2.0 needs to give its result exactly.
+    On UNets the defaults capture what DAAM 0.2.0 needs to give its result exactly. On
+    Flux / SD3 they capture every joint block, heads summed, the prompt's T5 pieces and
+    its ``</s>`` (no padding), and heat maps are read on the image token grid.
 
     Args:
         layers: None (DAAM's layers: down and up blocks, not the mid block, and only the
@@ -247,13 +340,17 @@ def trace(pipe, *, layers=None, resolutions=None, heads=None, steps=None, per_st
         heads: only these head indices.
         steps: only these denoising step indices.
         per_step: keep each step's maps apart (select steps afterwards).
-        per_head: True (DAAM): keep each head's maps apart, so each head is clamped after
-            upsampling, as DAAM does; False: sum the heads in the kernel (H times less
-            memory; the clamp then acts on the sum, which differs where bicubic undershoot
-            differs in sign between heads).
+        per_head: None: True on UNets, False on MM-DiT. True (DAAM): keep each head's maps
+            apart, so each head is clamped after upsampling, as DAAM does; False: sum the
+            heads in the kernel (H times less memory; the clamp then acts on the sum, which
+            differs where bicubic undershoot differs in sign between heads).
         tokens: "prompt" (DAAM): capture BOS, the prompt's tokens and the first EOS (the
             columns of DAAM's global map; every column when the prompt text is unknown);
-            "all": every key column, padding included.
+            "all": every key column, padding included (MM-DiT: every column of the segment).
+        kinds: MM-DiT only: block kinds to capture ("double", "single" for Flux; "joint",
+            "context_pre_only" for SD3); None: all.
+        text: MM-DiT only: the text segment whose columns are captured: "t5" (default) or,
+            on SD3, "clip" (its 77 CLIP-L‖G tokens).
         uncond: also capture CFG's unconditional half (for ``heat_map(half="uncond")``); by
             default only the conditional rows are captured and the kernel does no capture
             work for the others.
@@ -262,5 +359,6 @@ def trace(pipe, *, layers=None, resolutions=None, heads=None, steps=None, per_st
     If attnctl is not installed on ``pipe`` the trace installs it and uninstalls on exit.
     """
     controller = TraceController(layers=layers, resolutions=resolutions, heads=heads, steps=steps,
-                                 per_step=per_step, per_head=per_head, tokens=tokens, uncond=uncond)
+                                 per_step=per_step, per_head=per_head, tokens=tokens, kinds=kinds, text=text,
+                                 uncond=uncond)
     return Trace(pipe, controller, backend)

@@ -1,0 +1,94 @@
+"""What install needs to know about the MM-DiT transformers (Flux, SD3, SD3.5), as data:
+each layer's block kind, the sequence order, and how to read a forward's inputs.
+
+Flux: ``transformer_blocks.i.attn`` are double-stream, ``single_transformer_blocks.i.attn``
+single-stream; text first. SD3: ``transformer_blocks.i.attn`` joint (the block with
+``context_pre_only`` last), ``transformer_blocks.i.attn2`` SD3.5 medium's image-only
+self-attention; image first.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from .joint import CONTEXT_PRE_ONLY, DOUBLE, IMAGE_SELF, JOINT, SINGLE, JointLayer
+
+FLUX, SD3 = "flux", "sd3"
+
+
+def mmdit_family(model) -> Optional[str]:
+    """"flux" or "sd3" for the transformers attnctl supports, else None."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    if isinstance(model, FluxTransformer2DModel):
+        return FLUX
+    if isinstance(model, SD3Transformer2DModel):
+        return SD3
+    return None
+
+
+def joint_layers(model, family: str) -> Dict[str, JointLayer]:
+    """{layer name: JointLayer} for every attention layer of ``model``."""
+    modules = dict(model.named_modules())
+    layers = {}
+    for name in model.attn_processors:
+        layer = name[: -len(".processor")]
+        parts = layer.split(".")
+        blocks, index, attr = parts[0], int(parts[1]), parts[-1]
+        if getattr(modules[layer], "fused_projections", False):
+            raise NotImplementedError(f"install: {layer} has fused projections (fuse_qkv_projections()); "
+                                      "attnctl replays the unfused processor: call unfuse_qkv_projections() first")
+        if family == FLUX:
+            kind = DOUBLE if blocks == "transformer_blocks" else SINGLE
+        elif attr == "attn2":
+            kind = IMAGE_SELF
+        else:
+            kind = CONTEXT_PRE_ONLY if modules[layer].context_pre_only else JOINT
+        layers[layer] = JointLayer(kind, index, text_first=family == FLUX)
+    return layers
+
+
+class ForwardReader:
+    """Reads a transformer forward's inputs: batch rows, the image token grid, the text
+    length and the timestep. Flux's grid comes from ``img_ids`` (read once per ids tensor:
+    the pipeline passes the same one every step), or from ``flux_grid`` when set (ids on
+    the meta device have no values); SD3's from the latent and patch size."""
+
+    def __init__(self, model, family: str):
+        self.family = family
+        self.patch = model.config.patch_size
+        self._flux_grid: Tuple[Optional[torch.Tensor], Optional[Tuple[int, int]]] = (None, None)
+        self.flux_grid: Optional[Tuple[int, int]] = None
+
+    def __call__(self, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        text = kwargs.get("encoder_hidden_states")
+        timestep = kwargs.get("timestep")
+        if self.family == SD3:
+            grid = (hidden.shape[-2] // self.patch, hidden.shape[-1] // self.patch)
+        else:
+            grid = self._grid_of_ids(kwargs.get("img_ids"), hidden.shape[1])
+        return hidden.shape[0], grid, (text.shape[1] if text is not None else 0), timestep
+
+    def _grid_of_ids(self, ids: Optional[torch.Tensor], tokens: int) -> Tuple[int, int]:
+        if ids is None:
+            raise ValueError("img_ids: attnctl reads the Flux image grid from the transformer's img_ids "
+                             "(as FluxPipeline passes them), got none")
+        if self.flux_grid is not None:
+            if self.flux_grid[0] * self.flux_grid[1] != tokens:
+                raise ValueError(f"image_grid: expected {tokens} image tokens, got {self.flux_grid}")
+            return self.flux_grid
+        if ids.is_meta:
+            raise ValueError("img_ids: on the meta device the ids have no values to read the image grid from; "
+                             "set installation.image_grid = (h, w) first")
+        held, grid = self._flux_grid
+        if held is not ids:
+            ids2 = ids[0] if ids.ndim == 3 else ids
+            rows, cols = (int(x) + 1 for x in ids2[:, 1:].amax(0).tolist())
+            grid = (rows, cols)
+            if rows * cols != tokens:
+                raise ValueError(f"img_ids: expected a {tokens}-token image grid, got positions spanning "
+                                 f"{rows}x{cols}")
+            self._flux_grid = (ids, grid)
+        return grid
