@@ -7,13 +7,11 @@ import json
 import sys
 
 import torch
-import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 from attnctl.backends.triton_backward import SavedForward, backward_launches
 from attnctl.regions import Regions
-from compile_kernel import TRITON_TYPES, cubin_resources
+from compile_kernel import compile_as_jit, cubin_resources
 
 CASES = {  # name: (dtype, head dim, keys); every case has bias (grad), prob_mult and map gradients
     "bwd-fp16-d40-n77": (torch.float16, 40, 77),      # SD1.5 64² cross-attention
@@ -39,19 +37,9 @@ def launches(name: str):
 
 
 def compile_launch(launch, arch: int) -> dict:
-    meta = dict(launch.meta)
-    options = {key: meta.pop(key) for key in ("num_warps", "num_stages")}
-    signature, constexprs = {}, {}
-    for i, pname in enumerate(launch.kernel.arg_names):
-        if pname in meta:
-            signature[pname] = "constexpr"
-            constexprs[(i,)] = meta[pname]
-        else:
-            value = launch.args[i]
-            signature[pname] = (TRITON_TYPES[value.dtype] if isinstance(value, torch.Tensor)
-                                else "fp32" if isinstance(value, float) else "i32")
-    src = ASTSource(fn=launch.kernel, signature=signature, constexprs=constexprs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    """Compile as the JIT would on a GPU of ``arch`` (its own argument specialisation)."""
+    compiled = compile_as_jit(launch.kernel, launch.args, launch.meta, GPUTarget("cuda", arch, 32))
+    options = {key: launch.meta[key] for key in ("num_warps", "num_stages") if key in launch.meta}
     return {"kernel": launch.kernel.fn.__name__, "arch": arch, "shared_bytes": compiled.metadata.shared,
             **options, **cubin_resources(compiled.asm["cubin"])}
 
