@@ -642,7 +642,7 @@ def test_trace_during_an_edit_records_the_edited_maps(backend, kind):
 
     recorder = Recorder()
     with attnctl.install(pipe, controller, recorder, backend=backend), \
-            attnctl.trace(pipe, layers="*", per_head=False, tokens="all") as tc:   # every layer and column
+            attnctl.trace(pipe, layers="*", per_head=False, tokens="all", uncond=True) as tc:   # every layer, column, row
         generate_latents(pipe, prompts, steps=STEPS, **SIZE)
     got = {layer.name: layer.maps[ALL_STEPS] for layer in tc.maps().layers}
 
