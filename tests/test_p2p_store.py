@@ -1,9 +1,9 @@
 """attnctl.p2p.AttentionStore against a materialising replay of the original's
 AttentionStore and aggregate_attention (prompt-to-prompt_stable.ipynb), transcribed here:
 every call's P computed from the run's own q, k (recorded per call), edited on the
-conditional half by the original's AttentionReplace (test_p2p's ``Original``), stored when
-it has at most 32² queries, summed per step, divided by the steps, then aggregated per
-resolution and place over layers·heads. Replays in fp32 and fp64 give the tolerance."""
+conditional half by the original's AttentionReplace or AttentionReweight after
+AttentionRefine (test_p2p's ``Original``), stored when it has at most 32² queries, summed
+per step, divided by the steps, then aggregated per resolution and place over layers·heads. Replays in fp32 and fp64 give the tolerance."""
 import numpy as np
 import pytest
 import torch
@@ -11,10 +11,10 @@ from PIL import Image
 
 import attnctl
 from attnctl.diffusers.controller import Controller
-from attnctl.p2p import AttentionStore, Replace
+from attnctl.p2p import AttentionStore, Refine, Replace, Reweight
 from control_reference import CallInfo, ReferenceState, generate_latents
 from diffusion_helpers import sd_pipe
-from test_p2p import REPLACE, STEPS, Original
+from test_p2p import N, REFINE, REPLACE, STEPS, Original, get_word_inds
 
 SIZE = dict(height=16, width=16)       # latent 8 x 8: grids 8 x 8 (down / up, 2 heads) and 4 x 4 (mid, 4 heads)
 VIEWS = [(8, ("up", "down")), (4, ("mid",)), (8, ("down", "up", "down"))]
@@ -97,28 +97,37 @@ def replay(calls, state, dtype):
 _RUNS = {}
 
 
-def run(edited, backend="torch"):
-    """(AttentionStore, recorded calls, replay state) of a 3-prompt generation, cached."""
-    key = (edited, backend)
+def run(case, backend="torch"):
+    """(AttentionStore, recorded calls, replay state, prompts) of a generation with the
+    edit ``case`` ("replace": a word swap in 2 targets; "reweight": Reweight after Refine,
+    the two-source form; None: the store alone), cached."""
+    key = (case, backend)
     if key not in _RUNS:
         pipe = sd_pipe()
         store, recorder = AttentionStore(), Recorder()
         controllers = [store, recorder]
-        state = ReferenceState()
-        if edited:
-            state = Original(REPLACE, pipe.tokenizer, "replace", 0.8, 0.4)
+        state, prompts = ReferenceState(), REPLACE
+        if case == "replace":
+            state = Original(prompts, pipe.tokenizer, "replace", 0.8, 0.4)
             controllers.insert(0, Replace(cross_steps=0.8, self_steps=0.4))
+        elif case == "reweight":
+            prompts = REFINE[:2]
+            eq = torch.ones(1, N)
+            eq[:, get_word_inds(prompts[1], "big", pipe.tokenizer)] = 4.0
+            prev = Original(prompts, pipe.tokenizer, "refine", 0.6, 0.4)
+            state = Original(prompts, pipe.tokenizer, "reweight", 0.6, 0.4, equalizer=eq, prev=prev)
+            controllers.insert(0, Reweight({"big": 4.0}, after=Refine(), cross_steps=0.6, self_steps=0.4))
         with attnctl.install(pipe, *controllers, backend=backend):
-            generate_latents(pipe, REPLACE, steps=STEPS, **SIZE)
-        _RUNS[key] = store, recorder.calls, state
+            generate_latents(pipe, prompts, steps=STEPS, **SIZE)
+        _RUNS[key] = store, recorder.calls, state, prompts
     return _RUNS[key]
 
 
-@pytest.mark.parametrize("edited", [True, False])
-def test_aggregate_matches_the_original(edited):
+@pytest.mark.parametrize("case", ["replace", "reweight", None])
+def test_aggregate_matches_the_original(case):
     """Cross and self, every image, every resolution and place set: within 4x the fp32
     replay's own error of the fp64 replay; with an edit the maps are the edited ones."""
-    store, calls, state = run(edited)
+    store, calls, state, prompts = run(case)
     single, exact = replay(calls, state, torch.float32), replay(calls, state, torch.float64)
     plain = replay(calls, ReferenceState(), torch.float64)
     assert store.num_steps == exact.cur_step == STEPS
@@ -126,23 +135,23 @@ def test_aggregate_matches_the_original(edited):
     edit_effect = {True: 0.0, False: 0.0}
     for res, where in VIEWS:
         for is_cross in (True, False):
-            for select in range(len(REPLACE)):
+            for select in range(len(prompts)):
                 got = store.aggregate(res, where, is_cross, select)
-                want = aggregate_attention(exact, REPLACE, res, where, is_cross, select)
+                want = aggregate_attention(exact, prompts, res, where, is_cross, select)
                 assert got.shape == want.shape == (res, res, 77 if is_cross else res * res)
-                ref = aggregate_attention(single, REPLACE, res, where, is_cross, select)
+                ref = aggregate_attention(single, prompts, res, where, is_cross, select)
                 own_error = max(own_error, (ref.double() - want).abs().max().item())
                 error = max(error, (got.double() - want).abs().max().item())
-                unedited = aggregate_attention(plain, REPLACE, res, where, is_cross, select)
+                unedited = aggregate_attention(plain, prompts, res, where, is_cross, select)
                 edit_effect[is_cross] = max(edit_effect[is_cross], (got.double() - unedited).abs().max().item())
     assert error <= 4 * own_error, (error, own_error)
-    if edited:      # cross and self maps are the edited ones, not the target's own
+    if case is not None:    # cross and self maps are the edited ones, not the target's own
         assert min(edit_effect.values()) > 1e3 * own_error, (edit_effect, own_error)
 
 
 def test_aggregate_triton_interpreter():
     """One small case on the Triton backend (interpreter on CPU): the edited run."""
-    store, calls, state = run(True, backend="triton")
+    store, calls, state, _ = run("replace", backend="triton")
     single, exact = replay(calls, state, torch.float32), replay(calls, state, torch.float64)
     own_error = error = 0.0
     for is_cross in (True, False):
@@ -158,7 +167,7 @@ def test_show_cross_attention(tmp_path):
     """One panel per token (start and end included) of the selected prompt, laid out as
     the original's view_images of text_under_image panels; each panel the map scaled to
     255 by its maximum and resized to 256²."""
-    store, _, _ = run(True)
+    store = run("replace")[0]
     tok = sd_pipe().tokenizer
     path = tmp_path / "cross.png"
     image = store.show_cross_attention(tok, REPLACE, 8, ("up", "down"), select=1, path=str(path))
@@ -181,7 +190,7 @@ def test_show_cross_attention(tmp_path):
 def test_show_self_attention_comp(tmp_path):
     """max_com panels of 256², each a right singular vector of the row-centred averaged
     self-attention map, shifted to 0 and scaled to 255."""
-    store, _, _ = run(True)
+    store = run("replace")[0]
     path = tmp_path / "self.png"
     image = store.show_self_attention_comp(8, ("up", "down"), max_com=3, select=2, path=str(path))
     written = np.array(Image.open(path))
@@ -197,7 +206,7 @@ def test_show_self_attention_comp(tmp_path):
 
 
 def test_bad_input():
-    store, _, _ = run(True)
+    store = run("replace")[0]
     tok = sd_pipe().tokenizer
     with pytest.raises(ValueError, match=r"res: no stored cross-attention layer of up, down has grid \(5, 5\); "
                                          r"stored grids there: \[\(8, 8\)\]"):
