@@ -24,8 +24,8 @@ def test_published_architecture_traces_every_cross_attention_layer(name):
     torch.manual_seed(0)
     sample = torch.randn(2, 4, *latent)
     text = torch.randn(2, 77, width)
-    # A bare UNet has no VAE factor for DAAM's rules: every layer, heads summed, latent grid.
-    with torch.no_grad(), attnctl.trace(unet, backend="torch", layers="*", per_head=False) as tc:
+    # A bare UNet has no VAE factor for DAAM's rules: every layer, heads summed, both CFG halves.
+    with torch.no_grad(), attnctl.trace(unet, backend="torch", layers="*", per_head=False, uncond=True) as tc:
         tc.installation.start_generation(["a photo of a cat"], cfg=True)
         out = unet(sample, 999, encoder_hidden_states=text, **extra).sample
     assert out.shape == sample.shape and torch.isfinite(out).all()

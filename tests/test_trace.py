@@ -62,7 +62,7 @@ def test_default_trace_captures_the_cond_half_only(traced):
             for buf in buffers.values():
                 assert not buf[:4].any() and buf[4:].any()
     with pytest.raises(ValueError, match=r"'uncond' was not captured; trace with uncond=True"):
-        tc.heat_map(0, half="uncond")
+        tc.heat_map(0, half="uncond", **LATENT_GRID)
 
 
 def test_summed_mode_sums_heads_in_kernel(reference, traced):
