@@ -265,17 +265,27 @@ def attention(
         # the differentiable op attnctl::attention_differentiable or the reference.
         return _run(q, k, v, scale, bias, prob_mult, capture, backend, regions, source, own)
     if compiling:
-        cap = capture if capture is not None else Capture()
-        own_cap = own.capture if own is not None and own.capture is not None else Capture()
+        return torch.ops.attnctl.attention(*op_arguments(q, k, v, scale, bias, prob_mult, capture, backend,
+                                                         regions, source, own))
+    return _run(q, k, v, scale, bias, prob_mult, capture, backend, regions, source, own)
 
-        def buffers(c: Capture, fields):
-            # Inductor cannot lower a custom op whose mutated Optional argument is None, so
-            # an absent buffer travels as an empty tensor (real buffers are never empty).
-            return [getattr(c, name) if getattr(c, name) is not None else q.new_empty(0, dtype=torch.float32)
-                    for name in fields]
 
-        return torch.ops.attnctl.attention(
-            q, k, v, scale, bias, prob_mult, *buffers(cap, BUFFER_FIELDS), cap.tokens, cap.head_weights, backend,
+def op_arguments(q, k, v, scale: float, bias=None, prob_mult=None, capture: Optional[Capture] = None,
+                 backend: str = "auto", regions: Optional[Regions] = None, source=None,
+                 own: Optional[OwnTerm] = None) -> tuple:
+    """The positional arguments of attnctl::attention for one call, every schema argument
+    given: the call torch.compile traces (and opcheck tests). Absent capture buffers travel
+    as empty tensors: Inductor cannot lower a custom op whose mutated Optional argument is
+    None, and torch 2.11's ADInplaceOrView kernel indexes every mutated argument by
+    position, so none may be left to its default."""
+    cap = capture if capture is not None else Capture()
+    own_cap = own.capture if own is not None and own.capture is not None else Capture()
+
+    def buffers(c: Capture, fields):
+        return [getattr(c, name) if getattr(c, name) is not None else q.new_empty(0, dtype=torch.float32)
+                for name in fields]
+
+    return (q, k, v, scale, bias, prob_mult, *buffers(cap, BUFFER_FIELDS), cap.tokens, cap.head_weights, backend,
             cap.probe_keys, *buffers(cap, ("probe_mass",)),
             regions.labels_q if regions is not None else None,
             regions.labels_k if regions is not None else None,
@@ -283,7 +293,6 @@ def attention(
             own.values if own is not None else None, own.prob_mult if own is not None else None,
             *buffers(own_cap, BUFFER_FIELDS), own_cap.tokens, own_cap.head_weights,
             _row_list(cap), _row_list(own_cap))
-    return _run(q, k, v, scale, bias, prob_mult, capture, backend, regions, source, own)
 
 
 def _row_list(capture: Capture) -> Optional[List[int]]:

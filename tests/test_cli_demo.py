@@ -2,19 +2,22 @@
 import json
 
 import pytest
+import torch
 
 from attnctl import TraceMaps
 from attnctl.cli import build_parser, main
 from diffusion_helpers import sd_pipe
 
 SMALL = ["--steps", "2", "--height", "32", "--width", "48"]
+# The demo runs on the GPU when there is one, where "auto" picks the fused Triton kernel.
+TRACE_ROW = f"attnctl.trace (fused capture, backend {'triton' if torch.cuda.is_available() else 'torch'})"
 
 
 def test_demo_writes_image_overlays_trace_summary_and_prints_the_comparison(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["demo", "--out", str(out), "--prompt", "a cat on a red car", *SMALL]) == 0
     printed = capsys.readouterr().out
-    for variant in ("no capture", "attnctl.trace (fused capture, backend torch)", "materialised capture"):
+    for variant in ("no capture", TRACE_ROW, "materialised capture"):
         assert variant in printed
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["words"]) == ["a", "cat", "on", "red", "car"]
@@ -38,7 +41,7 @@ def test_demo_loads_a_local_model_directory(tmp_path, capsys):
                  "--guidance", "1", "--prompt", "a dog", *SMALL]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["model"] == str(model) and not summary["cfg"] and list(summary["words"]) == ["dog"]
-    assert [row["variant"] for row in summary["comparison"]] == ["attnctl.trace (fused capture, backend torch)"]
+    assert [row["variant"] for row in summary["comparison"]] == [TRACE_ROW]
 
 
 def test_demo_rejects_bad_input(tmp_path):

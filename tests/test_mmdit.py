@@ -364,6 +364,8 @@ def test_published_configs_layers_and_map_shapes(monkeypatch, name, blocks, head
         assert captured == 57 * (image + text_len) * prompt_tokens * 4 < 100e6
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the pipeline here is on the CPU (Triton's interpreter); "
+                    "on a GPU machine tests/gpu/test_mmdit_gpu.py runs this check on the device")
 @pytest.mark.parametrize("name", ["flux", "sd35"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_within_twice_stock_error(name, dtype):

@@ -7,6 +7,7 @@ import torch
 
 import attnctl
 from attnctl import Capture, OwnTerm
+from attnctl.op import op_arguments
 
 from op_cases import (ALL_CAPTURES, CAPTURE_KINDS, DEVICE, compare, interpreter_bf16_dot_fixed, make_capture,
                       make_operand, make_qkv, make_tokens, randn, run_and_compare)
@@ -46,7 +47,7 @@ def test_rows_equal_full_capture_restricted(backend, N, rows):
     out_full = attnctl.attention(q, k, v, bias=bias, capture=full, backend=backend)
     out_part = attnctl.attention(q, k, v, bias=bias, capture=part, backend=backend)
     assert torch.equal(out_full, out_part), "rows must not change the output"
-    inside = torch.zeros(B, dtype=torch.bool)
+    inside = torch.zeros(B, dtype=torch.bool, device=DEVICE)
     inside[rows.start:rows.stop] = True
     for name in CAPTURE_KINDS + ("probe_mass",):
         got, want = getattr(part, name), getattr(full, name)
@@ -93,7 +94,7 @@ def test_own_term_rows(backend):
 
 @pytest.mark.parametrize("rows,error,pattern", [
     ([0, 1], TypeError, r"capture\.rows: expected a range of batch items .* got list"),
-    (torch.tensor([1]), TypeError, r"capture\.rows: expected a range .* got Tensor"),
+    (torch.tensor([1], device=DEVICE), TypeError, r"capture\.rows: expected a range .* got Tensor"),
     (range(0, 2, 2), ValueError, r"capture\.rows: expected a non-empty range with step 1 inside \[0, 2\)"),
     (range(1, 1), ValueError, r"capture\.rows: .*got range\(1, 1\)"),
     (range(1, 3), ValueError, r"capture\.rows: .*\(B = batch\), got range\(1, 3\)"),
@@ -125,10 +126,9 @@ def test_cuda_backend_refuses_rows():
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_opcheck_with_rows(backend):
     q, k, v = make_qkv(2, 2, 9, 12, 16)
-    e = torch.empty(0)
-    args = (q, k, v, 0.3, None, None, torch.rand(2, 2, 12), e, e, torch.rand(2, 2, 9), None, None, backend)
-    kwargs = dict(capture_rows=[1, 2])
-    torch.library.opcheck(torch.ops.attnctl.attention.default, args, kwargs)
+    capture = Capture(token_mass=torch.rand(2, 2, 12, device=DEVICE), lse=torch.rand(2, 2, 9, device=DEVICE),
+                      rows=range(1, 2))
+    torch.library.opcheck(torch.ops.attnctl.attention.default, op_arguments(q, k, v, 0.3, capture=capture, backend=backend))
 
 
 def test_compiled_rows_match_eager():

@@ -7,6 +7,7 @@ import torch
 
 import attnctl
 from attnctl import Capture
+from attnctl.op import op_arguments
 
 from op_cases import (ALL_CAPTURES, CAPTURE_KINDS, DEVICE, compare, make_head_weights,
                       make_operand, make_qkv, make_tokens)
@@ -115,17 +116,17 @@ def test_compiled_output_layout_and_token_check():
 # ---- opcheck ------------------------------------------------------------------------------------
 
 def _op_args(present, backend, tokens_form="1d", hw_form="h", controls=True):
+    """The op's arguments exactly as attnctl.attention passes them under torch.compile."""
     q, k, v = make_qkv(B, H, M, N, DH, 24)
     T = 3
-    tokens = make_tokens(tokens_form, B, N, T)
     shapes = {"token_mass": (B, H, N), "maps": (B, M, T), "head_maps": (B, H, M, T), "lse": (B, H, M)}
-    bufs = [torch.rand(shapes[n], device=DEVICE) if n in present else torch.empty(0, device=DEVICE)
-            for n in CAPTURE_KINDS]
     wants_cols = bool(present & {"maps", "head_maps"})
+    capture = Capture(**{n: torch.rand(shapes[n], device=DEVICE) for n in present},
+                      tokens=make_tokens(tokens_form, B, N, T) if wants_cols else None,
+                      head_weights=make_head_weights(hw_form, B, H) if "maps" in present else None)
     bias = make_operand("b1mn", B, H, M, N) if controls else None
     pm = make_operand("bh1n", B, H, M, N, kind="signed") if controls else None
-    hw = make_head_weights(hw_form, B, H) if "maps" in present else None
-    return (q, k, v, 0.3, bias, pm, *bufs, tokens if wants_cols else None, hw, backend)
+    return op_arguments(q, k, v, 0.3, bias, pm, capture, backend)
 
 
 @pytest.mark.parametrize("present,backend,tokens_form,hw_form,controls", [

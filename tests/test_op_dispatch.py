@@ -54,7 +54,7 @@ def test_auto_with_controls_on_cpu_runs_torch(what):
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
 def test_auto_with_controls_on_cuda_runs_triton():
     q, k, v = small()
-    attnctl.attention(q, k, v, bias=torch.zeros(1, device=DEVICE))
+    attnctl.attention(q, k, v, bias=torch.zeros(1))
     assert attnctl.last_dispatch().backend == "triton"
 
 
@@ -215,7 +215,7 @@ def test_output_layout_follows_q(backend):
     assert out.shape == (B, H, M, Dv)
     assert out.transpose(1, 2).is_contiguous(), (
         f"{backend}: output strides {out.stride()}; a (B,M,H,Dv) buffer has "
-        f"{torch.empty(B, M, H, Dv).transpose(1, 2).stride()}")
+        f"{torch.empty(B, M, H, Dv, device=DEVICE).transpose(1, 2).stride()}")
     q, k, v = make_qkv(B, H, M, N, D, Dv)
     out = _call(backend, q, k, v)
     assert out.is_contiguous(), f"{backend}: contiguous q gave strides {out.stride()}"
@@ -224,12 +224,12 @@ def test_output_layout_follows_q(backend):
 def test_triton_with_inputs_requiring_grad_runs_the_differentiable_path_or_names_what_it_lacks():
     q, k, v = make_qkv(1, 2, 8, 8, 16, layout="bmhd")
     q.requires_grad_(True)
-    attnctl.attention(q, k, v, bias=torch.zeros(1), backend="triton")
+    attnctl.attention(q, k, v, bias=torch.zeros(1, device=DEVICE), backend="triton")
     assert "differentiable Triton path" in attnctl.last_dispatch().reason
     with pytest.raises(NotImplementedError, match="Triton backward does not support capture"):
         attnctl.attention(q, k, v, capture=lse_capture(q, k), backend="triton")
     with pytest.raises(NotImplementedError, match="prob_mult requiring grad"):
-        attnctl.attention(q.detach(), k, v, prob_mult=torch.ones(1, requires_grad=True), backend="triton")
+        attnctl.attention(q.detach(), k, v, prob_mult=torch.ones(1, requires_grad=True, device=DEVICE), backend="triton")
     with torch.no_grad():
         attnctl.attention(q, k, v, capture=lse_capture(q, k), backend="triton")
 

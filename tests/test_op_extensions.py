@@ -12,6 +12,7 @@ import attnctl
 from attnctl import Capture, Regions
 from attnctl.diffusers.compose import compose
 from attnctl.diffusers.controller import Plan
+from attnctl.op import op_arguments
 
 from op_cases import DEVICE, compare, interpreter_bf16_dot_fixed, make_qkv, randn
 
@@ -32,7 +33,7 @@ def oracle(q, k, v, scale, *, prob_mult=None, labels_q=None, labels_k=None, stre
     B, H, M, _ = q.shape
     N = k.shape[2]
     p = torch.softmax(scale * q64 @ k64.transpose(-1, -2), dim=-1)
-    f = torch.ones(B, H, M, N, dtype=torch.float64)
+    f = torch.ones(B, H, M, N, dtype=torch.float64, device=DEVICE)
     if prob_mult is not None:
         f = f * prob_mult.double().cpu()
     if labels_q is not None:
@@ -69,7 +70,7 @@ def test_probe_mass(backend, C, N, pk_batch, layout):
     compare("output", out, ref_out.float())
     compare("probe_mass", cap.probe_mass, ref_mass.float() + 0.5)
     # each row's probe softmax sums to one, so Σ_c probe_mass = M (+ the prefill)
-    compare("Σ_c probe_mass", cap.probe_mass.sum(-1), torch.full((B, H), M + 0.5 * C))
+    compare("Σ_c probe_mass", cap.probe_mass.sum(-1), torch.full((B, H), M + 0.5 * C, device=DEVICE))
 
 
 def test_probe_mass_low_precision_and_independent_of_controls():
@@ -119,9 +120,9 @@ def test_regions(backend, N, strength, with_pm, lq_batch, lk_batch):
 
 def test_regions_unlabelled_or_zero_strength_change_nothing():
     q, k, v = make_qkv(1, 2, 33, 77, 16)
-    base = attnctl.attention(q, k, v, bias=torch.zeros(1), backend="triton")
-    for regions in (Regions(torch.full((1, 33), -1), torch.randint(0, 2, (1, 77)), 1.0),
-                    Regions(torch.randint(0, 2, (1, 33)), torch.randint(0, 2, (1, 77)), 0.0)):
+    base = attnctl.attention(q, k, v, bias=torch.zeros(1, device=DEVICE), backend="triton")
+    for regions in (Regions(torch.full((1, 33), -1, device=DEVICE), torch.randint(0, 2, (1, 77), device=DEVICE), 1.0),
+                    Regions(torch.randint(0, 2, (1, 33), device=DEVICE), torch.randint(0, 2, (1, 77), device=DEVICE), 0.0)):
         compare("unchanged", attnctl.attention(q, k, v, regions=regions, backend="triton"), base)
 
 
@@ -143,8 +144,8 @@ def test_logit_max(backend, M, N, dtype, layout):
 
 def test_logit_max_all_negative_logits():
     """Every logit negative: the max is negative (padding rows and keys must not add 0)."""
-    q = torch.ones(1, 1, 20, 16)
-    k = -torch.rand(1, 1, 10, 16) - 0.1
+    q = torch.ones(1, 1, 20, 16, device=DEVICE)
+    k = -torch.rand(1, 1, 10, 16, device=DEVICE) - 0.1
     expected = (q @ k.transpose(-1, -2)).amax()
     for backend in BACKENDS:
         got = attnctl.logit_max(q, k, backend=backend)
@@ -161,9 +162,9 @@ def _qkv():
 @pytest.mark.parametrize("what", ["regions", "probes"])
 def test_cuda_backend_rejects_new_fields(what):
     q, k, v = _qkv()
-    kwargs = {"regions": Regions(torch.zeros(1, 9, dtype=torch.long), torch.zeros(1, 12, dtype=torch.long))}
+    kwargs = {"regions": Regions(torch.zeros(1, 9, dtype=torch.long, device=DEVICE), torch.zeros(1, 12, dtype=torch.long, device=DEVICE))}
     if what == "probes":
-        kwargs = {"capture": Capture.zeros(q, k, probe_keys=torch.randn(1, 2, 3, 16))}
+        kwargs = {"capture": Capture.zeros(q, k, probe_keys=torch.randn(1, 2, 3, 16, device=DEVICE))}
     name = "regions" if what == "regions" else "capture.probe_keys"
     with pytest.raises(ValueError, match=rf"CUDA backend does not support {name}.*expected backend"):
         attnctl.attention(q, k, v, backend="cuda", **kwargs)
@@ -179,22 +180,22 @@ def test_logit_max_unsupported_backends(backend):
 def test_logit_max_bad_input():
     q, k, _ = _qkv()
     with pytest.raises(ValueError, match=r"k: expected \(B, H, N, D\) = \(2, 2, N, 16\).*\(2, 3, 12, 16\)"):
-        attnctl.logit_max(q, torch.randn(2, 3, 12, 16))
+        attnctl.logit_max(q, torch.randn(2, 3, 12, 16, device=DEVICE))
     with pytest.raises(TypeError, match="q, k: expected one dtype"):
         attnctl.logit_max(q, k.half())
 
 
 @pytest.mark.parametrize("change,error,pattern", [
-    (dict(probe_keys=torch.randn(1, 3, 4, 16)), ValueError, r"capture.probe_keys: expected shape \(1 or 2, 2, C >= 1, 16\), got \(1, 3, 4, 16\)"),
-    (dict(probe_keys=torch.randn(2, 4, 16)), ValueError, r"capture.probe_keys: expected 4 dims"),
-    (dict(probe_keys=torch.randn(1, 2, 4, 16).half()), TypeError, r"capture.probe_keys: expected dtype torch.float32 \(that of q\), got torch.float16"),
-    (dict(probe_mass=torch.zeros(2, 2, 5)), ValueError, r"capture.probe_mass: expected shape \(2, 2, 4\), got \(2, 2, 5\)"),
+    (dict(probe_keys=torch.randn(1, 3, 4, 16, device=DEVICE)), ValueError, r"capture.probe_keys: expected shape \(1 or 2, 2, C >= 1, 16\), got \(1, 3, 4, 16\)"),
+    (dict(probe_keys=torch.randn(2, 4, 16, device=DEVICE)), ValueError, r"capture.probe_keys: expected 4 dims"),
+    (dict(probe_keys=torch.randn(1, 2, 4, 16, device=DEVICE).half()), TypeError, r"capture.probe_keys: expected dtype torch.float32 \(that of q\), got torch.float16"),
+    (dict(probe_mass=torch.zeros(2, 2, 5, device=DEVICE)), ValueError, r"capture.probe_mass: expected shape \(2, 2, 4\), got \(2, 2, 5\)"),
     (dict(probe_keys=None), ValueError, r"capture.probe_mass: given without capture.probe_keys"),
     (dict(probe_mass=None), ValueError, r"capture.probe_mass: capture.probe_keys needs a \(B, H, C\) float32 buffer"),
 ])
 def test_probe_validation(change, error, pattern):
     q, k, v = _qkv()
-    cap = Capture.zeros(q, k, probe_keys=torch.randn(1, 2, 4, 16))
+    cap = Capture.zeros(q, k, probe_keys=torch.randn(1, 2, 4, 16, device=DEVICE))
     for name, value in change.items():
         setattr(cap, name, value)
     with pytest.raises(error, match=pattern):
@@ -202,13 +203,13 @@ def test_probe_validation(change, error, pattern):
 
 
 @pytest.mark.parametrize("regions,error,pattern", [
-    (Regions(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 12, dtype=torch.long)), ValueError,
+    (Regions(torch.zeros(1, 8, dtype=torch.long, device=DEVICE), torch.zeros(1, 12, dtype=torch.long, device=DEVICE)), ValueError,
      r"regions.labels_q: expected shape \(1 or 2, M = 9\), got \(1, 8\)"),
-    (Regions(torch.zeros(1, 9, dtype=torch.long), torch.zeros(3, 12, dtype=torch.long)), ValueError,
+    (Regions(torch.zeros(1, 9, dtype=torch.long, device=DEVICE), torch.zeros(3, 12, dtype=torch.long, device=DEVICE)), ValueError,
      r"regions.labels_k: expected shape \(1 or 2, N = 12\), got \(3, 12\)"),
-    (Regions(torch.zeros(1, 9), torch.zeros(1, 12, dtype=torch.long)), TypeError,
+    (Regions(torch.zeros(1, 9, device=DEVICE), torch.zeros(1, 12, dtype=torch.long, device=DEVICE)), TypeError,
      r"regions.labels_q: expected dtype int32 or int64, got torch.float32"),
-    (Regions(torch.zeros(1, 9, dtype=torch.long), torch.zeros(1, 12, dtype=torch.long), float("nan")),
+    (Regions(torch.zeros(1, 9, dtype=torch.long, device=DEVICE), torch.zeros(1, 12, dtype=torch.long, device=DEVICE), float("nan")),
      ValueError, r"regions.strength: expected a finite number, got nan"),
     ("labels", TypeError, r"regions: expected attnctl.Regions or None, got str"),
 ])
@@ -223,13 +224,13 @@ def test_regions_validation(regions, error, pattern):
 def test_compose_regions_and_probes():
     q, k, v = _qkv()
     shape = (2, 2, 9, 12)
-    regions = Regions(torch.zeros(1, 9, dtype=torch.long), torch.ones(1, 12, dtype=torch.long), 0.5)
-    pm = torch.rand(1, 2, 1, 12)
+    regions = Regions(torch.zeros(1, 9, dtype=torch.long, device=DEVICE), torch.ones(1, 12, dtype=torch.long, device=DEVICE), 0.5)
+    pm = torch.rand(1, 2, 1, 12, device=DEVICE)
     plan, route = compose([Plan(regions=regions), Plan(prob_mult=pm)], shape, q.device)
     assert plan.regions is regions and plan.prob_mult is pm and route is None
     with pytest.raises(ValueError, match="regions: expected at most one controller's plan with regions per call, got 2"):
         compose([Plan(regions=regions), Plan(regions=regions)], shape, q.device)
-    probes = [Capture.zeros(q, k, probe_keys=torch.randn(1, 2, 3, 16)) for _ in range(2)]
+    probes = [Capture.zeros(q, k, probe_keys=torch.randn(1, 2, 3, 16, device=DEVICE)) for _ in range(2)]
     with pytest.raises(ValueError, match="capture.probe_keys: expected at most one capture with probe keys"):
         compose([Plan(capture=probes[0]), Plan(capture=probes[1])], shape, q.device)
     # a probe capture merged with another capture: the kernel adds into the owner's buffer
@@ -247,8 +248,8 @@ def test_compose_regions_and_probes():
 def test_compile_with_probes_and_regions():
     torch._dynamo.reset()
     q, k, v = make_qkv(2, 2, 33, 20, 16, layout="bmhd")
-    pk = torch.randn(1, 2, 5, 16)
-    regions = Regions(torch.randint(-1, 2, (2, 33)), torch.randint(-1, 2, (1, 20)), 0.75)
+    pk = torch.randn(1, 2, 5, 16, device=DEVICE)
+    regions = Regions(torch.randint(-1, 2, (2, 33), device=DEVICE), torch.randint(-1, 2, (1, 20), device=DEVICE), 0.75)
 
     def f(q, k, v, capture, regions):
         return attnctl.attention(q, k, v, capture=capture, regions=regions), attnctl.logit_max(q, k)
@@ -267,9 +268,9 @@ def test_compile_with_probes_and_regions():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_with_probes_and_regions(backend):
     q, k, v = make_qkv(2, 2, 9, 12, 16)
-    e = torch.empty(0)
-    args = (q, k, v, 0.3, None, torch.rand(1, 2, 1, 12), e, e, e, torch.rand(2, 2, 9), None, None, backend,
-            torch.randn(1, 2, 5, 16), torch.rand(2, 2, 5),
-            torch.randint(-1, 2, (2, 9)), torch.randint(-1, 2, (1, 12)), 0.5)
+    capture = Capture(lse=torch.rand(2, 2, 9, device=DEVICE), probe_keys=torch.randn(1, 2, 5, 16, device=DEVICE),
+                      probe_mass=torch.rand(2, 2, 5, device=DEVICE))
+    regions = Regions(torch.randint(-1, 2, (2, 9), device=DEVICE), torch.randint(-1, 2, (1, 12), device=DEVICE), 0.5)
+    args = op_arguments(q, k, v, 0.3, None, torch.rand(1, 2, 1, 12, device=DEVICE), capture, backend, regions)
     torch.library.opcheck(torch.ops.attnctl.attention.default, args)
     torch.library.opcheck(torch.ops.attnctl.logit_max.default, (q, k, backend))

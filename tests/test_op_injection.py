@@ -7,6 +7,7 @@ import torch
 
 import attnctl
 from attnctl import Capture, OwnTerm, Regions
+from attnctl.op import op_arguments
 
 from op_cases import DEVICE, compare, interpreter_bf16_dot_fixed, make_qkv, randn
 
@@ -73,13 +74,11 @@ def test_injection_bad_input():
 
 def test_injection_opcheck():
     q, k, v = make_qkv(2, 1, 8, 8, 16)
-    empty = q.new_empty(0, dtype=torch.float32)
     source = torch.tensor([1, 1], device=DEVICE)
-    args = (q, k, v, 0.25, None, None, empty, empty, empty, empty, None, None, "torch", None, None, None, None,
-            0.0, source)
+    args = op_arguments(q, k, v, 0.25, backend="torch", source=source)
     torch.library.opcheck(torch.ops.attnctl.attention.default, args)
     out = torch.ops.attnctl.attention(*args)
-    torch.testing.assert_close(out.double(), oracle(q, k, v, 0.25, source)[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.double().cpu(), oracle(q, k, v, 0.25, source)[0], rtol=1e-5, atol=1e-6)
 
 
 def _regions_and_factor(B, M, N, gen):
@@ -176,14 +175,13 @@ def test_two_source_bad_input():
 
 def test_two_source_opcheck():
     q, k, v = make_qkv(2, 1, 8, 8, 16)
-    empty = q.new_empty(0, dtype=torch.float32)
     source = torch.tensor([1, 1], device=DEVICE)
     own_values, own_mass = randn(2, 1, 8, 16), torch.zeros(2, 1, 8, device=DEVICE)
-    args = (q, k, v, 0.25, None, None, empty, empty, empty, empty, None, None, "torch", None, None, None, None,
-            0.0, source, own_values, None, own_mass, empty, empty, empty, None, None)
+    args = op_arguments(q, k, v, 0.25, backend="torch", source=source,
+                        own=OwnTerm(own_values, None, Capture(token_mass=own_mass)))
     torch.library.opcheck(torch.ops.attnctl.attention.default, args)
     own_mass.zero_()
     out = torch.ops.attnctl.attention(*args)
     expected = oracle(q, k, v, 0.25, source)[0] + oracle(q, k, own_values, 0.25, [0, 1])[0]
-    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(own_mass.double(), oracle(q, k, own_values, 0.25, [0, 1])[1].sum(2))
+    torch.testing.assert_close(out.double().cpu(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(own_mass.double().cpu(), oracle(q, k, own_values, 0.25, [0, 1])[1].sum(2))
