@@ -6,11 +6,14 @@ from typing import Optional, Tuple
 import torch
 
 
+_ZEROS = {n: (0,) * n for n in range(5)}
+
+
 def broadcast_strides(t: Optional[torch.Tensor], ndim: int) -> Tuple[int, ...]:
     """Strides of ``t`` right-aligned to ``ndim`` dims, 0 on missing and size-1 dims, so a
     kernel reads a broadcast operand without it ever being expanded in memory."""
     if t is None:
-        return (0,) * ndim
+        return _ZEROS[ndim]
     strides = [0 if size == 1 else stride for size, stride in zip(t.shape, t.stride())]
     return tuple([0] * (ndim - t.dim()) + strides)
 

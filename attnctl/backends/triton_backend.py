@@ -1,6 +1,7 @@
 """Launcher for the Triton kernel: output allocation, strides, block sizes, grid."""
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -13,11 +14,22 @@ from attnctl.regions import Regions
 from ._layout import broadcast_strides, empty_output
 
 
+def _next_pow2(n: int) -> int:
+    # Integer bit arithmetic: this runs on every launch, and triton.next_power_of_2 costs
+    # microseconds per call.
+    return 1 << (n - 1).bit_length()
+
+
 def _pow2_at_least_16(n: int) -> int:
     # tl.dot needs every block dim >= 16 and a power of two.
-    return max(16, triton.next_power_of_2(n))
+    return max(16, _next_pow2(n))
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@lru_cache(maxsize=None)
 def launch_config(head_dim: int, value_dim: int, num_keys: int, num_tokens: int,
                   captures: bool, elem_size: int, accumulators: int = 1, probes: bool = False) -> dict:
     """Block sizes, warps and pipeline stages by shape.
@@ -47,6 +59,10 @@ def launch_config(head_dim: int, value_dim: int, num_keys: int, num_tokens: int,
 
     ``accumulators``: output tiles a program keeps (2 for the two-source form, the fan-out
     width), which count like a wider value tile.
+
+    Memoised: a pipeline calls it with a handful of distinct shapes, on every launch, and
+    the launch's host time is what small cross-attention calls are made of. Callers must
+    not mutate the returned dict.
     """
     block_d = _pow2_at_least_16(head_dim)
     block_dv = _pow2_at_least_16(value_dim)
@@ -74,6 +90,9 @@ def launch_config(head_dim: int, value_dim: int, num_keys: int, num_tokens: int,
         num_warps=8 if block_m == 128 or big_tile or wide or captures else 4,
         num_stages=1 if elem_size == 4 or width >= 512 or (single_key_block and block_d >= 256) else 2,
     )
+
+
+_NO_CAPTURE_STRIDES = (0,) * 17   # token_mass 3, maps 3, head_maps 4, lse 3, tokens 2, head_weights 2
 
 
 def kernel_arguments(q, k, v, out, *, scale: float, bias: Optional[torch.Tensor],
@@ -109,6 +128,8 @@ def kernel_arguments(q, k, v, out, *, scale: float, bias: Optional[torch.Tensor]
         return t if t is not None else q
 
     def capture_strides(c: Capture, column_tokens):
+        if c.empty:
+            return _NO_CAPTURE_STRIDES
         return (*broadcast_strides(c.token_mass, 3), *broadcast_strides(c.maps, 3),
                 *broadcast_strides(c.head_maps, 4), *broadcast_strides(c.lse, 3),
                 *broadcast_strides(column_tokens, 2), *broadcast_strides(c.head_weights, 2))
@@ -150,7 +171,7 @@ def kernel_arguments(q, k, v, out, *, scale: float, bias: Optional[torch.Tensor]
         **cfg,
     )
     programs = fanout.shape[0] if fanout is not None else B
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), programs * H)
+    grid = (_cdiv(M, cfg["BLOCK_M"]), programs * H)
     return grid, args, meta
 
 
@@ -165,7 +186,7 @@ def fanout_width(value_dim: int, largest_group: int) -> int:
     cap = min(MAX_FANOUT, MAX_FANOUT_COLUMNS // _pow2_at_least_16(value_dim))
     if largest_group < 2 or cap < 2:
         return 1
-    return min(cap, triton.next_power_of_2(largest_group))
+    return min(cap, _next_pow2(largest_group))
 
 
 def fanout_table(source: torch.Tensor, value_dim: int) -> Optional[torch.Tensor]:
@@ -215,7 +236,7 @@ def logit_max_arguments(q, k, partial):
     cfg = logit_max_config(D, N, M)
     args = [q, k, partial, *q.stride(), *k.stride(), *partial.stride(), H, M, N]
     meta = dict(D=D, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **cfg)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), B * H)
+    grid = (_cdiv(M, cfg["BLOCK_M"]), B * H)
     return grid, args, meta
 
 
@@ -227,7 +248,7 @@ def logit_max_config(head_dim: int, num_keys: int, num_queries: int) -> dict:
 def logit_max_triton(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """max over (m, n) of q·k per (b, h): (B, H) fp32, never storing QKᵀ."""
     B, H, M, _ = q.shape
-    blocks = triton.cdiv(M, logit_max_config(q.shape[3], k.shape[2], M)["BLOCK_M"])
+    blocks = _cdiv(M, logit_max_config(q.shape[3], k.shape[2], M)["BLOCK_M"])
     partial = torch.empty(B * H, blocks, dtype=torch.float32, device=q.device)
     grid, args, meta = logit_max_arguments(q, k, partial)
     logit_max_kernel[grid](*args, **meta)
