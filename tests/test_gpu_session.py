@@ -68,8 +68,8 @@ def test_dry_run_runs_every_step_that_needs_no_gpu(tmp_path):
     no_gpu = "skipped (no GPU: dry run)"
     assert {name: status for name, (status, _) in steps.items()} == {
         "install": "passed", "versions": "passed", "cuda-build": no_gpu, "triton-tests": "passed",
-        "cuda-tests": no_gpu, "bench-fp16": "passed", "sd15": "passed", "other-tests": "passed",
-        "bench-bf16": "passed", "sanitizer": no_gpu}, summary
+        "cuda-tests": no_gpu, "diagnose": "passed", "bench-fp16": "passed", "sd15": "passed",
+        "other-tests": "passed", "bench-bf16": "passed", "sanitizer": no_gpu}, summary
     triton = steps["triton-tests"][1]
     assert int(re.search(r"passed=(\d+)", triton).group(1)) > 0 and "failed=0" in triton, triton
     assert "result: all steps that ran passed" in summary
@@ -79,8 +79,9 @@ def test_dry_run_runs_every_step_that_needs_no_gpu(tmp_path):
     _check_results(out, "kernels-fp16", ["rows"])
     _check_results(out, "kernels-bf16", ["rows"])
     _check_results(out, "sd15", ["e2e", "p2p"])
+    _check_results(out, "diagnose", ["rows", "sweep"])
     log = (out / gs.SESSION_LOG).read_text()
-    for step in ("install", "versions", "triton-tests", "bench-fp16", "sd15", "other-tests", "bench-bf16"):
+    for step in ("install", "versions", "triton-tests", "diagnose", "bench-fp16", "sd15", "other-tests", "bench-bf16"):
         assert f"==== {step}: " in log, step
 
 
@@ -191,12 +192,13 @@ def test_gpu_plan_order_and_the_built_module_installed_after_the_triton_tests(tm
 
     monkeypatch.setattr(s, "pytest", step)
     monkeypatch.setattr(s, "bench", step)
+    monkeypatch.setattr(s, "diagnose", lambda cap: step("diagnose", "diagnose.json"))
     gs.gpu_plan(s)
     statuses = [(o.name, o.status) for o in s.outcomes]
     cuda = "passed" if build_ok else "skipped (cuda-build failed)"
     assert statuses == [("versions", "passed"), ("triton-tests", "passed"),
                         ("cuda-build", "passed" if build_ok else "failed"), ("cuda-tests", cuda),
-                        ("bench-fp16", "passed"), ("sd15", "passed"), ("bench-bf16", "passed"),
+                        ("diagnose", "passed"), ("bench-fp16", "passed"), ("sd15", "passed"), ("bench-bf16", "passed"),
                         ("sanitizer", cuda), ("other-tests", "passed")]
     assert calls["triton-tests"][0] == gs.TRITON_TESTS
     other = calls["other-tests"][0]
