@@ -14,6 +14,9 @@ contender:
 and then sweeps the Triton kernel's tile configuration (BLOCK_M, BLOCK_N, warps, stages)
 at the self-attention shapes and the single- vs two-key-block capture at N = 77, reporting
 kernel time per configuration (configurations that do not compile are listed as such).
+Last, one SD1.5 UNet step (CFG batch) stock / attnctl / attnctl+trace as the e2e benchmark
+runs them: host time per step, device time per step and its ten largest kernels — where
+the trace's extra time per step goes (the first run: +7.5 ms of 23.7).
 
     python bench/diagnose.py --json PATH [--budget S]      # on a GPU; rewritten after every row
     TRITON_INTERPRET=1 python bench/diagnose.py --smoke --json PATH   # CPU: code paths only
@@ -112,7 +115,7 @@ def sync() -> None:
 
 class Report:
     def __init__(self, path: str, env: dict):
-        self.path, self.data = path, {"environment": env, "rows": [], "sweep": [], "complete": False}
+        self.path, self.data = path, {"environment": env, "rows": [], "sweep": [], "unet": [], "complete": False}
 
     def add(self, key: str, row: dict) -> None:
         self.data[key].append(row)
@@ -200,10 +203,48 @@ def main(argv=None) -> int:
             report.add("sweep", sweep_row(shape, "triton+capture", config,
                                           lambda: attention(x.q, x.k, x.v, capture=cap, backend="triton"),
                                           profiled, x.q.element_size(), cap.tokens.shape[-1]))
+    unet_steps(report, "tiny" if args.smoke else "sd15-512", device, dtype, profiled, deadline)
     report.data["complete"] = time.monotonic() <= deadline
     report.write()
     print(f"wrote {report.path}")
     return 0
+
+
+def unet_steps(report: Report, model: str, device: str, dtype: torch.dtype, calls: int, deadline: float) -> None:
+    """Host and device time of one UNet step per e2e contender, with the largest kernels."""
+    from contextlib import ExitStack
+    from attnctl.benchmarks.e2e import CONTENDERS, build_unet, unet_inputs
+    if time.monotonic() > deadline:
+        return
+    unet = build_unet(model, dtype if device == "cuda" else torch.float32, device)
+    inputs = unet_inputs(model, unet, 1, unet.dtype, device)
+    original = dict(unet.attn_processors)
+    for name in ("diffusers-sdpa", "attnctl", "attnctl+trace"):
+        if time.monotonic() > deadline:
+            break
+        row = {"unet": model, "contender": name}
+        try:
+            with ExitStack() as stack, torch.no_grad():
+                CONTENDERS[name](stack, unet)
+                step = lambda: unet(timestep=torch.tensor(500, device=device), **inputs)  # noqa: E731
+                row["host_us"] = host_us(step, 1, 3 if device == "cuda" else 1)
+                row["kernel_us"] = kernel_us(step, calls)
+                row["top_kernels"] = top_kernels(step) if device == "cuda" else []
+            row["status"] = "ok"
+        except Exception as exc:
+            row["status"] = failure(exc)
+        finally:
+            unet.set_attn_processor(dict(original))
+        report.add("unet", row)
+
+
+def top_kernels(fn: Callable[[], object], count: int = 10) -> List[dict]:
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)
+    return [{"name": e.key[:120], "calls": e.count, "us": e.self_device_time_total} for e in events[:count]]
 
 
 def sweep_row(shape: AttnShape, contender: str, config: Optional[dict], fn, calls: int,
