@@ -30,29 +30,33 @@ def parser_span(tokenizer, prompt, phrase):
 
 
 def replay(pipe, prompt, phrases, conjunction, noise, prompt_first_key=False):
-    prompt = preprocess_prompts(prompt)
-    tokenizer = pipe.tokenizer
+    """The original's generation of ``len(noise)`` samples of ``prompt`` (its batch: the
+    prompt repeated)."""
+    prompts = preprocess_prompts([prompt] * len(noise))
+    prompt, tokenizer = prompts[0], pipe.tokenizer
     spans = [(0, len(tokenizer(prompt).input_ids) - 2)] + [parser_span(tokenizer, prompt, p) for p in phrases]
-    c = conditioning(pipe, [prompt], [prompt] + list(phrases), spans, conjunction, prompt_first_key)
+    c = conditioning(pipe, prompts, [prompt] + list(phrases), spans, conjunction, prompt_first_key)
     with original_processors(pipe.unet, c):
-        return generate_latents(pipe, [prompt], steps=STEPS, latents=noise, **SIZE)
+        return generate_latents(pipe, prompts, steps=STEPS, latents=noise, **SIZE)
 
 
 def run_tool(pipe, phrases, backend, noise, **options):
     with torch.no_grad():
         return structured_guidance(pipe, PROMPT, phrases, backend=backend, num_inference_steps=STEPS,
-                                   latents=noise, output_type="latent", **SIZE, **options).images
+                                   latents=noise, output_type="latent", num_images_per_prompt=len(noise),
+                                   **SIZE, **options).images
 
 
-def check_against_original(backend, phrases, conjunction, **options):
+def check_against_original(backend, phrases, conjunction, images=1, **options):
     pipe = sd_pipe()
-    noise = initial_noise(pipe, 1, **SIZE)
+    noise = initial_noise(pipe, images, **SIZE)
     got = run_tool(pipe, phrases, backend, noise, conjunction=conjunction, **options)
     prompt_first_key = options.get("first_key") == "prompt"
     single = replay(pipe, PROMPT, phrases, conjunction, noise, prompt_first_key)
     exact = replay(float64_pipe(pipe), PROMPT, phrases, conjunction, noise.double(), prompt_first_key)
     assert_within_reference_error(got, single, exact)
-    plain = generate_latents(pipe, [preprocess_prompts(PROMPT)], steps=STEPS, latents=noise, **SIZE)
+    plain = generate_latents(pipe, [preprocess_prompts(PROMPT)], steps=STEPS, latents=noise,
+                             num_images_per_prompt=images, **SIZE)
     assert (got - plain).abs().max() > 1e3 * (single.double() - exact).abs().max()   # the guidance acts
     return got
 
@@ -65,6 +69,11 @@ def test_default_mode_equals_the_original(backend):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_conjunction_mode_equals_the_original(backend):
     check_against_original(backend, CONJUNCTION_PHRASES, conjunction=True)
+
+
+@pytest.mark.parametrize("conjunction", [False, True])
+def test_several_images_equal_the_original(conjunction):
+    check_against_original("torch", CONJUNCTION_PHRASES, conjunction, images=2)
 
 
 def test_conjunction_prompt_first_key_option():
@@ -82,6 +91,13 @@ def test_parser_spans_give_the_same_result_as_phrases():
     by_span = run_tool(pipe, spans, "torch", noise)
     by_text = run_tool(pipe, PHRASES, "torch", noise)
     torch.testing.assert_close(by_span, by_text, rtol=0, atol=0)
+    # The original parser's output as it is: the prompt and its span first.
+    nps = [prompt] + PHRASES
+    parsed = StructuredGuidance.from_parse(pipe, nps, [(0, len(pipe.tokenizer(prompt).input_ids) - 2)]
+                                           + [span for _, span in spans])
+    with attnctl.install(pipe, parsed, backend="torch"):
+        by_parse = generate_latents(pipe, [prompt], steps=STEPS, latents=noise, **SIZE)
+    torch.testing.assert_close(by_parse, by_text, rtol=0, atol=0)
 
 
 def test_values_mode_is_one_attention_call_per_layer(monkeypatch):
@@ -128,6 +144,10 @@ def test_bad_phrases_are_refused():
         StructuredGuidance(pipe, prompt, "a red box")
     with pytest.raises(ValueError, match="phrases: expected a non-empty list"):
         StructuredGuidance(pipe, prompt, [])
+    with pytest.raises(ValueError, match="spans the whole prompt"):
+        StructuredGuidance(pipe, prompt, [prompt])
+    with pytest.raises(ValueError, match="nps, spans: expected equal-length lists"):
+        StructuredGuidance.from_parse(pipe, [prompt, "a red box"], [(0, 23)])
     with pytest.raises(ValueError, match="first_key: expected one of"):
         StructuredGuidance(pipe, prompt, ["a red box"], conjunction=True, first_key="full")
 

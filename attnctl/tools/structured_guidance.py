@@ -89,6 +89,11 @@ def phrase_spans(tokenizer, prompt: str, phrases: Sequence[Phrase]) -> List[Tupl
             raise ValueError(f"phrases: {text!r} has {length} tokens, its span {(start, end)} covers "
                              f"{end - start}; expected the same number")
         out.append((text, (start, end)))
+    for text, span in out:
+        if span == (0, len(ids)):
+            raise ValueError(f"phrases: {text!r} spans the whole prompt; expected noun phrases inside it (the "
+                             "prompt's own encoding is always among the sets, as the original leaves the full "
+                             "sentence out of its aligned phrases)")
     return out
 
 
@@ -161,6 +166,17 @@ class StructuredGuidance(Controller):
         states = encode(pipe, [prompt] + [text for text, _ in self.spans])
         self.keys, self.values = self._structure(states)
         self._plans = {}
+
+    @classmethod
+    def from_parse(cls, pipe, nps: Sequence[str], spans: Sequence[Tuple[int, int]], **options) -> "StructuredGuidance":
+        """From the original's parser output (``get_all_nps`` / ``get_all_spans_from_scene_graph``):
+        ``nps[0]`` the prompt and ``spans[0]`` its span, then the noun phrases and their
+        token spans."""
+        if isinstance(nps, str) or len(nps) != len(spans) or len(nps) < 2:
+            raise ValueError(f"nps, spans: expected equal-length lists, the prompt and its span first, then at "
+                             f"least one phrase; got {len(nps) if not isinstance(nps, str) else nps!r} noun "
+                             f"phrase(s) and {len(spans)} span(s)")
+        return cls(pipe, nps[0], [(text, tuple(span)) for text, span in zip(nps[1:], spans[1:])], **options)
 
     def _structure(self, states: torch.Tensor) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
         """(key sets (K, N, C) or None for the call's own keys, value sets (K, N, C))."""
