@@ -175,3 +175,17 @@ def test_text_states_composition_rules():
     factor = torch.ones(1)
     plan, _ = compose([values, Plan(prob_mult=factor)], shape, torch.device("cpu"))
     assert plan.value_states is states and plan.state_rows == range(1, 2) and plan.prob_mult is factor
+
+
+def test_values_mode_composes_with_a_trace_and_conjunction_refuses_one():
+    """A trace during the default mode sees P (from the prompt's keys) and leaves the
+    latents alone; conjunction mode's several softmaxes compose with no other control."""
+    pipe = sd_pipe()
+    noise = initial_noise(pipe, 1, **SIZE)
+    alone = run_tool(pipe, PHRASES, "torch", noise)
+    with attnctl.trace(pipe, layers="*", backend="torch") as tc:
+        traced = run_tool(pipe, PHRASES, None, noise)
+    torch.testing.assert_close(traced, alone, rtol=0, atol=0)
+    assert float(tc.heat_map(size="latent").word("box").value.sum()) > 0
+    with attnctl.trace(pipe, layers="*", backend="torch"), pytest.raises(ValueError, match="key_states: expected no other"):
+        run_tool(pipe, PHRASES[:2], None, noise, conjunction=True)
