@@ -24,6 +24,12 @@ into a scratch :class:`Capture` and then added into each owner's buffers:
 * captured rows: the scratch captures the smallest row range covering every owner's
   ``rows`` (all rows if one owner has none) and each owner receives its own rows only.
 
+Replacement text states (``value_states`` / ``key_states`` with ``state_rows``, structured
+diffusion guidance) come from at most one controller per call. Values mixed from other
+encodings leave P alone, so they compose with biases, factors, regions and captures (which
+see P as usual), not with injection (whose value map would act on the mixed values).
+Several key sets give their rows several softmaxes: nothing else may act on such a call.
+
 On a call with a prompt-to-prompt token map (``value_map``), other controllers' captures
 (a trace during an edit) receive the edited map the edit applies, as the original's
 AttentionStore does (:class:`EditedCapture`).
@@ -38,7 +44,9 @@ import torch
 from ..capture import Capture
 from .controller import Plan
 
-_KNOWN_FIELDS = {"bias", "prob_mult", "capture", "regions", "source", "value_map", "own_prob_mult", "own_capture"}
+_KNOWN_FIELDS = {"bias", "prob_mult", "capture", "regions", "source", "value_map", "own_prob_mult", "own_capture",
+                 "value_states", "key_states", "state_rows"}
+_STATE_FIELDS = ("value_states", "key_states", "state_rows")
 
 
 def compose(plans: Sequence[Optional[Plan]], shape: Tuple[int, int, int, int],
@@ -61,8 +69,12 @@ def compose(plans: Sequence[Optional[Plan]], shape: Tuple[int, int, int, int],
         if plan.own_capture is not None and plan.own_prob_mult is None:
             raise ValueError("compose: own_capture: expected own_prob_mult in the same plan (it captures "
                              "the own term of the two-source form)")
+        _check_states(plan)
     if len(plans) == 1:
         return plans[0], None
+    with_states = [p for p in plans if p.state_rows is not None]
+    if with_states:
+        return _compose_with_states(plans, with_states, shape, device)
     with_source = [p for p in plans if p.source is not None]
     if len(with_source) > 1:
         raise ValueError(f"compose: source: expected at most one controller's plan with an injection source per "
@@ -101,6 +113,36 @@ def compose(plans: Sequence[Optional[Plan]], shape: Tuple[int, int, int, int],
                     own_capture), None
     merged = MergedCapture(captures, shape, device)
     return Plan(bias, prob_mult, merged.scratch, regions, source, value_map, own, own_capture), merged.route
+
+
+def _check_states(plan: Plan) -> None:
+    has_states = plan.value_states is not None or plan.key_states is not None
+    if has_states != (plan.state_rows is not None):
+        raise ValueError(f"compose: state_rows: expected together with value_states or key_states in one plan "
+                         f"({type(plan).__name__} sets {'only states' if has_states else 'only state_rows'})")
+    if plan.value_states is not None and plan.source is not None:
+        raise ValueError("compose: value_states: expected no injection source in the same plan")
+    if plan.key_states is not None:
+        others = [name for name in ("bias", "prob_mult", "capture", "regions", "source")
+                  if getattr(plan, name) is not None]
+        if others:
+            raise ValueError(f"compose: key_states: expected no other control in the same plan, got {others}")
+
+
+def _compose_with_states(plans, with_states, shape, device):
+    if len(with_states) > 1:
+        raise ValueError(f"compose: value_states/key_states: expected at most one controller's plan with "
+                         f"replacement text states per call, got {len(with_states)}")
+    states = with_states[0]
+    if states.key_states is not None:
+        raise ValueError(f"compose: key_states: expected no other controller on a call whose rows get several "
+                         f"key sets (structured guidance's conjunction mode), got {len(plans) - 1} other plan(s)")
+    if any(p.source is not None for p in plans):
+        raise ValueError("compose: value_states: expected no injection source on the same call (a "
+                         "prompt-to-prompt edit's values would be the mixed ones)")
+    rest = [dataclasses.replace(p, **dict.fromkeys(_STATE_FIELDS)) if p is states else p for p in plans]
+    plan, route = compose(rest, shape, device)
+    return dataclasses.replace(plan, value_states=states.value_states, state_rows=states.state_rows), route
 
 
 def _fold_into_value_map(value_map: torch.Tensor, factor: torch.Tensor, shape) -> torch.Tensor:

@@ -25,6 +25,15 @@ op call (see :mod:`attnctl.diffusers.compose`):
   Other controllers' prob_mults multiply both terms.
 * ``own_capture`` with ``own_prob_mult``: a Capture of the second (own) term's P, owned
   by the injecting controller (other controllers' captures see the injected term).
+* ``value_states`` with ``state_rows``: text encoder states (K, R|1, N, C) whose values
+  replace the call's values on the batch rows ``state_rows`` (a range of R rows): the
+  layer's own ``to_v`` projects each of the K encodings and the projections are averaged,
+  so P·mean_k(V_k) = mean_k(P·V_k) costs one attention pass (structured diffusion
+  guidance). P still comes from the call's keys.
+* ``key_states`` with ``state_rows``: text encoder states (K, R|1, N, C) whose keys
+  (the layer's ``to_k``) each give the rows ``state_rows`` their own softmax; those rows'
+  output is the mean of the K attention outputs (one op call over K·R extra batch rows).
+  It composes with no other control on the call.
 
 Every tensor a controller returns must broadcast to (B, H, M, N) of the call and live on
 ``call.device``. Controllers should cache what they return per layer (and per step when it
@@ -208,6 +217,9 @@ class Plan:
     value_map: Optional[torch.Tensor] = None
     own_prob_mult: Optional[torch.Tensor] = None
     own_capture: Optional[Capture] = None
+    value_states: Optional[torch.Tensor] = None
+    key_states: Optional[torch.Tensor] = None
+    state_rows: Optional[range] = None
 
 
 class Controller:

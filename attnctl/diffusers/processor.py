@@ -7,6 +7,7 @@ import torch
 from ..injection import OwnTerm
 from ..op import attention
 from .compose import compose
+from .text_states import attention_over_key_sets, mixed_values
 
 
 class AttnctlProcessor:
@@ -72,6 +73,7 @@ class AttnctlProcessor:
         installation = self.installation
         bias, prob_mult, capture, regions, route = attention_mask, None, None, None, None
         source = value_map = own_prob_mult = own_capture = None
+        value_states = key_states = state_rows = None
         if installation.controllers:
             call = installation.describe(self.layer, is_cross, spatial, query, key, attn.scale)
             plans = [c.plan(call) for c in installation.controllers]
@@ -82,6 +84,18 @@ class AttnctlProcessor:
                 prob_mult, capture, regions = plan.prob_mult, plan.capture, plan.regions
                 source, value_map, own_prob_mult = plan.source, plan.value_map, plan.own_prob_mult
                 own_capture = plan.own_capture
+                value_states, key_states, state_rows = plan.value_states, plan.key_states, plan.state_rows
+
+        if value_states is not None:
+            value = mixed_values(attn, value, value_states, state_rows, self.layer)
+        if key_states is not None:
+            if attention_mask is not None:
+                raise ValueError(f"key_states: expected no attention mask on {self.layer} (its extra key sets "
+                                 "have none), got one")
+            hidden_states = attention_over_key_sets(attn, query, key, value, key_states, state_rows, self.layer,
+                                                    installation.backend)
+            return self._finish(attn, hidden_states, residual, batch_size, head_dim, query.dtype, input_ndim,
+                                (channel, height, width) if input_ndim == 4 else None)
 
         injected_value = value
         if value_map is not None:
@@ -96,14 +110,20 @@ class AttnctlProcessor:
                                   source=source, own=own)
         if route is not None:
             route()
+        return self._finish(attn, hidden_states, residual, batch_size, head_dim, query.dtype, input_ndim,
+                            (channel, height, width) if input_ndim == 4 else None)
 
+    @staticmethod
+    def _finish(attn, hidden_states, residual, batch_size, head_dim, dtype, input_ndim, image_shape):
+        """The op's (B, H, M, D) output through the head merge, to_out, the 4-D reshape,
+        the residual and the output rescale."""
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = hidden_states.to(dtype)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
 
         if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, *image_shape)
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
