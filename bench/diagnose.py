@@ -11,12 +11,13 @@ contender:
               the arguments prepared once, so host_us - launch_us is attnctl's own Python
   kernel_us   device time of the call's kernels, from torch.profiler (CUDA activity)
 
-and then sweeps the Triton kernel's tile configuration (BLOCK_M, BLOCK_N, warps, stages)
-at the self-attention shapes and the single- vs two-key-block capture at N = 77, reporting
-kernel time per configuration (configurations that do not compile are listed as such).
-Last, one SD1.5 UNet step (CFG batch) stock / attnctl / attnctl+trace as the e2e benchmark
-runs them: host time per step, device time per step and its ten largest kernels — where
-the trace's extra time per step goes (the first run: +7.5 ms of 23.7).
+then, in this order (the budget may stop it anywhere): kernel time of each capture kind
+alone at N = 77 and of all of them on one key block of 128 (single pass) instead of two
+of 64; one SD1.5 UNet step (CFG batch) stock / attnctl / attnctl+trace as the e2e
+benchmark runs them — host time, device time and the ten largest kernels: where the
+trace's extra time per step goes (the first run: +7.5 ms of 23.7); last, the Triton
+kernel's tile configuration (BLOCK_M, BLOCK_N, stages) at the self-attention shapes
+(configurations that do not compile are listed as such).
 
     python bench/diagnose.py --json PATH [--budget S]      # on a GPU; rewritten after every row
     TRITON_INTERPRET=1 python bench/diagnose.py --smoke --json PATH   # CPU: code paths only
@@ -35,7 +36,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from attnctl import attention
+from attnctl import Capture, attention
 from attnctl.backends import triton_backend
 from attnctl.benchmarks.contenders import Inputs
 from attnctl.benchmarks.runner import environment
@@ -46,8 +47,8 @@ PROFILED_CALLS = 20
 QUICK_MODELS = ("sd15-512", "sdxl-1024")
 SWEEP_SHAPES = ("sd15-512/64x64/self/B2/N4096/D40", "sdxl-1024/64x64/self/B2/N4096/D64")
 CAPTURE_SHAPES = ("sd15-512/64x64/cross/B2/N77/D40", "sdxl-1024/64x64/cross/B2/N77/D64")
-SWEEP = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
-         for bm in (64, 128) for bn in (64, 128) for w in (4, 8) for s in (2, 3)]
+SWEEP = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=8 if bm == 128 else 4, num_stages=s)
+         for bm in (64, 128) for bn in (64, 128) for s in (2, 3)]
 
 
 def quick_shapes(smoke: bool) -> List[AttnShape]:
@@ -182,6 +183,27 @@ def main(argv=None) -> int:
             report.add("rows", row)
 
     by_name = {s.name: s for s in catalog(batches=(2,), models=QUICK_MODELS)}
+    capture_shapes = [s for s in shapes if s.kind == "cross"] if args.smoke else [by_name[n] for n in CAPTURE_SHAPES]
+    for shape in capture_shapes:
+        x = Inputs.make(shape, dtype, device)
+        full = x.full_capture()
+        # Each capture kind alone (shipped tiles): which one costs (maps are summed over heads
+        # with fp32 atomics from one program per head; head maps, token mass and LSE are not
+        # contended), then everything with one key block of 128 (single pass) against the
+        # shipped two blocks of 64 at d <= 64.
+        kinds = [({kind: getattr(full, kind)}, None, kind) for kind in ("token_mass", "lse", "head_maps", "maps")]
+        kinds.append(({kind: getattr(full, kind) for kind in ("token_mass", "maps", "head_maps", "lse")},
+                      {"BLOCK_N": 128}, "all"))
+        for buffers, config, label in kinds:
+            if time.monotonic() > deadline:
+                break
+            needs_tokens = "maps" in buffers or "head_maps" in buffers
+            cap = Capture(**buffers, tokens=full.tokens if needs_tokens else None)
+            row = sweep_row(shape, "triton+capture", config,
+                            lambda: attention(x.q, x.k, x.v, capture=cap, backend="triton"),
+                            profiled, x.q.element_size(), full.tokens.shape[-1])
+            report.add("sweep", {**row, "captured": label})
+    unet_steps(report, "tiny" if args.smoke else "sd15-512", device, dtype, profiled, deadline)
     sweep = [s for s in shapes if s.kind == "self"] if args.smoke else [by_name[n] for n in SWEEP_SHAPES]
     configs = SWEEP[:2] if args.smoke else SWEEP
     for shape in sweep:
@@ -192,18 +214,6 @@ def main(argv=None) -> int:
             report.add("sweep", sweep_row(shape, "triton", config,
                                           lambda: attention(x.q, x.k, x.v, backend="triton"), profiled,
                                           x.q.element_size(), 0))
-    capture_shapes = [s for s in shapes if s.kind == "cross"] if args.smoke else [by_name[n] for n in CAPTURE_SHAPES]
-    for shape in capture_shapes:
-        x = Inputs.make(shape, dtype, device)
-        cap = x.full_capture()
-        # one key block of 128 (single pass) against the shipped two blocks of 64
-        for config in (None, {"BLOCK_N": 128}):
-            if time.monotonic() > deadline:
-                break
-            report.add("sweep", sweep_row(shape, "triton+capture", config,
-                                          lambda: attention(x.q, x.k, x.v, capture=cap, backend="triton"),
-                                          profiled, x.q.element_size(), cap.tokens.shape[-1]))
-    unet_steps(report, "tiny" if args.smoke else "sd15-512", device, dtype, profiled, deadline)
     report.data["complete"] = time.monotonic() <= deadline
     report.write()
     print(f"wrote {report.path}")

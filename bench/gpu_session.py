@@ -414,7 +414,7 @@ def gpu_plan(s: Session) -> None:
     finish_cuda_build(s, build)
     if cuda_ready(s, "cuda-tests"):
         s.pytest("cuda-tests", CUDA_TESTS, 60, per_test_s=60, extra=["-k", f"not {SANITIZER_SELECTION}"])
-    s.diagnose(100)
+    s.diagnose(130)
     kernel_bench = ["--quick"] + (["--contender", "sdpa", "--contender", "triton+capture"] if s.dry_run else [])
     s.bench("bench-fp16", "kernels-fp16", kernel_bench + ["--dtype", "fp16"], 80)
     pipeline_contenders = (["--e2e-contender", "diffusers-sdpa", "--p2p-contender", "diffusers-sdpa"]
