@@ -92,7 +92,8 @@ def qkv(attn, x, projections, norms):
 
 def original_concept_scores(model, tokenizer, t5, concepts, inputs):
     """ModifiedFluxDiT.forward up to the double blocks (stop_after_multimodal_attentions),
-    with ModifiedDoubleStreamBlock's math: (layers, B, C, P) output-space concept scores."""
+    with ModifiedDoubleStreamBlock's math: (layers, B, C, P) concept scores in the output
+    space and of the cross-attention baseline (concept q · image q, before RoPE)."""
     from diffusers.models.embeddings import apply_rotary_emb
 
     img = model.x_embedder(inputs["hidden_states"])
@@ -115,7 +116,7 @@ def original_concept_scores(model, tokenizer, t5, concepts, inputs):
     pe = model.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
     concept_pe = model.pos_embed(torch.cat((concept_ids.to(img_ids), img_ids), dim=0))
     C, T = concepts_h.shape[1], txt.shape[1]
-    scores = []
+    scores, cross = [], []
     for block in model.transformer_blocks:
         attn = block.attn
         img_mod, gate, shift_mlp, scale_mlp, gate_mlp = block.norm1(img, emb=vec)
@@ -125,6 +126,7 @@ def original_concept_scores(model, tokenizer, t5, concepts, inputs):
         text_side = (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj), (attn.norm_added_q, attn.norm_added_k)
         txt_q, txt_k, txt_v = qkv(attn, txt_mod, *text_side)
         con_q, con_k, con_v = qkv(attn, con_mod, *text_side)
+        cross.append(torch.einsum("bcd,bpd->bcp", *(x.transpose(1, 2).flatten(2) for x in (con_q, img_q))))
         # text-image joint attention
         q, k = (apply_rotary_emb(torch.cat(x, dim=2), pe) for x in ((txt_q, img_q), (txt_k, img_k)))
         text_image = materialised_attention(q, k, torch.cat((txt_v, img_v), dim=2))
@@ -143,10 +145,10 @@ def original_concept_scores(model, tokenizer, t5, concepts, inputs):
         concepts_h = concepts_h + k_gate.unsqueeze(1) * attn.to_add_out(concept_attn)
         concepts_h = concepts_h + k_gate_mlp.unsqueeze(1) * block.ff_context(
             block.norm2_context(concepts_h) * (1 + k_scale_mlp[:, None]) + k_shift_mlp[:, None])
-    return torch.stack(scores)
+    return {"output": torch.stack(scores), "cross_attention": torch.stack(cross)}
 
 
-def original_heatmaps(pipe, inputs, concepts, layers, timesteps, softmax, dtype):
+def original_heatmaps(pipe, inputs, concepts, layers, timesteps, softmax, dtype, space="output"):
     """compute_heatmaps_from_vectors: (time, layers, B, C, P) scores, softmax over the
     concepts, the selected steps and layers, the mean."""
     model = copy.deepcopy(pipe.transformer).to(dtype)
@@ -154,7 +156,8 @@ def original_heatmaps(pipe, inputs, concepts, layers, timesteps, softmax, dtype)
     cast = [{k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
              for k, v in call.items()} for call in inputs]
     with torch.no_grad():
-        heatmaps = torch.stack([original_concept_scores(model, pipe.tokenizer_2, t5, concepts, c) for c in cast])
+        heatmaps = torch.stack([original_concept_scores(model, pipe.tokenizer_2, t5, concepts, c)[space]
+                                for c in cast])
     if softmax:
         heatmaps = torch.softmax(heatmaps, dim=-2)
     heatmaps = heatmaps[timesteps][:, layers]
@@ -165,7 +168,7 @@ def original_heatmaps(pipe, inputs, concepts, layers, timesteps, softmax, dtype)
 
 @pytest.mark.parametrize("backend, blocks, options", [
     ("torch", 19, {}),                                                  # the original's defaults
-    ("triton", 3, dict(layers=[0, 2], steps=[1], softmax=False)),
+    ("triton", 3, dict(layers=[0, 2], steps=[1], softmax=False, cross_attention=True)),
 ])
 def test_maps_match_the_original(flux19, flux3, backend, blocks, options):
     pipe = flux19 if blocks == 19 else flux3
@@ -186,6 +189,13 @@ def test_maps_match_the_original(flux19, flux3, backend, blocks, options):
     assert_within_reference_error(got.maps.flatten(2), single, exact)
     if options.get("softmax", True):
         torch.testing.assert_close(got.maps.sum(1), torch.ones_like(got.maps[:, 0]))
+    if options.get("cross_attention"):
+        single, exact = (original_heatmaps(pipe, calls, dtype=d, space="cross_attention", **reference)
+                         for d in (torch.float32, torch.float64))
+        assert_within_reference_error(ca.cross_attention_maps().maps.flatten(2), single, exact)
+    else:
+        with pytest.raises(RuntimeError, match="cross_attention=True"):
+            ca.cross_attention_maps()
     assert installation_of(pipe) is None  # uninstalled on exit
 
 

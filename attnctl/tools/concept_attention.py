@@ -26,6 +26,12 @@ comes from the ordinary call (``Controller.on_output``), the (B, C, P) products 
 formed and accumulated on the device, in fp32 after the softmax; nothing goes to the host
 until read. Blocks after the last selected one skip the concept stream.
 
+The cross-attention baseline the paper compares against (the original returns it beside
+the maps: ``cross_attention_maps``) comes with ``cross_attention=True``: the same
+softmax and mean of the products of the concept queries and the image queries (after
+the q norm, before RoPE; the installation's call holds the RoPE'd image q, which is
+rotated back by the transformer's own RoPE angles).
+
 Deviations, all from the original's generality: any batch (every row gets the concepts),
 any aspect ratio (maps on the image token grid; the original reshapes to 64 x 64), and the
 softmax and mean in fp32 (the original's run in the model's dtype).
@@ -86,21 +92,26 @@ class ConceptMaps:
 
 
 class _Stream:
-    """The concept residual stream of one transformer forward: states (B, C, dim) and
-    the modulation embedding (B, dim)."""
+    """The concept residual stream of one transformer forward: states (B, C, dim), the
+    modulation embedding (B, dim), and the joint sequence's RoPE (cos, sin) when the
+    cross-attention baseline needs it."""
 
-    __slots__ = ("states", "temb", "step")
+    __slots__ = ("states", "temb", "rope")
 
-    def __init__(self, states: torch.Tensor, temb: torch.Tensor, step: int):
+    def __init__(self, states: torch.Tensor, temb: torch.Tensor, rope):
         self.states = states
         self.temb = temb
-        self.step = step
+        self.rope = rope
+
+
+OUTPUT, CROSS_ATTENTION = "output", "cross_attention"
 
 
 class ConceptAttentionController(Controller):
     """Runs the concept stream and accumulates the maps; see :func:`concept_attention`."""
 
-    def __init__(self, concepts: Sequence[str], *, layers=DEFAULT_LAYERS, steps=None, softmax: bool = True):
+    def __init__(self, concepts: Sequence[str], *, layers=DEFAULT_LAYERS, steps=None, softmax: bool = True,
+                 cross_attention: bool = False):
         if isinstance(concepts, str) or not isinstance(concepts, Sequence) or not concepts:
             raise ValueError(f"concepts: expected a non-empty list of words, got {concepts!r}")
         bad = [c for c in concepts if not isinstance(c, str) or not c.strip()]
@@ -112,12 +123,13 @@ class ConceptAttentionController(Controller):
             raise ValueError("layers: expected at least one double-stream block index, got none")
         self.steps = frozenset(_indices(steps, "steps")) if steps is not None else None
         self.softmax = bool(softmax)
+        self.cross_attention = bool(cross_attention)
         self.transformer = None
         self.text_encoder = self.tokenizer = None
         self._stream: Optional[_Stream] = None
         self._embeds: Dict[Tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
         self._step = 0
-        self._sum: Optional[torch.Tensor] = None
+        self._sums: Dict[str, torch.Tensor] = {}
         self._count = 0
         self._grid: Optional[Tuple[int, int]] = None
         self._steps_seen: List[int] = []
@@ -136,7 +148,7 @@ class ConceptAttentionController(Controller):
 
     # ---- protocol -----------------------------------------------------------------------
     def on_generation_start(self, generation) -> None:
-        self._sum, self._count, self._grid, self._steps_seen = None, 0, None, []
+        self._sums, self._count, self._grid, self._steps_seen = {}, 0, None, []
 
     def on_step(self, step: DenoiseStep, layout: BatchLayout) -> None:
         self._step = step.index
@@ -162,7 +174,11 @@ class ConceptAttentionController(Controller):
             temb = model.time_text_embed(timestep, pooled)
         else:
             temb = model.time_text_embed(timestep, guidance.to(dtype) * 1000, pooled)
-        self._stream = _Stream(states, temb, self._step)
+        rope = None
+        if self.cross_attention:
+            ids = [kwargs[name][0] if kwargs[name].ndim == 3 else kwargs[name] for name in ("txt_ids", "img_ids")]
+            rope = model.pos_embed(torch.cat(ids, dim=0))
+        self._stream = _Stream(states, temb, rope)
         if self._step not in self._steps_seen:
             self._steps_seen.append(self._step)
 
@@ -194,29 +210,38 @@ class ConceptAttentionController(Controller):
         concept_out = attention(q, keys, values, backend=call.backend)
         concept_out = concept_out.transpose(1, 2).flatten(2).to(normed.dtype)  # (B, C, H·D)
         if joint.index in self.layers:
-            self._accumulate(concept_out, out.transpose(1, 2)[:, image].flatten(2), joint.grid)
+            self._accumulate(OUTPUT, torch.bmm(concept_out, out.transpose(1, 2)[:, image].flatten(2)
+                                               .to(concept_out.dtype).transpose(1, 2)), joint.grid)
+            if self.cross_attention:
+                self._accumulate(CROSS_ATTENTION, torch.einsum("bhcd,bhpd->bcp", q, _unrotated(
+                    call.query[:, :, image], stream.rope, image).to(q.dtype)), joint.grid)
+            self._count += 1
         if joint.index < self.layers[-1]:
             stream.states = _advance(block, stream.states, concept_out, gate_msa, shift_mlp, scale_mlp, gate_mlp)
 
-    def _accumulate(self, concept_out: torch.Tensor, image_out: torch.Tensor, grid: Tuple[int, int]) -> None:
-        scores = torch.bmm(concept_out, image_out.to(concept_out.dtype).transpose(1, 2)).float()  # (B, C, P)
+    def _accumulate(self, space: str, scores: torch.Tensor, grid: Tuple[int, int]) -> None:
+        """Adds the (B, C, P) products of one block and step (softmax over C) into fp32."""
+        scores = scores.float()
         if self.softmax:
             scores = scores.softmax(dim=1)
-        if self._sum is None or self._sum.shape != scores.shape:
-            if self._sum is not None:
-                raise RuntimeError(f"concept_attention: the (B, C, P) maps changed shape within a generation "
-                                   f"{tuple(self._sum.shape)} -> {tuple(scores.shape)}")
-            self._sum, self._grid = torch.zeros_like(scores), grid
-        self._sum += scores
-        self._count += 1
+        held = self._sums.get(space)
+        if held is None:
+            self._sums[space], self._grid = torch.zeros_like(scores), grid
+        elif held.shape != scores.shape:
+            raise RuntimeError(f"concept_attention: the (B, C, P) maps changed shape within a generation "
+                               f"{tuple(held.shape)} -> {tuple(scores.shape)}")
+        self._sums[space] += scores
 
-    def result(self) -> ConceptMaps:
-        if self._sum is None:
+    def result(self, space: str = OUTPUT) -> ConceptMaps:
+        if space == CROSS_ATTENTION and not self.cross_attention:
+            raise RuntimeError("cross_attention_maps: the baseline is captured only when asked for: "
+                               "concept_attention(pipe, concepts, cross_attention=True)")
+        if space not in self._sums:
             raise RuntimeError("concept_attention: no map was captured yet (run the pipeline inside "
                                "`with attnctl.concept_attention(pipe, concepts) as ca:`; the steps filter "
                                "may exclude every step)")
         h, w = self._grid
-        maps = (self._sum / self._count).unflatten(2, (h, w))
+        maps = (self._sums[space] / self._count).unflatten(2, (h, w))
         return ConceptMaps(maps, self.concepts, self.layers, sorted(self._steps_seen))
 
 
@@ -230,6 +255,14 @@ def _text_side_heads(attn, states: torch.Tensor):
     if attn.norm_added_k is not None:
         k = attn.norm_added_k(k)
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def _unrotated(query: torch.Tensor, rope, image: slice) -> torch.Tensor:
+    """The image rows' q (B, H, P, D) before RoPE: the rotation by the negated angles."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    cos, sin = (x[image] for x in rope)
+    return apply_rotary_emb(query, (cos, -sin), sequence_dim=2)
 
 
 def _advance(block, states, attn_out, gate_msa, shift_mlp, scale_mlp, gate_mlp) -> torch.Tensor:
@@ -297,12 +330,16 @@ class ConceptAttention:
                 self.installation.uninstall()
 
     def maps(self) -> ConceptMaps:
-        """The latest generation's maps (raises before any generation)."""
-        return self.controller.result()
+        """The latest generation's ConceptAttention maps (raises before any generation)."""
+        return self.controller.result(OUTPUT)
+
+    def cross_attention_maps(self) -> ConceptMaps:
+        """The latest generation's cross-attention baseline (needs ``cross_attention=True``)."""
+        return self.controller.result(CROSS_ATTENTION)
 
 
 def concept_attention(pipe, concepts: Sequence[str], *, layers=DEFAULT_LAYERS, steps=None, softmax: bool = True,
-                      backend: Optional[str] = None) -> ConceptAttention:
+                      cross_attention: bool = False, backend: Optional[str] = None) -> ConceptAttention:
     """ConceptAttention maps of a Flux pipeline's generations::
 
         with attnctl.concept_attention(pipe, ["dragon", "rock", "sky"]) as ca:
@@ -317,10 +354,13 @@ def concept_attention(pipe, concepts: Sequence[str], *, layers=DEFAULT_LAYERS, s
             stream runs only on these steps.
         softmax: softmax over the concepts per block and step before the mean (the
             original's default); False averages the raw output-space products.
+        cross_attention: also keep the cross-attention baseline (concept q · image q,
+            read with ``cross_attention_maps()``), as the original returns beside the maps.
         backend: the attention backend ("auto" picks the fused Triton kernel on CUDA).
 
     The generated image is unchanged. If attnctl is not installed on ``pipe`` this installs
     it and uninstalls on exit. See the module doc for the math and the deviations.
     """
-    return ConceptAttention(pipe, ConceptAttentionController(concepts, layers=layers, steps=steps, softmax=softmax),
+    return ConceptAttention(pipe, ConceptAttentionController(
+        concepts, layers=layers, steps=steps, softmax=softmax, cross_attention=cross_attention),
                             backend)
