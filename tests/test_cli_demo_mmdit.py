@@ -47,3 +47,17 @@ def test_demo_flux_concepts_and_bad_words(tmp_path):
     with pytest.raises(SystemExit, match="--words: word: 'zebra' is not in the prompt"):
         main(["demo", "--offline-arch", "sd3", "--out", str(tmp_path / "sd3"), "--no-compare", "--words", "zebra",
               *SMALL])
+
+
+def test_readme_flux_example(tmp_path):
+    """The README's three lines (install + trace + heat map) on a Flux pipeline."""
+    import attnctl
+    from attnctl.diffusers.offline_mmdit import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline()
+    with attnctl.trace(pipe) as tc:
+        image = pipe("a cat sitting on a red car", num_inference_steps=1, height=32, width=32,
+                     max_sequence_length=16).images[0]
+    tc.word_heat_map("cat").plot(image, str(tmp_path / "cat.png"))
+    assert open(tmp_path / "cat.png", "rb").read(8) == PNG
+    assert tuple(tc.word_heat_map("cat").value.shape) == (8, 8)
