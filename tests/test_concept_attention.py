@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import attnctl
+import attnctl.tools.concept_attention as concept_module
 from attnctl.diffusers.offline_mmdit import tiny_flux_pipeline, tiny_flux_transformer_config, tiny_sd3_pipeline
 from attnctl.diffusers.install import installation_of
 from control_reference import assert_within_reference_error
@@ -170,8 +171,17 @@ def original_heatmaps(pipe, inputs, concepts, layers, timesteps, softmax, dtype,
     ("torch", 19, {}),                                                  # the original's defaults
     ("triton", 3, dict(layers=[0, 2], steps=[1], softmax=False, cross_attention=True)),
 ])
-def test_maps_match_the_original(flux19, flux3, backend, blocks, options):
+def test_maps_match_the_original(flux19, flux3, backend, blocks, options, monkeypatch):
     pipe = flux19 if blocks == 19 else flux3
+    concept_calls = []
+
+    def spy(q, k, v, **kwargs):  # the concept attention: C query rows, on the asked backend
+        out = real_attention(q, k, v, **kwargs)
+        concept_calls.append((q.shape[2], k.shape[2], attnctl.last_dispatch().backend))
+        return out
+
+    real_attention = concept_module.attention
+    monkeypatch.setattr(concept_module, "attention", spy)
     calls, hook = recorded_inputs(pipe)
     try:
         with attnctl.concept_attention(pipe, CONCEPTS, backend=backend, **options) as ca:
@@ -183,6 +193,8 @@ def test_maps_match_the_original(flux19, flux3, backend, blocks, options):
     steps = options.get("steps", [0, 1])
     assert got.layers == layers and got.steps == steps and got.concepts == CONCEPTS
     assert got.maps.shape == (len(PROMPTS), len(CONCEPTS), 4, 6) and got.maps.dtype == torch.float32
+    # every double block up to the last selected one, on the selected steps; C + P keys
+    assert concept_calls == [(len(CONCEPTS), len(CONCEPTS) + 24, backend)] * (layers[-1] + 1) * len(steps)
     reference = dict(concepts=CONCEPTS, layers=layers, timesteps=steps, softmax=options.get("softmax", True))
     single = original_heatmaps(pipe, calls, dtype=torch.float32, **reference)
     exact = original_heatmaps(pipe, calls, dtype=torch.float64, **reference)
