@@ -106,7 +106,7 @@ def main(args, pipe, device: str, dtype: torch.dtype, out: Path, say, timed, for
         concept_maps = ca.maps()
         files["concepts"] = str(out / "concepts.png")
         files["concept_maps"] = str(out / "concepts.safetensors")
-        concept_maps.plot(files["concepts"], image)
+        concept_maps.plot(image, files["concepts"])
         concept_maps.save(files["concept_maps"])
         summary["concept_attention"] = {"layers": concept_maps.layers, "steps": concept_maps.steps,
                                         "concepts": {c: _summary(concept_maps.map(c).value) for c in concepts}}

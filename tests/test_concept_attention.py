@@ -233,7 +233,7 @@ def test_maps_plot_and_save(flux3, tmp_path):
         generate(flux3)
     maps = ca.maps()
     assert maps.map("car", image=1).value.shape == (4, 6)
-    maps.plot(str(tmp_path / "concepts.png"))
+    maps.plot(None, str(tmp_path / "concepts.png"))
     maps.save(str(tmp_path / "concepts.safetensors"))
     from safetensors import safe_open
 

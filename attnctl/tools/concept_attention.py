@@ -72,8 +72,9 @@ class ConceptMaps:
             raise IndexError(f"image: expected an index in [0, {self.maps.shape[0]}), got {image}")
         return HeatMap(self.maps[image, self.concepts.index(concept)], concept)
 
-    def plot(self, path: str, image=None, row: int = 0, columns: int = 4) -> None:
-        """One panel per concept (over ``image`` when given) written to ``path``; colours
+    def plot(self, image, path: str, *, row: int = 0, columns: int = 4) -> None:
+        """One panel per concept of batch row ``row``, over ``image`` (None: the maps
+        alone), written to ``path``; colours
         scaled by the min and max over all concepts of the row, as the original does."""
         from .plot import overlay_grid
 
@@ -344,7 +345,7 @@ def concept_attention(pipe, concepts: Sequence[str], *, layers=DEFAULT_LAYERS, s
 
         with attnctl.concept_attention(pipe, ["dragon", "rock", "sky"]) as ca:
             image = pipe("a dragon standing on a rock").images[0]
-        ca.maps().plot("concepts.png", image)
+        ca.maps().plot(image, "concepts.png")
 
     Args:
         concepts: the concept words (any number); each is encoded alone by T5.
