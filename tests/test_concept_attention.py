@@ -250,7 +250,8 @@ def test_clear_errors(flux3):
             attnctl.concept_attention(flux3, concepts)
     with pytest.raises(TypeError, match="layers: expected an int or an iterable"):
         attnctl.concept_attention(flux3, CONCEPTS, layers="last")
-    with pytest.raises(ValueError, match=r"layers: expected double-stream block indices in \[0, 3\), got \[15, 16, 17, 18\]"):
+    outside = r"layers: expected double-stream block indices in \[0, 3\), got \[15, 16, 17, 18\]"
+    with pytest.raises(ValueError, match=outside):
         with attnctl.concept_attention(flux3, CONCEPTS):
             pass
     assert installation_of(flux3) is None

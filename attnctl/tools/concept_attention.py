@@ -32,6 +32,10 @@ softmax and mean of the products of the concept queries and the image queries (a
 the q norm, before RoPE; the installation's call holds the RoPE'd image q, which is
 rotated back by the transformer's own RoPE angles).
 
+The original repository also holds a diffusers port (``concept_attention/diffusers/flux``)
+that differs: blocks 10-17 by default and products of the vectors after the output
+projections. This tool follows the paper's pipeline above.
+
 Deviations, all from the original's generality: any batch (every row gets the concepts),
 any aspect ratio (maps on the image token grid; the original reshapes to 64 x 64), and the
 softmax and mean in fp32 (the original's run in the model's dtype).
