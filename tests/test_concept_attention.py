@@ -48,7 +48,7 @@ def flux3():
 def generate(pipe, **kwargs):
     tokens = (HEIGHT // pipe.vae_scale_factor // 2) * (WIDTH // pipe.vae_scale_factor // 2)
     latents = torch.randn((len(PROMPTS), tokens, 4 * pipe.vae.config.latent_channels),
-                          generator=torch.Generator().manual_seed(0))
+                          generator=torch.Generator().manual_seed(0)).to(pipe.device, pipe.dtype)
     return pipe(PROMPTS, height=HEIGHT, width=WIDTH, num_inference_steps=2, max_sequence_length=TEXT,
                 output_type="latent", latents=latents, **kwargs).images
 
@@ -71,7 +71,7 @@ def embed_concepts(tokenizer, t5, concepts, length):
     embeddings = []
     for concept in concepts:
         ids = tokenizer(concept, padding="max_length", max_length=length, truncation=True,
-                        return_tensors="pt").input_ids
+                        return_tensors="pt").input_ids.to(t5.device)
         embeddings.append(t5(ids)[0][0, 0, :])
     return torch.stack(embeddings).unsqueeze(0), torch.zeros(len(concepts), 3)
 
