@@ -8,9 +8,10 @@ from .regions import Regions
 from .diffusers import AttentionCall, Controller, Plan, install, uninstall
 from .tools.maps import TraceMaps
 from .tools.trace import trace
+from .tools.concept_attention import ConceptMaps, concept_attention
 from . import p2p
 
 __version__ = "0.1.0"
 
 __all__ = ["attention", "attention_with_maps", "attention_reference", "Capture", "Dispatch", "last_dispatch", "BACKENDS",
-           "install", "uninstall", "logit_max", "Regions", "OwnTerm", "trace", "TraceMaps", "Controller", "Plan", "AttentionCall", "p2p"]
+           "install", "uninstall", "logit_max", "Regions", "OwnTerm", "trace", "TraceMaps", "concept_attention", "ConceptMaps", "Controller", "Plan", "AttentionCall", "p2p"]

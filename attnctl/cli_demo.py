@@ -31,8 +31,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "demo", help="generate with a trace: image, per-word heat maps, fused vs materialised capture",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", metavar="DIR", help="local diffusers model directory (default: build a small SD offline)")
-    p.add_argument("--offline-arch", choices=("sd", "sdxl"), default="sd",
-                   help="architecture of the offline pipeline (default sd)")
+    p.add_argument("--offline-arch", choices=("sd", "sdxl", "flux", "sd3"), default="sd",
+                   help="architecture of the offline pipeline (default sd; flux and sd3: MM-DiT joint attention)")
     p.add_argument("--prompt", default="a cat sitting on a red car")
     p.add_argument("--words", nargs="+", metavar="WORD", help="words to map (default: every word of the prompt)")
     p.add_argument("--steps", type=int, help="denoising steps (default 25 with --model, 8 offline)")
@@ -46,6 +46,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="attention backend under the trace (auto: fused Triton kernel on CUDA)")
     p.add_argument("--out", default="attnctl-out", help="output directory (default attnctl-out)")
     p.add_argument("--no-compare", action="store_true", help="skip the plain and materialised runs")
+    p.add_argument("--concepts", nargs="+", metavar="WORD",
+                   help="Flux: ConceptAttention concepts (default: the mapped words)")
     p.set_defaults(func=main)
     return p
 
@@ -68,6 +70,11 @@ def load_pipeline(args, device: str, dtype: torch.dtype):
         pipe = DiffusionPipeline.from_pretrained(args.model, local_files_only=True, **{dtype_arg: dtype})
         if hasattr(pipe, "safety_checker") and getattr(pipe, "safety_checker", None) is not None:
             pipe.safety_checker = None  # it would blank images, and the maps are the point
+    elif args.offline_arch in ("flux", "sd3"):
+        from .cli_demo_mmdit import offline_pipeline
+
+        say(f"building a small {args.offline_arch.upper()} pipeline offline (random weights) ...")
+        pipe = offline_pipeline(args.offline_arch, args.seed, dtype)
     else:
         from .diffusers.offline import tiny_sd_pipeline, tiny_sdxl_pipeline
 
@@ -161,6 +168,10 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     (out / "heatmaps").mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(args, device, dtype)
+    from . import cli_demo_mmdit
+
+    if cli_demo_mmdit.is_mmdit(pipe):
+        return cli_demo_mmdit.main(args, pipe, device, dtype, out, say, timed, format_table, _slug)
     steps = args.steps or (25 if args.model else 8)
     height = args.height or (None if args.model else OFFLINE_SIZE)
     width = args.width or (None if args.model else OFFLINE_SIZE)

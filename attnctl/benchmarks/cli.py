@@ -12,13 +12,14 @@ from . import contenders, e2e, p2p_edit, report, runner, shapes, timing
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "bench", help="time attnctl against torch SDPA and a materialising baseline",
-        description="Kernel benchmarks at SD1.5/SD2/SDXL and long-text shapes. On a CPU only a "
+        description="Kernel benchmarks at SD1.5/SD2/SDXL, long-text and Flux/SD3.5 joint shapes. On a CPU only a "
                     "smoke configuration runs, and its times mean nothing for speed.")
     p.add_argument("--quick", action="store_true", help="the SD1.5/SDXL shapes that decide the targets, B=2, fp16")
     p.add_argument("--json", metavar="PATH", help="write the raw results (with device and versions) here")
     p.add_argument("--plot", metavar="PNG", help="write a plot of time versus shape per contender")
     p.add_argument("--model", action="append", choices=shapes.MODELS, help="only these models' shapes")
-    p.add_argument("--kind", action="append", choices=("cross", "self"), help="only cross- or self-attention")
+    p.add_argument("--kind", action="append", choices=("cross", "self", "joint"),
+                   help="only cross-, self- or joint (MM-DiT: Flux, SD3.5) attention")
     p.add_argument("--batch", type=int, action="append", help="batch sizes (default 2 and 8)")
     p.add_argument("--dtype", action="append", choices=tuple(runner.DTYPES), help="default fp16 and bf16")
     p.add_argument("--contender", action="append", choices=tuple(contenders.CONTENDERS),

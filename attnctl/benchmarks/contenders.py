@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,7 @@ class Contender:
     captures: bool
     build: Callable[[Inputs], Callable[[], object]]
     cuda_only: bool = False
+    kinds: Optional[Tuple[str, ...]] = None  # the shape kinds it applies to (None: every kind)
 
 
 def _sdpa(backend_name: Optional[str]):
@@ -160,6 +161,53 @@ def _materialised_maps_backward(x: Inputs):
     return run
 
 
+# ConceptAttention at a joint shape: C concepts (the original README's example has four).
+CONCEPTS = 4
+
+
+def _concept_operands(x: Inputs):
+    """Concept q, k, v (B, H, C, D) in the joint inputs' layout, and the image rows (Flux's
+    order, text first: the image is the sequence's tail)."""
+    B, H, D = x.shape.B, x.shape.H, x.shape.D
+    gen = torch.Generator(device=x.q.device).manual_seed(0)  # the same concepts for every contender
+    concept = [torch.randn(B, CONCEPTS, H, D, device=x.q.device, generator=gen).to(x.q.dtype).transpose(1, 2)
+               for _ in range(3)]
+    return concept, slice(x.shape.M - x.shape.image_tokens, x.shape.M)
+
+
+def _concept_original(x: Inputs):
+    # The original (concept_attention/flux/dit_block.py): the joint attention, then a second
+    # full attention of C + P queries over [concepts; image], the image rows' output dropped,
+    # the (B, C, P) scores and (with its default cache_vectors=True) both output vectors
+    # copied to the host every block.
+    (cq, ck, cv), image = _concept_operands(x)
+
+    def run():
+        joint = F.scaled_dot_product_attention(x.q, x.k, x.v)
+        q, k, v = (torch.cat([c, t[:, :, image]], dim=2) for c, t in zip((cq, ck, cv), (x.q, x.k, x.v)))
+        concept = F.scaled_dot_product_attention(q, k, v)[:, :, :CONCEPTS].transpose(1, 2).flatten(2)
+        image_out = joint[:, :, image].transpose(1, 2).flatten(2)
+        scores = torch.einsum("bcd,bpd->bcp", concept, image_out)
+        return scores.cpu(), concept.cpu(), image_out.cpu()
+    return run
+
+
+def _concept_fused(x: Inputs):
+    # attnctl.concept_attention per block: the joint call, one call of the C concept rows over
+    # [concepts; image], products and their softmax over concepts added into a device buffer.
+    (cq, ck, cv), image = _concept_operands(x)
+    maps = torch.zeros(x.shape.B, CONCEPTS, x.shape.image_tokens, device=x.q.device)
+
+    def run():
+        joint = attention(x.q, x.k, x.v, backend="triton")
+        keys, values = (torch.cat([c, t[:, :, image]], dim=2) for c, t in zip((ck, cv), (x.k, x.v)))
+        concept = attention(cq, keys, values, backend="triton").transpose(1, 2).flatten(2)
+        scores = torch.bmm(concept, joint.transpose(1, 2)[:, image].flatten(2).transpose(1, 2))
+        maps.add_(scores.float().softmax(dim=1))
+        return maps
+    return run
+
+
 CONTENDERS: Dict[str, Contender] = {c.name: c for c in [
     Contender("sdpa", False, _sdpa(None)),
     Contender("sdpa-flash", False, _sdpa("FLASH_ATTENTION"), cuda_only=True),
@@ -177,6 +225,10 @@ CONTENDERS: Dict[str, Contender] = {c.name: c for c in [
     Contender("sdpa+backward", False, _sdpa_backward),
     Contender("triton+maps+backward", True, _triton_maps_backward),
     Contender("materialised+maps+backward", True, _materialised_maps_backward),
+    # ConceptAttention on joint (MM-DiT) shapes: the block's attention with the concept
+    # stream's, original-style against fused
+    Contender("concept-original", True, _concept_original, kinds=("joint",)),
+    Contender("triton+concept", True, _concept_fused, kinds=("joint",)),
 ]}
 
 

@@ -9,7 +9,7 @@ from typing import Iterable, List
 class AttnShape:
     model: str      # e.g. "sd15-512"
     level: str      # latent grid of the layer, e.g. "64x64"
-    kind: str       # "cross" or "self"
+    kind: str       # "cross", "self" or "joint" (MM-DiT: text and image in one sequence, M = N)
     B: int
     H: int
     M: int          # queries
@@ -19,6 +19,12 @@ class AttnShape:
     @property
     def name(self) -> str:
         return f"{self.model}/{self.level}/{self.kind}/B{self.B}/N{self.N}/D{self.D}"
+
+    @property
+    def image_tokens(self) -> int:
+        """Joint shapes: the image tokens of the sequence (the level's grid); the rest is text."""
+        h, w = (int(x) for x in self.level.split("x"))
+        return h * w
 
     @property
     def flops(self) -> float:
@@ -46,10 +52,23 @@ _MODELS = {
 }
 
 
-def catalog(batches: Iterable[int] = (2, 8), kinds: Iterable[str] = ("cross", "self"),
+# MM-DiT joint attention at 1024² (model: (image grid, image tokens, text tokens, heads,
+# head dim, batch)): Flux dev (T5 512, no CFG), SD3.5 large (77 CLIP + 256 T5, CFG).
+_JOINT_MODELS = {
+    "flux-1024": ("64x64", 4096, 512, 24, 128, 1),
+    "sd35l-1024": ("64x64", 4096, 333, 38, 64, 2),
+}
+
+
+def catalog(batches: Iterable[int] = (2, 8), kinds: Iterable[str] = ("cross", "self", "joint"),
             models: Iterable[str] | None = None) -> List[AttnShape]:
-    """Every (model, level, kind, batch) shape; self-attention only for the image models."""
+    """Every (model, level, kind, batch) shape; self-attention only for the image models;
+    the joint (MM-DiT) shapes at their models' own batch (``batches`` is for the UNets)."""
     shapes = []
+    if "joint" in kinds:
+        for model, (level, image, text, H, D, B) in _JOINT_MODELS.items():
+            if models is None or model in models:
+                shapes.append(AttnShape(model, level, "joint", B, H, image + text, image + text, D))
     for model, (levels, text_len) in _MODELS.items():
         if models is not None and model not in models:
             continue
@@ -72,7 +91,8 @@ def quick_catalog() -> List[AttnShape]:
 def smoke_catalog() -> List[AttnShape]:
     """Tiny shapes for CPU smoke runs (speed meaningless)."""
     return [AttnShape("smoke", "8x8", "cross", 1, 2, 64, 77, 40),
-            AttnShape("smoke", "8x8", "self", 1, 2, 64, 64, 64)]
+            AttnShape("smoke", "8x8", "self", 1, 2, 64, 64, 64),
+            AttnShape("smoke", "4x4", "joint", 1, 2, 16 + 8, 16 + 8, 64)]
 
 
-MODELS = tuple(_MODELS)
+MODELS = tuple(_JOINT_MODELS) + tuple(_MODELS)

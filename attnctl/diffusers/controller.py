@@ -239,3 +239,9 @@ class Controller:
 
     def on_step(self, step: DenoiseStep, layout: BatchLayout) -> None:
         """A UNet forward is about to run (once per denoising step)."""
+
+    def on_output(self, call: AttentionCall, value: torch.Tensor, out: torch.Tensor) -> None:
+        """MM-DiT joint layers only: the call's values ``value`` (B, H, N, Dv) and the op's
+        output ``out`` (B, H, M, Dv), right after the attention and before the output
+        projections; read only (tools that work in the attention's output space, e.g.
+        ConceptAttention, take their vectors from here)."""

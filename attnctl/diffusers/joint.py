@@ -112,7 +112,7 @@ class JointProcessor:
         # returns its output in q's memory order, so merging the heads is free.
         q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         installation = self.installation
-        prob_mult = bias = capture = regions = route = None
+        prob_mult = bias = capture = regions = route = call = None
         if installation.controllers:
             call = installation.describe_joint(self.layer, self._layout(q.shape[2], text_len), q, k)
             plan, route = compose([c.plan(call) for c in installation.controllers],
@@ -126,6 +126,9 @@ class JointProcessor:
                         backend=installation.backend)
         if route is not None:
             route()
+        if call is not None:
+            for controller in installation.controllers:
+                controller.on_output(call, v, out)
         out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
 
         if encoder_hidden_states is None:

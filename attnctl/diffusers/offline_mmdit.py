@@ -44,6 +44,14 @@ def _t5_encoder(tokenizer, width: int):
     return T5EncoderModel(config).eval()
 
 
+def _flow_vae():
+    """The tiny VAE with the ``shift_factor`` that Flux's and SD3's pipelines add when they
+    decode (their VAEs have one; a plain AutoencoderKL's is None)."""
+    vae = _vae()
+    vae.register_to_config(shift_factor=0.0)
+    return vae
+
+
 def _flow_scheduler():
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -68,7 +76,7 @@ def tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     clip = character_tokenizer()
     t5 = t5_tokenizer()
     pipe = FluxPipeline(
-        scheduler=_flow_scheduler(), vae=_vae(), text_encoder=_text_encoder(clip, 32), tokenizer=clip,
+        scheduler=_flow_scheduler(), vae=_flow_vae(), text_encoder=_text_encoder(clip, 32), tokenizer=clip,
         text_encoder_2=_t5_encoder(t5, 32), tokenizer_2=t5,
         transformer=FluxTransformer2DModel(**tiny_flux_transformer_config()).eval())
     return _finish(pipe, dtype)
@@ -96,7 +104,7 @@ def tiny_sd3_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, sd35: b
     t5 = t5_tokenizer()
     pipe = StableDiffusion3Pipeline(
         transformer=SD3Transformer2DModel(**tiny_sd3_transformer_config(sd35)).eval(),
-        scheduler=_flow_scheduler(), vae=_vae(),
+        scheduler=_flow_scheduler(), vae=_flow_vae(),
         text_encoder=_text_encoder(clip, 32, projection=32), tokenizer=clip,
         text_encoder_2=_text_encoder(clip, 32, projection=32), tokenizer_2=character_tokenizer(),
         text_encoder_3=_t5_encoder(t5, 64), tokenizer_3=t5)
