@@ -58,7 +58,15 @@ def cuda_unavailable_reason() -> Optional[str]:
 
 def _code(t: Optional[torch.Tensor]) -> int:
     # Absent operands get code 0; the kernel never reads them (their pointer is null).
-    return 0 if t is None else _C.dtype_codes[str(t.dtype).replace("torch.", "")]
+    if t is None:
+        return 0
+    code = _dtype_codes.get(t.dtype)
+    if code is None:  # built once per dtype: this runs on every launch
+        code = _dtype_codes[t.dtype] = _C.dtype_codes[str(t.dtype).replace("torch.", "")]
+    return code
+
+
+_dtype_codes: dict = {}
 
 
 def _ptr(t: Optional[torch.Tensor]) -> int:
@@ -69,9 +77,19 @@ def _strides(t: Optional[torch.Tensor], ndim: int) -> tuple:
     return tuple(t.stride()) if t is not None else (0,) * ndim
 
 
+_no_capture: dict = {}   # prefix -> the keywords of a call without that capture
+
+
 def _capture_arguments(capture: Optional[Capture], prefix: str) -> dict:
     """The extension's keywords for one term's capture, named with ``prefix`` ("" or "own_")."""
-    cap = capture if capture is not None else Capture()
+    if capture is None or capture.empty:
+        if prefix not in _no_capture:  # the same for every call without a capture
+            _no_capture[prefix] = _capture_fields(Capture(), prefix)
+        return _no_capture[prefix]
+    return _capture_fields(capture, prefix)
+
+
+def _capture_fields(cap: Capture, prefix: str) -> dict:
     tokens = cap.tokens if cap.wants_token_columns else None
     head_weights = cap.head_weights if cap.maps is not None else None
     args = dict(
@@ -84,6 +102,7 @@ def _capture_arguments(capture: Optional[Capture], prefix: str) -> dict:
         tokens_dtype=_code(tokens), head_weights_dtype=_code(head_weights),
     )
     return {prefix + name: value for name, value in args.items()}
+
 
 
 def launch_arguments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, *, scale: float,
