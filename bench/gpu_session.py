@@ -6,7 +6,9 @@ test module, fp16 and bf16), with the CUDA extension building in the background 
 CUDA extension's GPU tests -> where a call's time goes (bench/diagnose.py: host, launcher
 and kernel time per call, the tile sweep) -> headline kernel benchmark (fp16) -> SD1.5
 UNet loop and prompt-to-prompt edit -> with time left: the bf16 kernel benchmark,
-compute-sanitizer, the remaining (diffusers-level) tests. ``--sdxl`` instead runs the SDXL 1024² edit and loop, a
+compute-sanitizer, the remaining (diffusers-level) tests. ``--dit`` instead runs the MM-DiT
+(Flux, SD3.5 large) kernel rows and transformer loops, a call of its own.
+``--sdxl`` instead runs the SDXL 1024² edit and loop, a
 call of its own.
 
 Every step runs under a hard cap, the smaller of its own and what is left of the total
@@ -454,6 +456,23 @@ def sdxl_plan(s: Session) -> None:
     s.bench("sdxl-e2e", "e2e-sdxl", ["--skip-kernels", "--e2e", "sdxl-1024", "--steps", "20", *contenders], 200)
 
 
+def dit_plan(s: Session) -> None:
+    """FLUX.1-dev and SD3.5 large (random weights, built on the GPU, bf16): the joint-attention
+    kernel rows (SDPA, Triton with and without captures, ConceptAttention original vs fused),
+    then the transformer loops (stock, attnctl, trace, materialised maps)."""
+    if not setup(s):
+        for name in ("dit-kernels", "dit-e2e"):
+            s.skip(name, "set-up failed")
+        return
+    kernels = ["--kind", "joint", "--dtype", "bf16"]
+    if s.dry_run:
+        kernels += ["--contender", "sdpa", "--contender", "triton+capture"]
+    s.bench("dit-kernels", "kernels-dit", kernels, 150)
+    contenders = ["--e2e-contender", "diffusers-sdpa", "--e2e-contender", "materialised"] if s.dry_run else []
+    s.bench("dit-e2e", "e2e-dit", ["--skip-kernels", "--e2e", "flux-1024", "--e2e", "sd35l-1024", "--steps", "4",
+                                   *contenders], 330)
+
+
 # ---- versions (run as a child: it imports torch) ----
 
 def report_versions(path: str, expect_gpu: bool) -> int:
@@ -521,6 +540,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--dry-run", action="store_true",
                    help="the CPU smoke run (implied when nvidia-smi finds no GPU)")
     p.add_argument("--sdxl", action="store_true", help="only the SDXL 1024² edit and UNet loop (a call of its own)")
+    p.add_argument("--dit", action="store_true",
+                   help="only the Flux / SD3.5-large kernel rows and transformer loops (a call of its own)")
     p.add_argument("--cuda-archs", default="90a", help="ATTNCTL_CUDA_ARCHS for the CUDA build (H100/H200: 90a)")
     p.add_argument("--report-versions", metavar="JSON", help=argparse.SUPPRESS)
     p.add_argument("--expect-gpu", action="store_true", help=argparse.SUPPRESS)
@@ -549,7 +570,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     # Stopped from outside: still stop the steps, bundle and write the summary.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
-        (sdxl_plan if args.sdxl else gpu_plan)(s)
+        (sdxl_plan if args.sdxl else dit_plan if args.dit else gpu_plan)(s)
     finally:
         s.stop_all()
         moved = bundle_unexpected(s.out, s.expected_files())

@@ -96,6 +96,17 @@ def test_sdxl_dry_run(tmp_path):
     _check_results(out, "e2e-sdxl", ["e2e"])
 
 
+def test_dit_dry_run(tmp_path):
+    out = tmp_path / "out"
+    proc, summary, steps = _dry_run(out, "--dit", "--budget", "200")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert {name: status for name, (status, _) in steps.items()} == {
+        "install": "passed", "versions": "passed", "dit-kernels": "passed", "dit-e2e": "passed"}, summary
+    _check_returnable(out)
+    _check_results(out, "kernels-dit", ["rows"])
+    _check_results(out, "e2e-dit", ["e2e"])
+
+
 def _session(tmp_path, budget):
     args = gs.argparse.Namespace(out=str(tmp_path / "out"), dry_run=True, budget=budget, cuda_archs="90a",
                                  gpu_steps_skipped="no GPU: dry run")

@@ -6,7 +6,10 @@ from typing import List, Tuple
 
 import torch
 
-from . import contenders, e2e, p2p_edit, report, runner, shapes, timing
+from . import contenders, e2e, e2e_dit, p2p_edit, report, runner, shapes, timing
+
+
+E2E_MODELS = tuple(m for m in e2e.MODELS if m != "tiny") + tuple(e2e_dit.SMOKE)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -24,10 +27,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", action="append", choices=tuple(runner.DTYPES), help="default fp16 and bf16")
     p.add_argument("--contender", action="append", choices=tuple(contenders.CONTENDERS),
                    help="only these contenders (repeatable)")
-    p.add_argument("--e2e", action="append", choices=tuple(m for m in e2e.MODELS if m != "tiny"),
-                   help="also time a UNet denoising loop of this architecture (random weights, CFG)")
-    p.add_argument("--e2e-contender", action="append", choices=tuple(e2e.CONTENDERS),
-                   help="only these end-to-end contenders (repeatable)")
+    p.add_argument("--e2e", action="append", choices=E2E_MODELS,
+                   help="also time a denoising loop of this architecture (random weights): a UNet with CFG, "
+                        "or an MM-DiT transformer (flux-1024: FLUX.1-dev, sd35l-1024: SD3.5 large with CFG; bf16)")
+    p.add_argument("--e2e-contender", action="append", choices=tuple(dict.fromkeys([*e2e.CONTENDERS, *e2e_dit.CONTENDERS])),
+                   help="only these end-to-end contenders (repeatable; each model runs those it has)")
     p.add_argument("--p2p", action="append", choices=tuple(m for m in p2p_edit.MODELS if m != "tiny"),
                    help="also time a two-prompt prompt-to-prompt edit through the whole pipeline of this "
                         "architecture (random weights, CFG): fused against materialising")
@@ -101,17 +105,30 @@ def _pipeline_settings(models: List[str], args: argparse.Namespace, device: str)
 
 
 def _run_e2e(args: argparse.Namespace, device: str, result: report.ResultFile) -> None:
-    models, steps, dtype = _pipeline_settings(args.e2e, args, device)
+    unets = [m for m in args.e2e if m in e2e.MODELS]
+    dits = [m for m in args.e2e if m in e2e_dit.MODELS]
 
     def progress(rec):  # one line per contender, so a run cut short still shows what it measured
         done = f"{rec['step_ms']:.1f} ms/step" if rec["status"] == "ok" else rec["status"]
         print(f"e2e {rec['model']} {rec['contender']}: {done}", flush=True)
         result.add("e2e", [rec])
 
+    def chosen(available):
+        return [c for c in (args.e2e_contender or available) if c in available]
+
+    models, steps, dtype = _pipeline_settings(unets, args, device) if unets else ([], args.steps, None)
     for model in models:
-        e2e.run_e2e(model, args.e2e_contender or list(e2e.CONTENDERS), steps=steps, dtype=dtype,
-                    device=device, progress=progress)
+        e2e.run_e2e(model, chosen(e2e.CONTENDERS), steps=steps, dtype=dtype, device=device, progress=progress)
         result.save()  # the ratios to stock diffusers, added when a model's contenders are done
+    # MM-DiT transformers run in bf16 (Flux's activations overflow fp16); on a CPU their tiny
+    # offline configs stand in (smoke only).
+    if device != "cuda":
+        dits, steps = list(dict.fromkeys(e2e_dit.SMOKE[m] for m in dits)), 2
+    for model in dits:
+        e2e_dit.run_e2e_dit(model, chosen(e2e_dit.CONTENDERS), steps=steps,
+                            dtype=torch.bfloat16 if device == "cuda" else torch.float32, device=device,
+                            progress=progress)
+        result.save()
 
 
 def _run_p2p(args: argparse.Namespace, device: str, result: report.ResultFile) -> None:

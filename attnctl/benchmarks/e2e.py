@@ -77,19 +77,32 @@ def run_e2e(model: str, contenders: List[str], *, steps: int = 20, images: int =
     unet = build_unet(model, dtype, device)
     inputs = unet_inputs(model, unet, images, dtype, device)
     original = dict(unet.attn_processors)
+    record = {"model": model, "steps": steps, "images": images, "dtype": str(dtype).replace("torch.", "")}
+    return run_contenders(
+        contenders, record, setup=lambda name, stack: CONTENDERS[name](stack, unet),
+        measure=lambda: _denoise(unet, inputs, steps, device),
+        restore=lambda: unet.set_attn_processor(dict(original)),  # diffusers empties the dict it is given
+        device=device, progress=progress)
+
+
+def run_contenders(contenders: List[str], record: dict, *, setup: Callable[[str, ExitStack], None],
+                   measure: Callable[[], dict], restore: Callable[[], None], device: str,
+                   progress=None) -> List[dict]:
+    """One record per contender: ``setup(name, stack)`` installs it inside an ExitStack
+    (under no_grad), ``measure()`` times the loop, ``restore()`` puts the model back; an
+    out-of-memory contender is a result. Adds each one's ratio to stock diffusers."""
     rows = []
     for name in contenders:
-        rec = {"model": model, "contender": name, "steps": steps, "images": images,
-               "dtype": str(dtype).replace("torch.", "")}
+        rec = {**record, "contender": name}
         try:
             with ExitStack() as stack, torch.no_grad():
-                CONTENDERS[name](stack, unet)
-                rec.update(_denoise(unet, inputs, steps, device))
+                setup(name, stack)
+                rec.update(measure())
             rec["status"] = "ok"
         except torch.cuda.OutOfMemoryError as exc:
             rec["status"] = f"OOM: {str(exc).splitlines()[0][:160]}"
         finally:
-            unet.set_attn_processor(dict(original))  # diffusers empties the dict it is given
+            restore()
             if device == "cuda":
                 torch.cuda.empty_cache()
         rows.append(rec)
@@ -103,12 +116,16 @@ def run_e2e(model: str, contenders: List[str], *, steps: int = 20, images: int =
 
 
 def _denoise(unet, inputs: dict, steps: int, device: str) -> dict:
-    """Median time of one UNet step (after two warm-up steps) and peak memory above what was
-    allocated before the first step."""
     def step(i):
         t = torch.tensor(999 - i * (999 // max(steps, 1)), device=device)
         return unet(timestep=t, **inputs).sample
 
+    return time_steps(step, steps, device)
+
+
+def time_steps(step: Callable[[int], object], steps: int, device: str) -> dict:
+    """Median time of one denoising step ``step(i)`` (after two warm-up steps) and peak
+    device memory above what was allocated before the first step."""
     if device == "cuda":  # before warm-up: the maps a contender keeps count as its memory
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()

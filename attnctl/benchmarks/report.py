@@ -34,7 +34,7 @@ def _table(rows: Iterable[dict], columns) -> str:
 
 E2E_COLUMNS = [("model", "model", "{}"), ("contender", "contender", "{}"), ("step_ms", "ms/step", "{:.2f}"),
                ("step_vs_sdpa", "×stock", "{:.2f}"), ("peak_mem_mb", "peak MiB", "{:.0f}"),
-               ("status", "status", "{}")]
+               ("host_mb_per_step", "host MiB/step", "{:.0f}"), ("status", "status", "{}")]
 
 
 def format_e2e_table(rows: Iterable[dict]) -> str:
@@ -135,7 +135,7 @@ def readme_table(results_dir: str) -> str:
         return ("No GPU benchmark has been recorded yet: bench/results/ holds no GPU run. "
                 "Run `attnctl bench --json bench/results/<device>-<date>.json` on a GPU.")
     parts = [_kernel_table(r) for r in _newest_with(results, "rows")]
-    parts += [_e2e_table(r) for r in _newest_with(results, "e2e")]
+    parts += [_e2e_table(r) for r in _newest_per_model(results, "e2e")]
     parts += [_p2p_table(r) for r in _newest_with(results, "p2p")]
     return "\n\n".join(parts)
 
@@ -143,6 +143,18 @@ def readme_table(results_dir: str) -> str:
 def _newest_with(results: List[dict], key: str) -> List[dict]:
     """The newest result whose ``key`` is non-empty, as a list of zero or one."""
     return [r for r in results if r.get(key)][-1:]
+
+
+def _newest_per_model(results: List[dict], key: str) -> List[dict]:
+    """For each model in the ``key`` records, the newest result holding it (oldest first):
+    an SDXL or Flux run does not hide the SD1.5 table."""
+    chosen, covered = [], set()
+    for r in reversed(results):
+        models = {row["model"] for row in r.get(key) or []}
+        if models - covered:
+            chosen.append(r)
+            covered |= models
+    return chosen[::-1]
 
 
 def _source(result: dict) -> str:
@@ -173,7 +185,9 @@ def _kernel_table(result: dict) -> str:
 
 
 def _e2e_table(result: dict) -> str:
-    lines = [f"UNet denoising loop (random weights, CFG, batch 1 image); {_source(result)}:", ""]
+    lines = [f"Denoising loop, time per step (random weights, batch 1 image; UNets with CFG in fp16, MM-DiT "
+             f"transformers in bf16, SD3 with CFG; host MiB/step: maps a materialising capture copies to the "
+             f"host); {_source(result)}:", ""]
     return "\n".join(lines + _markdown(result["e2e"], E2E_COLUMNS))
 
 

@@ -109,3 +109,23 @@ def tiny_sd3_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, sd35: b
         text_encoder_2=_text_encoder(clip, 32, projection=32), tokenizer_2=character_tokenizer(),
         text_encoder_3=_t5_encoder(t5, 64), tokenizer_3=t5)
     return _finish(pipe, dtype)
+
+
+def published_transformer(name: str, dtype: torch.dtype, device: str, seed: int = 0):
+    """The published transformer ``name`` (attnctl.configs.TRANSFORMER_CONFIGS) with random
+    weights, built on ``device`` without a CPU copy: created on the meta device, allocated
+    on ``device``, every parameter and floating buffer (SD3's position table too) drawn
+    uniformly with standard deviation 0.02 there. For shape checks and benchmarks."""
+    import diffusers
+
+    from attnctl.configs import load_transformer_config
+
+    config = load_transformer_config(name)
+    with torch.device("meta"):
+        model = getattr(diffusers, config["_class_name"]).from_config(config)
+    model = model.to_empty(device=device).to(dtype)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for tensor in (*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())):
+            tensor.uniform_(-0.02 * 3 ** 0.5, 0.02 * 3 ** 0.5, generator=generator)
+    return model.eval()

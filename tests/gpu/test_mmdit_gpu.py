@@ -1,4 +1,4 @@
-"""Flux / SD3 on a GPU (skipped without CUDA; written without a GPU, not yet run on one).
+"""Flux / SD3 on a GPU (skipped without CUDA).
 
 * The tiny offline pipelines in bf16 and fp16 with the fused Triton kernel: latents within
   twice stock diffusers' own same-precision error (against the fp64 run), as on the CPU.
@@ -7,9 +7,6 @@
   are finite probabilities summed over heads (each image row's text mass is at most H per
   step).
 """
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -17,8 +14,6 @@ import attnctl
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-
-CONFIG = Path(__file__).resolve().parents[2] / ".." / "shared" / "configs" / "flux1_dev_transformer.json"
 
 
 @pytest.mark.parametrize("name", ["flux", "sd3", "sd35"])
@@ -36,26 +31,12 @@ def test_tiny_pipelines_within_twice_stock_error(name, dtype):
     assert error <= 2 * stock_error + torch.finfo(dtype).eps * exact.abs().max().item()
 
 
-def _published_flux_on_gpu():
-    import diffusers
-
-    if not CONFIG.exists():
-        pytest.skip(f"{CONFIG} not present (device runs carry the checkout only)")
-    config = json.loads(CONFIG.read_text())
-    with torch.device("meta"):
-        model = diffusers.FluxTransformer2DModel.from_config(config)
-    model = model.to_empty(device="cuda").to(torch.bfloat16)
-    generator = torch.Generator(device="cuda").manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.uniform_(-0.02 * 3 ** 0.5, 0.02 * 3 ** 0.5, generator=generator)
-    return model.eval()
-
-
 def test_published_flux_full_trace_memory():
     from attnctl.diffusers.offline_mmdit import t5_tokenizer
 
-    model = _published_flux_on_gpu()
+    from attnctl.diffusers.offline_mmdit import published_transformer
+
+    model = published_transformer("flux1_dev_transformer", torch.bfloat16, "cuda")
     side, text = 64, 512
     tokens = side * side
     ids = torch.zeros(tokens, 3, device="cuda")
