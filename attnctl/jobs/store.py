@@ -62,8 +62,11 @@ class JobDir:
                                   "--out (nothing was written)") from None
             if held == self.identity:
                 return True
-            differing = sorted(k for k in set(held) | set(self.identity) if held.get(k) != self.identity.get(k))
-            detail = "; ".join(f"{k}: held {held.get(k)!r}, asked {self.identity.get(k)!r}" for k in differing)
+            if held.get("command") != self.identity.get("command"):
+                detail = f"an 'attnctl {held.get('command')}' job; this is 'attnctl {self.identity.get('command')}'"
+            else:
+                differing = sorted(k for k in set(held) | set(self.identity) if held.get(k) != self.identity.get(k))
+                detail = "; ".join(f"{k}: held {held.get(k)!r}, asked {self.identity.get(k)!r}" for k in differing)
             raise JobDirError(f"--out: {self.root} holds the manifest of another job ({detail}); choose another "
                               "--out or remove that directory (nothing was written)")
         if any(self.root.iterdir()):
