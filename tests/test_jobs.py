@@ -11,7 +11,6 @@ thread counts sum in another order, and the comparison is bit for bit.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,19 +35,10 @@ def _env():
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _command(args, processes: int):
-    if processes == 1:
-        return [sys.executable, "-m", "attnctl.cli", *args]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--num_cpu_threads_per_process", "1", "--main_process_port", str(_free_port()),
-            "-m", "attnctl.cli", *args]
+    from attnctl.benchmarks.jobs import launch_command
+
+    return launch_command(processes, args)
 
 
 def run_cli(args, processes: int = 1):
@@ -262,3 +252,12 @@ def test_without_accelerate_a_job_runs_as_one_process(monkeypatch):
     assert (ranks.rank, ranks.world, ranks.main) == (0, 1, True)
     assert "accelerate is not installed" in ranks.reason
     assert ranks.share([3, 4, 5]) == [3, 4, 5]
+
+
+def test_throughput_benchmark_runs_every_contender_on_the_tiny_model():
+    from attnctl.benchmarks.jobs import CONTENDERS, run_throughput
+
+    rows = run_throughput("tiny", batch=1, steps=1, repeats=1, dtype=torch.float32, device="cpu")
+    assert [row["contender"] for row in rows] == list(CONTENDERS)
+    assert all(row["images_per_s"] > 0 and row["batch"] == 1 for row in rows)
+    assert rows[0]["x_diffusers_time"] == 1.0

@@ -113,6 +113,7 @@ def run_job(command: str, out: str, identity: dict, items: Sequence, batch_size:
     ranks.barrier()
     if not ranks.main:
         return None
+    merge_start = time.perf_counter()
     done = store.committed()
     missing = [b for b in range(len(batches)) if b not in done]
     if missing:
@@ -126,6 +127,7 @@ def run_job(command: str, out: str, identity: dict, items: Sequence, batch_size:
                "images_generated": images, "seconds": wall,
                "images_per_second": images / wall if wall > 0 and images else 0.0,
                "per_process": stats, **work.finish(store, records)}
+    summary["merge_seconds"] = time.perf_counter() - merge_start
     store.write_json("summary.json", summary)
     print(f"[{label}] {len(items)} items in {len(batches)} batches ({summary['resumed_batches']} already done) on "
           f"{ranks.world} process(es): {images} images in {wall:.2f} s, {summary['images_per_second']:.3f} images/s "
