@@ -257,7 +257,7 @@ def test_without_accelerate_a_job_runs_as_one_process(monkeypatch):
 def test_throughput_benchmark_runs_every_contender_on_the_tiny_model():
     from attnctl.benchmarks.jobs import CONTENDERS, run_throughput
 
-    rows = run_throughput("tiny", batch=1, steps=1, repeats=1, dtype=torch.float32, device="cpu")
+    rows = run_throughput("tiny", batch=1, steps=1, repeats=1, dtype=torch.float32, device="cpu", side=48)
     assert [row["contender"] for row in rows] == list(CONTENDERS)
     assert all(row["images_per_s"] > 0 and row["batch"] == 1 for row in rows)
     assert rows[0]["x_diffusers_time"] == 1.0

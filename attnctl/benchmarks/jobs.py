@@ -63,14 +63,16 @@ def _job_args(steps: int, side: int, backend: str) -> argparse.Namespace:
 
 def run_throughput(model: str, *, batch: Optional[int] = None, steps: int = 20, repeats: int = 3,
                    dtype: torch.dtype = torch.float16, device: str = "cuda", backend: str = "auto",
-                   contenders: Sequence[str] = CONTENDERS) -> List[dict]:
-    """One row per contender: images/s over ``repeats`` batches after one warm-up batch."""
+                   contenders: Sequence[str] = CONTENDERS, side: Optional[int] = None) -> List[dict]:
+    """One row per contender: images/s over ``repeats`` batches after one warm-up batch
+    (``side``: the image side in pixels, default the model's)."""
     import attnctl
     from ..jobs.inputs import PromptItem
     from ..jobs.maps import MapsWork
     from ..jobs.store import JobDir
 
-    build, side, default_batch = MODELS[model]
+    build, default_side, default_batch = MODELS[model]
+    side = side or default_side
     batch = batch or default_batch
     pipe = build(dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
