@@ -261,3 +261,25 @@ def test_throughput_benchmark_runs_every_contender_on_the_tiny_model():
     assert [row["contender"] for row in rows] == list(CONTENDERS)
     assert all(row["images_per_s"] > 0 and row["batch"] == 1 for row in rows)
     assert rows[0]["x_diffusers_time"] == 1.0
+
+
+def test_maps_on_flux_keys_words_by_t5_tokens_and_keeps_no_token_mass(tmp_path):
+    from safetensors.torch import load_file
+
+    from attnctl import TraceMaps
+    from attnctl.diffusers.offline_mmdit import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline()
+    pipe.vae.register_to_config(shift_factor=0.0)   # the tiny VAE has none; Flux's decode adds it
+    pipe.save_pretrained(str(tmp_path / "flux"))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a cat on a red car", "words": ["red", "car"]}\n')
+    out = tmp_path / "out"
+    assert main(["maps", "--prompts", str(prompts), "--model", str(tmp_path / "flux"), "--out", str(out),
+                 "--steps", "1", "--height", "32", "--width", "32", "--per-head", "--no-progress"]) == 0
+    record = json.loads((out / "manifest.jsonl").read_text())
+    assert record["map_size"] == "latent" and record["token_mass_keys"] == {}
+    maps = load_file(str(out / record["files"]["maps"]))
+    trace = TraceMaps.load(str(out / record["files"]["trace"]))
+    assert trace.joint
+    assert torch.equal(maps[record["word_keys"][1]], trace.heat_map(0).word("car").value)

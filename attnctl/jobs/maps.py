@@ -8,8 +8,9 @@ not depend on which prompts share its batch.
 
 Writes to ``--out``: ``images/NNNNNN.png`` per prompt; ``maps/bNNNNNN.safetensors`` per
 batch, holding per prompt ``NNNNNN/word/K`` (the heat map of its K-th word, (h, w); DAAM's
-side for square images, the latent grid otherwise) and ``NNNNNN/token_mass/LAYER``
-(Σ_pixels P per head and text token, (heads, 77), summed over steps); with
+side for square images on UNets, the latent (MM-DiT: image token) grid otherwise) and ``NNNNNN/token_mass/LAYER``
+(Σ_pixels P per head and text token, (heads, 77), summed over steps; UNets only: an MM-DiT
+trace captures no token mass); with
 ``--per-head``, ``traces/bNNNNNN.safetensors``, the batch's whole trace (every head,
 reload with ``attnctl.TraceMaps.load``; image i of the batch is its ``trace_image``); with
 ``--overlays``, ``overlays/NNNNNN_K.png``. ``manifest.jsonl`` has one line per prompt
@@ -49,10 +50,22 @@ def _slug(word: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", word).strip("_") or "word"
 
 
+def word_tokenizer(pipe):
+    """The tokenizer of the text the trace maps: on Flux and SD3 the T5 tokenizer (the
+    trace's default text segment, see attnctl.tools.trace), else the pipeline's."""
+    from ..diffusers.mmdit import FLUX, mmdit_family
+
+    transformer = getattr(pipe, "transformer", None)
+    family = mmdit_family(transformer) if transformer is not None else None
+    if family is None:
+        return pipe.tokenizer
+    return pipe.tokenizer_2 if family == FLUX else pipe.tokenizer_3
+
+
 class MapsWork(Work):
     def __init__(self, pipe, args, items):
         self.pipe, self.args = pipe, args
-        self.words = validate_words(pipe.tokenizer, items, args.prompts)
+        self.words = validate_words(word_tokenizer(pipe), items, args.prompts)
 
     def run(self, batch: int, items: Sequence, first: int, store) -> List[dict]:
         import attnctl
@@ -65,7 +78,8 @@ class MapsWork(Work):
             images = pipe([item.prompt for item in items], num_inference_steps=args.steps,
                           guidance_scale=args.guidance, generator=generators, **image_size(args)).images
         maps = tc.maps()
-        size = "daam" if maps.latent[0] == maps.latent[1] else "latent"
+        # DAAM's fixed side on UNets (square images only, as DAAM); the token grid on MM-DiT.
+        size = "daam" if maps.latent[0] == maps.latent[1] and not maps.joint else "latent"
         tensors, records = {}, []
         trace_file = f"traces/b{batch:06d}.safetensors"
         for i, (item, image) in enumerate(zip(items, images)):
@@ -85,7 +99,9 @@ class MapsWork(Work):
             if overlays:
                 files["overlays"] = overlays
             mass_keys = {}
-            for layer, mass in maps.token_mass(i).items():
+            # MM-DiT traces capture no token mass (over all joint keys it would cost the
+            # kernel a second pass over QKᵀ): the manifest lists none.
+            for layer, mass in ({} if maps.joint else maps.token_mass(i)).items():
                 mass_keys[layer] = f"{name}/token_mass/{layer}"
                 tensors[mass_keys[layer]] = mass.float().cpu().contiguous()
             record = {"index": index, "line": item.line, "prompt": item.prompt, "seed": seeds[i],
