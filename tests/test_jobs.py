@@ -142,6 +142,7 @@ def test_a_killed_job_resumes_and_redoes_only_what_was_not_committed(model, prom
     assert not (out / "manifest.jsonl").exists()
     with open(part, "a") as f:            # as if killed while writing the next commit
         f.write('{"batch": 1, "files": ["maps/b0000')
+    (out / "images" / ".000002.png.r1.tmp.png").write_bytes(b"half an image")   # and another file
     printed = run_cli(args, processes=2)
     assert "(1 already done) on 2 process(es): 1 images" in printed
     lines = [json.loads(line) for part in (out / "parts").glob("rank-*.jsonl")

@@ -65,8 +65,9 @@ class _GlobalProgress:
 
     def refresh(self) -> None:
         if self.bar is not None:
-            self.bar.n = min(self.store.count_committed_items(), self.bar.total)
-            self.bar.refresh()
+            done = min(self.store.count_committed_items(), self.bar.total)
+            if done > self.bar.n:
+                self.bar.update(done - self.bar.n)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -88,7 +89,9 @@ def run_job(command: str, out: str, identity: dict, items: Sequence, batch_size:
     ranks.barrier()
     batches = Batches(items, batch_size)
     done = store.committed()
-    ranks.barrier()                  # everyone has read the parts before anyone appends
+    if ranks.main and store.remove_temporaries():
+        log.info("%s: removed files half-written by a killed process", out)
+    ranks.barrier()                  # everyone has read the parts before anyone writes
     pending = [b for b in range(len(batches)) if b not in done]
     mine = ranks.share(pending)
     work.prepare(mine)

@@ -97,6 +97,13 @@ class JobDir:
         os.replace(tmp, final)
         return relative
 
+    def remove_temporaries(self) -> int:
+        """Delete half-written files a killed process left (their batches are redone)."""
+        stale = [p for p in self.root.rglob(".*.tmp*") if p.is_file()]
+        for path in stale:
+            path.unlink()
+        return len(stale)
+
     # ---- commits -------------------------------------------------------------------------
     def _part(self, rank: int) -> Path:
         return self.parts / f"rank-{rank:05d}.jsonl"
