@@ -227,7 +227,8 @@ def test_bad_input_fails_clearly_before_anything_is_written(model, prompts, one_
               "--per-head", "--overlays", *SMALL, "--steps", "3"])
     swap = tmp_path / "pairs.txt"
     swap.write_text("a cat | a dog\n")
-    with pytest.raises(SystemExit, match=r"holds the manifest of another job \(an 'attnctl maps' job; this is 'attnctl edit'\)"):
+    another = r"holds the manifest of another job \(an 'attnctl maps' job; this is 'attnctl edit'\)"
+    with pytest.raises(SystemExit, match=another):
         main(["edit", "--pairs", str(swap), "--model", model, "--out", str(one_process_maps)])
     assert {p: p.read_bytes() for p in one_process_maps.rglob("*") if p.is_file()} == before
     foreign = tmp_path / "foreign"

@@ -89,7 +89,9 @@ def run_throughput(model: str, *, batch: Optional[int] = None, steps: int = 20, 
             with ExitStack() as stack, torch.no_grad():
                 if contender == "attnctl":
                     stack.enter_context(attnctl.install(pipe, backend=backend))
-                trace = stack.enter_context(attnctl.trace(pipe, backend=backend)) if contender == "attnctl+trace" else None
+                trace = None
+                if contender == "attnctl+trace":
+                    trace = stack.enter_context(attnctl.trace(pipe, backend=backend))
                 images = pipe([item.prompt for item in items], num_inference_steps=steps, height=side, width=side,
                               generator=generators).images
                 if trace is not None:
@@ -180,7 +182,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="bench_jobs.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     cuda = torch.cuda.is_available()
-    p.add_argument("--models", nargs="+", choices=tuple(MODELS), default=["sd15-512", "sdxl-1024"] if cuda else ["tiny"])
+    p.add_argument("--models", nargs="+", choices=tuple(MODELS),
+                   default=["sd15-512", "sdxl-1024"] if cuda else ["tiny"])
     p.add_argument("--batch", type=int, help="prompts per batch (default: the model's realistic batch)")
     p.add_argument("--steps", type=int, default=20 if cuda else 2)
     p.add_argument("--repeats", type=int, default=3 if cuda else 1)

@@ -15,7 +15,9 @@ normalises them as ``build_hrv`` does. Writes ``hrv.safetensors``
 files (``manifest.jsonl``: one line per prompt naming its batch's votes file).
 
 Prompt files: .txt (one prompt a line) or .jsonl {"prompt"}; per-prompt seeds and words
-have no meaning here (batches are seeded as in ``build_hrv``) and are refused.
+have no meaning here (batches are seeded as in ``build_hrv``) and are refused. The job
+needs ``--model DIR``, keeps no per-step vectors, and runs each process on its own device
+(accelerate's), not on ``--device``.
 """
 from __future__ import annotations
 

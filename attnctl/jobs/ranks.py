@@ -18,7 +18,7 @@ class Ranks:
             self._state = None
             self.rank, self.world, self.local_rank = 0, 1, 0
             self.reason = "accelerate is not installed (pip install attnctl[dist]): running as one process"
-            log.info(self.reason)
+            log.warning(self.reason)
         else:
             self._state = PartialState(cpu=_cpu_only())
             self.rank, self.world = self._state.process_index, self._state.num_processes

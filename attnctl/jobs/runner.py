@@ -126,7 +126,7 @@ def run_job(command: str, out: str, identity: dict, items: Sequence, batch_size:
     images = sum(s["images"] for s in stats)
     wall = max(s["seconds"] for s in stats)
     summary = {"command": command, "items": len(items), "batches": len(batches), "batch_size": batch_size,
-               "processes": ranks.world, "resumed_batches": len(batches) - len(pending),
+               "processes": ranks.world, "launch": ranks.reason, "resumed_batches": len(batches) - len(pending),
                "images_generated": images, "seconds": wall,
                "images_per_second": images / wall if wall > 0 and images else 0.0,
                "per_process": stats, **work.finish(store, records)}
