@@ -182,7 +182,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="bench_jobs.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     cuda = torch.cuda.is_available()
-    p.add_argument("--models", nargs="+", choices=tuple(MODELS),
+    p.add_argument("--models", nargs="*", choices=tuple(MODELS), help="models to time (none: scaling only)",
                    default=["sd15-512", "sdxl-1024"] if cuda else ["tiny"])
     p.add_argument("--batch", type=int, help="prompts per batch (default: the model's realistic batch)")
     p.add_argument("--steps", type=int, default=20 if cuda else 2)

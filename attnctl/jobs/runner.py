@@ -1,10 +1,11 @@
 """The batch loop shared by the jobs: global batches, this process's share of the batches
 not yet committed, progress, commits, the merge and the summary.
 
-A command provides a ``Work``: ``run(batch, items, store)`` computes one batch, writes its
+A command provides a ``Work``: ``run(batch, items, first_index, store)`` computes one
+batch (its items are ``first_index``, ``first_index + 1``, ... of the file), writes its
 files through ``store`` and returns one record per item (with ``"index"`` and
-``"files"``); ``finish(store, records)`` (process 0, after every batch) writes what
-needs all of them; ``prepare(batches)`` sees this process's batches before the first.
+``"files"``); ``finish(store, records)`` (process 0, after every batch) writes what needs
+all of them.
 """
 from __future__ import annotations
 
@@ -23,9 +24,6 @@ log = logging.getLogger("attnctl.jobs")
 
 class Work:
     images_per_item = 1
-
-    def prepare(self, batches: Sequence[int]) -> None:
-        pass
 
     def run(self, batch: int, items: Sequence, first_index: int, store: JobDir) -> List[dict]:
         raise NotImplementedError
@@ -94,7 +92,6 @@ def run_job(command: str, out: str, identity: dict, items: Sequence, batch_size:
     ranks.barrier()                  # everyone has read the parts before anyone writes
     pending = [b for b in range(len(batches)) if b not in done]
     mine = ranks.share(pending)
-    work.prepare(mine)
     label = f"attnctl {command}"
     if resumed:
         log.info("%s: resuming %s: %d of %d batches done, %d to run", label, out, len(done), len(batches), len(pending))
