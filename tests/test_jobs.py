@@ -218,6 +218,10 @@ def test_bad_input_fails_clearly_before_anything_is_written(model, prompts, one_
     pairs.write_text('{"source": "a cat", "target": "a dog", "edit": "swap"}\n')
     with pytest.raises(SystemExit, match=r"pairs.jsonl line 1: expected 'edit' among"):
         main(["edit", "--pairs", str(pairs), "--model", model, "--out", str(tmp_path / "o3")])
+    pairs.write_text("a cat | a dog\na cat to a dog\n")
+    pairs = pairs.rename(tmp_path / "pairs.txt")
+    with pytest.raises(SystemExit, match=r"pairs.txt line 2: expected 'source prompt \| target prompt'"):
+        main(["edit", "--pairs", str(pairs), "--model", model, "--out", str(tmp_path / "o3")])
     assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3"))
 
     # Another job's directory: the maps job with another step count, and a foreign manifest.
@@ -225,7 +229,7 @@ def test_bad_input_fails_clearly_before_anything_is_written(model, prompts, one_
     with pytest.raises(SystemExit, match=r"holds the manifest of another job \(steps: held 2, asked 3\)"):
         main(["maps", "--prompts", prompts, "--model", model, "--out", str(one_process_maps), "--batch-size", "2",
               "--per-head", "--overlays", *SMALL, "--steps", "3"])
-    swap = tmp_path / "pairs.txt"
+    swap = tmp_path / "swap.txt"
     swap.write_text("a cat | a dog\n")
     another = r"holds the manifest of another job \(an 'attnctl maps' job; this is 'attnctl edit'\)"
     with pytest.raises(SystemExit, match=another):

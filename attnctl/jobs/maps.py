@@ -7,14 +7,14 @@ own, else every word of the prompt. Every image has its own generator, so an ima
 not depend on which prompts share its batch.
 
 Writes to ``--out``: ``images/NNNNNN.png`` per prompt; ``maps/bNNNNNN.safetensors`` per
-batch, holding per prompt ``NNNNNN/word/K`` (the heat map of its K-th word, (h, w); DAAM's
-side for square images on UNets, the latent (MM-DiT: image token) grid otherwise) and ``NNNNNN/token_mass/LAYER``
-(Σ_pixels P per head and text token, (heads, 77), summed over steps; UNets only: an MM-DiT
-trace captures no token mass); with
-``--per-head``, ``traces/bNNNNNN.safetensors``, the batch's whole trace (every head,
-reload with ``attnctl.TraceMaps.load``; image i of the batch is its ``trace_image``); with
-``--overlays``, ``overlays/NNNNNN_K.png``. ``manifest.jsonl`` has one line per prompt
-naming its files and keys.
+batch, holding per prompt ``NNNNNN/word/K`` (the heat map of its K-th word, (h, w):
+DAAM's side for square images on UNets, else the latent grid, on MM-DiT the image token
+grid) and ``NNNNNN/token_mass/LAYER`` (Σ over pixels of P per head and text token,
+(heads, 77), summed over steps; UNets only: an MM-DiT trace captures no token mass);
+with ``--per-head``, ``traces/bNNNNNN.safetensors``, the batch's whole trace (every head;
+reload with ``attnctl.TraceMaps.load``; the prompt's image in it is ``trace_image``);
+with ``--overlays``, ``overlays/NNNNNN_K_WORD.png``. ``manifest.jsonl`` has one line per
+prompt naming its files and keys.
 
 Run it under ``accelerate launch`` to shard the prompts over processes (see
 :mod:`attnctl.jobs`).
