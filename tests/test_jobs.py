@@ -222,6 +222,8 @@ def test_bad_input_fails_clearly_before_anything_is_written(model, prompts, one_
     pairs = pairs.rename(tmp_path / "pairs.txt")
     with pytest.raises(SystemExit, match=r"pairs.txt line 2: expected 'source prompt \| target prompt'"):
         main(["edit", "--pairs", str(pairs), "--model", model, "--out", str(tmp_path / "o3")])
+    with pytest.raises(SystemExit, match=r"attnctl hrv: --prompts: expected a prompt file .* \(no such file\)"):
+        main(["hrv", "--prompts", str(tmp_path / "typo.txt"), "--model", model, "--out", str(tmp_path / "o3")])
     assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3"))
 
     # Another job's directory: the maps job with another step count, and a foreign manifest.

@@ -70,7 +70,7 @@ def main(args) -> int:
     device = args.device
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
     concepts = parse_concepts(args.concepts)
-    if len(args.prompts) == 1 and os.path.isfile(args.prompts[0]):
+    if len(args.prompts) == 1 and (os.path.isfile(args.prompts[0]) or args.prompts[0].endswith((".txt", ".jsonl"))):
         from ..jobs.hrv import main as run_prompt_file
 
         return run_prompt_file(args, concepts)
