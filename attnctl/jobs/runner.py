@@ -117,7 +117,8 @@ def run_job(command: str, out: str, identity: dict, items: Sequence, batch_size:
     done = store.committed()
     missing = [b for b in range(len(batches)) if b not in done]
     if missing:
-        raise RuntimeError(f"{label}: batches {missing} were not committed by any process; rerun to finish them")
+        raise RuntimeError(f"{label}: process 0 sees no commit of batches {missing} in {out} (on several machines "
+                           "--out must be one shared directory); rerun to finish them")
     records = store.merge(done)
     stats = store.read_stats(ranks.world)
     images = sum(s["images"] for s in stats)
