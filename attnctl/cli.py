@@ -8,7 +8,8 @@ import importlib
 import os
 from typing import Optional, Sequence
 
-SUBCOMMAND_MODULES = ("attnctl.cli_demo", "attnctl.benchmarks.cli", "attnctl.tools.hrv_cli")
+SUBCOMMAND_MODULES = ("attnctl.cli_demo", "attnctl.benchmarks.cli", "attnctl.tools.hrv_cli", "attnctl.jobs.maps",
+                      "attnctl.jobs.edit")
 
 
 def build_parser() -> argparse.ArgumentParser:

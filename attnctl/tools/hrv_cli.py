@@ -31,7 +31,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--offline-arch", choices=("sd", "sdxl"), default="sd")
     p.add_argument("--concepts", nargs="+", default=DEFAULT_CONCEPTS, metavar="CONCEPT",
                    help="concepts; NAME=word1,word2 gives a concept several words (default: %(default)s)")
-    p.add_argument("--prompts", nargs="+", default=DEFAULT_PROMPTS, metavar="PROMPT")
+    p.add_argument("--prompts", nargs="+", default=DEFAULT_PROMPTS, metavar="PROMPT",
+                   help="prompts, or one prompt file (.txt or .jsonl): then a resumable job that shards "
+                        "under accelerate launch (see attnctl.jobs.hrv)")
     p.add_argument("--steps", type=int, help="denoising steps (default 50 with --model, 4 offline)")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
@@ -47,6 +49,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default fp16 on CUDA, fp32 on CPU")
     p.add_argument("--backend", choices=BACKENDS, default="auto")
     p.add_argument("--out", default="attnctl-hrv", help="output directory (default attnctl-hrv)")
+    p.add_argument("--no-progress", action="store_true", help="prompt file: no progress bar")
     p.set_defaults(func=main)
     return p
 
@@ -67,6 +70,10 @@ def main(args) -> int:
     device = args.device
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
     concepts = parse_concepts(args.concepts)
+    if len(args.prompts) == 1 and (os.path.isfile(args.prompts[0]) or args.prompts[0].endswith((".txt", ".jsonl"))):
+        from ..jobs.hrv import main as run_prompt_file
+
+        return run_prompt_file(args, concepts)
     if args.model:
         from diffusers import DiffusionPipeline
 
@@ -89,12 +96,17 @@ def main(args) -> int:
                        seed=args.seed, batch_size=args.batch_size, per_step=args.per_step,
                        model_id=model_id, backend=args.backend, probe_words=args.probe_words,
                        probe_sot=not args.no_probe_sot, **size)
-    out = Path(args.out)
+    write_result(result, Path(args.out), model_id, args.prompts, steps)
+    return 0
+
+
+def write_result(result, out: Path, model_id: str, prompts, steps: int) -> None:
+    """hrv.safetensors, hrv.png and hrv.json (a summary) in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     result.save(str(out / "hrv.safetensors"))
     result.plot(str(out / "hrv.png"))
     summary = {"model_id": model_id, "concepts": result.concepts, "words": result.words,
-               "heads": result.num_heads, "layers": len(result.layers), "prompts": args.prompts,
+               "heads": result.num_heads, "layers": len(result.layers), "prompts": list(prompts),
                "steps": steps, "never_selected": result.never_selected,
                "top_heads": {c: [f"{result.layer_heads()[i][0]}#{result.layer_heads()[i][1]}"
                                  for i in result.ranked_heads(c, min(5, result.num_heads)).tolist()]
@@ -102,4 +114,3 @@ def main(args) -> int:
     (out / "hrv.json").write_text(json.dumps(summary, indent=2))
     print(f"[attnctl hrv] {len(result.concepts)} concepts x {result.num_heads} heads "
           f"({len(result.layers)} layers) -> {out / 'hrv.safetensors'}, {out / 'hrv.png'}", flush=True)
-    return 0
