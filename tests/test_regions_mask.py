@@ -189,3 +189,21 @@ def test_region_mask_gradients_run_on_the_reference():
         grads.append([t.grad for t in leaves])
     for got, expected in zip(*grads):
         compare("grad", got, expected)
+
+
+def test_benchmark_pair_dense_mask_sdpa_vs_label_regions():
+    """The benchmark's contender pair runs on the joint smoke shape (only there), and both
+    compute the same attention; the catalog holds the Flux joint shape."""
+    from attnctl.benchmarks import runner, shapes
+    from attnctl.benchmarks.contenders import CONTENDERS, Inputs, select
+
+    pair = select(["sdpa+dense-mask", "triton+regions"], "cpu")
+    rows = runner.run(shapes.smoke_catalog(), ["fp32"], pair, "cpu", {})
+    assert {(r["kind"], r["contender"]) for r in rows} == {("joint", c.name) for c in pair}
+    assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
+    joint = next(s for s in shapes.smoke_catalog() if s.kind == "joint")
+    x = Inputs.make(joint, torch.float32, "cpu")
+    compare("regions vs dense mask", CONTENDERS["triton+regions"].build(x)(),
+            CONTENDERS["sdpa+dense-mask"].build(x)())
+    flux = [s for s in shapes.catalog(kinds=("joint",)) if s.model == "flux-1024"]
+    assert [(s.B, s.H, s.M, s.N, s.D) for s in flux] == [(1, 24, 4608, 4608, 128)]

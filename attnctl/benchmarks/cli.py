@@ -18,7 +18,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="write the raw results (with device and versions) here")
     p.add_argument("--plot", metavar="PNG", help="write a plot of time versus shape per contender")
     p.add_argument("--model", action="append", choices=shapes.MODELS, help="only these models' shapes")
-    p.add_argument("--kind", action="append", choices=("cross", "self"), help="only cross- or self-attention")
+    p.add_argument("--kind", action="append", choices=("cross", "self", "joint"),
+                   help="only cross-, self- or MM-DiT joint attention")
     p.add_argument("--batch", type=int, action="append", help="batch sizes (default 2 and 8)")
     p.add_argument("--dtype", action="append", choices=tuple(runner.DTYPES), help="default fp16 and bf16")
     p.add_argument("--contender", action="append", choices=tuple(contenders.CONTENDERS),

@@ -77,7 +77,8 @@ def run(shapes: Iterable[AttnShape], dtypes: Iterable[str], contenders: List[Con
     for shape in shapes:
         for dtype_name in dtypes:
             inputs = Inputs.make(shape, DTYPES[dtype_name], device)
-            group = [_record(shape, dtype_name, c, inputs, device, ceilings) for c in contenders]
+            group = [_record(shape, dtype_name, c, inputs, device, ceilings) for c in contenders
+                     if shape.kind in c.kinds]
             _add_ratios(group)
             rows.extend(group)
             if progress:

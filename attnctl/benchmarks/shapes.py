@@ -9,7 +9,7 @@ from typing import Iterable, List
 class AttnShape:
     model: str      # e.g. "sd15-512"
     level: str      # latent grid of the layer, e.g. "64x64"
-    kind: str       # "cross" or "self"
+    kind: str       # "cross", "self" or "joint" (MM-DiT: text and image tokens in one sequence)
     B: int
     H: int
     M: int          # queries
@@ -19,6 +19,12 @@ class AttnShape:
     @property
     def name(self) -> str:
         return f"{self.model}/{self.level}/{self.kind}/B{self.B}/N{self.N}/D{self.D}"
+
+    @property
+    def image_tokens(self) -> int:
+        """Tokens of the image grid named by ``level`` (a joint shape's text is the rest)."""
+        h, w = (int(x) for x in self.level.split("x"))
+        return h * w
 
     @property
     def flops(self) -> float:
@@ -46,16 +52,30 @@ _MODELS = {
 }
 
 
-def catalog(batches: Iterable[int] = (2, 8), kinds: Iterable[str] = ("cross", "self"),
+# MM-DiT joint attention at 1024² (design.md): (image grid, text tokens, heads, head dim,
+# batch: Flux runs without CFG, SD3.5 with it).
+_JOINT = {
+    "flux-1024": ("64x64", 512, 24, 128, 1),
+    "sd35-large-1024": ("64x64", 333, 38, 64, 2),
+}
+
+
+def catalog(batches: Iterable[int] = (2, 8), kinds: Iterable[str] = ("cross", "self", "joint"),
             models: Iterable[str] | None = None) -> List[AttnShape]:
-    """Every (model, level, kind, batch) shape; self-attention only for the image models."""
+    """Every (model, level, kind, batch) shape; self-attention only for the image models;
+    joint attention (one batch size each) for the MM-DiT models."""
     shapes = []
+    if "joint" in kinds:
+        for model, (level, text_len, H, D, B) in _JOINT.items():
+            if models is None or model in models:
+                L = AttnShape(model, level, "joint", B, H, 0, 0, D).image_tokens + text_len
+                shapes.append(AttnShape(model, level, "joint", B, H, L, L, D))
     for model, (levels, text_len) in _MODELS.items():
         if models is not None and model not in models:
             continue
         for level, M, H, D in levels:
             for kind in kinds:
-                if kind == "self" and model.startswith("t5ctx"):
+                if kind == "joint" or (kind == "self" and model.startswith("t5ctx")):
                     continue
                 N = text_len if kind == "cross" else M
                 shapes.extend(AttnShape(model, level, kind, B, H, M, N, D) for B in batches)
@@ -72,7 +92,8 @@ def quick_catalog() -> List[AttnShape]:
 def smoke_catalog() -> List[AttnShape]:
     """Tiny shapes for CPU smoke runs (speed meaningless)."""
     return [AttnShape("smoke", "8x8", "cross", 1, 2, 64, 77, 40),
-            AttnShape("smoke", "8x8", "self", 1, 2, 64, 64, 64)]
+            AttnShape("smoke", "8x8", "self", 1, 2, 64, 64, 64),
+            AttnShape("smoke", "8x8", "joint", 1, 2, 80, 80, 64)]
 
 
-MODELS = tuple(_MODELS)
+MODELS = tuple(_MODELS) + tuple(_JOINT)
