@@ -207,3 +207,18 @@ def test_benchmark_pair_dense_mask_sdpa_vs_label_regions():
             CONTENDERS["sdpa+dense-mask"].build(x)())
     flux = [s for s in shapes.catalog(kinds=("joint",)) if s.model == "flux-1024"]
     assert [(s.B, s.H, s.M, s.N, s.D) for s in flux] == [(1, 24, 4608, 4608, 128)]
+
+
+def test_region_mask_under_torch_compile():
+    """torch.compile (fullgraph) carries the mask table through the op: eager's output."""
+    q, k, v = make_qkv(2, 2, 33, 40, 16)
+    gen = torch.Generator().manual_seed(5)
+    regions = Regions(random_labels(gen, 2, 33, 2), random_labels(gen, 1, 40, 3),
+                      allowed=torch.tensor([[True, False, False], [False, True, True]]))
+
+    def f(q, k, v):
+        return attnctl.attention(q, k, v, regions=regions, backend="torch") * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    compare("compiled", compiled(q, k, v), f(q, k, v))
+    assert not torch.equal(f(q, k, v), attnctl.attention(q, k, v, backend="torch") * 2)
