@@ -168,7 +168,7 @@ def _run(q, k, v, scale, bias, prob_mult, capture, backend, regions=None, source
                                                 ("capture.probe_keys", probes),
                                                 ("capture.rows", rows)) if used)
     dispatch = choose_backend(backend, q, has_work, needs_grad, cuda_unsupported=unsupported,
-                              grad_unsupported=_grad_unsupported(prob_mult, capture, own))
+                              grad_unsupported=_grad_unsupported(prob_mult, capture, own, regions))
     _note(dispatch)
     if dispatch.backend == "triton" and needs_grad:
         return _in_q_order(differentiable_output(q, k, v, scale=scale, bias=bias, prob_mult=prob_mult,
@@ -194,10 +194,11 @@ def _needs_grad(q, k, v, bias, prob_mult, own) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in operands)
 
 
-def _grad_unsupported(prob_mult, capture, own) -> Tuple[str, ...]:
+def _grad_unsupported(prob_mult, capture, own, regions=None) -> Tuple[str, ...]:
     """What the differentiable Triton path (attnctl.autograd) does not cover in this call."""
     return tuple(name for name, used in (
         ("capture", capture is not None and not capture.empty),
+        ("regions.allowed (a region mask)", regions is not None and regions.is_mask),
         ("prob_mult requiring grad", prob_mult is not None and prob_mult.requires_grad),
         ("own.prob_mult requiring grad", own is not None and own.prob_mult is not None
          and own.prob_mult.requires_grad)) if used)
@@ -240,7 +241,8 @@ def attention(
             prob_mult), added to what they hold; with ``probe_keys`` also the
             auxiliary-key probe mass Σ_m softmax over the probe keys.
         regions: an attnctl.Regions: numerator factor 1 - s·[r_q != r_k] (both labelled)
-            computed from per-query and per-key labels; multiplies with prob_mult.
+            computed from per-query and per-key labels; multiplies with prob_mult. With
+            ``regions.allowed`` a pre-softmax mask instead (see attnctl.regions).
         source: injection, a (B,) int32/int64 tensor of batch indices: item b's logits (and
             so its P) are computed from q, k and bias of item source[b] and applied to b's
             values (with b's prob_mult and regions); b's captures record that P. Identity
@@ -292,7 +294,7 @@ def op_arguments(q, k, v, scale: float, bias=None, prob_mult=None, capture: Opti
             float(regions.strength) if regions is not None else 0.0, source,
             own.values if own is not None else None, own.prob_mult if own is not None else None,
             *buffers(own_cap, BUFFER_FIELDS), own_cap.tokens, own_cap.head_weights,
-            _row_list(cap), _row_list(own_cap))
+            _row_list(cap), _row_list(own_cap), regions.allowed if regions is not None else None)
 
 
 def _row_list(capture: Capture) -> Optional[List[int]]:
@@ -353,6 +355,7 @@ def _attention_op(
     own_head_maps: Optional[torch.Tensor] = None, own_lse: Optional[torch.Tensor] = None,
     own_tokens: Optional[torch.Tensor] = None, own_head_weights: Optional[torch.Tensor] = None,
     capture_rows: Optional[List[int]] = None, own_capture_rows: Optional[List[int]] = None,
+    region_allowed: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The op as torch.compile sees it; an empty buffer means "not captured"; rows travel
     as [start, stop]."""
@@ -367,7 +370,7 @@ def _attention_op(
                   dtype=q.dtype, head_dim=D)
     regions = None
     if labels_q is not None or labels_k is not None:
-        regions = Regions(labels_q, labels_k, region_strength)
+        regions = Regions(labels_q, labels_k, region_strength, region_allowed)
         check_regions(regions, B, M, k.shape[2], q.device)
     check_source(source, B, q.device)
     check_bias_values(bias)

@@ -10,8 +10,9 @@ With ``source`` (injection) S[b] is computed from q, k and bias of item source[b
 ``own`` (attnctl.OwnTerm, the two-source form) the output adds Σ_n P_b·own.prob_mult·
 own.values, P_b the softmax of item b's own logits.
 
-With ``regions`` (attnctl.Regions) the numerator factor is f · f_regions, f_regions[q, k] =
-1 - s·[r(q) >= 0, r(k) >= 0, r(q) != r(k)].
+With ``regions`` (attnctl.Regions) in scale mode the numerator factor is f · f_regions,
+f_regions[q, k] = 1 - s·[r(q) >= 0, r(k) >= 0, r(q) != r(k)]; in mask mode S[q, k] = -inf
+where both are labelled and regions.allowed[r(q), r(k)] is False (before the softmax).
 
 Captures (see attnctl.capture) are statistics of P before f, added in fp32 to the rows of
 ``capture.rows`` (all by default); the probe
@@ -80,6 +81,9 @@ def _term(qc, kc, vc, scale, bias, prob_mult, capture, regions, source) -> torch
     scores = torch.matmul(qc, kc.transpose(-1, -2)) * scale
     if bias is not None:
         scores = scores + bias.to(qc.dtype)
+    if regions is not None and regions.is_mask:
+        B, _, M, N = scores.shape
+        scores = scores.masked_fill(~regions.keep(B, M, N).to(scores.device), float("-inf"))
     probs, lse = softmax_with_empty_rows(scores)
     if capture is not None:
         add_captures(capture, probs, lse)
@@ -89,7 +93,7 @@ def _term(qc, kc, vc, scale, bias, prob_mult, capture, regions, source) -> torch
             capture.probe_mass[start:stop] += probe_mass_reference(qc[start:stop], keys.to(qc.dtype), scale).float()
     if prob_mult is not None:
         probs = probs * prob_mult.to(qc.dtype)
-    if regions is not None:
+    if regions is not None and not regions.is_mask:
         B, _, M, N = probs.shape
         probs = probs * regions.factor(B, M, N, qc.dtype).to(probs.device)
     return torch.matmul(probs, vc)

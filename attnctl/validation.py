@@ -11,7 +11,7 @@ import torch
 
 from .capture import Capture
 from .injection import OwnTerm
-from .regions import Regions
+from .regions import MAX_MASK_LABELS, Regions
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -190,7 +190,7 @@ def _check_index_tensor(name: str, t, device: torch.device, what: str) -> None:
         raise ValueError(f"{name}: expected device {device} (that of q), got {t.device}")
 
 
-def check_regions(regions, B: int, M: int, N: int, device: torch.device) -> None:
+def check_regions(regions, B: int, M: int, N: int, device: torch.device, check_values: bool = True) -> None:
     if regions is None:
         return
     if not isinstance(regions, Regions):
@@ -205,6 +205,50 @@ def check_regions(regions, B: int, M: int, N: int, device: torch.device) -> None
         s = s.item()
     if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
         raise ValueError(f"regions.strength: expected a finite number, got {s!r}")
+    if regions.allowed is not None:
+        _check_region_mask(regions, device, check_values)
+
+
+def _check_region_mask(regions: Regions, device: torch.device, check_values: bool) -> None:
+    """Mask mode: ``allowed`` a (Rq, Rk) bool tensor, Rk <= MAX_MASK_LABELS, labels below
+    Rq (queries) and Rk (keys); no strength."""
+    allowed = regions.allowed
+    if not isinstance(allowed, torch.Tensor):
+        raise TypeError(f"regions.allowed: expected a bool torch.Tensor or None, got {type(allowed).__name__}")
+    if allowed.dtype != torch.bool:
+        raise TypeError(f"regions.allowed: expected dtype torch.bool, got {allowed.dtype}")
+    if allowed.dim() != 2 or 0 in allowed.shape or allowed.shape[1] > MAX_MASK_LABELS:
+        raise ValueError(f"regions.allowed: expected shape (query labels >= 1, key labels in [1, "
+                         f"{MAX_MASK_LABELS}]), got {_shape(allowed)}")
+    if allowed.device != device:
+        raise ValueError(f"regions.allowed: expected device {device} (that of q), got {allowed.device}")
+    if float(regions.strength) != 1.0:
+        raise ValueError(f"regions.strength: a mask (regions.allowed given) has no strength; expected 1.0, "
+                         f"got {regions.strength!r}")
+    # The label range check syncs the device: once per (labels, version).
+    versions = (regions.labels_q._version, regions.labels_k._version, allowed._version)
+    if not check_values or any(r is regions and v == versions for r, v in _checked_masks):
+        return
+    for name, labels, count, side in (("regions.labels_q", regions.labels_q, allowed.shape[0], "rows"),
+                                      ("regions.labels_k", regions.labels_k, allowed.shape[1], "columns")):
+        hi = int(labels.max())
+        if hi >= count:
+            raise ValueError(f"{name}: expected labels below {count} (regions.allowed has {count} {side}) or "
+                             f"negative (unlabelled), got {hi}")
+    _checked_masks[:] = _checked_masks[-15:] + [(regions, versions)]
+
+
+_checked_masks: list = []
+
+
+def check_region_mask_use(regions, source) -> None:
+    """What a region mask is not combined with (yet): injection, whose logits come from
+    another item."""
+    if regions is None or regions.allowed is None:
+        return
+    if source is not None:
+        raise ValueError("regions: a mask (regions.allowed) cannot be combined with source= (injection): the "
+                         "injected logits are another item's; use scale-mode regions or no injection")
 
 
 def _check_tokens(tokens, B: int, N: int, device: torch.device, memo: Optional[Capture],
@@ -282,7 +326,8 @@ def validate(q, k, v, scale, bias, prob_mult, capture, check_token_values: bool 
         check_bias_values(bias)
     check_broadcastable("prob_mult", prob_mult, (B, H, M, N), q.device)
     check_capture(capture, B, H, M, N, q.device, check_token_values, dtype=q.dtype, head_dim=D)
-    check_regions(regions, B, M, N, q.device)
+    check_regions(regions, B, M, N, q.device, check_token_values)
+    check_region_mask_use(regions, source)
     check_source(source, B, q.device, check_token_values)
     check_own(own, q, k, v, source, check_token_values)
     return scale

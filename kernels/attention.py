@@ -44,6 +44,12 @@ once and only the P·V products repeat, per destination.
 Region labels (``HAS_REGIONS``) multiply the numerator by 1 - s·[r_q >= 0, r_k >= 0,
 r_q != r_k], computed per tile from the two label vectors (no (M, N) mask in memory).
 
+Region mask (``HAS_REGION_MASK``, attnctl.Regions with ``allowed``): LabelsQ / LabelsK hold
+bit sets instead (Regions.mask_bits): query m may attend key n iff their AND is non-zero,
+else its logit is -inf. A key block in which no query row of the program may attend any
+key (the OR of the query bits and the OR of the key bits share no bit) is skipped: no
+QKᵀ, no PV, no capture work. The recomputed logits of the captures get the same mask.
+
 ``logit_max_kernel`` reduces max over (m, n) of the unscaled q·k per (batch, head) and
 query block with the same logit helper, without storing QKᵀ.
 
@@ -73,6 +79,17 @@ def _logits_log2(q, k_base, bias_base, offs_m, mask_m, cols, col_mask,
                        mask=mask_m[:, None] & col_mask[None, :], other=0.0)
         s += bias.to(tl.float32) * 1.4426950408889634
     return tl.where(col_mask[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _bit_or(a, b):
+    return a | b
+
+
+@triton.jit
+def _region_masked(s, query_bits, key_bits):
+    """Logits of (query, key) pairs whose region bits share no bit become -inf."""
+    return tl.where((query_bits[:, None] & key_bits[None, :]) != 0, s, float("-inf"))
 
 
 @triton.jit
@@ -123,7 +140,7 @@ def _store_rows(out_base, out, offs_m, mask_m, offs_dv, stride_om, stride_od, DV
 
 @triton.jit
 def _capture_statistics(
-    q, k_base, bias_base, m_i, l_i, offs_m, mask_m, b, h, N, T,
+    q, k_base, bias_base, m_i, l_i, offs_m, mask_m, b, h, N, T, query_bits, lk_base, stride_lk_n,
     TokenMass, Maps, HeadMaps, Lse, Tokens, HeadWeights,
     stride_kn, stride_kd, stride_bias_m, stride_bias_n,
     stride_tm_b, stride_tm_h, stride_tm_n,
@@ -135,6 +152,7 @@ def _capture_statistics(
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     CAPTURE_TOKEN_MASS: tl.constexpr, CAPTURE_MAPS: tl.constexpr, CAPTURE_HEAD_MAPS: tl.constexpr,
     CAPTURE_LSE: tl.constexpr, HAS_HEAD_WEIGHTS: tl.constexpr, SINGLE_KEY_BLOCK: tl.constexpr,
+    HAS_REGION_MASK: tl.constexpr = False,
 ):
     """The captures that need the final (m, l) of the rows: LSE, token mass when N spans
     several key blocks, maps / head maps at token columns (logits recomputed)."""
@@ -155,6 +173,8 @@ def _capture_statistics(
             s = _logits_log2(q, k_base, bias_base, offs_m, mask_m, offs_n, mask_n,
                              stride_kn, stride_kd, stride_bias_m, stride_bias_n, qk_scale_log2,
                              D, BLOCK_D, HAS_BIAS, DOT_PRECISION)
+            if HAS_REGION_MASK:
+                s = _region_masked(s, query_bits, tl.load(lk_base + offs_n * stride_lk_n, mask=mask_n, other=0))
             p = tl.exp2(s - m_ref[:, None]) * inv_l[:, None]
             tl.atomic_add(tm_base + offs_n * stride_tm_n, tl.sum(p, 0), mask=mask_n)
 
@@ -170,6 +190,8 @@ def _capture_statistics(
             s = _logits_log2(q, k_base, bias_base, offs_m, mask_m, cols, mask_t,
                              stride_kn, stride_kd, stride_bias_m, stride_bias_n, qk_scale_log2,
                              D, BLOCK_D, HAS_BIAS, DOT_PRECISION)
+            if HAS_REGION_MASK:
+                s = _region_masked(s, query_bits, tl.load(lk_base + cols * stride_lk_n, mask=mask_t, other=0))
             p = tl.exp2(s - m_ref[:, None]) * inv_l[:, None]
             mask_mt = mask_m[:, None] & mask_t[None, :]
             if CAPTURE_HEAD_MAPS:
@@ -230,7 +252,7 @@ def attention_fwd_kernel(
     OWN_CAPTURE_TOKEN_MASS: tl.constexpr = False, OWN_CAPTURE_MAPS: tl.constexpr = False,
     OWN_CAPTURE_HEAD_MAPS: tl.constexpr = False, OWN_CAPTURE_LSE: tl.constexpr = False,
     OWN_HAS_HEAD_WEIGHTS: tl.constexpr = False,
-    FANOUT: tl.constexpr = 1,
+    FANOUT: tl.constexpr = 1, HAS_REGION_MASK: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -273,10 +295,16 @@ def attention_fwd_kernel(
     bias_base = Bias + src * stride_bias_b + h * stride_bias_h
     pm_base = ProbMult + b * stride_pm_b + h * stride_pm_h
 
+    lk_base = LabelsK + b * stride_lk_b
     if HAS_REGIONS:
         # Region of each query row (-1: unlabelled, never scaled).
         region_q = tl.load(LabelsQ + b * stride_lq_b + offs_m * stride_lq_m, mask=mask_m, other=-1)
-        lk_base = LabelsK + b * stride_lk_b
+    query_bits = 0
+    if HAS_REGION_MASK:
+        # Key labels each row may attend (rows past M: none); their OR decides which key
+        # blocks this program visits.
+        query_bits = tl.load(LabelsQ + b * stride_lq_b + offs_m * stride_lq_m, mask=mask_m, other=0)
+        block_query_bits = tl.reduce(query_bits, 0, _bit_or)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -301,51 +329,58 @@ def attention_fwd_kernel(
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        s = _logits_log2(q, k_base, bias_base, offs_m, mask_m, offs_n, mask_n,
-                         stride_kn, stride_kd, stride_bias_m, stride_bias_n, qk_scale_log2,
-                         D, BLOCK_D, HAS_BIAS, DOT_PRECISION)
-        p, alpha, m_i, l_i = _online_softmax_step(s, m_i, l_i)
-        region_keep = 1.0
-        if HAS_REGIONS:
-            region_k = tl.load(lk_base + offs_n * stride_lk_n, mask=mask_n, other=-1)
-            differ = ((region_q[:, None] >= 0) & (region_k[None, :] >= 0)
-                      & (region_q[:, None] != region_k[None, :]))
-            region_keep = tl.where(differ, 1.0 - region_strength, 1.0)
-        pf = _numerator(p, pm_base, offs_m, mask_m, offs_n, mask_n, stride_pm_m, stride_pm_n, region_keep,
-                        HAS_PROB_MULT, HAS_REGIONS)
-        acc = _pv_update(acc, alpha, pf, v_base, offs_n, mask_n, offs_dv, stride_vn, stride_vd,
-                         DV, DOT_PRECISION)
-        if FANOUT > 1:
-            # Uniform branches: a padded slot costs neither loads nor a product.
-            if b1 >= 0:
-                acc1 = _pv_update(acc1, alpha, p, V + b1 * stride_vb + h * stride_vh, offs_n, mask_n, offs_dv,
-                                  stride_vn, stride_vd, DV, DOT_PRECISION)
-            if FANOUT > 2:
-                if b2 >= 0:
-                    acc2 = _pv_update(acc2, alpha, p, V + b2 * stride_vb + h * stride_vh, offs_n, mask_n,
-                                      offs_dv, stride_vn, stride_vd, DV, DOT_PRECISION)
-                if b3 >= 0:
-                    acc3 = _pv_update(acc3, alpha, p, V + b3 * stride_vb + h * stride_vh, offs_n, mask_n,
-                                      offs_dv, stride_vn, stride_vd, DV, DOT_PRECISION)
+        live = True
+        if HAS_REGION_MASK:
+            key_bits = tl.load(lk_base + offs_n * stride_lk_n, mask=mask_n, other=0)
+            live = (block_query_bits & tl.reduce(key_bits, 0, _bit_or)) != 0
+        if live:  # False only for a key block the region mask hides from every row
+            s = _logits_log2(q, k_base, bias_base, offs_m, mask_m, offs_n, mask_n,
+                             stride_kn, stride_kd, stride_bias_m, stride_bias_n, qk_scale_log2,
+                             D, BLOCK_D, HAS_BIAS, DOT_PRECISION)
+            if HAS_REGION_MASK:
+                s = _region_masked(s, query_bits, key_bits)
+            p, alpha, m_i, l_i = _online_softmax_step(s, m_i, l_i)
+            region_keep = 1.0
+            if HAS_REGIONS:
+                region_k = tl.load(lk_base + offs_n * stride_lk_n, mask=mask_n, other=-1)
+                differ = ((region_q[:, None] >= 0) & (region_k[None, :] >= 0)
+                          & (region_q[:, None] != region_k[None, :]))
+                region_keep = tl.where(differ, 1.0 - region_strength, 1.0)
+            pf = _numerator(p, pm_base, offs_m, mask_m, offs_n, mask_n, stride_pm_m, stride_pm_n, region_keep,
+                            HAS_PROB_MULT, HAS_REGIONS)
+            acc = _pv_update(acc, alpha, pf, v_base, offs_n, mask_n, offs_dv, stride_vn, stride_vd,
+                             DV, DOT_PRECISION)
+            if FANOUT > 1:
+                # Uniform branches: a padded slot costs neither loads nor a product.
+                if b1 >= 0:
+                    acc1 = _pv_update(acc1, alpha, p, V + b1 * stride_vb + h * stride_vh, offs_n, mask_n, offs_dv,
+                                      stride_vn, stride_vd, DV, DOT_PRECISION)
+                if FANOUT > 2:
+                    if b2 >= 0:
+                        acc2 = _pv_update(acc2, alpha, p, V + b2 * stride_vb + h * stride_vh, offs_n, mask_n,
+                                          offs_dv, stride_vn, stride_vd, DV, DOT_PRECISION)
+                    if b3 >= 0:
+                        acc3 = _pv_update(acc3, alpha, p, V + b3 * stride_vb + h * stride_vh, offs_n, mask_n,
+                                          offs_dv, stride_vn, stride_vd, DV, DOT_PRECISION)
 
-        if CAPTURE_TOKEN_MASS and SINGLE_KEY_BLOCK:
-            if capture_row:
-                _add_token_mass_of_block(TokenMass + b * stride_tm_b + h * stride_tm_h, p, l_i, mask_m,
-                                         offs_n, mask_n, stride_tm_n)
+            if CAPTURE_TOKEN_MASS and SINGLE_KEY_BLOCK:
+                if capture_row:
+                    _add_token_mass_of_block(TokenMass + b * stride_tm_b + h * stride_tm_h, p, l_i, mask_m,
+                                             offs_n, mask_n, stride_tm_n)
 
-        if HAS_OWN:
-            s_own = _logits_log2(q_own, k_own_base, bias_own_base, offs_m, mask_m, offs_n, mask_n,
-                                 stride_kn, stride_kd, stride_bias_m, stride_bias_n, qk_scale_log2,
-                                 D, BLOCK_D, HAS_BIAS, DOT_PRECISION)
-            p_own, alpha_own, m_own, l_own = _online_softmax_step(s_own, m_own, l_own)
-            pf_own = _numerator(p_own, opm_base, offs_m, mask_m, offs_n, mask_n, stride_opm_m, stride_opm_n,
-                                region_keep, HAS_OWN_PROB_MULT, HAS_REGIONS)
-            acc_own = _pv_update(acc_own, alpha_own, pf_own, v_own_base, offs_n, mask_n, offs_dv,
-                                 stride_ov_n, stride_ov_d, DV, DOT_PRECISION)
-            if OWN_CAPTURE_TOKEN_MASS and SINGLE_KEY_BLOCK:
-                if own_capture_row:
-                    _add_token_mass_of_block(OwnTokenMass + b * stride_otm_b + h * stride_otm_h, p_own, l_own,
-                                             mask_m, offs_n, mask_n, stride_otm_n)
+            if HAS_OWN:
+                s_own = _logits_log2(q_own, k_own_base, bias_own_base, offs_m, mask_m, offs_n, mask_n,
+                                     stride_kn, stride_kd, stride_bias_m, stride_bias_n, qk_scale_log2,
+                                     D, BLOCK_D, HAS_BIAS, DOT_PRECISION)
+                p_own, alpha_own, m_own, l_own = _online_softmax_step(s_own, m_own, l_own)
+                pf_own = _numerator(p_own, opm_base, offs_m, mask_m, offs_n, mask_n, stride_opm_m, stride_opm_n,
+                                    region_keep, HAS_OWN_PROB_MULT, HAS_REGIONS)
+                acc_own = _pv_update(acc_own, alpha_own, pf_own, v_own_base, offs_n, mask_n, offs_dv,
+                                     stride_ov_n, stride_ov_d, DV, DOT_PRECISION)
+                if OWN_CAPTURE_TOKEN_MASS and SINGLE_KEY_BLOCK:
+                    if own_capture_row:
+                        _add_token_mass_of_block(OwnTokenMass + b * stride_otm_b + h * stride_otm_h, p_own, l_own,
+                                                 mask_m, offs_n, mask_n, stride_otm_n)
 
     inv_l = tl.where(mask_m & (l_i > 0), 1.0 / l_i, 0.0)
     out = acc * inv_l[:, None]
@@ -367,18 +402,20 @@ def attention_fwd_kernel(
     # ---- captures that need the final normaliser ---------------------------------------
     if capture_row:
         _capture_statistics(
-            q, k_base, bias_base, m_i, l_i, offs_m, mask_m, b, h, N, T,
+            q, k_base, bias_base, m_i, l_i, offs_m, mask_m, b, h, N, T, query_bits, lk_base, stride_lk_n,
             TokenMass, Maps, HeadMaps, Lse, Tokens, HeadWeights,
             stride_kn, stride_kd, stride_bias_m, stride_bias_n,
             stride_tm_b, stride_tm_h, stride_tm_n, stride_map_b, stride_map_m, stride_map_t,
             stride_hm_b, stride_hm_h, stride_hm_m, stride_hm_t, stride_lse_b, stride_lse_h, stride_lse_m,
             stride_tok_b, stride_tok_t, stride_w_b, stride_w_h, qk_scale_log2,
             D, BLOCK_N, BLOCK_D, BLOCK_T, HAS_BIAS, DOT_PRECISION,
-            CAPTURE_TOKEN_MASS, CAPTURE_MAPS, CAPTURE_HEAD_MAPS, CAPTURE_LSE, HAS_HEAD_WEIGHTS, SINGLE_KEY_BLOCK)
+            CAPTURE_TOKEN_MASS, CAPTURE_MAPS, CAPTURE_HEAD_MAPS, CAPTURE_LSE, HAS_HEAD_WEIGHTS, SINGLE_KEY_BLOCK,
+            HAS_REGION_MASK)
     if HAS_OWN:
         if own_capture_row:
             _capture_statistics(
-                q_own, k_own_base, bias_own_base, m_own, l_own, offs_m, mask_m, b, h, N, T_OWN,
+                q_own, k_own_base, bias_own_base, m_own, l_own, offs_m, mask_m, b, h, N, T_OWN, query_bits,
+                lk_base, stride_lk_n,
                 OwnTokenMass, OwnMaps, OwnHeadMaps, OwnLse, OwnTokens, OwnHeadWeights,
                 stride_kn, stride_kd, stride_bias_m, stride_bias_n,
                 stride_otm_b, stride_otm_h, stride_otm_n, stride_omap_b, stride_omap_m, stride_omap_t,

@@ -65,6 +65,8 @@ FEATURES = {
     "fanout": ("injection fanned out to 4 (d <= 64) or 2 (d <= 128) destinations "
                "(prompt-to-prompt self-attention)", (4096,)),
     "twosource": ("the two-source form with maps of both terms (Refine / Reweight, LocalBlend)", (77,)),
+    "regionmask": ("a region mask (Regions with allowed: regional prompting on joint attention) with "
+                   "token mass, maps of 77 key columns and LSE", (4096,)),
 }
 
 
@@ -103,6 +105,11 @@ def variant_inputs(name: str):
         return q, k, v, dict(none, source=torch.zeros(B, dtype=torch.int64),
                              capture=Capture.zeros(q, k, tokens=tokens, maps=True),
                              own=OwnTerm(v, torch.zeros(B, 1, 1, N), Capture.zeros(q, k, tokens=tokens, maps=True)))
+    if feature == "regionmask":
+        capture = Capture.zeros(q, k, token_mass=True, tokens=tokens, maps=True, lse=True)
+        regions = Regions(torch.zeros(B, M, dtype=torch.int32), torch.zeros(1, N, dtype=torch.int32),
+                          allowed=torch.ones(2, 2, dtype=torch.bool))
+        return q, k, v, dict(none, capture=capture, regions=regions)
     probe_keys = torch.zeros(1, H, 40, D, dtype=dtype) if feature == "probes" else None
     capture = Capture.zeros(q, k, token_mass=True, tokens=tokens, maps=True, head_maps=True, lse=True,
                             head_weights=torch.ones(H), probe_keys=probe_keys)

@@ -121,6 +121,9 @@ def kernel_arguments(q, k, v, out, *, scale: float, bias: Optional[torch.Tensor]
     block_c = min(64, _pow2_at_least_16(C)) if probes else 16
     labels_q = regions.labels_q if regions is not None else None
     labels_k = regions.labels_k if regions is not None else None
+    region_mask = regions is not None and regions.is_mask
+    if region_mask:  # the kernel reads the mask as bit sets in the label slots
+        labels_q, labels_k = regions.mask_bits
     probe_keys = cap.probe_keys if probes else None
     probe_mass = cap.probe_mass if probes else None
 
@@ -148,7 +151,8 @@ def kernel_arguments(q, k, v, out, *, scale: float, bias: Optional[torch.Tensor]
         *broadcast_strides(own_values, 4), *broadcast_strides(own_pm, 4),
         *capture_strides(own_cap, own_tokens),
         fanout.stride(0) if fanout is not None else 0,
-        H, M, N, T, C, T_own, scale * LOG2E, float(regions.strength) if regions is not None else 0.0,
+        H, M, N, T, C, T_own, scale * LOG2E,
+        float(regions.strength) if regions is not None and not region_mask else 0.0,
         *cap.row_range(B), *own_cap.row_range(B),
     ]
     meta = dict(
@@ -160,7 +164,8 @@ def kernel_arguments(q, k, v, out, *, scale: float, bias: Optional[torch.Tensor]
         SINGLE_KEY_BLOCK=N <= cfg["BLOCK_N"],
         # fp32 inputs must not be rounded to tf32 on tensor cores: the contract is fp32-exact.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        HAS_REGIONS=regions is not None, CAPTURE_PROBES=probes,
+        HAS_REGIONS=regions is not None and not region_mask, HAS_REGION_MASK=region_mask,
+        CAPTURE_PROBES=probes,
         BLOCK_C=block_c, SINGLE_PROBE_BLOCK=C <= block_c,
         HAS_SOURCE=source is not None,
         HAS_OWN=own is not None, HAS_OWN_PROB_MULT=own_pm is not None,

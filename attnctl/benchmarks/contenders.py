@@ -12,6 +12,7 @@ from attnctl.capture import Capture
 from attnctl.injection import OwnTerm
 from attnctl.op import attention
 from attnctl.reference import attention_reference, softmax_with_empty_rows
+from attnctl.regions import Regions
 
 from .shapes import AttnShape
 
@@ -208,6 +209,38 @@ def _concept_fused(x: Inputs):
     return run
 
 
+def regional_regions(x: Inputs) -> Regions:
+    """Regional prompting at a joint shape, as attnctl.tools.regional builds it: text first
+    (Flux's order) in two prompt segments, the image in a left and a right region that
+    overlap in a middle strip (so every label rule is exercised), the original's
+    image-to-image rule."""
+    from attnctl.diffusers.joint import DOUBLE, JointLayout
+    from attnctl.tools.regional import region_labels
+
+    s = x.shape
+    if s.kind != "joint":
+        raise ValueError(f"regional contenders need a joint shape, got kind {s.kind!r}")
+    h, w = (int(v) for v in s.level.split("x"))
+    text = s.M - h * w
+    layout = JointLayout(range(0, text), range(text, s.M), (h, w), DOUBLE, 0)
+    column = torch.arange(h * w) % w
+    masks = torch.stack([column < 0.6 * w, column >= 0.4 * w])
+    labels, allowed = region_labels(layout, [range(0, text // 2), range(text // 2, text)], masks)
+    labels = labels[None].to(x.q.device)
+    return Regions(labels, labels, allowed=allowed.to(x.q.device))
+
+
+def _sdpa_dense_mask(x: Inputs):
+    # The usual way: the (L, L) boolean mask built once, handed to SDPA on every call.
+    keep = regional_regions(x).keep(x.shape.B, x.shape.M, x.shape.N)
+    return lambda: F.scaled_dot_product_attention(x.q, x.k, x.v, attn_mask=keep)
+
+
+def _attnctl_regions(x: Inputs):
+    regions = regional_regions(x)
+    return lambda: attention(x.q, x.k, x.v, regions=regions, backend="triton")
+
+
 CONTENDERS: Dict[str, Contender] = {c.name: c for c in [
     Contender("sdpa", False, _sdpa(None)),
     Contender("sdpa-flash", False, _sdpa("FLASH_ATTENTION"), cuda_only=True),
@@ -219,8 +252,11 @@ CONTENDERS: Dict[str, Contender] = {c.name: c for c in [
     Contender("triton+capture", True, _attnctl("triton", True)),
     Contender("cuda", False, _attnctl("cuda", False), cuda_only=True),
     Contender("cuda+capture", True, _attnctl("cuda", True), cuda_only=True),
-    Contender("triton+p2p", False, _attnctl_p2p),
-    Contender("materialised+p2p", False, _materialised_p2p),
+    Contender("triton+p2p", False, _attnctl_p2p, kinds=("cross", "self")),
+    Contender("materialised+p2p", False, _materialised_p2p, kinds=("cross", "self")),
+    # regional prompting on joint attention: the dense (L, L) mask vs label regions
+    Contender("sdpa+dense-mask", False, _sdpa_dense_mask, kinds=("joint",)),
+    Contender("triton+regions", False, _attnctl_regions, kinds=("joint",)),
     # forward + backward (Attend-and-Excite's step): the times include both passes
     Contender("sdpa+backward", False, _sdpa_backward),
     Contender("triton+maps+backward", True, _triton_maps_backward),

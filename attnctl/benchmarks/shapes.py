@@ -74,7 +74,7 @@ def catalog(batches: Iterable[int] = (2, 8), kinds: Iterable[str] = ("cross", "s
             continue
         for level, M, H, D in levels:
             for kind in kinds:
-                if kind == "self" and model.startswith("t5ctx"):
+                if kind == "joint" or (kind == "self" and model.startswith("t5ctx")):
                     continue
                 N = text_len if kind == "cross" else M
                 shapes.extend(AttnShape(model, level, kind, B, H, M, N, D) for B in batches)

@@ -1,0 +1,207 @@
+"""Regional prompting on Flux and SD3 (attnctl.tools.regional): the label mask equals the
+original's dense (L, L) mask (instantX-research/Regional-Prompting-FLUX,
+pipeline_flux_regional.py, transcribed below), and a tiny offline Flux generation equals
+stock diffusers given that dense mask through ``joint_attention_kwargs`` (its processor
+passes it to SDPA). SD3's stock processor ignores masks, so there the reference is the same
+dense mask given as a -inf bias through attnctl's reference backend."""
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnctl
+from attnctl.diffusers import installation_of
+from attnctl.diffusers.joint import DOUBLE, JOINT, JointLayout
+from attnctl.diffusers.offline_mmdit import tiny_flux_pipeline, tiny_sd3_pipeline
+from attnctl.regions import Regions
+from attnctl.tools.regional import RegionalPrompting, region_labels, regional_generate, regional_prompt_embeds
+
+from op_cases import interpreter_bf16_dot_fixed
+
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
+
+HEIGHT, WIDTH = 16, 24          # Flux: 4x6 image tokens; SD3: 4x6 patches
+TEXT = 8                        # T5 tokens per regional prompt
+EPS32 = torch.finfo(torch.float32).eps
+PROMPTS = ["a cat", "a dog on a car"]
+BASE = "a cat and a dog"
+
+
+def image_masks():
+    """Two overlapping regions and a background strip, at image size."""
+    left = torch.zeros(HEIGHT, WIDTH)
+    left[:, :14] = 1.0
+    right = torch.zeros(HEIGHT, WIDTH)
+    right[4:, 10:20] = 1.0
+    return [left, right]
+
+
+def original_mask(masks, segment):
+    """pipeline_flux_regional.py's regional_attention_mask for [text; image] (True = attend):
+    ``masks`` (R, h*w) on the token grid, ``segment`` tokens per regional prompt."""
+    R, hidden = masks.shape
+    enc = R * segment
+    mask = torch.zeros(enc + hidden, enc + hidden, dtype=torch.bool)
+    self_attend = torch.zeros(hidden, hidden, dtype=torch.bool)
+    union = torch.zeros(hidden, hidden, dtype=torch.bool)
+    for i in range(R):
+        m = masks[i][:, None].repeat(1, segment)
+        mask[i * segment:(i + 1) * segment, i * segment:(i + 1) * segment] = True
+        mask[i * segment:(i + 1) * segment, enc:] = m.transpose(-1, -2)
+        mask[enc:, i * segment:(i + 1) * segment] = m
+        img = m[:, :1].repeat(1, hidden)
+        self_attend |= img.bool() & img.bool().T
+        union |= img.bool() | img.bool().T
+    mask[enc:, enc:] = ~union | self_attend
+    return mask
+
+
+def on_grid(masks, grid):
+    return torch.stack([F.interpolate(m[None, None], grid, mode="nearest-exact").flatten() for m in masks])
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+@pytest.mark.parametrize("image_rule", ["region", "all"])
+def test_labels_give_the_original_mask(text_first, image_rule):
+    grid, segment = (4, 6), 5
+    masks = on_grid(image_masks(), grid)
+    assert (masks.sum(0) == 2).any() and (masks.sum(0) == 0).any()   # overlap and background exist
+    enc, hidden = 2 * segment, grid[0] * grid[1]
+    text = range(0, enc) if text_first else range(hidden, hidden + enc)
+    image = range(enc, enc + hidden) if text_first else range(0, hidden)
+    layout = JointLayout(text, image, grid, DOUBLE if text_first else JOINT, 0)
+    segments = [range(text.start + i * segment, text.start + (i + 1) * segment) for i in range(2)]
+    labels, allowed = region_labels(layout, segments, masks != 0, image_rule)
+    got = Regions(labels[None], labels[None], allowed=allowed).keep(1, enc + hidden, enc + hidden)[0, 0]
+    expected = original_mask(masks, segment)
+    if image_rule == "all":
+        expected[enc:, enc:] = True
+    if not text_first:   # the same mask in SD3's [image; text] order
+        order = torch.cat([torch.arange(enc, enc + hidden), torch.arange(enc)])
+        expected = expected[order][:, order]
+    assert torch.equal(got, expected)
+
+
+@pytest.fixture(scope="module")
+def flux():
+    return tiny_flux_pipeline()
+
+
+def flux_latents(pipe):
+    h, w = HEIGHT // pipe.vae_scale_factor, WIDTH // pipe.vae_scale_factor
+    shape = (1, h * w // 4, 4 * pipe.vae.config.latent_channels)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(pipe.dtype)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_flux_regional_generation_equals_stock_with_the_dense_mask(flux, backend):
+    pipe = flux
+    options = dict(height=HEIGHT, width=WIDTH, num_inference_steps=2, output_type="latent")
+    embeds, segment = regional_prompt_embeds(pipe, PROMPTS, BASE, max_sequence_length=TEXT)
+    assert segment == TEXT and embeds["prompt_embeds"].shape[1] == 2 * TEXT
+    dense = original_mask(on_grid(image_masks(), (4, 6)), segment)
+
+    def stock(dtype):
+        pipe.to(dtype)
+        try:
+            kwargs = {k: v.to(dtype) for k, v in embeds.items()}
+            return pipe(**kwargs, **options, latents=flux_latents(pipe),
+                        joint_attention_kwargs={"attention_mask": dense}).images
+        finally:
+            pipe.to(torch.float32)
+
+    fp32, fp64 = stock(torch.float32), stock(torch.float64)
+    tolerance = 2 * (fp32.double() - fp64).abs().max().item() + 8 * EPS32 * fp64.abs().max().item()
+    with attnctl.install(pipe, backend=backend), interpreter_bf16_dot_fixed():
+        got = regional_generate(pipe, BASE, list(zip(image_masks(), PROMPTS)), max_sequence_length=TEXT,
+                                **options, latents=flux_latents(pipe)).images
+    assert attnctl.last_dispatch().backend == backend
+    if backend == "torch":   # not installed: the tool installs for the call and uninstalls
+        again = regional_generate(pipe, BASE, list(zip(image_masks(), PROMPTS)), max_sequence_length=TEXT,
+                                  **options, latents=flux_latents(pipe)).images
+        assert torch.equal(again, got) and installation_of(pipe) is None
+    unmasked = pipe(**embeds, **options, latents=flux_latents(pipe)).images
+    assert (unmasked.double() - fp64).abs().max() > 100 * tolerance   # the mask matters here
+    assert (got.double() - fp64).abs().max() <= tolerance
+
+
+@contextlib.contextmanager
+def stock_sd3_with_mask(pipe, masks, segment):
+    """Stock SD3 processors with the dense mask handed to their SDPA call (the stock
+    processor takes no mask): [image; text] order, conditional rows only (CFG)."""
+    calls = []
+    hooks = [module.register_forward_pre_hook(lambda m, a: calls.append(1))
+             for _, module in pipe.transformer.named_modules() if hasattr(module, "processor")]
+    sdpa = F.scaled_dot_product_attention
+
+    def masked(query, key, value, attn_mask=None, **kwargs):
+        if not calls:  # not a transformer layer (the text encoders)
+            return sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
+        calls.pop()
+        assert attn_mask is None
+        hidden = HEIGHT // pipe.vae_scale_factor // 2 * (WIDTH // pipe.vae_scale_factor // 2)
+        enc = query.shape[2] - hidden
+        keep = original_mask(on_grid(masks, (HEIGHT // 4, WIDTH // 4)), segment)
+        order = torch.cat([torch.arange(enc, enc + hidden), torch.arange(enc)])
+        full = torch.ones(query.shape[0], 1, enc + hidden, enc + hidden, dtype=torch.bool)
+        full[query.shape[0] // 2:] = keep[order][:, order]
+        return sdpa(query, key, value, attn_mask=full, **kwargs)
+
+    F.scaled_dot_product_attention = masked
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = sdpa
+        for hook in hooks:
+            hook.remove()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_sd3_regional_generation_equals_stock_with_the_dense_mask(backend):
+    pipe = tiny_sd3_pipeline()
+    options = dict(height=HEIGHT, width=WIDTH, num_inference_steps=2, output_type="latent", guidance_scale=4.0)
+    embeds, segment = regional_prompt_embeds(pipe, PROMPTS, BASE, max_sequence_length=TEXT)
+    assert segment == 77 + TEXT and embeds["negative_prompt_embeds"].shape == embeds["prompt_embeds"].shape
+
+    def latents():
+        h, w = HEIGHT // pipe.vae_scale_factor, WIDTH // pipe.vae_scale_factor
+        return torch.randn(1, pipe.vae.config.latent_channels, h, w, generator=torch.Generator().manual_seed(0))
+
+    def stock(dtype):
+        pipe.to(dtype)
+        try:
+            with stock_sd3_with_mask(pipe, image_masks(), segment):
+                return pipe(**{k: v.to(dtype) for k, v in embeds.items()}, **options,
+                            latents=latents().to(dtype)).images
+        finally:
+            pipe.to(torch.float32)
+
+    fp32, fp64 = stock(torch.float32), stock(torch.float64)
+    tolerance = 2 * (fp32.double() - fp64).abs().max().item() + 8 * EPS32 * fp64.abs().max().item()
+    with attnctl.install(pipe, backend=backend), interpreter_bf16_dot_fixed():
+        got = regional_generate(pipe, BASE, list(zip(image_masks(), PROMPTS)), max_sequence_length=TEXT,
+                                **options, latents=latents()).images
+    assert attnctl.last_dispatch().backend == backend
+    unmasked = pipe(**embeds, **options, latents=latents()).images
+    assert (unmasked.double() - fp64).abs().max() > 100 * tolerance   # the mask matters here
+    assert (got.double() - fp64).abs().max() <= tolerance
+
+
+def test_regional_errors(flux):
+    with pytest.raises(ValueError, match="image_rule: expected one of"):
+        RegionalPrompting(image_masks(), 8, image_rule="pixels")
+    with pytest.raises(ValueError, match="masks: expected at least one region mask"):
+        RegionalPrompting([], 8)
+    with pytest.raises(ValueError, match=r"masks\[1\]: expected a 2-D"):
+        RegionalPrompting([torch.ones(4, 4), torch.ones(4)], 8)
+    with pytest.raises(ValueError, match=r"segment_length: 2 regions x 5 tokens = 10 text tokens expected "
+                                         r"in the joint sequence, got 16"):
+        with attnctl.install(flux, RegionalPrompting(image_masks(), 5)):
+            flux(**regional_prompt_embeds(flux, PROMPTS, BASE, max_sequence_length=TEXT)[0], height=HEIGHT,
+                 width=WIDTH, num_inference_steps=1, output_type="latent")
+    pixel = torch.arange(HEIGHT * WIDTH) % 64
+    masks = torch.stack([(pixel >> i) & 1 == 1 for i in range(6)])   # every one of the 64 overlaps
+    layout = JointLayout(range(0, 6), range(6, 6 + HEIGHT * WIDTH), (HEIGHT, WIDTH), DOUBLE, 0)
+    with pytest.raises(ValueError, match="masks: 6 regions overlap in 64 distinct ways, which needs 70 labels"):
+        region_labels(layout, [range(i, i + 1) for i in range(6)], masks)
