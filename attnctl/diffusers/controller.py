@@ -25,6 +25,10 @@ op call (see :mod:`attnctl.diffusers.compose`):
   Other controllers' prob_mults multiply both terms.
 * ``own_capture`` with ``own_prob_mult``: a Capture of the second (own) term's P, owned
   by the injecting controller (other controllers' captures see the injected term).
+* ``maps``      a :class:`MapsRequest`: the call's per-head maps at some token columns
+  as a differentiable tensor (``attnctl.attention_with_maps``), handed to the request's
+  ``receive``; for methods that optimise against the maps (Attend-and-Excite). Only one
+  controller per call may ask, and not with captures or injection.
 
 Every tensor a controller returns must broadcast to (B, H, M, N) of the call and live on
 ``call.device``. Controllers should cache what they return per layer (and per step when it
@@ -34,7 +38,7 @@ must not loop over tokens, sync the device or allocate (B, H, M, N) tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -191,6 +195,16 @@ class AttentionCall:
                 f"step={self.step.index}, B={self.batch}, H={self.heads}, M={self.queries}, N={self.keys})")
 
 
+@dataclass(frozen=True)
+class MapsRequest:
+    """Differentiable maps of one call: ``tokens`` (T,) or (B, T) key columns; the
+    processor calls ``receive(head_maps)`` with ``P[b, h, m, tokens[b, t]]``, (B, H, M, T)
+    fp32, through which gradients flow into the call's q and k (and so into the latent)."""
+
+    tokens: torch.Tensor
+    receive: Callable[[torch.Tensor], None]
+
+
 @dataclass
 class Plan:
     """What a controller wants applied to, and captured from, one attention call.
@@ -208,6 +222,7 @@ class Plan:
     value_map: Optional[torch.Tensor] = None
     own_prob_mult: Optional[torch.Tensor] = None
     own_capture: Optional[Capture] = None
+    maps: Optional[MapsRequest] = None
 
 
 class Controller:

@@ -1,0 +1,219 @@
+"""Attend-and-Excite and HRV-guided Attend-and-Excite against their originals on a tiny
+random-weight Stable Diffusion pipeline: diffusers' StableDiffusionAttendAndExcitePipeline
+(materialising) and a replay of HRV's attend_and_excite_hrv.py (tests/excite_replay.py).
+Tolerances: the original run in fp32 and in fp64 from the same noise; attnctl's fp32 result
+may be at most a few times as far from the fp64 run as the fp32 original is."""
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+
+from attnctl.diffusers.offline import tiny_sd_pipeline
+from attnctl.diffusers.install import installation_of
+from attnctl.tools.attend_excite import (ATTEND_EXCITE_SMOOTHING, Smoothing, attend_and_excite,
+                                         hrv_attend_and_excite, max_attention_per_token)
+from attnctl.tools.excite_maps import HRVMaps, MeanMaps, gaussian_blur
+from attnctl.tools.hrv import HeadRelevance
+from attnctl.tools.hrv_official import cross_attention_layers
+
+from control_reference import assert_within_reference_error, initial_noise
+from excite_replay import (AttentionStoreHead, GaussianSmoothingHRV, hrv_pipeline, register_attention_control,
+                           torchvision_gaussian_blur)
+
+SIZE = 32   # images 32², latent 16²: cross-attention maps at 16² (and the mid block's 8²)
+PROMPTS = ["a cat and a dog", "red car"]
+TOKENS = [[4, 11], [3]]   # "t</w>", "g</w>" (the character tokenizer splits every word); "d</w>"
+
+
+@functools.lru_cache(maxsize=None)
+def pipes():
+    pipe = tiny_sd_pipeline()
+    return pipe, copy.deepcopy(pipe).to(torch.float64)
+
+
+REFINEMENTS = 2  # the refinement's cap (20 in the original) kept small for CPU time
+
+
+def diffusers_attend_excite(pipe, max_refinement_steps=REFINEMENTS):
+    from diffusers import StableDiffusionAttendAndExcitePipeline
+
+    components = {k: v for k, v in pipe.components.items() if k != "image_encoder"}
+    original = StableDiffusionAttendAndExcitePipeline(**components, requires_safety_checker=False)
+    original.set_progress_bar_config(disable=True)
+    return with_refinement_cap(original, max_refinement_steps)
+
+
+def with_refinement_cap(original, max_refinement_steps):
+    """The original pipeline with its refinement's max_refinement_steps (a keyword of
+    _perform_iterative_refinement_step that __call__ leaves at 20) set."""
+    original._perform_iterative_refinement_step = functools.partial(
+        original._perform_iterative_refinement_step, max_refinement_steps=max_refinement_steps)
+    return original
+
+
+def test_smoothing_kernels_are_the_originals():
+    from diffusers.pipelines.deprecated.stable_diffusion_attend_and_excite.pipeline_stable_diffusion_attend_and_excite \
+        import GaussianSmoothing
+
+    assert torch.equal(ATTEND_EXCITE_SMOOTHING.kernel(), GaussianSmoothing().weight[0, 0])
+    assert torch.equal(Smoothing(form="gaussian", kernel_size=5, sigma=1.1).kernel(),
+                       GaussianSmoothingHRV(1, 5, 1.1).weight[0, 0])
+    x = torch.rand(3, 7, 16, 16, dtype=torch.float64)
+    torch.testing.assert_close(gaussian_blur(x, 9, 1.7), torchvision_gaussian_blur(x, (9, 9), (1.7, 1.7)),
+                               rtol=1e-12, atol=1e-14)
+
+
+def test_loss_inputs_are_checked():
+    maps = torch.rand(1, 4, 4, 10)
+    with pytest.raises(ValueError, match="token_indices: expected text positions in \\[1, 10\\]"):
+        max_attention_per_token(maps, [0, 3])
+    with pytest.raises(ValueError, match="maps: expected 1 or 2"):
+        max_attention_per_token(torch.rand(3, 4, 4, 10), [1, 2])
+    with pytest.raises(TypeError, match="token_indices: expected a list of ints"):
+        attend_and_excite(pipes()[0], "a cat", "2")
+    with pytest.raises(ValueError, match="token_indices: expected one list per prompt \\(2\\)"):
+        attend_and_excite(pipes()[0], PROMPTS, [[2]])
+    assert installation_of(pipes()[0]) is None
+
+
+def test_matches_diffusers_pipeline_with_cfg_and_batch():
+    """Two prompts, two images each, CFG, the original's defaults but the refinement's cap
+    (step 0 refines with threshold 0.05); 2 steps."""
+    pipe, pipe64 = pipes()
+    kw = dict(height=SIZE, width=SIZE, num_inference_steps=2, num_images_per_prompt=2, output_type="latent")
+    noise = initial_noise(pipe, 4, SIZE, SIZE)
+    got = attend_and_excite(pipe, PROMPTS, TOKENS, latents=noise, max_refinement_steps=REFINEMENTS, **kw)
+    single = diffusers_attend_excite(pipe)(PROMPTS, token_indices=TOKENS, latents=noise, **kw).images
+    exact = diffusers_attend_excite(pipe64)(PROMPTS, token_indices=TOKENS, latents=noise.double(), **kw).images
+    assert_within_reference_error(got.latents, single, exact)
+    # The updates are real: without them the latents are far from these.
+    plain = diffusers_attend_excite(pipe)(PROMPTS, token_indices=TOKENS, latents=noise, max_iter_to_alter=0,
+                                          thresholds={}, **kw).images
+    assert (plain - single).abs().max() > 100 * (single - exact.float()).abs().max()
+    assert len(got.losses) == 2 and all(len(step) == 4 and all(0 < v < 1 for v in step) for step in got.losses)
+    assert installation_of(pipe) is None
+
+
+def test_triton_backend_matches_diffusers_pipeline():
+    """The Triton path (interpreter on CPU: attention_with_maps' fused backward, the op's
+    differentiable attention elsewhere); one prompt, 16² images (maps at the latent's 8²),
+    two steps, the second refining once."""
+    pipe, pipe64 = pipes()
+    kw = dict(height=16, width=16, num_inference_steps=2, output_type="latent", thresholds={1: 0.5},
+              attn_res=(8, 8))
+    noise = initial_noise(pipe, 1, 16, 16, seed=3)
+    got = attend_and_excite(pipe, PROMPTS[0], TOKENS[0], latents=noise, max_refinement_steps=1, backend="triton", **kw)
+
+    def original(target, latents):
+        return diffusers_attend_excite(target, 1)(PROMPTS[0], token_indices=TOKENS[0], latents=latents, **kw).images
+
+    assert_within_reference_error(got.latents, original(pipe, noise), original(pipe64, noise.double()))
+
+
+def _hrv(pipe, concepts=("Animals", "Colors", "Vehicles")):
+    layers = cross_attention_layers(pipe.unet)
+    total = sum(h for _, h in layers)
+    vectors = torch.rand(len(concepts), total, generator=torch.Generator().manual_seed(1))
+    return HeadRelevance(concepts=list(concepts), layers=layers, hrv=vectors * total / vectors.sum(1, keepdim=True),
+                         counts=None)
+
+
+def _replay_store(hrv, concepts, tmp_path, attention_res):
+    """The original's store, reading the HRV from the official files as the original does."""
+    import numpy as np
+
+    hrv.save_official(str(tmp_path / "vectors.npy"), str(tmp_path / "heads.npy"))
+    return AttentionStoreHead(concepts, hrv.concepts, np.load(tmp_path / "vectors.npy"),
+                              np.load(tmp_path / "heads.npy"), attention_res)
+
+
+@pytest.mark.parametrize("attention_res", [8, 32])
+def test_hrv_maps_match_the_original_store(tmp_path, attention_res):
+    """One forward with gradients: HRVMaps (per-head fused maps, weighted, resized) against
+    the original's AttentionStoreHead (8²: blur + bicubic down from 16²; 32²: bicubic up)."""
+    pipe, _ = pipes()
+    hrv, concepts = _hrv(pipe), ["Colors", "Animals"]
+    latent = torch.randn(1, 4, 16, 16, dtype=torch.float32)
+    text = torch.randn(1, 77, 32)
+    t = torch.tensor(500)
+
+    maps = HRVMaps(hrv, concepts, attention_res=attention_res, head_divisor=128)
+    from attnctl import install
+    with install(pipe, maps):
+        pipe.unet(latent.clone().requires_grad_(True), t, encoder_hidden_states=text)
+        got = maps.maps()
+    store = _replay_store(hrv, concepts, tmp_path, attention_res)
+    originals = register_attention_control(pipe.unet, store)
+    try:
+        with torch.no_grad():
+            pipe.unet(latent, t, encoder_hidden_states=text)
+    finally:
+        for module, forward in originals.items():
+            module.forward = forward
+    expected = torch.stack(store.averaged_maps)[..., 1:]
+    assert got.shape == expected.shape == (2, attention_res, attention_res, 76)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_mean_maps_match_the_original_store():
+    """MeanMaps against diffusers' AttentionStore.aggregate_attention after one forward."""
+    from diffusers.pipelines.deprecated.stable_diffusion_attend_and_excite.pipeline_stable_diffusion_attend_and_excite \
+        import AttentionStore
+
+    pipe, _ = pipes()
+    latent = torch.randn(1, 4, 16, 16)
+    text = torch.randn(1, 77, 32)
+    maps = MeanMaps((16, 16))
+    from attnctl import install
+    with install(pipe, maps):
+        pipe.unet(latent.clone().requires_grad_(True), 400, encoder_hidden_states=text)
+        got = maps.maps()
+    original = diffusers_attend_excite(pipe)
+    original.attention_store = AttentionStore((16, 16))
+    saved = pipe.unet.attn_processors
+    original.register_attention_control()
+    try:
+        with torch.enable_grad():
+            pipe.unet(latent.clone().requires_grad_(True), 400, encoder_hidden_states=text)
+    finally:
+        pipe.unet.set_attn_processor(saved)
+    expected = original.attention_store.aggregate_attention(("up", "down", "mid"))[None, ..., 1:-1]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_hrv_attend_excite_matches_the_original(tmp_path):
+    """The whole HRV-guided loop (one prompt, CFG, 3 steps, step-0 refinement) against the
+    original's replay, fp32 and fp64."""
+    pipe, pipe64 = pipes()
+    hrv, concepts = _hrv(pipe), ["Animals", "Animals"]
+    kw = dict(height=SIZE, width=SIZE, num_inference_steps=3, output_type="latent")
+    noise = initial_noise(pipe, 1, SIZE, SIZE, seed=5)
+    got = hrv_attend_and_excite(pipe, PROMPTS[0], TOKENS[0], hrv, concepts, head_divisor=128, latents=noise,
+                                max_refinement_steps=REFINEMENTS, **kw)
+
+    def original(target, latents):
+        store = _replay_store(hrv, concepts, tmp_path, 8)
+        replay = with_refinement_cap(hrv_pipeline(target, store), REFINEMENTS)
+        originals = register_attention_control(target.unet, store)
+        try:
+            return replay(PROMPTS[0], token_indices=TOKENS[0], latents=latents, **kw).images
+        finally:
+            for module, forward in originals.items():
+                module.forward = forward
+
+    single = original(pipe, noise)
+    exact = original(pipe64, noise.double())
+    assert_within_reference_error(got.latents, single, exact)
+    plain = attend_and_excite(pipe, PROMPTS[0], TOKENS[0], latents=noise, max_iter_to_alter=0, thresholds={}, **kw)
+    assert (plain.latents - single).abs().max() > 100 * (single - exact.float()).abs().max()
+
+
+def test_hrv_maps_refuse_mismatched_tokens():
+    pipe, _ = pipes()
+    with pytest.raises(ValueError, match="one index per concept"):
+        hrv_attend_and_excite(pipe, PROMPTS[0], [4], _hrv(pipe), ["Animals", "Colors"], num_inference_steps=1)
+    with pytest.raises(ValueError, match="concept: expected one of"):
+        HRVMaps(_hrv(pipe), ["Furniture"])
