@@ -195,3 +195,97 @@ def hrv_pipeline(pipe, store, smooth_attentions=False):
     replay = HRVAttendAndExcite(**components, requires_safety_checker=False)
     replay.set_progress_bar_config(disable=True)
     return replay
+
+
+def sdxl_port_replay(pipe, prompt, indices_to_alter, latents, *, attention_res=32, num_inference_steps=50,
+                     guidance_scale=7.5, max_iter_to_alter=25, thresholds={0: 0.05, 10: 0.5, 20: 0.8},
+                     scale_factor=20, scale_range=(1.0, 0.5), max_refinement_steps=20, height=None, width=None):
+    """An A&E-SDXL port's loop (AttendAndExcitePipelineXL.__call__, one prompt, one image,
+    smoothing on, normalize_eot off), materialising through diffusers' Attend-and-Excite
+    processors and store (mean over heads and layers at attention_res², as the authors'
+    aggregate_attention for one image). Returns the final latents."""
+    from diffusers.pipelines.deprecated.stable_diffusion_attend_and_excite.pipeline_stable_diffusion_attend_and_excite \
+        import AttendExciteAttnProcessor, AttentionStore, GaussianSmoothing
+
+    unet = pipe.unet
+    height = height or unet.config.sample_size * pipe.vae_scale_factor
+    width = width or unet.config.sample_size * pipe.vae_scale_factor
+    store = AttentionStore((attention_res, attention_res))
+    saved = unet.attn_processors
+    procs = {}
+    for name in saved:
+        place = "mid" if name.startswith("mid_block") else "up" if name.startswith("up_blocks") else "down"
+        procs[name] = AttendExciteAttnProcessor(attnstore=store, place_in_unet=place)
+    store.num_att_layers = len(procs)
+    unet.set_attn_processor(procs)  # (empties the dict)
+
+    def max_per_index():
+        attention_maps = store.aggregate_attention(from_where=("up", "down", "mid"))
+        attention_for_text = attention_maps[:, :, 1:-1] * 100
+        attention_for_text = torch.nn.functional.softmax(attention_for_text, dim=-1)
+        out = []
+        for i in [index - 1 for index in indices_to_alter]:
+            image = attention_for_text[:, :, i]
+            smoothing = GaussianSmoothing(channels=1, kernel_size=3, sigma=0.5, dim=2)
+            image = smoothing(nnf.pad(image.unsqueeze(0).unsqueeze(0), (1, 1, 1, 1), mode="reflect")).squeeze(0).squeeze(0)
+            out.append(image.max())
+        return out
+
+    def compute_loss(values):
+        return max([max(0, 1.0 - v) for v in values])
+
+    def update(latents, loss, step_size):
+        grad_cond = torch.autograd.grad(loss.requires_grad_(True), [latents], retain_graph=True)[0]
+        return latents - step_size * grad_cond
+
+    try:
+        with torch.no_grad():
+            device = pipe._execution_device
+            pipe.scheduler.set_timesteps(num_inference_steps, device=device)
+            timesteps = pipe.scheduler.timesteps
+            prompt_embeds, negative_prompt_embeds, pooled, negative_pooled = pipe.encode_prompt(
+                prompt=prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=guidance_scale > 1.0)
+            latents = pipe.prepare_latents(1, unet.config.in_channels, height, width, prompt_embeds.dtype, device,
+                                           None, latents)
+            time_ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=prompt_embeds.dtype,
+                                              text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+            added_cond_kwargs = {"text_embeds": pooled, "time_ids": time_ids}
+            scale_range = np.linspace(scale_range[0], scale_range[1], len(timesteps))
+
+            def forward(latents, t):
+                unet(latents, t, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added_cond_kwargs)
+                unet.zero_grad()
+                return max_per_index()
+
+            for i, t in enumerate(timesteps):
+                with torch.enable_grad():
+                    latents = latents.clone().detach().requires_grad_(True)
+                    loss = compute_loss(forward(latents, t))
+                    step_size = scale_factor * np.sqrt(scale_range[i])
+                    if i in thresholds.keys() and loss > 1.0 - thresholds[i]:
+                        iteration, target_loss = 0, max(0, 1.0 - thresholds[i])
+                        while loss > target_loss:
+                            iteration += 1
+                            latents = latents.clone().detach().requires_grad_(True)
+                            loss = compute_loss(forward(latents, t))
+                            if loss != 0:
+                                latents = update(latents, loss, step_size)
+                            if iteration >= max_refinement_steps:
+                                break
+                        latents = latents.clone().detach().requires_grad_(True)
+                        loss = compute_loss(forward(latents, t))
+                    if i < max_iter_to_alter:
+                        if loss != 0:
+                            latents = update(latents, loss, step_size)
+                latent_model_input = torch.cat([latents] * 2)
+                latent_model_input = pipe.scheduler.scale_model_input(latent_model_input, t)
+                noise_pred = unet(latent_model_input, t,
+                                  encoder_hidden_states=torch.cat([negative_prompt_embeds, prompt_embeds]),
+                                  added_cond_kwargs={"text_embeds": torch.cat([negative_pooled, pooled]),
+                                                     "time_ids": torch.cat([time_ids, time_ids])}).sample
+                noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+                noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
+                latents = pipe.scheduler.step(noise_pred, t, latents).prev_sample
+        return latents
+    finally:
+        unet.set_attn_processor(saved)

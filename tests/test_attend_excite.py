@@ -11,7 +11,7 @@ import functools
 import pytest
 import torch
 
-from attnctl.diffusers.offline import tiny_sd_pipeline
+from attnctl.diffusers.offline import tiny_sd_pipeline, tiny_sdxl_pipeline
 from attnctl.diffusers.install import installation_of
 from attnctl.tools.attend_excite import (ATTEND_EXCITE_SMOOTHING, Smoothing, attend_and_excite,
                                          hrv_attend_and_excite, max_attention_per_token)
@@ -21,7 +21,7 @@ from attnctl.tools.hrv_official import cross_attention_layers
 
 from control_reference import assert_within_reference_error, initial_noise
 from excite_replay import (AttentionStoreHead, GaussianSmoothingHRV, hrv_pipeline, register_attention_control,
-                           torchvision_gaussian_blur)
+                           sdxl_port_replay, torchvision_gaussian_blur)
 
 SIZE = 32   # images 32², latent 16²: cross-attention maps at 16² (and the mid block's 8²)
 PROMPTS = ["a cat and a dog", "red car"]
@@ -207,8 +207,25 @@ def test_hrv_attend_excite_matches_the_original(tmp_path):
     single = original(pipe, noise)
     exact = original(pipe64, noise.double())
     assert_within_reference_error(got.latents, single, exact)
+    assert all(v > 0 for step in got.losses for v in step)  # every step updated the latent
     plain = attend_and_excite(pipe, PROMPTS[0], TOKENS[0], latents=noise, max_iter_to_alter=0, thresholds={}, **kw)
     assert (plain.latents - single).abs().max() > 100 * (single - exact.float()).abs().max()
+
+
+def test_compose_refuses_maps_with_captures_or_injection():
+    from attnctl.diffusers.compose import compose
+    from attnctl.diffusers.controller import MapsRequest, Plan
+
+    request = MapsRequest(torch.arange(1, 4), lambda maps: None)
+    with pytest.raises(ValueError, match="compose: maps: expected at most one"):
+        compose([Plan(maps=request), Plan(maps=request)], (1, 2, 16, 8), torch.device("cpu"))
+    with pytest.raises(ValueError, match="cannot be combined with \\['source'\\]"):
+        compose([Plan(maps=request), Plan(source=torch.zeros(1, dtype=torch.long))], (1, 2, 16, 8),
+                torch.device("cpu"))
+    bias = torch.ones(1, 1, 1, 8)
+    plan, route = compose([Plan(maps=request), Plan(bias=bias), Plan(prob_mult=bias)], (1, 2, 16, 8),
+                          torch.device("cpu"))
+    assert plan.maps is request and plan.bias is bias and plan.prob_mult is bias and route is None
 
 
 def test_hrv_maps_refuse_mismatched_tokens():
@@ -217,3 +234,22 @@ def test_hrv_maps_refuse_mismatched_tokens():
         hrv_attend_and_excite(pipe, PROMPTS[0], [4], _hrv(pipe), ["Animals", "Colors"], num_inference_steps=1)
     with pytest.raises(ValueError, match="concept: expected one of"):
         HRVMaps(_hrv(pipe), ["Furniture"])
+
+
+def test_sdxl_matches_the_port_replay():
+    """A tiny SDXL-architecture pipeline (two text encoders, pooled text and time ids):
+    maps at the 8² level of a 16² latent (the port reads the 32² level of SDXL's 128²),
+    one prompt, CFG, 2 steps with a step-0 refinement, against a replay of the A&E-SDXL
+    port (materialising)."""
+    pipe = tiny_sdxl_pipeline()
+    pipe64 = copy.deepcopy(pipe).to(torch.float64)
+    kw = dict(height=SIZE, width=SIZE, num_inference_steps=2)
+    noise = initial_noise(pipe, 1, SIZE, SIZE, seed=7)
+    got = attend_and_excite(pipe, PROMPTS[0], TOKENS[0], latents=noise, attn_res=(8, 8),
+                            max_refinement_steps=REFINEMENTS, output_type="latent", **kw)
+    single = sdxl_port_replay(pipe, PROMPTS[0], TOKENS[0], noise, attention_res=8,
+                              max_refinement_steps=REFINEMENTS, **kw)
+    exact = sdxl_port_replay(pipe64, PROMPTS[0], TOKENS[0], noise.double(), attention_res=8,
+                             max_refinement_steps=REFINEMENTS, **kw)
+    assert_within_reference_error(got.latents, single, exact)
+    assert all(v > 0 for step in got.losses for v in step)  # every step updated the latent

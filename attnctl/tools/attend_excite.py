@@ -30,6 +30,8 @@ from .excite_maps import ExciteMaps, HRVMaps, MeanMaps
 from .hrv import HeadRelevance
 
 DEFAULT_THRESHOLDS = {0: 0.05, 10: 0.5, 20: 0.8}
+SD_ATTN_RES = (16, 16)     # the original's maps: SD1.x at 512² (64² latent / 4)
+SDXL_ATTN_RES = (32, 32)   # the A&E-SDXL port's: SDXL at 1024² (128² latent / 4)
 
 
 @dataclass(frozen=True)
@@ -124,8 +126,8 @@ class _Excite:
         self.smoothing = smoothing
         self.max_refinement_steps = max_refinement_steps
 
-    def loss(self, latent, t, text, indices, unet_kwargs) -> Optional[torch.Tensor]:
-        self.pipe.unet(latent, t, encoder_hidden_states=text, **unet_kwargs)
+    def loss(self, latent, t, indices, unet_kwargs) -> Optional[torch.Tensor]:
+        self.pipe.unet(latent, t, **unet_kwargs)
         return excite_loss(max_attention_per_token(self.controller.maps(), indices, self.smoothing))
 
     @staticmethod
@@ -133,7 +135,7 @@ class _Excite:
         grad = torch.autograd.grad(loss, [latent])[0]
         return latent - step_size * grad
 
-    def refine(self, latent, loss, threshold, t, text, indices, step_size, unet_kwargs):
+    def refine(self, latent, loss, threshold, t, indices, step_size, unet_kwargs):
         """The original's iterative refinement: update until the loss is at most
         1 − threshold (or max_refinement_steps updates), then one more forward for the
         loss the step's regular update uses."""
@@ -141,13 +143,13 @@ class _Excite:
         while _greater(loss, target):
             iteration += 1
             latent = latent.clone().detach().requires_grad_(True)
-            loss = self.loss(latent, t, text, indices, unet_kwargs)
+            loss = self.loss(latent, t, indices, unet_kwargs)
             if loss is not None:
                 latent = self.update(latent, loss, step_size)
             if iteration >= self.max_refinement_steps:
                 break
         latent = latent.clone().detach().requires_grad_(True)
-        return self.loss(latent, t, text, indices, unet_kwargs), latent
+        return self.loss(latent, t, indices, unet_kwargs), latent
 
 
 def _value(loss: Optional[torch.Tensor]) -> float:
@@ -179,17 +181,23 @@ def attend_and_excite(pipe, prompt: Union[str, List[str]], token_indices, *, map
                       eta: float = 0.0, generator=None, latents: Optional[torch.Tensor] = None,
                       output_type: str = "pil", max_iter_to_alter: int = 25,
                       thresholds: Optional[Dict[int, float]] = None, scale_factor: float = 20,
-                      scale_range=(1.0, 0.5), attn_res=(16, 16), max_refinement_steps: int = 20,
+                      scale_range=(1.0, 0.5), attn_res=None, max_refinement_steps: int = 20,
                       cross_attention_kwargs=None, backend: Optional[str] = None) -> ExciteResult:
     """Attend-and-Excite on a Stable Diffusion 1.x / 2.x pipeline (a StableDiffusionPipeline
-    or anything with its components and methods), with the original's defaults.
+    or anything with its components and methods) or an SDXL pipeline, with the original's
+    defaults.
 
-    Equals diffusers' StableDiffusionAttendAndExcitePipeline called with the same arguments
-    (``token_indices``: text positions, a list per prompt or one list; every image of a
-    prompt uses its list), up to floating-point rounding. attnctl is installed on the
-    pipeline for the call (and uninstalled after, unless it was installed before).
+    SD: equals diffusers' StableDiffusionAttendAndExcitePipeline called with the same
+    arguments (``token_indices``: text positions, a list per prompt or one list; every
+    image of a prompt uses its list), up to floating-point rounding. SDXL: the same loop
+    with SDXL's conditioning (pooled text, time ids for the image size, no crop) and the
+    A&E-SDXL port's 32² maps by default; the decode is SD's (no fp16 VAE upcast, no
+    latents mean/std). attnctl is installed on the pipeline for the call (and uninstalled
+    after, unless it was installed before).
 
     Args beyond the pipeline's:
+        attn_res: the grid of MeanMaps; None: (16, 16) (SD, the original), (32, 32) on SDXL
+            (the A&E-SDXL port's).
         maps: the map collector; default ``MeanMaps(attn_res)`` (the original's). Pass an
             :class:`HRVMaps` for HRV-guided A&E (or use :func:`hrv_attend_and_excite`).
         smoothing: a :class:`Smoothing` of each token's map before its max, or None.
@@ -199,6 +207,9 @@ def attend_and_excite(pipe, prompt: Union[str, List[str]], token_indices, *, map
             "auto": Triton for CUDA tensors, the reference on CPU).
     """
     thresholds = dict(DEFAULT_THRESHOLDS if thresholds is None else thresholds)
+    if attn_res is None:
+        sdxl = getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
+        attn_res = SDXL_ATTN_RES if sdxl else SD_ATTN_RES
     controller = maps if maps is not None else MeanMaps(attn_res)
     if not isinstance(controller, ExciteMaps):
         raise TypeError(f"maps: expected an attnctl.tools.excite_maps.ExciteMaps (MeanMaps, HRVMaps), "
@@ -224,6 +235,49 @@ def attend_and_excite(pipe, prompt: Union[str, List[str]], token_indices, *, map
             installation.uninstall()
 
 
+class _Conditioning:
+    """The UNet's text conditioning: one image's (the Attend-and-Excite forwards: its
+    conditional text) and the whole CFG batch's (the denoising forward). SD: the text
+    embeddings. SDXL: also the pooled text embeddings and the size/crop time ids, made as
+    StableDiffusionXLPipeline makes them (the A&E-SDXL port's conditioning)."""
+
+    def __init__(self, pipe, prompts, device, num_images_per_prompt, cfg, negative_prompt, height, width):
+        self.sdxl = getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
+        self.cfg = cfg
+        if not self.sdxl:
+            self.text, negative = pipe.encode_prompt(prompts, device, num_images_per_prompt, cfg, negative_prompt)
+            self.all_text = torch.cat([negative, self.text]) if cfg else self.text
+            self.pooled = None
+            return
+        text, negative, pooled, negative_pooled = pipe.encode_prompt(
+            prompt=prompts, device=device, num_images_per_prompt=num_images_per_prompt,
+            do_classifier_free_guidance=cfg, negative_prompt=negative_prompt)
+        projection = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None \
+            else int(pooled.shape[-1])
+        time_ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=text.dtype,
+                                          text_encoder_projection_dim=projection).to(device)
+        self.text, self.pooled, self.time_ids = text, pooled, time_ids
+        self.all_text = torch.cat([negative, text]) if cfg else text
+        all_pooled = torch.cat([negative_pooled, pooled]) if cfg else pooled
+        self.all_added = {"text_embeds": all_pooled, "time_ids": time_ids.repeat(all_pooled.shape[0], 1)}
+
+    @property
+    def dtype(self):
+        return self.text.dtype
+
+    def image(self, j: int) -> Dict[str, object]:
+        kwargs = {"encoder_hidden_states": self.text[j:j + 1]}
+        if self.sdxl:
+            kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled[j:j + 1], "time_ids": self.time_ids}
+        return kwargs
+
+    def batch(self) -> Dict[str, object]:
+        kwargs = {"encoder_hidden_states": self.all_text}
+        if self.sdxl:
+            kwargs["added_cond_kwargs"] = self.all_added
+        return kwargs
+
+
 def _run(pipe, prompts, token_lists, controller, smoothing, height, width, num_inference_steps, guidance_scale,
          negative_prompt, num_images_per_prompt, eta, generator, latents, output_type, max_iter_to_alter, thresholds,
          scale_factor, scale_range, max_refinement_steps, cross_attention_kwargs) -> ExciteResult:
@@ -233,28 +287,27 @@ def _run(pipe, prompts, token_lists, controller, smoothing, height, width, num_i
     device = pipe._execution_device
     cfg = guidance_scale > 1.0
     images = len(prompts) * num_images_per_prompt
-    prompt_embeds, negative_embeds = pipe.encode_prompt(prompts, device, num_images_per_prompt, cfg, negative_prompt)
-    all_embeds = torch.cat([negative_embeds, prompt_embeds]) if cfg else prompt_embeds
+    conditioning = _Conditioning(pipe, prompts, device, num_images_per_prompt, cfg, negative_prompt, height, width)
     pipe.scheduler.set_timesteps(num_inference_steps, device=device)
     timesteps = pipe.scheduler.timesteps
-    latents = pipe.prepare_latents(images, unet.config.in_channels, height, width, prompt_embeds.dtype, device,
+    latents = pipe.prepare_latents(images, unet.config.in_channels, height, width, conditioning.dtype, device,
                                    generator, latents)
     extra_step_kwargs = pipe.prepare_extra_step_kwargs(generator, eta)
     step_size = scale_factor * np.sqrt(np.linspace(scale_range[0], scale_range[1], len(timesteps)))
     indices = [ind for ind in token_lists for _ in range(num_images_per_prompt)]
     excite = _Excite(pipe, controller, smoothing, max_refinement_steps)
-    unet_kwargs = dict(cross_attention_kwargs=cross_attention_kwargs) if cross_attention_kwargs else {}
+    extra = dict(cross_attention_kwargs=cross_attention_kwargs) if cross_attention_kwargs else {}
     losses: List[List[float]] = []
 
     for i, t in enumerate(timesteps):
         with torch.enable_grad():
             latents = latents.clone().detach().requires_grad_(True)
             updated, step_losses = [], []
-            for latent, index, text in zip(latents, indices, prompt_embeds):
-                latent, text = latent[None], text[None]
-                loss = excite.loss(latent, t, text, index, unet_kwargs)
+            for j, (latent, index) in enumerate(zip(latents, indices)):
+                latent, unet_kwargs = latent[None], {**conditioning.image(j), **extra}
+                loss = excite.loss(latent, t, index, unet_kwargs)
                 if i in thresholds and _greater(loss, 1.0 - thresholds[i]):
-                    loss, latent = excite.refine(latent, loss, thresholds[i], t, text, index, float(step_size[i]),
+                    loss, latent = excite.refine(latent, loss, thresholds[i], t, index, float(step_size[i]),
                                                  unet_kwargs)
                 if i < max_iter_to_alter and loss is not None:
                     latent = excite.update(latent, loss, float(step_size[i]))
@@ -264,7 +317,7 @@ def _run(pipe, prompts, token_lists, controller, smoothing, height, width, num_i
             losses.append(step_losses)
         model_input = torch.cat([latents] * 2) if cfg else latents
         model_input = pipe.scheduler.scale_model_input(model_input, t)
-        noise = unet(model_input, t, encoder_hidden_states=all_embeds, **unet_kwargs).sample
+        noise = unet(model_input, t, **conditioning.batch(), **extra).sample
         if cfg:
             uncond, text = noise.chunk(2)
             noise = uncond + guidance_scale * (text - uncond)
