@@ -253,3 +253,6 @@ def test_sdxl_matches_the_port_replay():
                              max_refinement_steps=REFINEMENTS, **kw)
     assert_within_reference_error(got.latents, single, exact)
     assert all(v > 0 for step in got.losses for v in step)  # every step updated the latent
+    plain = attend_and_excite(pipe, PROMPTS[0], TOKENS[0], latents=noise, attn_res=(8, 8), max_iter_to_alter=0,
+                              thresholds={}, output_type="latent", **kw)
+    assert (plain.latents - single).abs().max() > 10 * (single - exact.float()).abs().max()
