@@ -11,6 +11,8 @@ import functools
 import pytest
 import torch
 
+import attnctl
+
 from attnctl.diffusers.offline import tiny_sd_pipeline, tiny_sdxl_pipeline
 from attnctl.diffusers.install import installation_of
 from attnctl.tools.attend_excite import (ATTEND_EXCITE_SMOOTHING, Smoothing, attend_and_excite,
@@ -133,55 +135,62 @@ def _replay_store(hrv, concepts, tmp_path, attention_res):
 @pytest.mark.parametrize("attention_res", [8, 32])
 def test_hrv_maps_match_the_original_store(tmp_path, attention_res):
     """One forward with gradients: HRVMaps (per-head fused maps, weighted, resized) against
-    the original's AttentionStoreHead (8²: blur + bicubic down from 16²; 32²: bicubic up)."""
-    pipe, _ = pipes()
-    hrv, concepts = _hrv(pipe), ["Colors", "Animals"]
-    latent = torch.randn(1, 4, 16, 16, dtype=torch.float32)
-    text = torch.randn(1, 77, 32)
-    t = torch.tensor(500)
-
-    maps = HRVMaps(hrv, concepts, attention_res=attention_res, head_divisor=128)
+    the original's AttentionStoreHead in fp32 and fp64 (8²: blur + bicubic down from 16²;
+    32²: bicubic up)."""
     from attnctl import install
+
+    pipe, pipe64 = pipes()
+    hrv, concepts = _hrv(pipe), ["Colors", "Animals"]
+    latent, text, t = torch.randn(1, 4, 16, 16), torch.randn(1, 77, 32), torch.tensor(500)
+    maps = HRVMaps(hrv, concepts, attention_res=attention_res, head_divisor=128)
     with install(pipe, maps):
         pipe.unet(latent.clone().requires_grad_(True), t, encoder_hidden_states=text)
         got = maps.maps()
-    store = _replay_store(hrv, concepts, tmp_path, attention_res)
-    originals = register_attention_control(pipe.unet, store)
-    try:
-        with torch.no_grad():
-            pipe.unet(latent, t, encoder_hidden_states=text)
-    finally:
-        for module, forward in originals.items():
-            module.forward = forward
-    expected = torch.stack(store.averaged_maps)[..., 1:]
-    assert got.shape == expected.shape == (2, attention_res, attention_res, 76)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+
+    def original(target, dtype):
+        store = _replay_store(hrv, concepts, tmp_path, attention_res)
+        originals = register_attention_control(target.unet, store)
+        try:
+            with torch.no_grad():
+                target.unet(latent.to(dtype), t, encoder_hidden_states=text.to(dtype))
+        finally:
+            for module, forward in originals.items():
+                module.forward = forward
+        return torch.stack(store.averaged_maps)[..., 1:]
+
+    single = original(pipe, torch.float32)
+    assert got.shape == single.shape == (2, attention_res, attention_res, 76)
+    assert_within_reference_error(got, single, original(pipe64, torch.float64))
 
 
 def test_mean_maps_match_the_original_store():
-    """MeanMaps against diffusers' AttentionStore.aggregate_attention after one forward."""
+    """MeanMaps against diffusers' AttentionStore.aggregate_attention after one forward,
+    fp32 and fp64."""
     from diffusers.pipelines.deprecated.stable_diffusion_attend_and_excite.pipeline_stable_diffusion_attend_and_excite \
         import AttentionStore
 
-    pipe, _ = pipes()
-    latent = torch.randn(1, 4, 16, 16)
-    text = torch.randn(1, 77, 32)
-    maps = MeanMaps((16, 16))
     from attnctl import install
+
+    pipe, pipe64 = pipes()
+    latent, text = torch.randn(1, 4, 16, 16), torch.randn(1, 77, 32)
+    maps = MeanMaps((16, 16))
     with install(pipe, maps):
         pipe.unet(latent.clone().requires_grad_(True), 400, encoder_hidden_states=text)
         got = maps.maps()
-    original = diffusers_attend_excite(pipe)
-    original.attention_store = AttentionStore((16, 16))
-    saved = pipe.unet.attn_processors
-    original.register_attention_control()
-    try:
-        with torch.enable_grad():
-            pipe.unet(latent.clone().requires_grad_(True), 400, encoder_hidden_states=text)
-    finally:
-        pipe.unet.set_attn_processor(saved)
-    expected = original.attention_store.aggregate_attention(("up", "down", "mid"))[None, ..., 1:-1]
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+
+    def original(target, dtype):
+        run = diffusers_attend_excite(target)
+        run.attention_store = AttentionStore((16, 16))
+        saved = target.unet.attn_processors
+        run.register_attention_control()
+        try:
+            with torch.enable_grad():
+                target.unet(latent.to(dtype).requires_grad_(True), 400, encoder_hidden_states=text.to(dtype))
+        finally:
+            target.unet.set_attn_processor(saved)
+        return run.attention_store.aggregate_attention(("up", "down", "mid"))[None, ..., 1:-1]
+
+    assert_within_reference_error(got, original(pipe, torch.float32), original(pipe64, torch.float64))
 
 
 def test_hrv_attend_excite_matches_the_original(tmp_path):
@@ -256,3 +265,26 @@ def test_sdxl_matches_the_port_replay():
     plain = attend_and_excite(pipe, PROMPTS[0], TOKENS[0], latents=noise, attn_res=(8, 8), max_iter_to_alter=0,
                               thresholds={}, output_type="latent", **kw)
     assert (plain.latents - single).abs().max() > 10 * (single - exact.float()).abs().max()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_attention_with_maps_per_head(backend):
+    """per_head=True: the unweighted (B, H, M, T) maps, P at the token columns, and their
+    gradients into q and k, against materialised maps in fp32 and fp64."""
+    B, H, M, N, D = 1, 2, 19, 77, 16
+    q, k, v = (torch.randn(B, H, n, D, requires_grad=True) for n in (M, N, N))
+    tokens = torch.tensor([1, 5, 76])
+    upstream = torch.randn(B, H, M, 3)
+
+    def materialised(dtype):
+        qq, kk = q.to(dtype), k.to(dtype)
+        probs = torch.softmax((qq @ kk.transpose(-1, -2)) * D ** -0.5, dim=-1)[..., tokens]
+        return (probs, *torch.autograd.grad((probs * upstream.to(dtype)).sum(), [q, k]))
+
+    out, maps = attnctl.attention_with_maps(q, k, v, tokens, per_head=True, backend=backend)
+    assert maps.shape == (B, H, M, 3) and maps.dtype == torch.float32
+    got = (maps, *torch.autograd.grad((maps * upstream).sum(), [q, k]))
+    for g, single, exact in zip(got, materialised(torch.float32), materialised(torch.float64)):
+        assert_within_reference_error(g, single, exact)
+    with pytest.raises(ValueError, match="head_weights: expected None with per_head=True"):
+        attnctl.attention_with_maps(q, k, v, tokens, per_head=True, head_weights=torch.ones(H))
