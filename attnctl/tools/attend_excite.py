@@ -74,10 +74,9 @@ class Smoothing:
 ATTEND_EXCITE_SMOOTHING = Smoothing()
 
 
-def max_attention_per_token(maps: torch.Tensor, indices: Sequence[int],
-                            smoothing: Optional[Smoothing] = ATTEND_EXCITE_SMOOTHING) -> List[torch.Tensor]:
-    """Per token index i (a text position, ≥ 1): max over the grid of the (smoothed)
-    softmax over the map columns of 100 · maps, at column i − 1.
+def token_maps(maps: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
+    """(len(indices), h, w): per token index i (a text position, ≥ 1) the softmax over the
+    map columns of 100 · maps, at column i − 1.
 
     ``maps``: (K, h, w, T) from an :class:`ExciteMaps` (K = 1: one map for every token;
     K = len(indices): the k-th map for the k-th token).
@@ -89,13 +88,17 @@ def max_attention_per_token(maps: torch.Tensor, indices: Sequence[int],
     if bad:
         raise ValueError(f"token_indices: expected text positions in [1, {T}] (0 is the start token), got {bad}")
     probs = torch.softmax(maps * 100, dim=-1)
-    values = []
-    for k, i in enumerate(indices):
-        image = probs[k if K > 1 else 0, :, :, i - 1]
-        if smoothing is not None:
-            image = smoothing(image)
-        values.append(image.max())
-    return values
+    return torch.stack([probs[k if K > 1 else 0, :, :, i - 1] for k, i in enumerate(indices)])
+
+
+def max_attention_per_token(maps: torch.Tensor, indices: Sequence[int],
+                            smoothing: Optional[Smoothing] = ATTEND_EXCITE_SMOOTHING) -> List[torch.Tensor]:
+    """Per token index: the max over the grid of its (smoothed) :func:`token_maps` map."""
+    return [max_of(image, smoothing) for image in token_maps(maps, indices)]
+
+
+def max_of(image: torch.Tensor, smoothing: Optional[Smoothing]) -> torch.Tensor:
+    return (smoothing(image) if smoothing is not None else image).max()
 
 
 def excite_loss(max_values: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -109,12 +112,14 @@ def excite_loss(max_values: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
 @dataclass
 class ExciteResult:
     """What :func:`attend_and_excite` returns: the pipeline's images (in ``output_type``),
-    the final latents, and per denoising step the loss of each image before its update
-    (0.0 where none; only the steps that ran Attend-and-Excite forwards)."""
+    the final latents, per denoising step the loss of each image before its update (0.0
+    where none), and per image the token maps (tokens, h, w) of its last Attend-and-Excite
+    forward (:func:`token_maps`, before smoothing; detached)."""
 
     images: object
     latents: torch.Tensor
     losses: List[List[float]] = field(default_factory=list)
+    maps: List[torch.Tensor] = field(default_factory=list)
 
 
 class _Excite:
@@ -128,7 +133,9 @@ class _Excite:
 
     def loss(self, latent, t, indices, unet_kwargs) -> Optional[torch.Tensor]:
         self.pipe.unet(latent, t, **unet_kwargs)
-        return excite_loss(max_attention_per_token(self.controller.maps(), indices, self.smoothing))
+        images = token_maps(self.controller.maps(), indices)
+        self.last_maps = images.detach()
+        return excite_loss([max_of(image, self.smoothing) for image in images])
 
     @staticmethod
     def update(latent, loss, step_size: float) -> torch.Tensor:
@@ -298,6 +305,7 @@ def _run(pipe, prompts, token_lists, controller, smoothing, height, width, num_i
     excite = _Excite(pipe, controller, smoothing, max_refinement_steps)
     extra = dict(cross_attention_kwargs=cross_attention_kwargs) if cross_attention_kwargs else {}
     losses: List[List[float]] = []
+    last_maps: List[torch.Tensor] = [None] * images
 
     for i, t in enumerate(timesteps):
         with torch.enable_grad():
@@ -306,9 +314,11 @@ def _run(pipe, prompts, token_lists, controller, smoothing, height, width, num_i
             for j, (latent, index) in enumerate(zip(latents, indices)):
                 latent, unet_kwargs = latent[None], {**conditioning.image(j), **extra}
                 loss = excite.loss(latent, t, index, unet_kwargs)
+                last_maps[j] = excite.last_maps
                 if i in thresholds and _greater(loss, 1.0 - thresholds[i]):
                     loss, latent = excite.refine(latent, loss, thresholds[i], t, index, float(step_size[i]),
                                                  unet_kwargs)
+                    last_maps[j] = excite.last_maps
                 if i < max_iter_to_alter and loss is not None:
                     latent = excite.update(latent, loss, float(step_size[i]))
                 step_losses.append(_value(loss))
@@ -329,7 +339,7 @@ def _run(pipe, prompts, token_lists, controller, smoothing, height, width, num_i
     else:
         decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
         out = pipe.image_processor.postprocess(decoded, output_type=output_type)
-    return ExciteResult(out, latents, losses)
+    return ExciteResult(out, latents, losses, [m.cpu() for m in last_maps if m is not None])
 
 
 def hrv_attend_and_excite(pipe, prompt: str, token_indices: Sequence[int], hrv: HeadRelevance,
