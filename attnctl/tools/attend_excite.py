@@ -130,6 +130,7 @@ class _Excite:
         self.controller = controller
         self.smoothing = smoothing
         self.max_refinement_steps = max_refinement_steps
+        self.last_maps: Optional[torch.Tensor] = None  # token maps of the last forward, detached
 
     def loss(self, latent, t, indices, unet_kwargs) -> Optional[torch.Tensor]:
         self.pipe.unet(latent, t, **unet_kwargs)
