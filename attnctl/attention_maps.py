@@ -30,6 +30,7 @@ def attention_with_maps(
     prob_mult: Optional[torch.Tensor] = None,
     regions: Optional[Regions] = None,
     backend: str = "auto",
+    per_head: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(out, maps): the output of ``attnctl.attention(q, k, v, scale=, bias=, prob_mult=,
     regions=)`` and ``maps[b, m, t] = Σ_h w[b, h] · P[b, h, m, tokens[b, t]]`` (P before
@@ -43,7 +44,13 @@ def attention_with_maps(
         tokens: key columns, (T,) or (B, T) ints (a list is accepted).
         head_weights: w, (H,) or (B, H); 1 for every head when None. Not differentiated.
         backend: "auto" (Triton for CUDA tensors, the reference on CPU), "triton" or "torch".
+        per_head: return the per-head maps ``P[b, h, m, tokens[b, t]]``, (B, H, M, T) fp32,
+            instead of their weighted sum (for weightings that differ per token column,
+            e.g. one head relevance vector per concept); ``head_weights`` must be None.
     """
+    if per_head and head_weights is not None:
+        raise ValueError("attention_with_maps: head_weights: expected None with per_head=True (the per-head maps "
+                         "are returned unweighted)")
     compiling = torch.compiler.is_compiling()
     scale = validate(q, k, v, scale, bias, prob_mult, None, check_token_values=not compiling, regions=regions)
     token_tensor = as_token_tensor(tokens, q.device)
@@ -64,6 +71,8 @@ def attention_with_maps(
         out = _in_q_order(attention_reference(q, k, v, scale=scale, bias=bias, prob_mult=prob_mult,
                                               capture=capture, regions=regions), q)
         head_maps = capture.head_maps
+    if per_head:
+        return out, head_maps
     if head_weights is None:
         return out, head_maps.sum(dim=1)
     return out, torch.einsum("bh,bhmt->bmt", head_weights.float().expand(B, H), head_maps)

@@ -47,7 +47,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", default="attnctl-out", help="output directory (default attnctl-out)")
     p.add_argument("--no-compare", action="store_true", help="skip the plain and materialised runs")
     p.add_argument("--concepts", nargs="+", metavar="WORD",
-                   help="Flux: ConceptAttention concepts (default: the mapped words)")
+                   help="Flux: ConceptAttention concepts (default: the mapped words); with --excite and --hrv: "
+                        "the HRV concept of each --excite word")
+    from .cli_demo_concepts import add_arguments as add_multi_concept_arguments
+
+    add_multi_concept_arguments(p)
     p.set_defaults(func=main)
     return p
 
@@ -175,6 +179,10 @@ def main(args: argparse.Namespace) -> int:
     steps = args.steps or (25 if args.model else 8)
     height = args.height or (None if args.model else OFFLINE_SIZE)
     width = args.width or (None if args.model else OFFLINE_SIZE)
+    if args.excite:
+        from . import cli_demo_concepts
+
+        return cli_demo_concepts.run(args, pipe, out, steps, height, width, say)
     if not device.startswith("cuda") and args.backend in ("auto", "torch"):
         say("no CUDA device: 'auto' runs the PyTorch reference (it materialises P); the fused "
             "kernel runs on CUDA, or here with --backend triton and TRITON_INTERPRET=1 (slow)")

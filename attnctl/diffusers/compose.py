@@ -30,6 +30,11 @@ encodings leave P alone, so they compose with biases, factors, regions and captu
 see P as usual), not with injection (whose value map would act on the mixed values).
 Several key sets give their rows several softmaxes: nothing else may act on such a call.
 
+Differentiable ``maps`` (a :class:`MapsRequest`) are an output of their own op form
+(``attention_with_maps``), which has no capture buffers and no injection: at most one
+plan per call may request them, and the composed call may then carry no capture, source
+or two-source term (biases, prob_mults and regions compose as usual).
+
 On a call with a prompt-to-prompt token map (``value_map``), other controllers' captures
 (a trace during an edit) receive the edited map the edit applies, as the original's
 AttentionStore does (:class:`EditedCapture`).
@@ -45,7 +50,7 @@ from ..capture import Capture
 from .controller import Plan
 
 _KNOWN_FIELDS = {"bias", "prob_mult", "capture", "regions", "source", "value_map", "own_prob_mult", "own_capture",
-                 "value_states", "key_states", "state_rows"}
+                 "value_states", "key_states", "state_rows", "maps"}
 _STATE_FIELDS = ("value_states", "key_states", "state_rows")
 
 
@@ -70,6 +75,9 @@ def compose(plans: Sequence[Optional[Plan]], shape: Tuple[int, int, int, int],
             raise ValueError("compose: own_capture: expected own_prob_mult in the same plan (it captures "
                              "the own term of the two-source form)")
         _check_states(plan)
+    with_maps = [p for p in plans if p.maps is not None]
+    if with_maps:
+        return _with_maps(plans, with_maps), None
     if len(plans) == 1:
         return plans[0], None
     with_states = [p for p in plans if p.state_rows is not None]
@@ -113,6 +121,25 @@ def compose(plans: Sequence[Optional[Plan]], shape: Tuple[int, int, int, int],
                     own_capture), None
     merged = MergedCapture(captures, shape, device)
     return Plan(bias, prob_mult, merged.scratch, regions, source, value_map, own, own_capture), merged.route
+
+
+def _with_maps(plans: Sequence[Plan], with_maps: Sequence[Plan]) -> Plan:
+    """The composed plan of a call whose maps are requested as a differentiable output."""
+    if len(with_maps) > 1:
+        raise ValueError(f"compose: maps: expected at most one controller's plan requesting differentiable maps per "
+                         f"call, got {len(with_maps)} ({', '.join(type(p.maps.receive).__qualname__ for p in with_maps)})")
+    others = [name for p in plans for name in ("capture", "source", "own_capture", "value_states", "key_states")
+              if getattr(p, name) is not None and not (name == "capture" and p.capture.empty)]
+    if others:
+        raise ValueError(f"compose: maps: differentiable maps (attention_with_maps) cannot be combined with "
+                         f"{sorted(set(others))} on the same call; expected plans with bias, prob_mult or regions only")
+    with_regions = [p for p in plans if p.regions is not None]
+    if len(with_regions) > 1:
+        raise ValueError(f"compose: regions: expected at most one controller's plan with regions per call, "
+                         f"got {len(with_regions)}; region labels of different controllers cannot be combined")
+    return Plan(bias=_combine([p.bias for p in plans], torch.add),
+                prob_mult=_combine([p.prob_mult for p in plans], torch.mul),
+                regions=with_regions[0].regions if with_regions else None, maps=with_maps[0].maps)
 
 
 def _check_states(plan: Plan) -> None:

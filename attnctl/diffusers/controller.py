@@ -34,6 +34,10 @@ op call (see :mod:`attnctl.diffusers.compose`):
   (the layer's ``to_k``) each give the rows ``state_rows`` their own softmax; those rows'
   output is the mean of the K attention outputs (one op call over K·R extra batch rows).
   It composes with no other control on the call.
+* ``maps``      a :class:`MapsRequest`: the call's per-head maps at some token columns
+  as a differentiable tensor (``attnctl.attention_with_maps``), handed to the request's
+  ``receive``; for methods that optimise against the maps (Attend-and-Excite). Only one
+  controller per call may ask, and not with captures or injection.
 
 Every tensor a controller returns must broadcast to (B, H, M, N) of the call and live on
 ``call.device``. Controllers should cache what they return per layer (and per step when it
@@ -43,7 +47,7 @@ must not loop over tokens, sync the device or allocate (B, H, M, N) tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -200,6 +204,16 @@ class AttentionCall:
                 f"step={self.step.index}, B={self.batch}, H={self.heads}, M={self.queries}, N={self.keys})")
 
 
+@dataclass(frozen=True)
+class MapsRequest:
+    """Differentiable maps of one call: ``tokens`` (T,) or (B, T) key columns; the
+    processor calls ``receive(head_maps)`` with ``P[b, h, m, tokens[b, t]]``, (B, H, M, T)
+    fp32, through which gradients flow into the call's q and k (and so into the latent)."""
+
+    tokens: torch.Tensor
+    receive: Callable[[torch.Tensor], None]
+
+
 @dataclass
 class Plan:
     """What a controller wants applied to, and captured from, one attention call.
@@ -220,6 +234,7 @@ class Plan:
     value_states: Optional[torch.Tensor] = None
     key_states: Optional[torch.Tensor] = None
     state_rows: Optional[range] = None
+    maps: Optional[MapsRequest] = None
 
 
 class Controller:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..attention_maps import attention_with_maps
 from ..injection import OwnTerm
 from ..op import attention
 from .compose import compose
@@ -72,7 +73,7 @@ class AttnctlProcessor:
 
         installation = self.installation
         bias, prob_mult, capture, regions, route = attention_mask, None, None, None, None
-        source = value_map = own_prob_mult = own_capture = None
+        source = value_map = own_prob_mult = own_capture = maps = None
         value_states = key_states = state_rows = None
         if installation.controllers:
             call = installation.describe(self.layer, is_cross, spatial, query, key, attn.scale)
@@ -83,7 +84,7 @@ class AttnctlProcessor:
                     bias = plan.bias if bias is None else bias + plan.bias
                 prob_mult, capture, regions = plan.prob_mult, plan.capture, plan.regions
                 source, value_map, own_prob_mult = plan.source, plan.value_map, plan.own_prob_mult
-                own_capture = plan.own_capture
+                own_capture, maps = plan.own_capture, plan.maps
                 value_states, key_states, state_rows = plan.value_states, plan.key_states, plan.state_rows
 
         if value_states is not None:
@@ -105,9 +106,15 @@ class AttnctlProcessor:
         # Two-source form: the row's own attention on the plain values, its own normaliser,
         # in the same kernel pass.
         own = OwnTerm(value, own_prob_mult, own_capture) if own_prob_mult is not None else None
-        hidden_states = attention(query, key, injected_value, scale=attn.scale, bias=bias, prob_mult=prob_mult,
-                                  capture=capture, backend=installation.backend, regions=regions,
-                                  source=source, own=own)
+        if maps is not None:  # compose allows no capture or injection with differentiable maps
+            hidden_states, head_maps = attention_with_maps(
+                query, key, value, maps.tokens, scale=attn.scale, bias=bias, prob_mult=prob_mult, regions=regions,
+                backend=installation.backend, per_head=True)
+            maps.receive(head_maps)
+        else:
+            hidden_states = attention(query, key, injected_value, scale=attn.scale, bias=bias, prob_mult=prob_mult,
+                                      capture=capture, backend=installation.backend, regions=regions,
+                                      source=source, own=own)
         if route is not None:
             route()
         return self._finish(attn, hidden_states, residual, batch_size, head_dim, query.dtype, input_ndim,
