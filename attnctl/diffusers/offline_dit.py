@@ -62,3 +62,40 @@ def tiny_wan_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
         tokenizer=tokenizer, text_encoder=_t5_encoder(tokenizer, 32), vae=_wan_vae(),
         transformer=WanTransformer3DModel(**tiny_wan_transformer_config()).eval(), scheduler=_flow_scheduler())
     return _finish(pipe, dtype)
+
+
+def tiny_sana_transformer_config() -> dict:
+    """One block: linear self-attention (2 heads of 16) + softmax cross-attention (2 heads
+    of 16), patch 1, a 4-channel latent."""
+    return dict(patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_attention_heads=2,
+                attention_head_dim=16, num_cross_attention_heads=2, cross_attention_head_dim=16,
+                cross_attention_dim=32, caption_channels=32, sample_size=8)
+
+
+def _dc_ae():
+    """A tiny DC-AE with factor 4 (three block levels)."""
+    from diffusers import AutoencoderDC
+
+    return AutoencoderDC(
+        in_channels=3, latent_channels=4, attention_head_dim=2,
+        encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+        encoder_block_out_channels=(8, 8, 8), decoder_block_out_channels=(8, 8, 8),
+        encoder_qkv_multiscales=((), (), (5,)), decoder_qkv_multiscales=((), (), (5,)),
+        encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
+        downsample_block_type="conv", upsample_block_type="interpolate", decoder_norm_types="rms_norm",
+        decoder_act_fns="silu", scaling_factor=0.41407).eval()
+
+
+def tiny_sana_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A SanaPipeline with tiny random-weight components. Its text encoder is the tiny T5
+    with the in-memory T5 tokenizer (Sana's is Gemma-2; the transformer sees hidden states
+    and a mask either way). Sides must divide by 32 (the pipeline's check)."""
+    from diffusers import SanaPipeline, SanaTransformer2DModel
+
+    torch.manual_seed(seed)
+    tokenizer = t5_tokenizer(model_max_length=300)
+    pipe = SanaPipeline(
+        tokenizer=tokenizer, text_encoder=_t5_encoder(tokenizer, 32), vae=_dc_ae(),
+        transformer=SanaTransformer2DModel(**tiny_sana_transformer_config()).eval(), scheduler=_flow_scheduler())
+    return _finish(pipe, dtype)

@@ -36,7 +36,7 @@ from ..diffusers.install import Generation, install, installation_of
 from .daam import counts_in_daam, is_daam_layer, output_side
 from .maps import ALL_STEPS, LayerMaps, TraceMaps, resolution_matches, select_layers
 from ..diffusers.joint import BLOCK_KINDS, IMAGE_SELF
-from ..diffusers.dit import WAN
+from ..diffusers.dit import SANA, WAN
 from ..diffusers.mmdit import FLUX
 from .words import record_prompt
 
@@ -297,6 +297,11 @@ class Trace:
         if controller.text != "t5":
             raise ValueError(f"text: selects the text segment of an MM-DiT (SD3) trace; {family} has one, got "
                              f"{controller.text!r}")
+        if family == SANA:
+            raise NotImplementedError("trace: SanaPipeline's text columns are token 0 and the last "
+                                      "max_sequence_length − 1 tokens of complex_human_instruction + prompt, "
+                                      "which attnctl does not map to the prompt's words yet; install() and "
+                                      "controllers work on Sana")
         if controller.uncond and family == WAN:
             raise ValueError("uncond: WanPipeline runs CFG's unconditional half as a transformer call of its own, "
                              "which the trace does not capture; got uncond=True")
