@@ -390,3 +390,37 @@ def test_published_configs_layers_and_map_shapes(monkeypatch, name, routed, head
         assert layer.token_mass[-1].shape == (1, heads, text) and layer.frames == frames
     module = dict(model.named_modules())[maps.layers[0].name]
     assert module.heads == heads and module.to_q.out_features == heads * head_dim
+
+
+def test_benchmark_rows_follow_the_published_configs():
+    """The kernel benchmark's PixArt-Σ, Sana and Wan rows (attnctl.benchmarks.shapes) are
+    the published configs' heads, head dims and token counts at their default sizes."""
+    import json
+    from pathlib import Path
+
+    from attnctl.benchmarks.shapes import catalog
+
+    root = Path(__file__).resolve().parents[1] / ".." / "shared" / "configs"
+    if not root.exists():
+        pytest.skip(f"published configs {root} not present")
+
+    def config(name):
+        return json.loads((root / f"{name}_transformer.json").read_text())
+
+    pixart, sana = config("pixart_sigma"), config("sana_1600m_1024")
+    wan = {size: config(f"wan21_t2v_{size}") for size in ("1_3b", "14b")}
+    wan_tokens = 21 * (480 // 8 // 2) * (832 // 8 // 2)       # (81 − 1) / 4 + 1 frames, VAE 8, patch 1x2x2
+    expected = {
+        "pixart-1024": {("cross", (1024 // 8 // 2) ** 2, pixart["num_attention_heads"], pixart["attention_head_dim"],
+                         300),
+                        ("self", 4096, pixart["num_attention_heads"], pixart["attention_head_dim"], 4096)},
+        "sana-1024": {("cross", (1024 // 32) ** 2, sana["num_cross_attention_heads"],
+                       sana["cross_attention_head_dim"], 300)},
+        "wan1.3b-480p": {(kind, wan_tokens, wan["1_3b"]["num_attention_heads"], wan["1_3b"]["attention_head_dim"],
+                          512 if kind == "cross" else wan_tokens) for kind in ("cross", "self")},
+        "wan14b-480p": {(kind, wan_tokens, wan["14b"]["num_attention_heads"], wan["14b"]["attention_head_dim"],
+                         512 if kind == "cross" else wan_tokens) for kind in ("cross", "self")},
+    }
+    assert wan_tokens == 32760
+    for model, rows in expected.items():
+        assert {(s.kind, s.M, s.H, s.D, s.N) for s in catalog(batches=(2,), models=[model])} == rows
