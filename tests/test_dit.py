@@ -424,3 +424,33 @@ def test_benchmark_rows_follow_the_published_configs():
     assert wan_tokens == 32760
     for model, rows in expected.items():
         assert {(s.kind, s.M, s.H, s.D, s.N) for s in catalog(batches=(2,), models=[model])} == rows
+
+
+@pytest.mark.parametrize("arch", ["pixart", "wan"])
+def test_demo_writes_the_pictures(tmp_path, arch):
+    import json
+
+    from attnctl.cli import main
+
+    out = tmp_path / arch
+    small = ["--height", "32", "--width", "48"] if arch == "wan" else ["--height", "16", "--width", "24"]
+    assert main(["demo", "--offline-arch", arch, "--out", str(out), "--steps", "1", "--no-compare",
+                 "--prompt", "a cat on a red car", "--words", "cat", "red car", *small]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["words"] == ["cat", "red car"]
+    assert summary["frames"] == (5 if arch == "wan" else 1)
+    pictures = ["frame", "strip"] if arch == "wan" else ["image", "grid"]
+    for key in pictures:
+        assert open(summary["files"][key], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    maps = attnctl.TraceMaps.load(summary["files"]["trace"])
+    assert maps.frames == summary["frames"] and list(maps.latent) == summary["token_grid"]
+    if arch == "wan":
+        try:
+            import imageio  # noqa: F401
+        except ImportError:
+            assert "animations" not in summary["files"]
+        else:
+            assert len(summary["files"]["animations"]) == 2
+    with pytest.raises(SystemExit, match="--words: word: 'zebra' is not in the prompt"):
+        main(["demo", "--offline-arch", arch, "--out", str(out), "--steps", "1", "--no-compare",
+              "--words", "zebra", *small])
