@@ -257,6 +257,36 @@ def test_animation_without_imageio_names_it(monkeypatch):
         WordVideo(torch.rand(2, 3, 4), "cat", 4).animate("never.gif")
 
 
+def test_wan_i2v_image_context_is_a_second_call_and_equals_stock():
+    """Wan I2V (image-context tokens before the 512 text tokens): the transformer's output
+    equals stock's within its own fp32 error, and controllers see the text and the image
+    context as two calls of each cross-attention layer."""
+    from diffusers import WanTransformer3DModel
+
+    from attnctl.diffusers.offline_dit import tiny_wan_transformer_config
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(**tiny_wan_transformer_config(), image_dim=24, added_kv_proj_dim=32).eval()
+    generator = torch.Generator().manual_seed(1)
+    inputs = dict(hidden_states=torch.randn(2, 16, 2, 4, 6, generator=generator), timestep=torch.tensor([500, 500]),
+                  encoder_hidden_states=torch.randn(2, 512, 32, generator=generator),
+                  encoder_hidden_states_image=torch.randn(2, 5, 24, generator=generator))
+    with torch.no_grad():
+        expected = model(**inputs, return_dict=False)[0]
+        exact = model.double()(**{k: v.double() if v.is_floating_point() else v for k, v in inputs.items()},
+                               return_dict=False)[0]
+        model.float()
+        atol = 2 * (expected.double() - exact).abs().max().item() + 8 * EPS32 * expected.abs().max().item()
+        recorder = _Recorder()
+        with attnctl.install(model, recorder, backend="torch"):   # the kernels' coverage is elsewhere
+            got = model(**inputs, return_dict=False)[0]
+    torch.testing.assert_close(got, expected, rtol=0, atol=atol)
+    cross = [(c[0], c[8], c[7]) for c in recorder.calls if c[1]]
+    assert cross == [(f"blocks.{i}.attn2", context, keys) for i in range(2)
+                     for context, keys in (("text", 512), ("image", 5))]
+    assert all((c[2], c[3], c[6]) == ((2, 3), 2, 12) for c in recorder.calls)
+
+
 def test_sana_equals_stock_with_its_linear_self_attention_left_alone():
     """Sana: only the softmax cross-attention is routed (the linear self-attention keeps
     diffusers' processor); outputs equal stock's within its own fp32 error; no trace yet."""
