@@ -484,3 +484,139 @@ def test_demo_writes_the_pictures(tmp_path, arch):
     with pytest.raises(SystemExit, match="--words: word: 'zebra' is not in the prompt"):
         main(["demo", "--offline-arch", arch, "--out", str(out), "--steps", "1", "--no-compare",
               "--words", "zebra", *small])
+
+
+# ---- controls: HRV probes and ordered weakening --------------------------------------------------
+
+CONCEPTS = {"cat": "cat", "car": "car", "red": "red"}
+
+
+def _cond_rows(name, batch, call):
+    """The conditional rows of a transformer call: PixArt's second CFG half; Wan's first
+    call of a step (all rows), none in its second."""
+    if name == "pixart":
+        return range(batch // 2, batch)
+    return range(batch) if call % 2 == 1 else range(0)
+
+
+@contextlib.contextmanager
+def replayed(pipe, name, dtype=torch.float64, observe=None, mult=None):
+    """Stock processors with SDPA made explicit in ``dtype``: softmax(q·kᵀ/√D + mask), times
+    ``mult(layer, rows, shape)`` (a (B, H, 1, N) factor or None) on the numerator, times v.
+    ``observe(layer, q, rows)`` sees every cross-attention call's queries."""
+    current, calls = [], [0]
+    model = pipe.transformer
+    cross = {n for n, m in model.named_modules() if getattr(m, "is_cross_attention", False)}
+    hooks = [module.register_forward_pre_hook(lambda m, a, name=name: current.append(name))
+             for name, module in model.named_modules() if hasattr(module, "processor")]
+    hooks.append(model.register_forward_pre_hook(lambda m, a: calls.__setitem__(0, calls[0] + 1)))
+    sdpa = F.scaled_dot_product_attention
+
+    def explicit(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if not current:
+            return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                        scale=scale, enable_gqa=enable_gqa)
+        layer = current.pop()
+        q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
+        logits = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        p = torch.softmax(logits + (0 if attn_mask is None else attn_mask.to(dtype)), dim=-1)
+        rows = _cond_rows(name, q.shape[0], calls[0])
+        if layer in cross:
+            if observe is not None:
+                observe(layer, q, rows)
+            f = mult(layer, rows, tuple(p.shape)) if mult is not None else None
+            if f is not None:
+                p = p * f.to(dtype)
+        return (p @ v).to(query.dtype)
+
+    F.scaled_dot_product_attention = explicit
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = sdpa
+        for hook in hooks:
+            hook.remove()
+
+
+def reference_votes(pipe, name, prompts):
+    """HRV votes replayed on materialised probabilities, as head_relevance_calculation.py
+    forms them, with every concept word probed at once and no start token (T5 has none):
+    each word encoded alone by the text encoder (its pieces, not </s>), the layer's keys of
+    them (Wan: norm_k over all heads first), softmax over the probe set for the
+    conditional queries, mean over the queries, each concept's mean over its pieces,
+    argmax per (image, head), summed over calls. {layer: (H, K)}."""
+    modules = dict(pipe.transformer.named_modules())
+    embeds, owner = [], []
+    with torch.no_grad():
+        for c, word in enumerate(CONCEPTS.values()):
+            ids = pipe.tokenizer(word, return_tensors="pt").input_ids
+            embeds.append(pipe.text_encoder(ids)[0][0, :-1].double())       # without </s>
+            owner += [c] * (ids.shape[1] - 1)
+    embeds = torch.cat(embeds)
+    votes = {}
+
+    def observe(layer, q, rows):
+        if not rows:
+            return
+        attn = modules[layer]
+        with torch.no_grad():
+            key = attn.to_k.double()(embeds)
+            if name == "wan":
+                key = attn.norm_k.double()(key)
+            attn.float()
+        pk = key.view(len(owner), attn.heads, -1).transpose(0, 1)                 # (H, C, D)
+        p = (q[rows.start:rows.stop].double() @ pk.transpose(-1, -2) * pk.shape[-1] ** -0.5).softmax(-1).mean(2)
+        scores = torch.stack([p[..., [i for i, o in enumerate(owner) if o == c]].mean(-1)
+                              for c in range(len(CONCEPTS))], -1)                   # (images, H, K)
+        v = torch.nn.functional.one_hot(scores.argmax(-1), len(CONCEPTS)).sum(0).float()
+        votes[layer] = votes.get(layer, 0) + v
+
+    with replayed(pipe, name, observe=observe):
+        generate(pipe, guidance_scale=5.0)
+    return votes
+
+
+@pytest.mark.parametrize("name", list(PIPES))
+def test_hrv_votes_and_ordered_weakening_equal_their_replays(pipes, name):
+    from attnctl.tools.hrv import OrderedWeakening, build_hrv
+    from attnctl.tools.words import record_prompt
+
+    pipe = pipes[name]
+    frames, h, w = GRIDS[name]
+    size = (dict(height=WAN_SIZE[0], width=WAN_SIZE[1], num_frames=WAN_FRAMES) if name == "wan" else
+            dict(height=PIXART_SIZE[0], width=PIXART_SIZE[1], clean_caption=False, use_resolution_binning=False))
+    hrv = build_hrv(pipe, CONCEPTS, PROMPTS, steps=2, guidance_scale=5.0, batch_size=2, backend="torch",
+                    probe_words="all", probe_sot=False, max_sequence_length=TEXT,
+                    latents=start_latents(name, 2, pipe.dtype), **{k: v for k, v in size.items()
+                                                                   if k not in ("height", "width")},
+                    height=size["height"], width=size["width"])
+    expected = reference_votes(pipe, name, PROMPTS)
+    assert [layer for layer, _ in hrv.layers] == list(expected)
+    torch.testing.assert_close(hrv.counts, torch.cat(list(expected.values())), rtol=0, atol=0)
+
+    # MoRHF: the prompt's word pieces × -2 in the 2 heads most relevant to "red", cond rows only
+    ranked = hrv.ranked_heads("red", 2, "most")
+    offsets = hrv.offsets()
+    columns = [[p for _, pos in record_prompt(pipe.tokenizer, prompt, TEXT).words for p in pos]
+               for prompt in PROMPTS]
+
+    def mult(layer, rows, shape):
+        B, H, _, N = shape
+        f = torch.ones(B, H, 1, N)
+        start, _ = offsets[layer]
+        for i, row in enumerate(rows):
+            for head in range(H):
+                if start + head in ranked:
+                    f[row, head, 0, columns[i]] = -2.0
+        return f
+
+    with replayed(pipe, name, mult=mult):
+        exact = generate(pipe)
+    with replayed(pipe, name, dtype=torch.float32, mult=mult):
+        own_error = (generate(pipe).double() - exact.double()).abs().max().item()
+    plain = generate(pipe)
+    with attnctl.install(pipe, OrderedWeakening(hrv, "red", 2, order="most"), backend="triton"):
+        got = generate(pipe)
+    atol = 2 * own_error + 8 * EPS32 * exact.abs().max().item()
+    torch.testing.assert_close(got, exact, rtol=0, atol=atol)
+    assert (got - plain).abs().max() > 100 * atol          # the control acts
