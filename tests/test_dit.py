@@ -11,6 +11,7 @@ tells them apart by their order, as the pipeline makes them). The expected word 
 the mean over cross-attention layers and heads of P's word columns, on the token grid
 (Wan: frame by frame)."""
 import contextlib
+import math
 
 import pytest
 import torch
@@ -500,10 +501,11 @@ def _cond_rows(name, batch, call):
 
 
 @contextlib.contextmanager
-def replayed(pipe, name, dtype=torch.float64, observe=None, mult=None):
-    """Stock processors with SDPA made explicit in ``dtype``: softmax(q·kᵀ/√D + mask), times
-    ``mult(layer, rows, shape)`` (a (B, H, 1, N) factor or None) on the numerator, times v.
-    ``observe(layer, q, rows)`` sees every cross-attention call's queries."""
+def replayed(pipe, name, dtype=torch.float64, observe=None, mult=None, bias=None):
+    """Stock processors with SDPA made explicit in ``dtype``: softmax(q·kᵀ/√D + mask +
+    ``bias(layer, rows, q, k, step)``), times ``mult(layer, rows, shape)`` (a (B, H, 1, N)
+    factor or None) on the numerator, times v. ``observe(layer, q, rows)`` sees every
+    cross-attention call's queries."""
     current, calls = [], [0]
     model = pipe.transformer
     cross = {n for n, m in model.named_modules() if getattr(m, "is_cross_attention", False)}
@@ -519,8 +521,10 @@ def replayed(pipe, name, dtype=torch.float64, observe=None, mult=None):
         layer = current.pop()
         q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
         logits = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-        p = torch.softmax(logits + (0 if attn_mask is None else attn_mask.to(dtype)), dim=-1)
         rows = _cond_rows(name, q.shape[0], calls[0])
+        if layer in cross and bias is not None:
+            logits = logits + bias(layer, rows, q, k, calls[0] - 1)
+        p = torch.softmax(logits + (0 if attn_mask is None else attn_mask.to(dtype)), dim=-1)
         if layer in cross:
             if observe is not None:
                 observe(layer, q, rows)
@@ -620,3 +624,48 @@ def test_hrv_votes_and_ordered_weakening_equal_their_replays(pipes, name):
     atol = 2 * own_error + 8 * EPS32 * exact.abs().max().item()
     torch.testing.assert_close(got, exact, rtol=0, atol=atol)
     assert (got - plain).abs().max() > 100 * atol          # the control acts
+
+
+def test_paint_with_words_on_pixart_equals_its_replay(pipes):
+    """eDiff-I / paint-with-words on PixArt's cross-attention: the bias
+    w·log(1+σ)·max(q·kᵀ)·A (σ the scheduler's, max over the image's heads, tokens and
+    queries, A the mask resized bilinearly, align_corners=True, to the token grid at the
+    phrase's pieces) added to the scaled logits of the conditional rows, as the original
+    adds it; a mask at the image size."""
+    from attnctl.tools.paint import PaintWithWords
+    from attnctl.tools.words import record_prompt
+
+    pipe = pipes["pixart"]
+    frames, h, w = GRIDS["pixart"]
+    mask = torch.zeros(PIXART_SIZE)
+    mask[:, : PIXART_SIZE[1] // 2] = 1.0                        # the left half, at the image size
+    on_grid = F.interpolate(mask[None, None].double(), size=(h, w), mode="bilinear", align_corners=True)
+    on_grid = on_grid.reshape(h * w)
+    prompts = ["a cat on a red car", "a red dog"]
+    columns = [record_prompt(pipe.tokenizer, p, TEXT).positions("red") for p in prompts]
+    sigmas = []
+
+    def bias(layer, rows, q, k, step):
+        if step == len(sigmas):
+            sigmas.append(float(pipe.scheduler.sigmas[step]))
+        out = torch.zeros(q.shape[0], 1, q.shape[2], k.shape[2], dtype=q.dtype)
+        for i, row in enumerate(rows):
+            top = (q[row] @ k[row].transpose(-1, -2)).max()
+            out[row, 0, :, columns[i]] = (0.1 * math.log1p(sigmas[step]) * top * q.shape[-1] ** -0.5
+                                          * on_grid.to(q.dtype)[:, None])
+        return out
+
+    with replayed(pipe, "pixart", bias=bias):
+        exact = generate(pipe, prompts)
+    sigmas.clear()
+    with replayed(pipe, "pixart", dtype=torch.float32, bias=bias):
+        own_error = (generate(pipe, prompts).double() - exact.double()).abs().max().item()
+    plain = generate(pipe, prompts)
+    with attnctl.install(pipe, PaintWithWords({"red": mask}), backend="triton"):
+        got = generate(pipe, prompts)
+    atol = 2 * own_error + 8 * EPS32 * exact.abs().max().item()
+    torch.testing.assert_close(got, exact, rtol=0, atol=atol)
+    assert (got - plain).abs().max() > 100 * atol          # the control acts
+    with pytest.raises(ValueError, match="phrase 'zebra'"):
+        with attnctl.install(pipe, PaintWithWords({"zebra": mask}), backend="torch"):
+            generate(pipe, prompts)

@@ -47,7 +47,7 @@ class Generation:
     images_per_prompt: int
     cfg: bool
     tokenizer: object = None
-    image_scale: int = 1  # image pixels per latent pixel (the VAE's downsampling)
+    image_scale: int = 1  # image pixels per latent pixel (the VAE's downsampling; PixArt / Sana / Wan: per token)
 
 
 def find_model(target):
@@ -208,11 +208,14 @@ class Installation:
         if num_prompts is None:
             num_prompts = len(prompts) if prompts is not None else 1
         self._generations += 1
-        vae = getattr(self.pipe, "vae_scale_factor", None)
+        vae = getattr(self.pipe, "vae_scale_factor", None) or getattr(self.pipe, "vae_scale_factor_spatial", None)
+        scale = int(vae) if vae else 1
+        if self.dit is not None:   # the latent a controller sees is the token grid: pixels per token
+            scale *= self._read_dit.patch[-1]
         self.generation = Generation(
             index=self._generations, prompts=tuple(prompts) if prompts is not None else None,
             num_prompts=num_prompts, images_per_prompt=int(images_per_prompt), cfg=bool(cfg),
-            tokenizer=tokenizer, image_scale=int(vae) if vae else 1)
+            tokenizer=tokenizer, image_scale=scale)
         self._unet_calls = 0
         self.check_processors()
         for controller in self.controllers:
