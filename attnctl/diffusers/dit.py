@@ -17,6 +17,7 @@ Token order: PixArt and Sana patchify an image row by row, Wan a video frame by 
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -30,6 +31,8 @@ FAMILIES = (PIXART, SANA, WAN)
 # text and the ones before as image context (diffusers 0.42.1 hard-codes the 512).
 WAN_TEXT_TOKENS = 512
 TEXT, IMAGE_CONTEXT = "text", "image"   # what the keys of a cross-attention call are
+# The Plan fields WanProcessor applies; any other (injection, ...) is refused by name.
+WAN_PLAN_FIELDS = ("bias", "prob_mult", "capture", "regions")
 
 
 def dit_family(model) -> Optional[str]:
@@ -148,8 +151,11 @@ class WanProcessor:
             plan, route = compose([c.plan(call) for c in installation.controllers],
                                   (call.batch, call.heads, call.queries, call.keys), call.device)
             if plan is not None:
-                if plan.source is not None:
-                    raise NotImplementedError(f"source: injection is not supported on Wan attention ({self.layer})")
+                unsupported = [f.name for f in dataclasses.fields(plan)
+                               if f.name not in WAN_PLAN_FIELDS and getattr(plan, f.name) is not None]
+                if unsupported:
+                    raise NotImplementedError(f"{', '.join(unsupported)}: not supported on Wan attention "
+                                              f"({self.layer}); it takes {', '.join(WAN_PLAN_FIELDS)}")
                 bias, prob_mult, capture, regions = plan.bias, plan.prob_mult, plan.capture, plan.regions
         out = attention(q, k, v, bias=bias, prob_mult=prob_mult, capture=capture, regions=regions,
                         backend=installation.backend)
