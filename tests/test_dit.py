@@ -221,6 +221,26 @@ def test_word_maps_match_the_materialising_reference(pipes, stock, name, backend
                                              max(len(t.tokens) for t in maps.prompts))
 
 
+@pytest.mark.parametrize("name,prompt,encoded", [
+    ("pixart", "  A Cat on a RED car ", "a cat on a red car"),   # PixArt lower-cases and strips
+    ("wan", "a  cat\non a red   car", "a cat on a red car")])   # Wan collapses whitespace
+def test_prompts_are_recorded_as_the_text_encoder_sees_them(pipes, name, prompt, encoded):
+    pipe, seen = pipes[name], []
+    hook = pipe.text_encoder.register_forward_pre_hook(lambda m, a, kw: seen.append((a[0] if a else
+                                                                                      kw["input_ids"])[0]),
+                                                         with_kwargs=True)
+    try:
+        with attnctl.trace(pipe, backend="torch") as tc:
+            generate(pipe, [prompt], guidance_scale=1.0)
+    finally:
+        hook.remove()
+    text = tc.maps().prompts[0]
+    assert text.prompt == encoded
+    ids = pipe.tokenizer.convert_tokens_to_ids(list(text.tokens))
+    assert ids == seen[0][: len(ids)].tolist() and pipe.tokenizer.unk_token_id not in ids
+    assert tc.word_heat_map("red car").value.shape == GRIDS[name][1:]
+
+
 def test_video_outputs_and_saved_trace(pipes, tmp_path):
     """The frames × words strip (PNG) and the animation (GIF through imageio, or the error
     naming imageio); a saved Wan trace keeps its frames."""

@@ -69,6 +69,20 @@ def softmax_layers(model, family: str) -> Dict[str, str]:
     return chosen
 
 
+def encoder_texts(family: str, pipe, prompts, arguments) -> list:
+    """The prompts as the pipeline hands them to its tokenizer, so word lookups find the
+    tokens the text encoder saw: PixArt and Sana pass them through their
+    ``_text_preprocessing`` (lower case and stripped, or cleaned with ``clean_caption``),
+    Wan through ``prompt_clean`` (ftfy and HTML unescaping when available, whitespace
+    collapsed)."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if family == WAN:
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+        return [prompt_clean(p) for p in prompts]
+    return list(pipe._text_preprocessing(prompts, clean_caption=bool(arguments.get("clean_caption", False))))
+
+
 class DiTReader:
     """Reads a transformer forward's input: batch rows, latent frames after patchify (1 for
     images), the token grid (h, w) of a frame after patchify, and the timestep."""

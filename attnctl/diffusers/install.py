@@ -26,7 +26,7 @@ import torch
 
 from ..op import BACKENDS
 from .controller import AttentionCall, BatchLayout, Controller, DenoiseStep
-from .dit import WAN, DiTReader, WanProcessor, dit_family, softmax_layers
+from .dit import WAN, DiTReader, WanProcessor, dit_family, encoder_texts, softmax_layers
 from .joint import IMAGE_SELF, JointLayer, JointLayout, JointProcessor
 from .mmdit import FLUX, ForwardReader, joint_layers, mmdit_family
 from .processor import AttnctlProcessor
@@ -38,7 +38,9 @@ _ATTRIBUTE = "_attnctl_installation"
 class Generation:
     """One pipeline call, as seen by ``encode_prompt``.
 
-    ``prompts`` is None when the pipeline got ``prompt_embeds`` without text.
+    ``prompts`` is None when the pipeline got ``prompt_embeds`` without text. On PixArt,
+    Sana and Wan they are the texts the pipeline tokenises (see
+    attnctl.diffusers.dit.encoder_texts: PixArt and Sana lower-case them).
     """
 
     index: int
@@ -258,6 +260,8 @@ class Installation:
                 embeds.shape[0] if embeds is not None else 1)
             tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
             per_prompt = a.get("num_images_per_prompt") or a.get("num_videos_per_prompt") or 1  # Wan: videos
+            if prompt is not None and self.dit is not None:
+                prompt = encoder_texts(self.dit, pipe, prompt, a)
             self.start_generation(prompt, num_prompts=num, images_per_prompt=per_prompt,
                                   cfg=bool(a.get("do_classifier_free_guidance", False)), tokenizer=tokenizer)
             return original(*args, **kwargs)
