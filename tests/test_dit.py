@@ -310,7 +310,10 @@ def test_wan_i2v_image_context_is_a_second_call_and_equals_stock():
 
 def test_sana_equals_stock_with_its_linear_self_attention_left_alone():
     """Sana: only the softmax cross-attention is routed (the linear self-attention keeps
-    diffusers' processor); outputs equal stock's within its own fp32 error; no trace yet."""
+    diffusers' processor); outputs equal stock's within its own fp32 error; word maps
+    match the materialising reference, with the pipeline's complex_human_instruction (the
+    prompt's tokens among the last max_sequence_length − 1 of instruction + prompt) and
+    without it."""
     from attnctl.diffusers.offline_dit import tiny_sana_pipeline
 
     pipe = tiny_sana_pipeline()
@@ -333,10 +336,38 @@ def test_sana_equals_stock_with_its_linear_self_attention_left_alone():
         torch.testing.assert_close(out, expected, rtol=0, atol=atol)
         assert all(pipe.transformer.attn_processors[k] is v for k, v in original.items())
     assert {(c[0], c[2], c[3], c[6]) for c in recorder.calls} == {("transformer_blocks.0.attn2", (8, 8), 1, 64)}
-    with pytest.raises(NotImplementedError, match="trace: SanaPipeline's text columns"):
-        with attnctl.trace(pipe):
-            pass
-    assert attnctl.diffusers.installation_of(pipe) is None
+
+    from attnctl.tools.words import record_prompt
+
+    # the pipeline's default instruction, none, and one after which the prompt's columns
+    # are not the prompt's own token positions
+    for instruction in ({}, dict(complex_human_instruction=None), dict(complex_human_instruction=["Describe it",
+                                                                                                "then:"])):
+        seen = []
+        hook = pipe.text_encoder.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+        try:
+            with materialised(pipe, cfg_calls=1) as store:
+                pipe(PROMPTS, latents=latents, **options, **instruction)
+        finally:
+            hook.remove()
+        with attnctl.trace(pipe, backend="triton") as tc:
+            pipe(PROMPTS, latents=latents, **options, **instruction)
+        selected = seen[0][:, [0] + list(range(-TEXT + 1, 0))]     # the pipeline's select_index
+        maps = tc.maps()
+        for b in range(2):
+            for word in ("cat", "red car", "dog"):
+                if word.split()[-1] not in PROMPTS[b].split():
+                    continue
+                pieces = [i for i in pipe.tokenizer(word).input_ids if i not in pipe.tokenizer.all_special_ids]
+                ids = selected[b].tolist()
+                starts = [c for c in range(len(ids)) if ids[c:c + len(pieces)] == pieces]
+                assert len(starts) == 1
+                columns = list(range(starts[0], starts[0] + len(pieces)))
+                assert maps.prompts[b].positions(word, None, match="tokens") == columns
+                if instruction.get("complex_human_instruction") == ["Describe it", "then:"]:
+                    assert record_prompt(pipe.tokenizer, PROMPTS[b]).positions(word, None, match="tokens") != columns
+                assert_matches_reference(tc.word_heat_map(word, b).value[None], store, maps.layout.row(b), columns,
+                                         (1, 8, 8), ["transformer_blocks.0.attn2"])
 
 
 # ---- bad input ---------------------------------------------------------------------------------
@@ -415,9 +446,8 @@ def test_published_configs_layers_and_map_shapes(monkeypatch, name, routed, head
     recorder = _Recorder()
     frames, h, w = grid
     config = model.config
-    sana = name.startswith("sana")   # no trace on Sana yet: the calls only
-    with (attnctl.install(model, backend="torch") if sana else attnctl.trace(model, layers="*", backend="torch")) as tc:
-        installation = tc if sana else tc.installation
+    with attnctl.trace(model, layers="*", backend="torch") as tc:
+        installation = tc.installation
         installation.add(recorder)
         assert len(installation.layers) == routed and len(installation.cross_layers) == routed // (
             1 if name.startswith("sana") else 2)
@@ -438,8 +468,6 @@ def test_published_configs_layers_and_map_shapes(monkeypatch, name, routed, head
     for layer, is_cross, got_grid, got_frames, _, layout, queries, keys, _ in recorder.calls:
         assert (got_frames, *got_grid) == grid and queries == frames * h * w
         assert keys == (text if is_cross else queries)
-    if sana:
-        return
     maps = tc.maps()
     prompt_tokens = len(maps.prompts[0].tokens)       # the prompt's pieces and </s>
     assert len(maps.layers) == len(installation.cross_layers)

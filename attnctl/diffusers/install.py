@@ -26,7 +26,7 @@ import torch
 
 from ..op import BACKENDS
 from .controller import AttentionCall, BatchLayout, Controller, DenoiseStep
-from .dit import WAN, DiTReader, WanProcessor, dit_family, encoder_texts, softmax_layers
+from .dit import SANA, WAN, DiTReader, WanProcessor, dit_family, encoder_texts, softmax_layers
 from .joint import IMAGE_SELF, JointLayer, JointLayout, JointProcessor
 from .mmdit import FLUX, ForwardReader, joint_layers, mmdit_family
 from .processor import AttnctlProcessor
@@ -49,6 +49,8 @@ class Generation:
     images_per_prompt: int
     cfg: bool
     tokenizer: object = None
+    instruction: Optional[Tuple[str, ...]] = None  # Sana: complex_human_instruction put before each prompt
+    text_length: Optional[int] = None              # Sana: max_sequence_length (the text columns)
     image_scale: int = 1  # image pixels per latent pixel (the VAE's downsampling; PixArt / Sana / Wan: per token)
 
 
@@ -202,7 +204,8 @@ class Installation:
 
     # ---- generation / step state -------------------------------------------------------
     def start_generation(self, prompts: Optional[Sequence[str]] = None, *, num_prompts: Optional[int] = None,
-                         images_per_prompt: int = 1, cfg: bool = False, tokenizer=None) -> Generation:
+                         images_per_prompt: int = 1, cfg: bool = False, tokenizer=None,
+                         instruction: Optional[Sequence[str]] = None, text_length: Optional[int] = None) -> Generation:
         """Mark the start of a generation (the pipeline hook does this; call it yourself
         when driving a bare UNet)."""
         if isinstance(prompts, str):
@@ -217,7 +220,8 @@ class Installation:
         self.generation = Generation(
             index=self._generations, prompts=tuple(prompts) if prompts is not None else None,
             num_prompts=num_prompts, images_per_prompt=int(images_per_prompt), cfg=bool(cfg),
-            tokenizer=tokenizer, image_scale=scale)
+            tokenizer=tokenizer, image_scale=scale, instruction=tuple(instruction) if instruction else None,
+            text_length=text_length)
         self._unet_calls = 0
         self.check_processors()
         for controller in self.controllers:
@@ -262,8 +266,11 @@ class Installation:
             per_prompt = a.get("num_images_per_prompt") or a.get("num_videos_per_prompt") or 1  # Wan: videos
             if prompt is not None and self.dit is not None:
                 prompt = encoder_texts(self.dit, pipe, prompt, a)
+            sana = {}
+            if self.dit == SANA:   # where the prompt's tokens land among the text columns
+                sana = dict(instruction=a.get("complex_human_instruction"), text_length=a.get("max_sequence_length"))
             self.start_generation(prompt, num_prompts=num, images_per_prompt=per_prompt,
-                                  cfg=bool(a.get("do_classifier_free_guidance", False)), tokenizer=tokenizer)
+                                  cfg=bool(a.get("do_classifier_free_guidance", False)), tokenizer=tokenizer, **sana)
             return original(*args, **kwargs)
 
         encode_prompt.__signature__ = signature

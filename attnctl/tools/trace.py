@@ -36,9 +36,9 @@ from ..diffusers.install import Generation, install, installation_of
 from .daam import counts_in_daam, is_daam_layer, output_side
 from .maps import ALL_STEPS, LayerMaps, TraceMaps, resolution_matches, select_layers
 from ..diffusers.joint import BLOCK_KINDS, IMAGE_SELF
-from ..diffusers.dit import SANA, WAN
+from ..diffusers.dit import WAN
 from ..diffusers.mmdit import FLUX
-from .words import record_prompt
+from .words import record_after_instruction, record_prompt
 
 TOKEN_CHOICES = ("prompt", "all")
 TEXT_SEGMENTS = ("t5", "clip")
@@ -110,7 +110,11 @@ class TraceController(Controller):
             self._record_texts(generation.tokenizer, None)
 
     def _record_texts(self, tokenizer, max_length: Optional[int]) -> None:
-        self.texts = [record_prompt(tokenizer, p, max_length) for p in self.generation.prompts]
+        gen = self.generation
+        if gen.instruction:   # Sana with its complex_human_instruction
+            self.texts = [record_after_instruction(tokenizer, p, gen.instruction, gen.text_length) for p in gen.prompts]
+        else:
+            self.texts = [record_prompt(tokenizer, p, max_length) for p in gen.prompts]
         # DAAM keeps BOS, the prompt's tokens and the first EOS; for a batch, the longest's
         # (T5: the prompt's pieces and </s>, no padding).
         self.kept_columns = (max(len(t.tokens) for t in self.texts) if self.tokens == "prompt" else None)
@@ -297,11 +301,6 @@ class Trace:
         if controller.text != "t5":
             raise ValueError(f"text: selects the text segment of an MM-DiT (SD3) trace; {family} has one, got "
                              f"{controller.text!r}")
-        if family == SANA:
-            raise NotImplementedError("trace: SanaPipeline's text columns are token 0 and the last "
-                                      "max_sequence_length − 1 tokens of complex_human_instruction + prompt, "
-                                      "which attnctl does not map to the prompt's words yet; install() and "
-                                      "controllers work on Sana")
         if controller.uncond and family == WAN:
             raise ValueError("uncond: WanPipeline runs CFG's unconditional half as a transformer call of its own, "
                              "which the trace does not capture; got uncond=True")
