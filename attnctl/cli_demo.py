@@ -31,8 +31,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "demo", help="generate with a trace: image, per-word heat maps, fused vs materialised capture",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", metavar="DIR", help="local diffusers model directory (default: build a small SD offline)")
-    p.add_argument("--offline-arch", choices=("sd", "sdxl", "flux", "sd3"), default="sd",
-                   help="architecture of the offline pipeline (default sd; flux and sd3: MM-DiT joint attention)")
+    p.add_argument("--offline-arch", choices=("sd", "sdxl", "flux", "sd3", "pixart", "wan"), default="sd",
+                   help="architecture of the offline pipeline (default sd; flux and sd3: MM-DiT joint attention, "
+                        "attnctl.cli_demo_mmdit; pixart and wan: cross-attention transformers, attnctl.cli_demo_dit)")
     p.add_argument("--prompt", default="a cat sitting on a red car")
     p.add_argument("--words", nargs="+", metavar="WORD", help="words to map (default: every word of the prompt)")
     p.add_argument("--steps", type=int, help="denoising steps (default 25 with --model, 8 offline)")
@@ -169,6 +170,10 @@ def main(args: argparse.Namespace) -> int:
 
     device = args.device
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
+    if args.offline_arch in ("pixart", "wan") and not args.model:
+        from . import cli_demo_dit
+
+        return cli_demo_dit.main(args, dtype)
     out = Path(args.out)
     (out / "heatmaps").mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(args, device, dtype)

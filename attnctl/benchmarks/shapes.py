@@ -49,7 +49,17 @@ _MODELS = {
     # Long text contexts (T5 encoders: N = 333 as in DeepFloyd/PixArt-style prompts, 512 max).
     "t5ctx-333": ([("64x64", 4096, 24, 64)], 333),
     "t5ctx-512": ([("64x64", 4096, 24, 64)], 512),
+    # Cross-attention transformers (published configs in ../shared/configs): PixArt-Σ 1024²
+    # (128² latent, patch 2; T5 300), Sana 1600M 1024² (DC-AE f32, patch 1; Gemma-2 300;
+    # its self-attention is linear, no softmax), Wan 2.1 480x832x81 (latent 21x60x104,
+    # patch 1x2x2; umT5 512).
+    "pixart-1024": ([("64x64", 4096, 16, 72)], 300),
+    "sana-1024": ([("32x32", 1024, 20, 112)], 300),
+    "wan1.3b-480p": ([("21x30x52", 32760, 12, 128)], 512),
+    "wan14b-480p": ([("21x30x52", 32760, 40, 128)], 512),
 }
+# Models with no softmax self-attention row: text-context probes, Sana's linear attention.
+_NO_SELF = ("t5ctx-333", "t5ctx-512", "sana-1024")
 
 
 # MM-DiT joint attention at 1024² (model: (image grid, image tokens, text tokens, heads,
@@ -74,7 +84,7 @@ def catalog(batches: Iterable[int] = (2, 8), kinds: Iterable[str] = ("cross", "s
             continue
         for level, M, H, D in levels:
             for kind in kinds:
-                if kind == "joint" or (kind == "self" and model.startswith("t5ctx")):
+                if kind == "joint" or (kind == "self" and model in _NO_SELF):
                     continue
                 N = text_len if kind == "cross" else M
                 shapes.extend(AttnShape(model, level, kind, B, H, M, N, D) for B in batches)

@@ -63,11 +63,15 @@ class BatchLayout:
     batch, so rows ``[0, rows/2)`` are unconditional and the rest conditional. Within a
     half, row ``i`` is image ``i`` of the generation, made from prompt
     ``i // images_per_prompt``.
+
+    ``half`` ("cond" or "uncond") marks a call that holds one CFG half only: WanPipeline
+    calls its transformer once per half, so ``cfg`` is False and every row is of ``half``.
     """
 
     rows: int
     cfg: bool
     images_per_prompt: int = 1
+    half: Optional[str] = None
 
     @property
     def images(self) -> int:
@@ -75,10 +79,14 @@ class BatchLayout:
 
     @property
     def uncond_rows(self) -> range:
+        if self.half is not None:
+            return range(self.rows) if self.half == "uncond" else range(0)
         return range(0, self.images) if self.cfg else range(0)
 
     @property
     def cond_rows(self) -> range:
+        if self.half == "uncond":
+            return range(0)
         return range(self.rows - self.images, self.rows)
 
     def rows_of(self, half: str) -> range:
@@ -86,7 +94,7 @@ class BatchLayout:
         if half == "cond":
             return self.cond_rows
         if half == "uncond":
-            if not self.cfg:
+            if not self.cfg and self.half is None:
                 raise ValueError("half: 'uncond' was requested but this generation ran without "
                                  "classifier-free guidance, so it has no unconditional rows")
             return self.uncond_rows
@@ -173,10 +181,17 @@ class AttentionCall:
             are text and which image, the image token grid, the block kind and index;
             None on UNet layers. There ``is_cross`` is False, ``grid`` and ``latent`` are
             the image token grid and ``factor`` is 1.
+        frames: latent frames after patchify of a video model's queries (Wan), 1 for
+            images. The queries are the frames one after the other, each on ``grid``:
+            query ``(f·h + y)·w + x``.
+        context: what a cross-attention call's keys are: "text", or "image" for the CLIP
+            image-context tokens a Wan I2V layer attends to in a second call (whose output
+            is added to the text call's).
     """
 
     __slots__ = ("layer", "is_cross", "grid", "factor", "latent", "step", "layout", "batch", "heads",
-                 "queries", "keys", "head_dim", "device", "dtype", "query", "key", "backend", "scale", "joint")
+                 "queries", "keys", "head_dim", "device", "dtype", "query", "key", "backend", "scale", "joint",
+                 "frames", "context")
 
     def __init__(self, layer: str, is_cross: bool, grid: Optional[Tuple[int, int]],
                  factor: Optional[int], latent: Optional[Tuple[int, int]], step: DenoiseStep,
@@ -198,6 +213,8 @@ class AttentionCall:
         self.backend = backend
         self.scale = float(scale) if scale is not None else self.head_dim ** -0.5
         self.joint = None
+        self.frames = 1
+        self.context = "text"
 
     def __repr__(self) -> str:
         return (f"AttentionCall({self.layer}, cross={self.is_cross}, grid={self.grid}, "

@@ -11,7 +11,10 @@ State comes from two hooks that restore exactly on uninstall:
   UNet call per denoising step with CFG, batch 2B, and without, batch B) and records the
   latent size, from which each layer's query grid (h, w) follows for any aspect ratio.
   On a Flux / SD3 transformer the hook records the image token grid after patchify and
-  the text length (see attnctl.diffusers.mmdit).
+  the text length (see attnctl.diffusers.mmdit); on PixArt, Sana and Wan the token grid
+  (and Wan's latent frames) after patchify (see attnctl.diffusers.dit). WanPipeline calls
+  its transformer once per CFG half (conditional first); the hook tells the halves apart
+  by their order and gives both calls of a step the same step index.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import torch
 
 from ..op import BACKENDS
 from .controller import AttentionCall, BatchLayout, Controller, DenoiseStep
+from .dit import SANA, WAN, DiTReader, WanProcessor, dit_family, encoder_texts, softmax_layers
 from .joint import IMAGE_SELF, JointLayer, JointLayout, JointProcessor
 from .mmdit import FLUX, ForwardReader, joint_layers, mmdit_family
 from .processor import AttnctlProcessor
@@ -34,7 +38,9 @@ _ATTRIBUTE = "_attnctl_installation"
 class Generation:
     """One pipeline call, as seen by ``encode_prompt``.
 
-    ``prompts`` is None when the pipeline got ``prompt_embeds`` without text.
+    ``prompts`` is None when the pipeline got ``prompt_embeds`` without text. On PixArt,
+    Sana and Wan they are the texts the pipeline tokenises (see
+    attnctl.diffusers.dit.encoder_texts: PixArt and Sana lower-case them).
     """
 
     index: int
@@ -43,22 +49,31 @@ class Generation:
     images_per_prompt: int
     cfg: bool
     tokenizer: object = None
-    image_scale: int = 1  # image pixels per latent pixel (the VAE's downsampling)
+    instruction: Optional[Tuple[str, ...]] = None  # Sana: complex_human_instruction put before each prompt
+    text_length: Optional[int] = None              # Sana: max_sequence_length (the text columns)
+    image_scale: int = 1  # image pixels per latent pixel (the VAE's downsampling; PixArt / Sana / Wan: per token)
 
 
 def find_model(target):
-    """(model, pipeline or None) for a UNet / Flux / SD3 pipeline or such a model."""
+    """(model, pipeline or None) for a UNet / Flux / SD3 / PixArt / Sana / Wan pipeline or
+    such a model."""
     from diffusers import UNet2DConditionModel
 
-    if isinstance(target, UNet2DConditionModel) or mmdit_family(target) is not None:
+    def supported(model):
+        return isinstance(model, UNet2DConditionModel) or mmdit_family(model) is not None or (
+            dit_family(model) is not None)
+
+    if supported(target):
         return target, None
     for attr in ("unet", "transformer"):
         model = getattr(target, attr, None)
-        if isinstance(model, UNet2DConditionModel) or (model is not None and mmdit_family(model) is not None):
+        if model is not None and supported(model):
             return model, target
     raise TypeError("install: expected a diffusers pipeline whose `unet` is a UNet2DConditionModel (Stable "
                     "Diffusion 1.x, 2.x, SDXL) or whose `transformer` is a FluxTransformer2DModel or "
-                    f"SD3Transformer2DModel (Flux, SD3, SD3.5), or such a model, got {_describe(target)}")
+                    "SD3Transformer2DModel (Flux, SD3, SD3.5), PixArtTransformer2DModel (PixArt-α/Σ), "
+                    "SanaTransformer2DModel or WanTransformer3DModel (Wan 2.1), or such a model, got "
+                    f"{_describe(target)}")
 
 
 def _describe(target) -> str:
@@ -98,7 +113,9 @@ class Installation:
 
     def __init__(self, model, pipe, backend: str):
         self.model = model
-        self.family = mmdit_family(model)  # None for a UNet, "flux" or "sd3"
+        self.family = mmdit_family(model)  # "flux" or "sd3" on an MM-DiT, else None
+        self.dit = dit_family(model)        # "pixart", "sana" or "wan", else None
+        self.frames = 1                     # latent frames after patchify of the current input (Wan)
         self.pipe = pipe
         self.backend = backend
         self.controllers: List[Controller] = []
@@ -115,7 +132,14 @@ class Installation:
         self.text_tokens = 0  # MM-DiT: text tokens of the transformer's current input
         self._last_step = None  # MM-DiT: (generation, scheduler step index) of the last transformer call
         self.joint: Dict[str, JointLayer] = {}  # MM-DiT: each layer's block kind
-        if self.family is None:
+        if self.dit is not None:
+            replayed = softmax_layers(model, self.dit)
+            make = WanProcessor if self.dit == WAN else AttnctlProcessor
+            processors = {name: make(replayed[name], self) if name in replayed else proc
+                          for name, proc in self._original.items()}
+            self._read_dit = DiTReader(model, self.dit)
+            self._hook = model.register_forward_pre_hook(self._before_dit, with_kwargs=True)
+        elif self.family is None:
             processors = {name: AttnctlProcessor(name[: -len(".processor")], self) for name in self._original}
             self._hook = model.register_forward_pre_hook(self._before_unet, with_kwargs=True)
         else:
@@ -123,6 +147,8 @@ class Installation:
             processors = {f"{layer}.processor": JointProcessor(layer, self, kind) for layer, kind in self.joint.items()}
             self._read_forward = ForwardReader(model, self.family)
             self._hook = model.register_forward_pre_hook(self._before_transformer, with_kwargs=True)
+        # the processors attnctl puts in (all but Sana's linear self-attention)
+        self._routed = [name for name, proc in processors.items() if proc is not self._original[name]]
         if pipe is not None and hasattr(pipe, "encode_prompt"):
             self._wrap_encode_prompt(pipe)
         model.set_attn_processor(processors)
@@ -161,8 +187,9 @@ class Installation:
 
     @property
     def layers(self) -> List[str]:
-        """Names of every attention layer, as processors know them."""
-        return [name[: -len(".processor")] for name in self._original]
+        """Names of every attention layer attnctl routes, as processors know them (on Sana
+        the cross-attention layers: its linear self-attention keeps diffusers' processor)."""
+        return [name[: -len(".processor")] for name in self._routed]
 
     @property
     def cross_layers(self) -> List[str]:
@@ -177,7 +204,8 @@ class Installation:
 
     # ---- generation / step state -------------------------------------------------------
     def start_generation(self, prompts: Optional[Sequence[str]] = None, *, num_prompts: Optional[int] = None,
-                         images_per_prompt: int = 1, cfg: bool = False, tokenizer=None) -> Generation:
+                         images_per_prompt: int = 1, cfg: bool = False, tokenizer=None,
+                         instruction: Optional[Sequence[str]] = None, text_length: Optional[int] = None) -> Generation:
         """Mark the start of a generation (the pipeline hook does this; call it yourself
         when driving a bare UNet)."""
         if isinstance(prompts, str):
@@ -185,11 +213,15 @@ class Installation:
         if num_prompts is None:
             num_prompts = len(prompts) if prompts is not None else 1
         self._generations += 1
-        vae = getattr(self.pipe, "vae_scale_factor", None)
+        vae = getattr(self.pipe, "vae_scale_factor", None) or getattr(self.pipe, "vae_scale_factor_spatial", None)
+        scale = int(vae) if vae else 1
+        if self.dit is not None:   # the latent a controller sees is the token grid: pixels per token
+            scale *= self._read_dit.patch[-1]
         self.generation = Generation(
             index=self._generations, prompts=tuple(prompts) if prompts is not None else None,
             num_prompts=num_prompts, images_per_prompt=int(images_per_prompt), cfg=bool(cfg),
-            tokenizer=tokenizer, image_scale=int(vae) if vae else 1)
+            tokenizer=tokenizer, image_scale=scale, instruction=tuple(instruction) if instruction else None,
+            text_length=text_length)
         self._unet_calls = 0
         self.check_processors()
         for controller in self.controllers:
@@ -199,8 +231,10 @@ class Installation:
     def replaced_layers(self) -> List[str]:
         """Layers whose processor is no longer this installation's (replaced by a
         ``set_attn_processor`` after install)."""
-        return [name[: -len(".processor")] for name, proc in self.model.attn_processors.items()
-                if not (isinstance(proc, (AttnctlProcessor, JointProcessor)) and proc.installation is self)]
+        processors = self.model.attn_processors
+        return [name[: -len(".processor")] for name in self._routed
+                if not (isinstance(processors[name], (AttnctlProcessor, JointProcessor, WanProcessor))
+                        and processors[name].installation is self)]
 
     def check_processors(self, adding: Sequence[Controller] = ()) -> None:
         """Raise if processors were replaced while controllers are (or are being) attached:
@@ -229,8 +263,14 @@ class Installation:
             num = (1 if isinstance(prompt, str) else len(prompt)) if prompt is not None else (
                 embeds.shape[0] if embeds is not None else 1)
             tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
-            self.start_generation(prompt, num_prompts=num, images_per_prompt=a.get("num_images_per_prompt") or 1,
-                                  cfg=bool(a.get("do_classifier_free_guidance", False)), tokenizer=tokenizer)
+            per_prompt = a.get("num_images_per_prompt") or a.get("num_videos_per_prompt") or 1  # Wan: videos
+            if prompt is not None and self.dit is not None:
+                prompt = encoder_texts(self.dit, pipe, prompt, a)
+            sana = {}
+            if self.dit == SANA:   # where the prompt's tokens land among the text columns
+                sana = dict(instruction=a.get("complex_human_instruction"), text_length=a.get("max_sequence_length"))
+            self.start_generation(prompt, num_prompts=num, images_per_prompt=per_prompt,
+                                  cfg=bool(a.get("do_classifier_free_guidance", False)), tokenizer=tokenizer, **sana)
             return original(*args, **kwargs)
 
         encode_prompt.__signature__ = signature
@@ -255,7 +295,18 @@ class Installation:
         self._last_step = marker
         self._start_step(rows, grid, timestep)
 
-    def _start_step(self, rows: int, latent: Tuple[int, int], timestep) -> None:
+    def _before_dit(self, module, args, kwargs) -> None:
+        rows, self.frames, grid, timestep = self._read_dit(args, kwargs)
+        gen = self.generation
+        if self.dit == WAN and gen is not None and gen.cfg and rows == gen.num_prompts * gen.images_per_prompt:
+            # WanPipeline: per step one call with the prompt, then one with the negative prompt.
+            half = "cond" if self._unet_calls % 2 == 0 else "uncond"
+            self._start_step(rows, grid, timestep, half=half, index=self._unet_calls // 2)
+        else:
+            self._start_step(rows, grid, timestep)
+
+    def _start_step(self, rows: int, latent: Tuple[int, int], timestep, half: Optional[str] = None,
+                    index: Optional[int] = None) -> None:
         self.latent = latent
         gen = self.generation
         if gen is None:
@@ -264,9 +315,9 @@ class Installation:
             images = gen.num_prompts * gen.images_per_prompt
             # A pipeline may skip CFG on some calls; the batch size tells.
             cfg = gen.cfg and rows == 2 * images
-            self.layout = BatchLayout(rows=rows, cfg=cfg, images_per_prompt=gen.images_per_prompt)
+            self.layout = BatchLayout(rows=rows, cfg=cfg, images_per_prompt=gen.images_per_prompt, half=half)
         scheduler = getattr(self.pipe, "scheduler", None)
-        self.step = DenoiseStep(self._unet_calls, timestep, scheduler)
+        self.step = DenoiseStep(self._unet_calls if index is None else index, timestep, scheduler)
         self._unet_calls += 1
         for controller in self.controllers:
             controller.on_step(self.step, self.layout)
@@ -292,6 +343,22 @@ class Installation:
             layout = BatchLayout(rows=q.shape[0], cfg=False)
         return AttentionCall(layer, is_cross, derived[0], derived[1], self.latent, self.step, layout, q, k,
                              self.backend, scale)
+
+    def describe_tokens(self, layer: str, is_cross: bool, q: torch.Tensor, k: torch.Tensor,
+                        context: str) -> AttentionCall:
+        """The AttentionCall of a Wan attention call: queries are the video tokens, frame by
+        frame on the (h, w) token grid; ``context`` says what a cross-attention's keys are."""
+        grid, frames = self.latent, self.frames
+        if grid is None or frames * grid[0] * grid[1] != q.shape[2]:
+            raise RuntimeError(f"{layer}: {q.shape[2]} query tokens do not fill {frames} frames of the token grid "
+                               f"{grid} read from the transformer's input; the transformer must run through its "
+                               "forward")
+        layout = self.layout
+        if layout.rows != q.shape[0]:
+            layout = BatchLayout(rows=q.shape[0], cfg=False)
+        call = AttentionCall(layer, is_cross, grid, 1, grid, self.step, layout, q, k, self.backend)
+        call.frames, call.context = frames, context
+        return call
 
     def describe_joint(self, layer: str, joint: JointLayout, q: torch.Tensor, k: torch.Tensor) -> AttentionCall:
         """The AttentionCall of an MM-DiT joint attention call (grid: the image token grid)."""

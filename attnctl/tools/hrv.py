@@ -45,7 +45,7 @@ import torch
 
 from ..capture import Capture
 from ..diffusers.controller import AttentionCall, BatchLayout, Controller, DenoiseStep, Plan
-from ..diffusers.install import Generation, install, installation_of
+from ..diffusers.install import Generation, find_model, install, installation_of
 from .hrv_official import official_order
 from .words import query_words, record_prompt
 
@@ -234,16 +234,22 @@ def _concept_words(concepts: Concepts) -> Dict[str, List[str]]:
     return out
 
 
-def encode_words(pipe, words: Sequence[str]) -> Tuple[torch.Tensor, List[int], torch.Tensor]:
-    """Token embeddings of each word as the UNet sees text (the pipeline's encode_prompt,
-    bypassing attnctl's hook), keeping the word's own tokens: (1, C, dim), the number of
-    tokens of each word, and the start-of-text token's embedding (dim,) (the same for every
-    text: CLIP's causal attention lets it see only itself)."""
+def encode_words(pipe, words: Sequence[str]) -> Tuple[torch.Tensor, List[int], Optional[torch.Tensor]]:
+    """Token embeddings of each word as the denoiser sees text (the pipeline's
+    encode_prompt, bypassing attnctl's hook), keeping the word's own tokens: (1, C, dim),
+    the number of tokens of each word, and the start-of-text token's embedding (dim,) (the
+    same for every text: CLIP's causal attention lets it see only itself); None where the
+    tokenizer puts no start token (T5: PixArt, Wan)."""
+    import inspect
+
     tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
     if tokenizer is None:
         raise TypeError(f"pipe: expected a pipeline with a tokenizer, got {type(pipe).__name__}")
-    device = pipe.unet.device
-    rows, sizes = [], []
+    device = find_model(pipe)[0].device
+    # WanPipeline counts videos per prompt
+    per_prompt = ("num_videos_per_prompt" if "num_videos_per_prompt" in inspect.signature(pipe.encode_prompt).parameters
+                  else "num_images_per_prompt")
+    rows, sizes, sot = [], [], None
     with torch.no_grad():
         for word in words:
             text = record_prompt(tokenizer, word)
@@ -252,19 +258,25 @@ def encode_words(pipe, words: Sequence[str]) -> Tuple[torch.Tensor, List[int], t
                 raise ValueError(f"concept word {word!r}: the tokenizer gives it no tokens")
             # type(pipe).encode_prompt: the class's function, not attnctl's per-instance hook,
             # so encoding concept words does not start a "generation".
-            embeds = type(pipe).encode_prompt(pipe, prompt=word, device=device, num_images_per_prompt=1,
-                                              do_classifier_free_guidance=False)[0]
+            embeds = type(pipe).encode_prompt(pipe, prompt=word, device=device, do_classifier_free_guidance=False,
+                                              **{per_prompt: 1})[0]
             rows.append(embeds[0, positions])
             sizes.append(len(positions))
-            sot = embeds[0, 0]
+            if positions[0] > 0:
+                sot = embeds[0, 0]
     return torch.cat(rows)[None], sizes, sot
 
 
 def layer_probe_keys(attn, embeds: torch.Tensor) -> torch.Tensor:
     """(1, H, C, D) probe keys of a diffusers Attention layer for text embeddings (1, C, dim),
     as AttnProcessor2_0 forms keys."""
+    from diffusers.models.transformers.transformer_wan import WanAttention
+
     with torch.no_grad():
         x = embeds.to(dtype=attn.to_k.weight.dtype, device=attn.to_k.weight.device)
+        if isinstance(attn, WanAttention):   # WanAttnProcessor: norm_k over all heads, before the split
+            key = attn.norm_k(attn.to_k(x))
+            return key.view(1, -1, attn.heads, key.shape[-1] // attn.heads).transpose(1, 2)
         if attn.norm_cross:
             x = attn.norm_encoder_hidden_states(x)
         key = attn.to_k(x)
@@ -311,6 +323,9 @@ class HRVBuilder(Controller):
         self._generator = torch.Generator().manual_seed(int(seed))
         flat_words = [w for ws in self.words.values() for w in ws]
         embeds, sizes, sot = encode_words(pipe, flat_words)
+        if self.probe_sot and sot is None:
+            raise ValueError("probe_sot: this pipeline's tokenizer puts no start-of-text token before the text "
+                             "(T5: PixArt, Wan); pass probe_sot=False")
         if self.probe_sot:       # probe token 0: the start-of-text token, in no concept
             embeds = torch.cat([sot[None, None].to(embeds.dtype), embeds], 1)
         # token range of every word in the probe set, grouped by concept
@@ -326,7 +341,7 @@ class HRVBuilder(Controller):
         self._avg_all = self._averaging([[t for r in ranges for t in r] for ranges in self._word_tokens],
                                         self._all_tokens)
         self.embeds = embeds
-        self.unet = pipe.unet
+        self.unet = find_model(pipe)[0]      # the UNet, or the PixArt / Wan transformer
         self._avg: Dict[torch.device, torch.Tensor] = {}
         self.layers: Dict[str, _LayerProbe] = {}
         self.layer_heads: Dict[str, int] = {}
@@ -334,7 +349,7 @@ class HRVBuilder(Controller):
         self.step_counts: Dict[int, Dict[str, torch.Tensor]] = {}
         self.layout: Optional[BatchLayout] = None
         self._pending_step = 0
-        self._modules = dict(pipe.unet.named_modules())
+        self._modules = dict(self.unet.named_modules())
 
     @staticmethod
     def _averaging(concept_tokens: List[List[int]], probe_tokens: List[int]) -> torch.Tensor:
@@ -382,7 +397,8 @@ class HRVBuilder(Controller):
         self._pending_step = step.index
 
     def plan(self, call: AttentionCall) -> Optional[Plan]:
-        if not call.is_cross:
+        # Wan: its unconditional call, and I2V's image-context attention, have no cond text rows
+        if not call.is_cross or call.context != "text" or not call.layout.cond_rows:
             return None
         probe = self.layers.get(call.layer)
         if probe is None:
@@ -436,6 +452,8 @@ class HRVBuilder(Controller):
         """Layer names in the official HRV order (down, mid, up; forward order within)."""
         installation = installation_of(self.unet)
         names = installation.cross_layers if installation is not None else list(self.counts)
+        if installation is not None and installation.dit is not None:
+            return names                      # PixArt, Wan: forward order (no official HRV)
         return [name for name, _ in official_order([(name, 0) for name in names])]
 
 
@@ -444,7 +462,8 @@ def build_hrv(pipe, concepts: Concepts, prompts: Sequence[str], *, steps: int = 
               height: Optional[int] = None, width: Optional[int] = None, model_id: Optional[str] = None,
               backend: Optional[str] = None, probe_words: str = "sample", probe_sot: bool = True,
               **pipe_kwargs) -> HeadRelevance:
-    """Run ``prompts`` through ``pipe`` (SD 1.x / 2.x / SDXL) and build the HRVs of ``concepts``.
+    """Run ``prompts`` through ``pipe`` (SD 1.x / 2.x / SDXL; PixArt and Wan with
+    ``probe_sot=False``: T5 puts no start token) and build the HRVs of ``concepts``.
 
     Args:
         concepts: concept words (each its own concept), or {concept: word or words}.
@@ -530,7 +549,7 @@ class _HeadTokenController(Controller):
             raise ValueError(f"{type(self).__name__}: HRV controls act on UNet cross-attention, got MM-DiT joint "
                              f"attention ({call.layer}); for per-head scaling of text columns on Flux/SD3 use "
                              "attnctl.tools.joint_scaling.TextScaling")
-        if not call.is_cross:
+        if not call.is_cross or call.context != "text" or not call.layout.cond_rows:
             return None
         key = (call.layer, call.batch, call.keys, call.device)
         pm = self._cache.get(key)

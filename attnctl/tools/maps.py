@@ -13,6 +13,10 @@ MM-DiT traces (Flux, SD3) capture every row of the joint query sequence; a layer
 ``image_rows`` says which rows are image tokens, and heat maps read only those, on the
 image token grid after patchify (``size="latent"``, their default: there is no DAAM
 original to follow).
+
+PixArt, Sana and Wan traces read maps on the token grid after patchify too. A Wan layer's
+queries are its latent frames one after the other (``frames`` per layer): ``heat_map``
+takes one frame (``frame=``) or their mean, and ``video_heat_map`` keeps every frame.
 """
 from __future__ import annotations
 
@@ -38,7 +42,8 @@ class LayerMaps:
     ``maps[step]`` is (rows, H, M, T) — or (rows, M, T) when heads were summed — for T
     captured key columns, and ``token_mass[step]`` is (rows, H, N) (UNets only); ``step`` is a step
     index, or ALL_STEPS. M is h*w on a UNet; on MM-DiT joint attention M is the whole joint
-    sequence and ``image_rows`` (start, stop) the image tokens' rows among them.
+    sequence and ``image_rows`` (start, stop) the image tokens' rows among them; on Wan M is
+    frames*h*w, frame after frame.
     """
 
     name: str
@@ -48,6 +53,7 @@ class LayerMaps:
     maps: Dict[int, torch.Tensor] = field(default_factory=dict)
     token_mass: Dict[int, torch.Tensor] = field(default_factory=dict)
     image_rows: Optional[Tuple[int, int]] = None
+    frames: int = 1
 
 
 def select_layers(names: Sequence[str], patterns) -> List[str]:
@@ -158,7 +164,8 @@ class TraceMaps:
     def __init__(self, layers: List[LayerMaps], layout: BatchLayout, latent: Tuple[int, int],
                  image_scale: int, prompts: Optional[List[PromptText]], per_head: bool,
                  per_step: bool, heads: Optional[List[int]], steps_run: int, tokenizer=None,
-                 daam_side: Optional[int] = None, uncond: bool = True, joint: bool = False):
+                 daam_side: Optional[int] = None, uncond: bool = True, joint: bool = False,
+                 family: Optional[str] = None, frame_scale: int = 1):
         self.layers = layers
         self.layout = layout
         self.latent = tuple(latent)
@@ -172,6 +179,18 @@ class TraceMaps:
         self.daam_side = daam_side  # DAAM's output side for the pipeline (None: unknown)
         self.uncond = uncond  # whether CFG's unconditional rows were captured
         self.joint = joint          # an MM-DiT trace: maps on the image token grid by default
+        self.family = family        # "pixart", "sana" or "wan" (maps on the token grid by default), else None
+        self.frame_scale = frame_scale  # video frames per latent frame (Wan: 4)
+
+    @property
+    def frames(self) -> int:
+        """Latent frames after patchify of the traced layers' queries (1 for images)."""
+        return self.layers[0].frames if self.layers else 1
+
+    @property
+    def on_token_grid(self) -> bool:
+        """Whether heat maps default to the token grid (every transformer; UNets: DAAM's side)."""
+        return self.joint or self.family is not None
 
     @property
     def image_size(self) -> Tuple[int, int]:
@@ -244,7 +263,7 @@ class TraceMaps:
 
     def heat_map(self, image: int = 0, *, half: str = "cond", layers=None, resolutions=None,
                  heads: Optional[Iterable[int]] = None, steps=None, normalize: bool = False,
-                 prompt: Optional[str] = None, size=None) -> GlobalHeatMap:
+                 prompt: Optional[str] = None, size=None, frame: Optional[int] = None) -> GlobalHeatMap:
         """DAAM's global heat map of ``image``: (T, h, w) for the T captured key columns.
 
         Args:
@@ -258,8 +277,38 @@ class TraceMaps:
                 on UNets), "latent" (the latent grid, any aspect ratio; on MM-DiT the image
                 token grid after patchify, their default) or (h, w): where each map is
                 upsampled to before the clamp.
+            frame: a video trace's (Wan) latent frame; None: the mean of the frames'
+                maps (taken on the token grid, before upsampling).
         """
-        out_size = self._output_size(size if size is not None else ("latent" if self.joint else "daam"))
+        if frame is not None:
+            self._check_frame(frame)
+        value, text = self._global(image, half, layers, resolutions, heads, steps, normalize, prompt, size,
+                                   frame)
+        if frame is None and self.frames > 1:
+            value = value.mean(1)
+        return GlobalHeatMap(value, text, self.tokenizer)
+
+    def video_heat_map(self, image: int = 0, *, half: str = "cond", layers=None, resolutions=None,
+                       heads: Optional[Iterable[int]] = None, steps=None, prompt: Optional[str] = None, size=None):
+        """A video trace's (Wan) heat maps of every latent frame: a
+        :class:`attnctl.tools.video.VideoHeatMap` of (T, frames, h, w); the arguments as in
+        :meth:`heat_map`."""
+        from .video import VideoHeatMap
+
+        value, text = self._global(image, half, layers, resolutions, heads, steps, False, prompt, size, None)
+        if self.frames == 1:
+            value = value[:, None]
+        return VideoHeatMap(value, text, self.tokenizer, self.frame_scale)
+
+    def _check_frame(self, frame) -> None:
+        if isinstance(frame, bool) or not isinstance(frame, int) or not 0 <= frame < self.frames:
+            raise ValueError(f"frame: expected a latent frame index in [0, {self.frames}) (the traced "
+                             f"{'video' if self.frames > 1 else 'image'} has {self.frames}), got {frame!r}")
+
+    def _global(self, image, half, layers, resolutions, heads, steps, normalize, prompt, size, frame):
+        """(value, prompt text): (T, h, w) maps, or (T, frames, h, w) on a video trace
+        without ``frame``."""
+        out_size = self._output_size(size if size is not None else ("latent" if self.on_token_grid else "daam"))
         row = self._row(image, half)
         chosen = self._layers(layers, resolutions)
         keys = self._step_keys(steps)
@@ -278,7 +327,9 @@ class TraceMaps:
             if n == 0:
                 continue
             h, w = layer.grid
-            maps = stack.transpose(1, 2).reshape(stack.shape[0], -1, h, w).float()
+            maps = stack.transpose(1, 2).reshape(stack.shape[0], -1, h, w).float()   # (n, T·frames, h, w)
+            if frame is not None and layer.frames > 1:
+                maps = maps.unflatten(1, (-1, layer.frames))[:, :, frame]
             up = F.interpolate(maps, size=out_size, mode="bicubic").clamp_min_(0).sum(0)
             total = up if total is None else total + up
             count += n
@@ -286,19 +337,22 @@ class TraceMaps:
             raise ValueError(f"heads: {list(heads) if heads is not None else self.heads} select no head "
                              "of the chosen layers")
         value = total / count
+        if frame is None and self.frames > 1:
+            value = value.unflatten(0, (-1, self.frames))   # (T, frames, h, w)
         text = self._prompt_text(image, prompt)
         if normalize:
             if text is None:
                 raise ValueError("normalize: needs the prompt's word tokens; pass prompt=...")
-            if self.joint:
-                raise ValueError("normalize: DAAM's normalisation (rows between BOS and EOS) has no MM-DiT "
-                                 "form; got normalize=True on a Flux / SD3 trace")
+            if self.on_token_grid:
+                raise ValueError("normalize: DAAM's normalisation (rows between BOS and EOS) has no MM-DiT, "
+                                 "PixArt, Sana or Wan form (their T5-style text has no BOS); got normalize=True "
+                                 "on a transformer trace")
             end = len(text.tokens) - 1  # DAAM's rows 1..-2: the prompt's tokens, not BOS nor EOS
             if end > value.shape[0]:
                 raise ValueError(f"normalize: the prompt has {end + 1} key columns, the trace captured "
                                  f"{value.shape[0]}; trace with tokens='all'")
             value = value / (value[1:end].sum(0, keepdim=True) + 1e-6)
-        return GlobalHeatMap(value, text, self.tokenizer)
+        return value, text
 
     def _prompt_text(self, image: int, prompt: Optional[str]) -> Optional[PromptText]:
         if prompt is not None:
@@ -337,12 +391,12 @@ class TraceMaps:
                 for step, t in getattr(layer, kind).items():
                     tensors[f"layers.{i}.{kind}.{step}"] = t.detach().to("cpu").contiguous()
             layers.append({"name": layer.name, "grid": list(layer.grid), "factor": layer.factor,
-                           "heads": layer.heads, "image_rows": layer.image_rows})
+                           "heads": layer.heads, "image_rows": layer.image_rows, "frames": layer.frames})
         meta = {
             "format": FORMAT, "layers": layers, "latent": list(self.latent),
             "image_scale": self.image_scale, "per_head": self.per_head, "per_step": self.per_step,
             "heads": self.heads, "steps_run": self.steps_run, "daam_side": self.daam_side,
-            "uncond": self.uncond, "joint": self.joint,
+            "uncond": self.uncond, "joint": self.joint, "family": self.family, "frame_scale": self.frame_scale,
             "layout": {"rows": self.layout.rows, "cfg": self.layout.cfg,
                        "images_per_prompt": self.layout.images_per_prompt},
             "prompts": [p.to_json() for p in self.prompts] if self.prompts is not None else None,
@@ -363,7 +417,8 @@ class TraceMaps:
             if meta.get("format") != FORMAT:
                 raise ValueError(f"path: expected trace format {FORMAT}, got {meta.get('format')}")
             layers = [LayerMaps(d["name"], tuple(d["grid"]), d["factor"], d["heads"],
-                                image_rows=tuple(d["image_rows"]) if d.get("image_rows") else None)
+                                image_rows=tuple(d["image_rows"]) if d.get("image_rows") else None,
+                                frames=d.get("frames", 1))
                       for d in meta["layers"]]
             for key in f.keys():
                 _, i, kind, step = key.split(".")
@@ -372,7 +427,8 @@ class TraceMaps:
         return cls(layers, BatchLayout(**meta["layout"]), tuple(meta["latent"]), meta["image_scale"],
                    [PromptText.from_json(p) for p in prompts] if prompts is not None else None,
                    meta["per_head"], meta["per_step"], meta["heads"], meta["steps_run"], tokenizer,
-                   daam_side=meta["daam_side"], uncond=meta.get("uncond", True), joint=meta.get("joint", False))
+                   daam_side=meta["daam_side"], uncond=meta.get("uncond", True), joint=meta.get("joint", False),
+                   family=meta.get("family"), frame_scale=meta.get("frame_scale", 1))
 
     def __repr__(self) -> str:
         return (f"TraceMaps({len(self.layers)} layers, latent {self.latent}, images "

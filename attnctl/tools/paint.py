@@ -96,7 +96,11 @@ class PaintWithWords(Controller):
             raise ValueError("PaintWithWords: needs the prompt text to find the phrases' tokens; "
                              "the pipeline got prompt_embeds without a prompt")
         tokenizer = generation.tokenizer
-        phrase_ids = {phrase: tokenizer(phrase, truncation=True, max_length=tokenizer.model_max_length).input_ids[1:-1]
+        # the phrase's own tokens: without CLIP's start and end tokens, T5's </s>
+        special = set(tokenizer.all_special_ids)
+        phrase_ids = {phrase: [i for i in tokenizer(phrase, truncation=True,
+                                                    max_length=tokenizer.model_max_length).input_ids
+                               if i not in special]
                       for phrase, _, _ in self.regions}
         self._spans = []
         for prompt in generation.prompts:

@@ -17,6 +17,12 @@ tokens after the 77 CLIP ones; ``text="clip"`` takes SD3's CLIP segment) from ev
 joint block, heads summed in the kernel, over all joint query rows (the text rows, 11 %
 of Flux 1024²'s 4608, are captured and never read: slicing them out would need a second
 kernel call). P is the joint softmax, normalised over all keys, text and image.
+
+On PixArt, Sana and Wan (a separate cross-attention layer per block) the trace captures
+every cross-attention layer, heads summed in the kernel, the prompt's T5 / Gemma / umT5
+pieces and the end token, plus token mass; maps live on the token grid after patchify,
+for Wan per latent frame (its queries are the frames one after the other). WanPipeline
+runs CFG's halves as two transformer calls; the trace captures the conditional one.
 """
 from __future__ import annotations
 
@@ -30,8 +36,9 @@ from ..diffusers.install import Generation, install, installation_of
 from .daam import counts_in_daam, is_daam_layer, output_side
 from .maps import ALL_STEPS, LayerMaps, TraceMaps, resolution_matches, select_layers
 from ..diffusers.joint import BLOCK_KINDS, IMAGE_SELF
+from ..diffusers.dit import WAN
 from ..diffusers.mmdit import FLUX
-from .words import record_prompt
+from .words import record_after_instruction, record_prompt
 
 TOKEN_CHOICES = ("prompt", "all")
 TEXT_SEGMENTS = ("t5", "clip")
@@ -77,6 +84,8 @@ class TraceController(Controller):
         self.allowed_layers: Optional[frozenset] = None  # set by Trace from the UNet's layers
         self.daam_side: Optional[int] = None  # set by Trace: DAAM's output side for the pipeline
         self.image_scale: Optional[int] = None  # MM-DiT: image pixels per image token (VAE x patch)
+        self.dit: Optional[str] = None  # set by Trace on PixArt / Sana / Wan: the family
+        self.frame_scale = 1  # Wan: video frames per latent frame after patchify (the VAE's 4)
         self.generation: Optional[Generation] = None
         self.texts = None          # the generation's prompts as tokenised, when known
         self.kept_columns: Optional[int] = None  # key columns captured (None: all N)
@@ -101,7 +110,11 @@ class TraceController(Controller):
             self._record_texts(generation.tokenizer, None)
 
     def _record_texts(self, tokenizer, max_length: Optional[int]) -> None:
-        self.texts = [record_prompt(tokenizer, p, max_length) for p in self.generation.prompts]
+        gen = self.generation
+        if gen.instruction:   # Sana with its complex_human_instruction
+            self.texts = [record_after_instruction(tokenizer, p, gen.instruction, gen.text_length) for p in gen.prompts]
+        else:
+            self.texts = [record_prompt(tokenizer, p, max_length) for p in gen.prompts]
         # DAAM keeps BOS, the prompt's tokens and the first EOS; for a batch, the longest's
         # (T5: the prompt's pieces and </s>, no padding).
         self.kept_columns = (max(len(t.tokens) for t in self.texts) if self.tokens == "prompt" else None)
@@ -121,11 +134,14 @@ class TraceController(Controller):
         return text.start + offset, length
 
     def on_step(self, step: DenoiseStep, layout: BatchLayout) -> None:
-        self.layout = layout
+        if layout.half != "uncond":  # Wan's unconditional call is not traced (see the module doc)
+            self.layout = layout
         self.steps_run = step.index + 1
 
     def plan(self, call: AttentionCall) -> Optional[Plan]:
         if not call.is_cross and (call.joint is None or not call.joint.text):
+            return None
+        if call.context != "text" or not call.layout.cond_rows:  # Wan I2V's image context; Wan's uncond call
             return None
         layer = self._layers.get(call.layer)
         if layer is None:
@@ -164,14 +180,14 @@ class TraceController(Controller):
             self.resolutions is None or resolution_matches(self.resolutions, call.grid, call.factor))
         if call.joint is not None:
             selected = selected and (self.kinds is None or call.joint.block in self.kinds)
-        elif self.layer_patterns is None:  # DAAM's selection also goes by its factor of the call
+        elif self.layer_patterns is None and self.dit is None:  # DAAM's selection also goes by its factor
             selected = selected and counts_in_daam(self.daam_side, call.queries)
         weights = None
         if self.heads is not None and not self.per_head:
             weights = torch.zeros(call.heads, device=call.device)
             weights[[h for h in self.heads if h < call.heads]] = 1.0
         image_rows = (call.joint.image.start, call.joint.image.stop) if call.joint is not None else None
-        maps = LayerMaps(call.layer, call.grid, call.factor, call.heads, image_rows=image_rows)
+        maps = LayerMaps(call.layer, call.grid, call.factor, call.heads, image_rows=image_rows, frames=call.frames)
         return _LayerTrace(maps, selected, weights)
 
     def _allocate(self, call: AttentionCall, layer: _LayerTrace, key: int) -> torch.Tensor:
@@ -205,7 +221,8 @@ class TraceController(Controller):
         tokenizer = self.segment[0] if joint and self.segment[0] is not None else gen.tokenizer
         return TraceMaps(layers, self.layout, self.latent, self.image_scale or gen.image_scale, self.texts,
                          self.per_head, self.per_step, self.heads, self.steps_run, tokenizer,
-                         daam_side=self.daam_side, uncond=self.uncond, joint=joint)
+                         daam_side=self.daam_side, uncond=self.uncond, joint=joint, family=self.dit,
+                         frame_scale=self.frame_scale)
 
 
 def _as_list(value, name: str) -> Optional[list]:
@@ -245,6 +262,10 @@ class Trace:
         installation, controller = self.installation, self.controller
         cross = installation.cross_layers
         pipe = installation.pipe
+        if installation.dit is not None:
+            self._select_dit()
+            controller.allowed_layers = frozenset(select_layers(cross, controller.layer_patterns))
+            return
         if installation.family is not None:
             self._select_joint_text()
             controller.allowed_layers = frozenset(select_layers(cross, controller.layer_patterns))
@@ -269,6 +290,32 @@ class Trace:
                              "call, which needs the pipeline's UNet sample size and VAE factor; got "
                              f"{what}; pass layers='*' (every cross-attention layer) or name patterns")
         controller.allowed_layers = frozenset(n for n in cross if is_daam_layer(n))
+
+    def _select_dit(self) -> None:
+        """PixArt / Sana / Wan: heads summed by default, maps on the token grid."""
+        installation, controller = self.installation, self.controller
+        family = installation.dit
+        if controller.kinds is not None:
+            raise ValueError(f"kinds: block kinds select MM-DiT (Flux, SD3) blocks; this is {family}, got "
+                             f"{sorted(controller.kinds)}")
+        if controller.text != "t5":
+            raise ValueError(f"text: selects the text segment of an MM-DiT (SD3) trace; {family} has one, got "
+                             f"{controller.text!r}")
+        if controller.uncond and family == WAN:
+            raise ValueError("uncond: WanPipeline runs CFG's unconditional half as a transformer call of its own, "
+                             "which the trace does not capture; got uncond=True")
+        if controller.per_head is None:
+            controller.per_head = False
+        controller.dit = family
+        pipe = installation.pipe
+        config = installation.model.config
+        if family == WAN:
+            vae = getattr(pipe, "vae_scale_factor_spatial", None)
+            patch_t, patch = config.patch_size[0], config.patch_size[1]
+            controller.frame_scale = int(getattr(pipe, "vae_scale_factor_temporal", None) or 1) * patch_t
+        else:
+            vae, patch = getattr(pipe, "vae_scale_factor", None), config.patch_size
+        controller.image_scale = int(vae or 1) * patch
 
     def _select_joint_text(self) -> None:
         """MM-DiT: the text segment whose key columns are traced, and its tokenizer."""

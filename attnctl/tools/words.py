@@ -144,6 +144,29 @@ def record_prompt(tokenizer, prompt: str, max_length: Optional[int] = None) -> P
     return PromptText(prompt, tuple(tokens), words, truncated=len(tokenizer.tokenize(prompt)) > len(body))
 
 
+def record_after_instruction(tokenizer, prompt: str, instruction: Sequence[str], length: int) -> PromptText:
+    """A prompt tokenised as SanaPipeline does with a ``complex_human_instruction``: the
+    instruction lines joined by newlines, then the prompt, cut or padded to the
+    instruction's token count + ``length`` − 2, of which the text encoder's output keeps
+    token 0 and the last ``length`` − 1. The prompt's tokens are the kept ones whose
+    characters lie after the instruction (the tokenizer's offset mapping)."""
+    chi = "\n".join(instruction)
+    total = len(tokenizer.encode(chi)) + length - 2
+    encoded = tokenizer(chi + prompt, max_length=total, truncation=True, padding="max_length",
+                        return_offsets_mapping=True)
+    ids, offsets = encoded.input_ids, encoded.offset_mapping
+    kept = [0] + list(range(total - length + 1, total))
+    special = set(tokenizer.all_special_ids)
+    body = [c for c, i in enumerate(kept) if ids[i] not in special and offsets[i][1] > len(chi)]
+    tokens = tokenizer.convert_ids_to_tokens([ids[i] for i in kept])
+    end = body[-1] + 1 if body else 1
+    if end < len(kept) and ids[kept[end]] in special and ids[kept[end]] != tokenizer.pad_token_id:
+        end += 1                                   # the end token after the prompt, as record_prompt keeps it
+    words = tuple((_join(tokenizer, [tokens[body[j]] for j in group]), tuple(body[j] for j in group))
+                  for group in group_words([tokens[c] for c in body]))
+    return PromptText(prompt, tuple(tokens[:end]), words, truncated=len(tokenizer.tokenize(prompt)) > len(body))
+
+
 def query_words(word: str, tokenizer=None) -> List[str]:
     """The words of a query, normalised as prompt words are (through the tokenizer when
     given, else by CLIP's lower-casing and split)."""
