@@ -153,6 +153,21 @@ class _Recorder(attnctl.Controller):
         self.calls.append((call.layer, call.joint, call.step.index, call.layout, call.keys, call.query.shape))
 
 
+class _Injecting(attnctl.Controller):
+    """A controller asking for a control joint attention does not apply (injection)."""
+
+    def plan(self, call):
+        from attnctl.diffusers.controller import Plan
+        return Plan(source=torch.zeros(call.batch, dtype=torch.int64, device=call.device))
+
+
+def test_a_control_joint_attention_does_not_apply_is_refused_by_name(pipes):
+    with attnctl.install(pipes["flux"], _Injecting(), backend="torch"):
+        with pytest.raises(NotImplementedError, match=r"source: not supported on MM-DiT joint attention "
+                                                      r"\(transformer_blocks.0.attn\); it takes bias, prob_mult"):
+            generate(pipes["flux"], ["a cat"])
+
+
 @pytest.mark.parametrize("name,kinds,text_first", [
     ("flux", {"transformer_blocks.0.attn": DOUBLE, "single_transformer_blocks.0.attn": SINGLE}, True),
     ("sd35", {"transformer_blocks.0.attn": JOINT, "transformer_blocks.0.attn2": IMAGE_SELF,

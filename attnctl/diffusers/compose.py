@@ -54,6 +54,16 @@ _KNOWN_FIELDS = {"bias", "prob_mult", "capture", "regions", "source", "value_map
 _STATE_FIELDS = ("value_states", "key_states", "state_rows")
 
 
+def refuse_fields_beyond(plan: Plan, supported: Sequence[str], where: str) -> None:
+    """Raise NotImplementedError naming every field ``plan`` sets beyond ``supported`` (the
+    ones a processor applies): a control a processor cannot apply is an error, never
+    silently dropped."""
+    unsupported = [f.name for f in dataclasses.fields(plan) if f.name not in supported and getattr(plan, f.name) is not None]
+    if unsupported:
+        raise NotImplementedError(f"{', '.join(unsupported)}: not supported on {where}; it takes "
+                                  f"{', '.join(supported)}")
+
+
 def compose(plans: Sequence[Optional[Plan]], shape: Tuple[int, int, int, int],
             device: torch.device) -> Tuple[Optional[Plan], Optional[Callable[[], None]]]:
     """One plan for an op call of ``shape`` (B, H, M, N) on ``device``, and a function to

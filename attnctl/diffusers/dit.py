@@ -17,13 +17,12 @@ Token order: PixArt and Sana patchify an image row by row, Wan a video frame by 
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Dict, Optional, Tuple
 
 import torch
 
 from ..op import attention
-from .compose import compose
+from .compose import compose, refuse_fields_beyond
 
 PIXART, SANA, WAN = "pixart", "sana", "wan"
 FAMILIES = (PIXART, SANA, WAN)
@@ -165,11 +164,7 @@ class WanProcessor:
             plan, route = compose([c.plan(call) for c in installation.controllers],
                                   (call.batch, call.heads, call.queries, call.keys), call.device)
             if plan is not None:
-                unsupported = [f.name for f in dataclasses.fields(plan)
-                               if f.name not in WAN_PLAN_FIELDS and getattr(plan, f.name) is not None]
-                if unsupported:
-                    raise NotImplementedError(f"{', '.join(unsupported)}: not supported on Wan attention "
-                                              f"({self.layer}); it takes {', '.join(WAN_PLAN_FIELDS)}")
+                refuse_fields_beyond(plan, WAN_PLAN_FIELDS, f"Wan attention ({self.layer})")
                 bias, prob_mult, capture, regions = plan.bias, plan.prob_mult, plan.capture, plan.regions
         out = attention(q, k, v, bias=bias, prob_mult=prob_mult, capture=capture, regions=regions,
                         backend=installation.backend)

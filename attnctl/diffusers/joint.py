@@ -29,7 +29,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..op import attention
-from .compose import compose
+from .compose import compose, refuse_fields_beyond
 
 # Block kinds a JointLayout names.
 DOUBLE = "double"                     # Flux double-stream: text and image streams, text first
@@ -38,6 +38,9 @@ JOINT = "joint"                       # SD3 joint block: image first
 CONTEXT_PRE_ONLY = "context_pre_only"  # SD3's last joint block (its text output is dropped)
 IMAGE_SELF = "image_self"             # SD3.5 medium's image-only self-attention (attn2)
 BLOCK_KINDS = (DOUBLE, SINGLE, JOINT, CONTEXT_PRE_ONLY, IMAGE_SELF)
+# The Plan fields JointProcessor applies; any other (injection, replacement text states,
+# differentiable maps, ...) is refused by name.
+JOINT_PLAN_FIELDS = ("bias", "prob_mult", "capture", "regions")
 
 
 @dataclass(frozen=True)
@@ -118,9 +121,7 @@ class JointProcessor:
             plan, route = compose([c.plan(call) for c in installation.controllers],
                                   (call.batch, call.heads, call.queries, call.keys), call.device)
             if plan is not None:
-                if plan.source is not None:
-                    raise NotImplementedError(f"source: injection is not supported on MM-DiT joint attention "
-                                              f"({self.layer})")
+                refuse_fields_beyond(plan, JOINT_PLAN_FIELDS, f"MM-DiT joint attention ({self.layer})")
                 bias, prob_mult, capture, regions = plan.bias, plan.prob_mult, plan.capture, plan.regions
         out = attention(q, k, v, bias=bias, prob_mult=prob_mult, capture=capture, regions=regions,
                         backend=installation.backend)
