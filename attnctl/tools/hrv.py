@@ -311,10 +311,11 @@ class HRVBuilder(Controller):
                  probe_words: str = "sample", probe_sot: bool = True, seed: int = 0):
         if probe_words not in PROBE_WORDS:
             raise ValueError(f"probe_words: expected one of {PROBE_WORDS}, got {probe_words!r}")
-        if getattr(pipe, "unet", None) is None:
-            raise TypeError(f"pipe: HRV construction probes UNet cross-attention layers with text-encoder keys; "
-                            f"got {type(pipe).__name__}, which has no UNet (on Flux/SD3 joint attention the text "
-                            "keys change from block to block, so these probes do not apply: not supported yet)")
+        from attnctl.diffusers.mmdit import mmdit_family
+        if mmdit_family(getattr(pipe, "transformer", None)) is not None:
+            raise TypeError(f"pipe: HRV construction probes cross-attention layers with text-encoder keys; got "
+                            f"{type(pipe).__name__}, whose joint attention's text keys change from block to block, "
+                            "so these probes do not apply (not supported yet)")
         self.words = _concept_words(concepts)
         self.concepts = list(self.words)
         self.per_step = bool(per_step)
@@ -546,8 +547,8 @@ class _HeadTokenController(Controller):
 
     def plan(self, call: AttentionCall) -> Optional[Plan]:
         if call.joint is not None:
-            raise ValueError(f"{type(self).__name__}: HRV controls act on UNet cross-attention, got MM-DiT joint "
-                             f"attention ({call.layer}); for per-head scaling of text columns on Flux/SD3 use "
+            raise ValueError(f"{type(self).__name__}: HRV controls act on cross-attention (UNets, PixArt, Wan), "
+                             f"got MM-DiT joint attention ({call.layer}); for per-head scaling of text columns on Flux/SD3 use "
                              "attnctl.tools.joint_scaling.TextScaling")
         if not call.is_cross or call.context != "text" or not call.layout.cond_rows:
             return None
