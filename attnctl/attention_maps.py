@@ -61,7 +61,7 @@ def attention_with_maps(
                   B, H, M, k.shape[2], q.device, check_token_values=not compiling, name="attention_with_maps")
     dispatch = choose_backend(backend, q, has_work=True, needs_grad=_needs_grad(q, k, v, bias, prob_mult, None),
                               cuda_unsupported=("the maps output",),
-                              grad_unsupported=_grad_unsupported(prob_mult, None, None))
+                              grad_unsupported=_grad_unsupported(prob_mult, None, None), work="a maps output")
     _note(dispatch)
     if dispatch.backend == "triton":
         out, head_maps = differentiable_attention(q, k, v, scale=scale, bias=bias, prob_mult=prob_mult,

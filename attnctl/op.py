@@ -89,11 +89,13 @@ def _check_backend_name(name, source: str) -> None:
 
 
 def choose_backend(requested: str, q: torch.Tensor, has_work: bool, needs_grad: bool = False,
-                   cuda_unsupported: Tuple[str, ...] = (), grad_unsupported: Tuple[str, ...] = ()) -> Dispatch:
+                   cuda_unsupported: Tuple[str, ...] = (), grad_unsupported: Tuple[str, ...] = (),
+                   work: str = "bias, prob_mult or capture") -> Dispatch:
     """``cuda_unsupported``: the features of this call the CUDA backend does not implement
     (asking for 'cuda' with any of them is an error naming them). ``grad_unsupported``: the
     features the Triton backward does not differentiate (with ``needs_grad``, 'triton' is
-    then an error naming them and 'auto' runs the reference)."""
+    then an error naming them and 'auto' runs the reference). ``work``: what the call asks
+    beyond plain attention, as the 'sdpa' error names it."""
     _check_backend_name(requested, "backend")
     source = "backend argument"
     if requested == "auto" and os.environ.get(ENV_BACKEND, "auto") != "auto":
@@ -105,8 +107,8 @@ def choose_backend(requested: str, q: torch.Tensor, has_work: bool, needs_grad: 
                          "expected backend 'triton', 'torch' or 'auto' for this call")
 
     if requested == "sdpa" and has_work:
-        raise ValueError(f"{source}: 'sdpa' computes plain attention only; this call has "
-                         "bias, prob_mult or capture, which need 'torch', 'triton' or 'cuda'")
+        able = "'torch' or 'triton'" if cuda_unsupported else "'torch', 'triton' or 'cuda'"
+        raise ValueError(f"{source}: 'sdpa' computes plain attention only; this call has {work}, which need {able}")
     if requested == "cuda":
         from .backends.cuda_backend import cuda_unavailable_reason
         reason = cuda_unavailable_reason()

@@ -251,6 +251,8 @@ def test_attention_with_maps_auto_on_cpu_runs_the_reference():
     (dict(tokens=[1], head_weights=torch.ones(3, device=DEVICE)), r"attention_with_maps.head_weights: expected shape \(2,\)"),
     (dict(tokens=[1.5]), "tokens: expected integer indices"),
     (dict(tokens=[1], backend="cuda"), "the CUDA backend does not support the maps output"),
+    (dict(tokens=[1], backend="sdpa"), "'sdpa' computes plain attention only; this call has a maps output, "
+                                        "which need 'torch' or 'triton'"),
 ])
 def test_attention_with_maps_rejects_bad_arguments(kwargs, match):
     q, k, v = make_qkv(1, 2, 8, 8, 16)
