@@ -39,7 +39,7 @@ def sdpa_oracle(q, k, v, scale, keep, bias=None):
 
 
 def random_labels(gen, batch, length, count):
-    return torch.randint(-1, count, (batch, length), generator=gen)
+    return torch.randint(-1, count, (batch, length), generator=gen).to(DEVICE)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -73,8 +73,9 @@ def test_region_mask_matches_dense_mask_sdpa(backend, M, N, lq_batch, lk_batch, 
 def test_fully_masked_rows_give_zero_output_and_minus_inf_lse():
     B, H, M, N, D = 1, 2, 70, 130, 16
     q, k, v = make_qkv(B, H, M, N, D)
-    allowed = torch.tensor([[True, False], [False, False]])
-    regions = Regions(torch.tensor([[0] * 35 + [1] * 35]), torch.zeros(1, N, dtype=torch.int64), allowed=allowed)
+    allowed = torch.tensor([[True, False], [False, False]], device=DEVICE)
+    regions = Regions(torch.tensor([[0] * 35 + [1] * 35], device=DEVICE), torch.zeros(1, N, dtype=torch.int64, device=DEVICE),
+                      allowed=allowed)
     for backend in BACKENDS:
         cap = Capture.zeros(q, k, lse=True, token_mass=True)
         out = attnctl.attention(q, k, v, regions=regions, capture=cap, backend=backend)
@@ -89,15 +90,15 @@ def test_region_mask_captures_are_of_the_masked_softmax(backend, N):
     B, H, M, D = 2, 2, 45, 16
     gen = torch.Generator().manual_seed(N)
     q, k, v = make_qkv(B, H, M, N, D, gen=gen)
-    allowed = torch.tensor([[True, True, False], [False, True, True]])
+    allowed = torch.tensor([[True, True, False], [False, True, True]], device=DEVICE)
     labels_q = random_labels(gen, B, M, 2)
     labels_k = random_labels(gen, 1, N, 3)
     tokens = torch.tensor([0, 5, 17, N - 1])
     cap = Capture.zeros(q, k, token_mass=True, tokens=tokens, maps=True, head_maps=True, lse=True,
-                        head_weights=torch.tensor([0.25, 2.0]))
+                        head_weights=torch.tensor([0.25, 2.0], device=DEVICE))
     attnctl.attention(q, k, v, regions=Regions(labels_q, labels_k, allowed=allowed), capture=cap, backend=backend)
     keep = dense_mask(labels_q, labels_k, allowed, B, M, N)
-    s = (q.double() @ k.double().transpose(-1, -2)) * D ** -0.5
+    s = (q.double().cpu() @ k.double().cpu().transpose(-1, -2)) * D ** -0.5
     s = s.masked_fill(~keep, float("-inf"))
     p = torch.softmax(s, dim=-1)
     compare("token_mass", cap.token_mass, p.sum(2).float())
@@ -112,9 +113,10 @@ def test_key_blocks_hidden_from_every_query_are_skipped():
     Triton output finite (a visited block would give 0·NaN = NaN)."""
     B, H, M, N, D = 1, 2, 128, 192, 32      # fp32: 64-row query blocks, 64-key blocks
     q, k, v = make_qkv(B, H, M, N, D)
-    labels_q = torch.tensor([[0] * 64 + [1] * 64])
-    labels_k = torch.tensor([[0] * 64 + [1] * 64 + [2] * 64])
-    regions = Regions(labels_q, labels_k, allowed=torch.tensor([[True, False, False], [True, True, False]]))
+    labels_q = torch.tensor([[0] * 64 + [1] * 64], device=DEVICE)
+    labels_k = torch.tensor([[0] * 64 + [1] * 64 + [2] * 64], device=DEVICE)
+    regions = Regions(labels_q, labels_k,
+                      allowed=torch.tensor([[True, False, False], [True, True, False]], device=DEVICE))
     poisoned_v, poisoned_k = v.clone(), k.clone()
     poisoned_v[:, :, 128:] = float("nan")
     poisoned_k[:, :, 128:] = float("nan")
@@ -128,7 +130,8 @@ def test_region_mask_half_precision():
     q, k, v = make_qkv(B, H, M, N, D, dtype=torch.float16)
     gen = torch.Generator().manual_seed(3)
     regions = Regions(random_labels(gen, 1, M, 3), random_labels(gen, B, N, 3),
-                      allowed=torch.tensor([[True, False, True], [False, True, False], [True, True, True]]))
+                      allowed=torch.tensor([[True, False, True], [False, True, False], [True, True, True]],
+                                           device=DEVICE))
     out = attnctl.attention(q, k, v, regions=regions, backend="triton")
     low = attnctl.attention_reference(q, k, v, scale=D ** -0.5, regions=regions, compute_dtype=torch.float16)
     keep = dense_mask(regions.labels_q, regions.labels_k, regions.allowed, B, M, N)
@@ -146,15 +149,15 @@ def test_mask_bits_encode_the_allowed_table():
 
 def test_region_mask_errors_name_the_argument():
     q, k, v = make_qkv(2, 2, 10, 12, 16)
-    allowed = torch.ones(2, 2, dtype=torch.bool)
-    lq, lk = torch.zeros(1, 10, dtype=torch.int64), torch.zeros(1, 12, dtype=torch.int64)
+    allowed = torch.ones(2, 2, dtype=torch.bool, device=DEVICE)
+    lq, lk = torch.zeros(1, 10, dtype=torch.int64, device=DEVICE), torch.zeros(1, 12, dtype=torch.int64, device=DEVICE)
     cases = [
-        (Regions(torch.zeros(1, 9, dtype=torch.int64), lk, allowed=allowed), ValueError,
+        (Regions(torch.zeros(1, 9, dtype=torch.int64, device=DEVICE), lk, allowed=allowed), ValueError,
          r"regions.labels_q: expected shape \(1 or 2, M = 10\), got \(1, 9\)"),
-        (Regions(lq, torch.zeros(3, 12, dtype=torch.int64), allowed=allowed), ValueError,
+        (Regions(lq, torch.zeros(3, 12, dtype=torch.int64, device=DEVICE), allowed=allowed), ValueError,
          r"regions.labels_k: expected shape \(1 or 2, N = 12\), got \(3, 12\)"),
-        (Regions(lq, lk, allowed=torch.ones(2, 2)), TypeError, r"regions.allowed: expected dtype torch.bool"),
-        (Regions(lq, lk, allowed=torch.ones(2, 32, dtype=torch.bool)), ValueError,
+        (Regions(lq, lk, allowed=torch.ones(2, 2, device=DEVICE)), TypeError, r"regions.allowed: expected dtype torch.bool"),
+        (Regions(lq, lk, allowed=torch.ones(2, 32, dtype=torch.bool, device=DEVICE)), ValueError,
          r"regions.allowed: expected shape \(query labels >= 1, key labels in \[1, 31\]\), got \(2, 32\)"),
         (Regions(lq + 2, lk, allowed=allowed), ValueError,
          r"regions.labels_q: expected labels below 2 \(regions.allowed has 2 rows\).*got 2"),
@@ -165,7 +168,7 @@ def test_region_mask_errors_name_the_argument():
             attnctl.attention(q, k, v, regions=regions, backend="torch")
     regions = Regions(lq, lk, allowed=allowed)
     with pytest.raises(ValueError, match=r"regions: a mask .* cannot be combined with source="):
-        attnctl.attention(q, k, v, regions=regions, source=torch.tensor([0, 0]), backend="torch")
+        attnctl.attention(q, k, v, regions=regions, source=torch.tensor([0, 0], device=DEVICE), backend="torch")
     with pytest.raises(ValueError, match=r"the CUDA backend does not support regions"):
         attnctl.attention(q, k, v, regions=regions, backend="cuda")
     qg = q.clone().requires_grad_(True)
@@ -179,8 +182,8 @@ def test_region_mask_gradients_run_on_the_reference():
     q, k, v = make_qkv(1, 2, 12, 20, 16)
     gen = torch.Generator().manual_seed(1)
     regions = Regions(random_labels(gen, 1, 12, 2), random_labels(gen, 1, 20, 2),
-                      allowed=torch.tensor([[True, False], [True, True]]))
-    keep = dense_mask(regions.labels_q, regions.labels_k, regions.allowed, 1, 12, 20)
+                      allowed=torch.tensor([[True, False], [True, True]], device=DEVICE))
+    keep = dense_mask(regions.labels_q, regions.labels_k, regions.allowed, 1, 12, 20).to(DEVICE)
     grads = []
     for run in (lambda a, b, c: attnctl.attention(a, b, c, regions=regions),
                 lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=keep)):
@@ -214,7 +217,7 @@ def test_region_mask_under_torch_compile():
     q, k, v = make_qkv(2, 2, 33, 40, 16)
     gen = torch.Generator().manual_seed(5)
     regions = Regions(random_labels(gen, 2, 33, 2), random_labels(gen, 1, 40, 3),
-                      allowed=torch.tensor([[True, False, False], [False, True, True]]))
+                      allowed=torch.tensor([[True, False, False], [False, True, True]], device=DEVICE))
 
     def f(q, k, v):
         return attnctl.attention(q, k, v, regions=regions, backend="torch") * 2
