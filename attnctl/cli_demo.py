@@ -163,10 +163,33 @@ def word_summary(maps, heat, word: str) -> dict:
             "token_mass_share": share}
 
 
+def write_heat_maps(args: argparse.Namespace, heat, maps, image, out: Path):
+    """One overlay per word (``--words``, else every word of the heat map), their grid and
+    the saved trace; returns (words, {kind: path(s)}, heat maps)."""
+    from .tools.plot import overlay_grid
+
+    words = args.words or [w for w, _ in heat.words()]
+    files = {"image": str(out / "image.png"), "heatmaps": [], "grid": str(out / "heatmaps.png"),
+             "trace": str(out / "trace.safetensors")}
+    heat_maps = []
+    for i, word in enumerate(words):
+        try:
+            hm = heat.word(word)
+        except ValueError as exc:
+            raise SystemExit(f"attnctl demo: --words: {exc}") from None
+        path = out / "heatmaps" / f"{i:02d}_{_slug(word)}.png"
+        hm.plot(image, str(path))
+        files["heatmaps"].append(str(path))
+        heat_maps.append(hm)
+    overlay_grid(heat_maps, image, path=files["grid"])
+    maps.save(files["trace"])
+    say(f"wrote {len(words)} heat-map overlays to {out / 'heatmaps'}")
+    return words, files, heat_maps
+
+
 def main(args: argparse.Namespace) -> int:
     import attnctl
     from .tools.materialised import MaterialisedTrace
-    from .tools.plot import overlay_grid
 
     device = args.device
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
@@ -180,7 +203,7 @@ def main(args: argparse.Namespace) -> int:
     from . import cli_demo_mmdit
 
     if cli_demo_mmdit.is_mmdit(pipe):
-        return cli_demo_mmdit.main(args, pipe, device, dtype, out, say, timed, format_table, _slug)
+        return cli_demo_mmdit.main(args, pipe, device, dtype, out, say, timed, format_table)
     steps = args.steps or (25 if args.model else 8)
     height = args.height or (None if args.model else OFFLINE_SIZE)
     width = args.width or (None if args.model else OFFLINE_SIZE)
@@ -226,22 +249,7 @@ def main(args: argparse.Namespace) -> int:
         say("non-square image: DAAM 0.2.0 handles square images only, so the heat maps are at the "
             "latent grid (size='latent') rather than at DAAM's fixed square side")
     heat = maps.heat_map(0, size=size)
-    words = args.words or [w for w, _ in heat.words()]
-    files = {"image": str(out / "image.png"), "heatmaps": [], "grid": str(out / "heatmaps.png"),
-             "trace": str(out / "trace.safetensors")}
-    heat_maps = []
-    for i, word in enumerate(words):
-        try:
-            hm = heat.word(word)
-        except ValueError as exc:
-            raise SystemExit(f"attnctl demo: --words: {exc}") from None
-        path = out / "heatmaps" / f"{i:02d}_{_slug(word)}.png"
-        hm.plot(image, str(path))
-        files["heatmaps"].append(str(path))
-        heat_maps.append(hm)
-    overlay_grid(heat_maps, image, path=files["grid"])
-    maps.save(files["trace"])
-    say(f"wrote {len(words)} heat-map overlays to {out / 'heatmaps'}")
+    words, files, heat_maps = write_heat_maps(args, heat, maps, image, out)
 
     agreement = None
     if compare:

@@ -41,10 +41,9 @@ def concept_layers(pipe):
     return list(DEFAULT_LAYERS) if blocks > DEFAULT_LAYERS[-1] else list(range(blocks))
 
 
-def main(args, pipe, device: str, dtype: torch.dtype, out: Path, say, timed, format_table, slug) -> int:
+def main(args, pipe, device: str, dtype: torch.dtype, out: Path, say, timed, format_table) -> int:
     import attnctl
     from .diffusers.mmdit import FLUX, mmdit_family
-    from .tools.plot import overlay_grid
 
     flux = mmdit_family(pipe.transformer) == FLUX
     steps = args.steps or (28 if args.model else 4)
@@ -79,22 +78,9 @@ def main(args, pipe, device: str, dtype: torch.dtype, out: Path, say, timed, for
 
     maps = tc.maps()
     heat = maps.heat_map(0)
-    words = args.words or [w for w, _ in heat.words()]
-    files = {"image": str(out / "image.png"), "heatmaps": [], "grid": str(out / "heatmaps.png"),
-             "trace": str(out / "trace.safetensors")}
-    heat_maps = []
-    for i, word in enumerate(words):
-        try:
-            hm = heat.word(word)
-        except ValueError as exc:
-            raise SystemExit(f"attnctl demo: --words: {exc}") from None
-        path = out / "heatmaps" / f"{i:02d}_{slug(word)}.png"
-        hm.plot(image, str(path))
-        files["heatmaps"].append(str(path))
-        heat_maps.append(hm)
-    overlay_grid(heat_maps, image, path=files["grid"])
-    maps.save(files["trace"])
-    say(f"wrote {len(words)} heat-map overlays to {out / 'heatmaps'}")
+    from .cli_demo import write_heat_maps
+
+    words, files, heat_maps = write_heat_maps(args, heat, maps, image, out)
     summary = {
         "prompt": args.prompt, "model": args.model or f"offline tiny {args.offline_arch} (random weights)",
         "device": device, "dtype": str(dtype).replace("torch.", ""), "backend": backend, "steps": steps,

@@ -104,3 +104,21 @@ def daam_heat_map(store, row, *, latent=LATENT, layers=None, heads=None, clamp_e
             total = total + F.interpolate(maps.sum(0, keepdim=True), size=latent, mode="bicubic").clamp(min=0)[0]
         count += H
     return total / count
+
+
+def stock_with_tolerance(pipes: dict, generate) -> dict:
+    """{name: (stock fp32 output, the tolerance of an fp32 attention against it)}: twice
+    stock's own fp32 error (``generate(pipe)`` against the same pipeline run in fp64) plus a
+    few ulp of the output's scale."""
+    eps32 = torch.finfo(torch.float32).eps
+    results = {}
+    for name, pipe in pipes.items():
+        fp32 = generate(pipe)
+        pipe.to(torch.float64)
+        try:
+            fp64 = generate(pipe)
+        finally:
+            pipe.to(torch.float32)
+        own_error = (fp32.double() - fp64).abs().max().item()
+        results[name] = (fp32, 2 * own_error + 8 * eps32 * fp32.abs().max().item())
+    return results

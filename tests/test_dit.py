@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import attnctl
 from attnctl.diffusers.offline_dit import tiny_pixart_pipeline, tiny_wan_pipeline
+from diffusion_helpers import stock_with_tolerance
 
 PROMPTS = ["a cat on a red car", "a dog"]
 TEXT = 16                                   # max_sequence_length: T5 tokens, padded
@@ -56,19 +57,7 @@ def generate(pipe, prompts=PROMPTS, **kwargs):
 
 @pytest.fixture(scope="module")
 def stock(pipes):
-    """{name: (stock fp32 output, the tolerance of an fp32 attention against it)}: twice
-    stock's own fp32 error (against the same pipeline run in fp64) plus a few ulp."""
-    results = {}
-    for name, pipe in pipes.items():
-        fp32 = generate(pipe)
-        pipe.to(torch.float64)
-        try:
-            fp64 = generate(pipe)
-        finally:
-            pipe.to(torch.float32)
-        own_error = (fp32.double() - fp64).abs().max().item()
-        results[name] = (fp32, 2 * own_error + 8 * EPS32 * fp32.abs().max().item())
-    return results
+    return stock_with_tolerance(pipes, generate)
 
 
 @contextlib.contextmanager

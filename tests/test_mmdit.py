@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import attnctl
 from attnctl.diffusers.joint import CONTEXT_PRE_ONLY, DOUBLE, IMAGE_SELF, JOINT, SINGLE
 from attnctl.diffusers.offline_mmdit import tiny_flux_pipeline, tiny_sd3_pipeline
+from diffusion_helpers import stock_with_tolerance
 from op_cases import interpreter_bf16_dot_fixed
 
 PROMPTS = ["a cat on a red car", "a dog"]
@@ -51,19 +52,7 @@ def generate(pipe, prompts=PROMPTS, cfg=True, **kwargs):
 
 @pytest.fixture(scope="module")
 def stock(pipes):
-    """{name: (stock fp32 latents, the tolerance of an fp32 attention against them)}: twice
-    stock's own fp32 error (against the same pipeline run in fp64) plus a few ulp."""
-    results = {}
-    for name, pipe in pipes.items():
-        fp32 = generate(pipe)
-        pipe.to(torch.float64)
-        try:
-            fp64 = generate(pipe)
-        finally:
-            pipe.to(torch.float32)
-        own_error = (fp32.double() - fp64).abs().max().item()
-        results[name] = (fp32, 2 * own_error + 8 * EPS32 * fp32.abs().max().item())
-    return results
+    return stock_with_tolerance(pipes, generate)
 
 
 @contextlib.contextmanager
