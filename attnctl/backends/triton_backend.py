@@ -5,7 +5,6 @@ from functools import lru_cache
 from typing import Optional
 
 import torch
-import triton
 
 from attnctl.capture import Capture
 from attnctl.injection import OwnTerm

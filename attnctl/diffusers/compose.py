@@ -58,7 +58,8 @@ def refuse_fields_beyond(plan: Plan, supported: Sequence[str], where: str) -> No
     """Raise NotImplementedError naming every field ``plan`` sets beyond ``supported`` (the
     ones a processor applies): a control a processor cannot apply is an error, never
     silently dropped."""
-    unsupported = [f.name for f in dataclasses.fields(plan) if f.name not in supported and getattr(plan, f.name) is not None]
+    unsupported = [f.name for f in dataclasses.fields(plan)
+                   if f.name not in supported and getattr(plan, f.name) is not None]
     if unsupported:
         raise NotImplementedError(f"{', '.join(unsupported)}: not supported on {where}; it takes "
                                   f"{', '.join(supported)}")

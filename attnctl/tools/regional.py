@@ -30,7 +30,7 @@ masks every block of its first ``mask_inject_steps`` steps).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
