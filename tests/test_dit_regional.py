@@ -7,8 +7,6 @@ the blocks these models have: image→text on cross-attention, image→image on
 self-attention. A row with no allowed key gives P = 0 (the op contract). Wan's queries
 are the latent frames one after another; a (frames, h, w) mask gives each frame its own
 region."""
-import contextlib
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,6 +17,7 @@ from attnctl.diffusers.offline_dit import tiny_pixart_pipeline, tiny_sana_pipeli
 from attnctl.tools.regional import RegionalPrompting, regional_generate, regional_prompt_embeds
 
 from op_cases import interpreter_bf16_dot_fixed
+from regional_replay import masked_replay, original_mask
 
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
 
@@ -57,78 +56,6 @@ def on_token_grid(name, masks):
         m = m if m.dim() == 3 else m[None].expand(frames, -1, -1)
         out.append(F.interpolate(m[:, None], (h, w), mode="nearest-exact").reshape(-1))
     return torch.stack(out)
-
-
-def original_mask(masks, segment):
-    """pipeline_flux_regional.py's regional_attention_mask for [text; image] (True = attend):
-    ``masks`` (R, P) on the token grid, ``segment`` tokens per regional prompt."""
-    R, hidden = masks.shape
-    enc = R * segment
-    mask = torch.zeros(enc + hidden, enc + hidden, dtype=torch.bool)
-    self_attend = torch.zeros(hidden, hidden, dtype=torch.bool)
-    union = torch.zeros(hidden, hidden, dtype=torch.bool)
-    for i in range(R):
-        m = masks[i][:, None].repeat(1, segment)
-        mask[i * segment:(i + 1) * segment, i * segment:(i + 1) * segment] = True
-        mask[i * segment:(i + 1) * segment, enc:] = m.transpose(-1, -2)
-        mask[enc:, i * segment:(i + 1) * segment] = m
-        img = m[:, :1].repeat(1, hidden)
-        self_attend |= img.bool() & img.bool().T
-        union |= img.bool() | img.bool().T
-    mask[enc:, enc:] = ~union | self_attend
-    return mask
-
-
-@contextlib.contextmanager
-def masked_replay(pipe, keep_cross, keep_self, cfg_calls, dtype):
-    """Stock processors with their SDPA call made explicit in ``dtype``:
-    softmax(q·kᵀ/√D + mask, masked to -inf where ``keep`` is False; an empty row → 0)·v on
-    the conditional rows (PixArt / Sana: CFG's second half; Wan: the first of its
-    ``cfg_calls`` transformer calls per step). ``keep_self`` None: self-attention unmasked."""
-    model = pipe.transformer
-    current, calls = [None], [0]
-
-    def enter(module, args, name):
-        current[0] = name
-
-    def leave(module, args, out):
-        current[0] = None
-
-    hooks = []
-    for name, module in model.named_modules():
-        if hasattr(module, "processor"):
-            hooks.append(module.register_forward_pre_hook(lambda m, a, name=name: enter(m, a, name)))
-            hooks.append(module.register_forward_hook(leave))
-    hooks.append(model.register_forward_pre_hook(lambda m, a: calls.__setitem__(0, calls[0] + 1)))
-    cross = {n for n, m in model.named_modules() if getattr(m, "is_cross_attention", False)}
-    sdpa = F.scaled_dot_product_attention
-
-    def explicit(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        if current[0] is None:   # the text encoder
-            return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                        scale=scale, enable_gqa=enable_gqa)
-        assert not is_causal and scale is None and not enable_gqa
-        q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
-        logits = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-        if attn_mask is not None:
-            logits = logits + attn_mask.to(dtype)
-        keep = keep_cross if current[0] in cross else keep_self
-        B = q.shape[0]
-        rows = range(B // 2, B) if cfg_calls == 1 else (range(B) if calls[0] % 2 == 1 else range(0))
-        if keep is not None and len(rows):
-            full = torch.ones(B, 1, *logits.shape[-2:], dtype=torch.bool)
-            full[rows.start:rows.stop] = keep
-            logits = logits.masked_fill(~full, float("-inf"))
-        p = torch.softmax(logits, dim=-1).nan_to_num(0.0)     # a row with no allowed key: P = 0
-        return (p @ v).to(query.dtype)
-
-    F.scaled_dot_product_attention = explicit
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = sdpa
-        for hook in hooks:
-            hook.remove()
 
 
 def options_of(name, images):
@@ -235,6 +162,16 @@ def test_bad_input_is_refused_by_name():
     with pytest.raises(ValueError, match=r"masks\[1\]: expected a real \(frames, height, width\) mask"):
         RegionalPrompting([left, torch.zeros(0, 3, 4)], segment)
     assert installation_of(pipe) is None
+
+    from attnctl.diffusers.controller import AttentionCall, BatchLayout, DenoiseStep
+
+    q = torch.zeros(1, 2, 16, 16)
+    unet_call = AttentionCall("down_blocks.0.attentions.0.transformer_blocks.0.attn2", True, (4, 4), 1, (4, 4),
+                              DenoiseStep(0, None), BatchLayout(rows=1, cfg=False), q, q[:, :, :8])
+    unet_call.family = "unet"
+    with pytest.raises(ValueError, match="RegionalPrompting: down_blocks.0.attentions.0.transformer_blocks.0.attn2 "
+                                         "is unet attention; the tool is for Flux and SD3"):
+        RegionalPrompting([left], segment).plan(unet_call)
 
     sana = tiny_sana_pipeline()
     with pytest.raises(ValueError, match="image_rule: 'region' masks image-to-image attention, and Sana's "

@@ -54,7 +54,7 @@ import torch
 
 from ..diffusers.controller import AttentionCall, Controller, Plan
 from ..diffusers.dit import FAMILIES as CROSS_ATTENTION_FAMILIES
-from ..diffusers.dit import SANA, WAN, dit_family
+from ..diffusers.dit import SANA, WAN, WAN_TEXT_TOKENS, dit_family
 from ..diffusers.install import Generation, install, installation_of
 from ..diffusers.joint import JointLayout
 from ..regions import MAX_MASK_LABELS, Regions
@@ -267,12 +267,15 @@ def _cross_attention_embeds(pipe, family: str, prompts: Sequence[str], negative_
     """PixArt / Sana / Wan: each regional prompt (and, with CFG, the negative prompt once per
     region) encoded as the pipeline encodes a prompt, concatenated on the text axis (with
     PixArt's and Sana's attention masks)."""
-    if family == WAN and getattr(pipe.transformer.config, "added_kv_proj_dim", None) is not None:
-        raise NotImplementedError("pipe: Wan I2V layers take the last 512 text tokens as the text (diffusers "
-                                  "hard-codes it), so regional prompts concatenated on the text axis would be "
-                                  "read as image context; regional prompting runs on text-to-video Wan only")
     device = pipe._execution_device
     encode = _call_defaults(pipe, ("max_sequence_length", "clean_caption", "complex_human_instruction"), options)
+    if family == WAN and pipe.transformer.config.added_kv_proj_dim is not None:
+        # I2V layers split their keys at 512 tokens from the end (diffusers hard-codes it):
+        # the concatenated segments must be exactly that long.
+        if len(prompts) * encode["max_sequence_length"] != WAN_TEXT_TOKENS:
+            raise ValueError(f"max_sequence_length: Wan I2V layers take the last {WAN_TEXT_TOKENS} tokens of their "
+                             f"keys as the text, so {len(prompts)} regional prompts need "
+                             f"{WAN_TEXT_TOKENS} / {len(prompts)} tokens each, got {encode['max_sequence_length']}")
     with torch.no_grad():
         parts = [pipe.encode_prompt(p, negative_prompt=negative_prompt, do_classifier_free_guidance=cfg,
                                     device=device, **encode) for p in prompts]
