@@ -173,6 +173,13 @@ def test_bad_input_is_refused_by_name():
                                          "is unet attention; the tool is for Flux and SD3"):
         RegionalPrompting([left], segment).plan(unet_call)
 
+    from attnctl.diffusers.joint import DOUBLE, JointLayout
+
+    flux_layout = JointLayout(range(0, 10), range(10, 34), (4, 6), DOUBLE, 0)
+    with pytest.raises(ValueError, match=r"masks\[1\]: per-frame \(frames, height, width\) masks are for Wan; "
+                                         r"joint attention takes a 2-D mask, got shape \(3, 3, 4\)"):
+        RegionalPrompting([left, moving], 5).regions_for(flux_layout, range(0), 1, "cpu")
+
     sana = tiny_sana_pipeline()
     with pytest.raises(ValueError, match="image_rule: 'region' masks image-to-image attention, and Sana's "
                                          "self-attention is linear"):
