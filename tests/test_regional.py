@@ -1,9 +1,9 @@
 """Regional prompting on Flux and SD3 (attnctl.tools.regional): the label mask equals the
 original's dense (L, L) mask (instantX-research/Regional-Prompting-FLUX,
-pipeline_flux_regional.py, transcribed below), and a tiny offline Flux generation equals
-stock diffusers given that dense mask through ``joint_attention_kwargs`` (its processor
-passes it to SDPA). SD3's stock processor ignores masks, so there the reference is the same
-dense mask given as a -inf bias through attnctl's reference backend."""
+pipeline_flux_regional.py, transcribed in regional_replay.py), and a tiny offline Flux
+generation equals stock diffusers given that dense mask through ``joint_attention_kwargs``
+(its processor passes it to SDPA). SD3's stock processor ignores masks, so there the
+reference is the same dense mask given as a -inf bias through attnctl's reference backend."""
 import contextlib
 
 import pytest
@@ -18,6 +18,7 @@ from attnctl.regions import Regions
 from attnctl.tools.regional import RegionalPrompting, region_labels, regional_generate, regional_prompt_embeds
 
 from op_cases import interpreter_bf16_dot_fixed
+from regional_replay import original_mask
 
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
 
@@ -35,26 +36,6 @@ def image_masks():
     right = torch.zeros(HEIGHT, WIDTH)
     right[4:, 10:20] = 1.0
     return [left, right]
-
-
-def original_mask(masks, segment):
-    """pipeline_flux_regional.py's regional_attention_mask for [text; image] (True = attend):
-    ``masks`` (R, h*w) on the token grid, ``segment`` tokens per regional prompt."""
-    R, hidden = masks.shape
-    enc = R * segment
-    mask = torch.zeros(enc + hidden, enc + hidden, dtype=torch.bool)
-    self_attend = torch.zeros(hidden, hidden, dtype=torch.bool)
-    union = torch.zeros(hidden, hidden, dtype=torch.bool)
-    for i in range(R):
-        m = masks[i][:, None].repeat(1, segment)
-        mask[i * segment:(i + 1) * segment, i * segment:(i + 1) * segment] = True
-        mask[i * segment:(i + 1) * segment, enc:] = m.transpose(-1, -2)
-        mask[enc:, i * segment:(i + 1) * segment] = m
-        img = m[:, :1].repeat(1, hidden)
-        self_attend |= img.bool() & img.bool().T
-        union |= img.bool() | img.bool().T
-    mask[enc:, enc:] = ~union | self_attend
-    return mask
 
 
 def on_grid(masks, grid):

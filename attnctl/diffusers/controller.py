@@ -187,11 +187,14 @@ class AttentionCall:
         context: what a cross-attention call's keys are: "text", or "image" for the CLIP
             image-context tokens a Wan I2V layer attends to in a second call (whose output
             is added to the text call's).
+        family: the model the call belongs to: "unet" (SD 1.x / 2.x / SDXL), "flux", "sd3"
+            (MM-DiT joint attention), "pixart", "sana" or "wan" (cross-attention
+            transformers); None for a call described outside an installation.
     """
 
     __slots__ = ("layer", "is_cross", "grid", "factor", "latent", "step", "layout", "batch", "heads",
                  "queries", "keys", "head_dim", "device", "dtype", "query", "key", "backend", "scale", "joint",
-                 "frames", "context")
+                 "frames", "context", "family")
 
     def __init__(self, layer: str, is_cross: bool, grid: Optional[Tuple[int, int]],
                  factor: Optional[int], latent: Optional[Tuple[int, int]], step: DenoiseStep,
@@ -215,6 +218,7 @@ class AttentionCall:
         self.joint = None
         self.frames = 1
         self.context = "text"
+        self.family: Optional[str] = None
 
     def __repr__(self) -> str:
         return (f"AttentionCall({self.layer}, cross={self.is_cross}, grid={self.grid}, "

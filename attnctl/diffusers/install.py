@@ -167,6 +167,11 @@ class Installation:
         self._read_forward.flux_grid = tuple(grid)
 
     @property
+    def model_family(self) -> str:
+        """"unet", "flux", "sd3", "pixart", "sana" or "wan" (what AttentionCall.family says)."""
+        return self.dit or self.family or "unet"
+
+    @property
     def unet(self):
         """The model attnctl is installed on (named for the UNet tools that read it)."""
         return self.model
@@ -341,8 +346,10 @@ class Installation:
         layout = self.layout
         if layout.rows != q.shape[0]:  # a layer called outside a hooked UNet forward
             layout = BatchLayout(rows=q.shape[0], cfg=False)
-        return AttentionCall(layer, is_cross, derived[0], derived[1], self.latent, self.step, layout, q, k,
+        call = AttentionCall(layer, is_cross, derived[0], derived[1], self.latent, self.step, layout, q, k,
                              self.backend, scale)
+        call.family = self.model_family
+        return call
 
     def describe_tokens(self, layer: str, is_cross: bool, q: torch.Tensor, k: torch.Tensor,
                         context: str) -> AttentionCall:
@@ -357,7 +364,7 @@ class Installation:
         if layout.rows != q.shape[0]:
             layout = BatchLayout(rows=q.shape[0], cfg=False)
         call = AttentionCall(layer, is_cross, grid, 1, grid, self.step, layout, q, k, self.backend)
-        call.frames, call.context = frames, context
+        call.frames, call.context, call.family = frames, context, self.model_family
         return call
 
     def describe_joint(self, layer: str, joint: JointLayout, q: torch.Tensor, k: torch.Tensor) -> AttentionCall:
@@ -366,7 +373,7 @@ class Installation:
         if layout.rows != q.shape[0]:
             layout = BatchLayout(rows=q.shape[0], cfg=False)
         call = AttentionCall(layer, False, joint.grid, 1, joint.grid, self.step, layout, q, k, self.backend)
-        call.joint = joint
+        call.joint, call.family = joint, self.model_family
         return call
 
     # ---- teardown ----------------------------------------------------------------------

@@ -1,6 +1,6 @@
-"""PixArt-Σ and Wan 2.1 pipelines built offline: tiny transformer configs, random weights,
-a tiny T5 encoder and the in-memory T5 tokenizer of attnctl.diffusers.offline_mmdit (no
-sentencepiece, no model hub). Used by the tests and the demo of the cross-attention
+"""PixArt-Σ, Sana and Wan 2.1 (text- and image-to-video) pipelines built offline: tiny
+transformer configs, random weights, a tiny T5 encoder and the in-memory T5 tokenizer of
+attnctl.diffusers.offline_mmdit (no sentencepiece, no model hub). Used by the tests and the demo of the cross-attention
 transformers (attnctl.diffusers.dit).
 
 Heads are 16 wide (Triton's tl.dot needs dims >= 16). The Wan VAE keeps Wan's factors
@@ -61,6 +61,45 @@ def tiny_wan_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     pipe = WanPipeline(
         tokenizer=tokenizer, text_encoder=_t5_encoder(tokenizer, 32), vae=_wan_vae(),
         transformer=WanTransformer3DModel(**tiny_wan_transformer_config()).eval(), scheduler=_flow_scheduler())
+    return _finish(pipe, dtype)
+
+
+# Wan I2V: CLIP image-context tokens of a tiny vision tower (8x8 crop, patch 2: 16 patches
+# and the class token) of width 24.
+I2V_IMAGE_SIZE, I2V_IMAGE_DIM = 8, 24
+
+
+def tiny_wan_i2v_transformer_config() -> dict:
+    """The tiny Wan as Wan 2.1 I2V builds it: 36 input channels (the noise latent, the
+    4-channel first-frame mask and the conditioning video's latent), ``image_dim`` (the
+    CLIP hidden states the condition embedder projects to the model width) and
+    ``added_kv_proj_dim`` = the model width (every cross-attention's add_k/v_proj over the
+    image-context tokens)."""
+    config = tiny_wan_transformer_config()
+    width = config["num_attention_heads"] * config["attention_head_dim"]
+    return dict(config, in_channels=36, image_dim=I2V_IMAGE_DIM, added_kv_proj_dim=width)
+
+
+def tiny_wan_i2v_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A WanImageToVideoPipeline (Wan 2.1 I2V) with tiny random-weight components: the I2V
+    transformer, a tiny CLIP vision tower (its second-to-last hidden states are the image
+    context, 17 tokens) with its image processor, the tiny T5 and the tiny Wan VAE.
+
+    diffusers' WanAttnProcessor takes the last 512 tokens of an I2V cross-attention's keys
+    as the text, so ``max_sequence_length`` must stay 512 (the pipeline's default)."""
+    from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = t5_tokenizer()
+    vision = CLIPVisionConfig(hidden_size=I2V_IMAGE_DIM, projection_dim=I2V_IMAGE_DIM, intermediate_size=32,
+                              num_hidden_layers=2, num_attention_heads=2, image_size=I2V_IMAGE_SIZE, patch_size=2)
+    pipe = WanImageToVideoPipeline(
+        tokenizer=tokenizer, text_encoder=_t5_encoder(tokenizer, 32), vae=_wan_vae(), scheduler=_flow_scheduler(),
+        image_processor=CLIPImageProcessor(size={"shortest_edge": I2V_IMAGE_SIZE},
+                                           crop_size={"height": I2V_IMAGE_SIZE, "width": I2V_IMAGE_SIZE}),
+        image_encoder=CLIPVisionModelWithProjection(vision).eval(),
+        transformer=WanTransformer3DModel(**tiny_wan_i2v_transformer_config()).eval())
     return _finish(pipe, dtype)
 
 

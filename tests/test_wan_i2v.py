@@ -1,0 +1,216 @@
+"""Wan 2.1 image-to-video through diffusers' own WanImageToVideoPipeline, built offline with
+random weights (attnctl.diffusers.offline_dit.tiny_wan_i2v_pipeline: the I2V transformer
+with image_dim / added_kv_proj_dim, a tiny CLIP vision tower and image processor, the
+tiny T5 and Wan VAE): outputs equal stock diffusers' within its own fp32 error, the call
+descriptor names the image-context attention, uninstall restores the processor objects,
+and the trace's per-frame word maps match a materialising reference (stock processors with
+SDPA made explicit, P of the text attention kept).
+
+diffusers 0.42.1's WanImageToVideoPipeline cleans prompts with ftfy without checking that
+it is installed (WanPipeline checks), so these tests need ftfy (in the test extras)."""
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnctl
+from attnctl.diffusers.offline_dit import I2V_IMAGE_SIZE, tiny_wan_i2v_pipeline
+
+pytest.importorskip("ftfy", reason="diffusers' WanImageToVideoPipeline needs ftfy to clean its prompts")
+
+EPS32 = torch.finfo(torch.float32).eps
+PROMPTS = ["a cat on a red car", "a dog"]
+SIZE, FRAMES = (48, 64), 9                  # VAE 8 in space, 4 in time, patch 1x2x2
+GRID = (3, 3, 4)                            # (latent frames, h, w) of the tokens
+TEXT = 512                                  # WanAttnProcessor's hard-coded text length in I2V layers
+IMAGE_TOKENS = (I2V_IMAGE_SIZE // 2) ** 2 + 1   # CLIP patches and the class token
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_wan_i2v_pipeline()
+
+
+def first_frame():
+    from PIL import Image
+
+    pixels = torch.rand(*SIZE, 3, generator=torch.Generator().manual_seed(1))
+    return Image.fromarray((pixels * 255).to(torch.uint8).numpy())
+
+
+def options(videos):
+    frames, h, w = GRID
+    latents = torch.randn(videos, 16, frames, 2 * h, 2 * w, generator=torch.Generator().manual_seed(0))
+    return dict(image=first_frame(), height=SIZE[0], width=SIZE[1], num_frames=FRAMES, num_inference_steps=2,
+                guidance_scale=5.0, output_type="latent", latents=latents)
+
+
+def generate(pipe, prompts=PROMPTS, **kwargs):
+    return pipe(prompt=prompts, **{**options(len(prompts)), **kwargs}).frames
+
+
+@pytest.fixture(scope="module")
+def stock(pipe):
+    """Stock fp32 output and the tolerance of an fp32 attention against it: twice stock's own
+    fp32 error (against the pipeline run in fp64) plus a few ulp of the output's scale."""
+    fp32 = generate(pipe)
+    pipe.to(torch.float64)
+    try:
+        fp64 = generate(pipe)
+    finally:
+        pipe.to(torch.float32)
+    return fp32, 2 * (fp32.double() - fp64).abs().max().item() + 8 * EPS32 * fp32.abs().max().item()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_outputs_equal_stock_and_uninstall_restores(pipe, stock, backend):
+    expected, atol = stock
+    original = dict(pipe.transformer.attn_processors)
+    with attnctl.install(pipe, backend=backend) as installation:
+        assert set(installation.layers) == {n[: -len(".processor")] for n in original}
+        got = generate(pipe)
+    assert attnctl.last_dispatch().backend == backend
+    torch.testing.assert_close(got, expected, rtol=0, atol=atol)
+    restored = pipe.transformer.attn_processors
+    assert restored.keys() == original.keys() and all(restored[k] is v for k, v in original.items())
+    assert "encode_prompt" not in pipe.__dict__
+    if backend == "torch":   # stock again, bit for bit
+        torch.testing.assert_close(generate(pipe), expected, rtol=0, atol=0)
+
+
+class _Recorder(attnctl.Controller):
+    def __init__(self):
+        self.calls = []
+
+    def plan(self, call):
+        self.calls.append((call.layer, call.is_cross, call.context, call.keys, call.queries, call.grid, call.frames,
+                           call.step.index, call.layout.half, call.family))
+
+
+def test_call_descriptor_names_the_image_context_call(pipe):
+    recorder = _Recorder()
+    with attnctl.install(pipe, recorder, backend="torch"):
+        generate(pipe)
+    frames, h, w = GRID
+    per_block = [("attn1", False, "text", frames * h * w), ("attn2", True, "text", TEXT),
+                 ("attn2", True, "image", IMAGE_TOKENS)]
+    expected = [(f"blocks.{i}.{attn}", cross, context, keys, step, half)
+                for step in range(2) for half in ("cond", "uncond") for i in range(2)
+                for attn, cross, context, keys in per_block]
+    assert [(c[0], c[1], c[2], c[3], c[7], c[8]) for c in recorder.calls] == expected
+    assert {(c[4], c[5], c[6], c[9]) for c in recorder.calls} == {(frames * h * w, (h, w), frames, "wan")}
+
+
+@contextlib.contextmanager
+def text_probabilities(pipe):
+    """Stock processors with SDPA made explicit; yields {layer: Σ_steps P} of the text
+    attention (keys: the 512 text tokens) of the conditional calls (the first of each
+    step's two), in fp64, and under (layer, "fp32") the same sums formed in fp32."""
+    model = pipe.transformer
+    store, current, calls = {}, [None], [0]
+
+    def enter(name):
+        current[0] = name
+
+    hooks = []
+    for name, module in model.named_modules():
+        if hasattr(module, "processor"):
+            hooks.append(module.register_forward_pre_hook(lambda m, a, name=name: enter(name)))
+            hooks.append(module.register_forward_hook(lambda m, a, o: enter(None)))
+    hooks.append(model.register_forward_pre_hook(lambda m, a: calls.__setitem__(0, calls[0] + 1)))
+    sdpa = F.scaled_dot_product_attention
+
+    def explicit(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if current[0] is None:   # the text encoder, the CLIP vision tower
+            return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                        scale=scale, enable_gqa=enable_gqa)
+        assert attn_mask is None and not is_causal and scale is None and not enable_gqa
+        p = torch.softmax((query.double() @ key.double().transpose(-1, -2)) * query.shape[-1] ** -0.5, dim=-1)
+        p32 = torch.softmax((query.float() @ key.float().transpose(-1, -2)) * query.shape[-1] ** -0.5, dim=-1)
+        layer = current[0]
+        if calls[0] % 2 == 1 and layer.endswith("attn2") and key.shape[2] == TEXT:
+            store[layer] = store.get(layer, 0) + p
+            store[layer, "fp32"] = store.get((layer, "fp32"), 0) + p32
+        return (p @ value.double()).to(query.dtype)
+
+    F.scaled_dot_product_attention = explicit
+    try:
+        yield store
+    finally:
+        F.scaled_dot_product_attention = sdpa
+        for hook in hooks:
+            hook.remove()
+
+
+def reference_video(store, row, columns, layers, precision=None):
+    """Mean over layers and heads of Σ_steps P[row, h, :, columns], averaged over the
+    columns, frame by frame: (frames, h, w)."""
+    def block(name):
+        return store[name if precision is None else (name, precision)][row][:, :, columns]
+
+    total = sum(block(name).sum(0) for name in layers)
+    return (total / (len(layers) * store[layers[0]].shape[1])).mean(-1).reshape(GRID).float()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_trace_gives_per_frame_word_maps_of_the_text_attention(pipe, stock, backend):
+    with text_probabilities(pipe) as store:
+        generate(pipe)
+    with attnctl.trace(pipe, backend=backend) as tc:
+        out = generate(pipe)
+    expected_out, atol = stock
+    torch.testing.assert_close(out, expected_out, rtol=0, atol=atol)   # tracing changes nothing
+    maps = tc.maps()
+    layers = [layer.name for layer in maps.layers]
+    assert layers == ["blocks.0.attn2", "blocks.1.attn2"] == sorted(n for n in store if isinstance(n, str))
+    assert maps.frames == GRID[0] and maps.latent == GRID[1:]
+    for b, prompt in enumerate(PROMPTS):
+        text = maps.prompts[b]
+        for word in ("cat", "red car", "dog"):
+            if word.split()[-1] not in prompt.split():
+                continue
+            columns = text.positions(word, None, match="tokens")
+            video = maps.video_heat_map(b).word(word).value
+            assert video.shape == GRID
+            expected = reference_video(store, maps.layout.row(b), columns, layers)
+            own_error = (reference_video(store, maps.layout.row(b), columns, layers, "fp32") - expected).abs().max()
+            torch.testing.assert_close(video, expected, rtol=0,
+                                       atol=2 * own_error.item() + 8 * EPS32 * expected.abs().max().item())
+            for f in range(GRID[0]):
+                torch.testing.assert_close(maps.heat_map(b, frame=f).word(word).value, video[f], rtol=0, atol=0)
+
+
+def test_regional_prompts_mask_the_text_call_and_leave_the_image_context(pipe):
+    """Regional prompting (attnctl.tools.regional) on I2V: two prompts of 256 tokens fill the
+    512 text tokens the I2V layers expect; the text attention takes the original's mask,
+    the image-context attention none (replayed with the dense mask, reference backend)."""
+    from attnctl.tools.regional import regional_generate, regional_prompt_embeds
+    from regional_replay import masked_replay, original_mask
+
+    prompts, segment = ["a cat", "a red car"], TEXT // 2
+    left, right = torch.zeros(SIZE), torch.zeros(SIZE)
+    left[:, :40] = 1.0
+    right[16:, 24:56] = 1.0
+    embeds, got_segment = regional_prompt_embeds(pipe, prompts, None, max_sequence_length=segment)
+    assert got_segment == segment and embeds["prompt_embeds"].shape[1] == TEXT
+    frames, h, w = GRID
+    on_grid = torch.stack([F.interpolate(m[None, None], (h, w), mode="nearest-exact").reshape(-1).repeat(frames)
+                           for m in (left, right)])
+    dense = original_mask(on_grid, segment)
+    run = options(1)
+
+    def stock(dtype):
+        with masked_replay(pipe, dense[TEXT:, :TEXT], dense[TEXT:, TEXT:], 2, dtype):
+            return pipe(**embeds, **run).frames
+
+    exact = stock(torch.float64).double()
+    atol = 2 * (stock(torch.float32).double() - exact).abs().max().item() + 8 * EPS32 * exact.abs().max().item()
+    plain = pipe(**embeds, **run).frames
+    assert (plain.double() - exact).abs().max() > 100 * atol          # the mask matters here
+    got = regional_generate(pipe, None, [(left, prompts[0]), (right, prompts[1])], max_sequence_length=segment,
+                            **run).frames
+    torch.testing.assert_close(got.double(), exact, rtol=0, atol=atol)
+    with pytest.raises(ValueError, match=r"max_sequence_length: Wan I2V layers take the last 512 tokens of their "
+                                         r"keys as the text, so 2 regional prompts need 512 / 2 tokens each, got 16"):
+        regional_prompt_embeds(pipe, prompts, None, max_sequence_length=16)
