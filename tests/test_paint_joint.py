@@ -17,8 +17,6 @@ from attnctl.diffusers.joint import JOINT
 from attnctl.diffusers.offline_mmdit import tiny_flux_pipeline, tiny_sd3_pipeline
 from attnctl.tools.paint import PaintWithWords
 
-from op_cases import interpreter_bf16_dot_fixed
-
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
 HEIGHT, WIDTH, TEXT = 16, 24, 16      # image 16 x 24 -> 4 x 6 image tokens (Flux and SD3)
 GRID = (4, 6)
@@ -129,7 +127,7 @@ def _compare(pipe, prompts, controller, reference, backend, **options):
     tolerance = 2 * (fp32.double() - fp64).abs().max().item() + 8 * EPS32 * fp64.abs().max().item()
     plans, plan = [], controller.plan
     controller.plan = lambda call: plans.append(plan(call)) or plans[-1]
-    with attnctl.install(pipe, controller, backend=backend), interpreter_bf16_dot_fixed():
+    with attnctl.install(pipe, controller, backend=backend):
         got = pipe(prompts, **options, latents=latents).images
     assert attnctl.last_dispatch().backend == backend
     plain = pipe(prompts, **options, latents=latents).images
@@ -183,6 +181,23 @@ def test_sd3_paint_t5_segment_and_block_filter():
     assert sum(p is not None for p in plans) == 2     # one painted layer x 2 steps
 
 
+def test_sd35_image_only_attention_is_left_alone():
+    pipe = tiny_sd3_pipeline(sd35=True)
+    controller = PaintWithWords({"car": _masks()[0]})
+    painted, plan = {}, controller.plan
+
+    def recorded(call):
+        painted[call.layer] = plan(call)
+        return painted[call.layer]
+
+    controller.plan = recorded
+    with attnctl.install(pipe, controller, backend="torch"):
+        pipe("a car", height=HEIGHT, width=WIDTH, num_inference_steps=1, output_type="latent",
+             max_sequence_length=TEXT)
+    assert {layer: plan is not None for layer, plan in painted.items()} == {
+        "transformer_blocks.0.attn": True, "transformer_blocks.0.attn2": False, "transformer_blocks.1.attn": True}
+
+
 def test_paint_joint_bad_input():
     flux = tiny_flux_pipeline()
     car, a = _masks()
@@ -201,6 +216,11 @@ def test_paint_joint_bad_input():
         with pytest.raises(ValueError, match=message):
             with attnctl.install(flux, controller):
                 flux("a cat on a car", **options)
+    with attnctl.install(flux.transformer, PaintWithWords({"car": car})) as installation:
+        installation.start_generation(["a cat on a car"], tokenizer=flux.tokenizer_2)   # no text segments
+        with pytest.raises(ValueError, match="PaintWithWords: transformer_blocks.0.attn is MM-DiT joint attention, "
+                                             "but the generation did not say which text encoder's tokens"):
+            flux("a cat on a car", **options)
     with pytest.raises(ValueError, match=r"text: expected None \(every text segment\) or one of \('t5', 'clip'\), "
                                          r"got 'T5'"):
         PaintWithWords({"car": car}, text="T5")

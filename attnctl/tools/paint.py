@@ -211,7 +211,7 @@ class PaintWithWords(Controller):
         if joint is not None and not self._joint:
             raise ValueError(f"PaintWithWords: {call.layer} is MM-DiT joint attention, but the generation did "
                              "not say which text encoder's tokens are which columns; install attnctl on the "
-                             "Flux / SD3 pipeline and pass it the prompt")
+                             "Flux / SD3 pipeline, not its transformer, and pass it the prompt")
         if call.grid is None:
             raise RuntimeError(f"PaintWithWords: the query grid of {call.layer} is unknown")
         rows = call.layout.cond_rows
