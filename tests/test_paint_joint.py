@@ -181,6 +181,17 @@ def test_sd3_paint_t5_segment_and_block_filter():
     assert sum(p is not None for p in plans) == 2     # one painted layer x 2 steps
 
 
+def test_flux_paints_the_t5_prompt_2():
+    """Flux's T5 encodes ``prompt_2`` when given (CLIP, which gives only a pooled vector,
+    gets ``prompt``): the phrases are found there."""
+    pipe = tiny_flux_pipeline()
+    car, _ = _masks()
+    regions = [("photo", car, 5.0)]
+    areas = _areas([(pipe.tokenizer_2, 0, TEXT)], ["a photo of a dog"], regions)
+    _compare(pipe, ["a cat"], PaintWithWords(regions), lambda: painted_sdpa(pipe, areas, text_first=True, weight=0.1),
+             "torch", latents=_latents(pipe, 1, flux=True), prompt_2="a photo of a dog")
+
+
 def test_sd35_image_only_attention_is_left_alone():
     pipe = tiny_sd3_pipeline(sd35=True)
     controller = PaintWithWords({"car": _masks()[0]})
