@@ -28,7 +28,7 @@ from ..op import BACKENDS
 from .controller import AttentionCall, BatchLayout, Controller, DenoiseStep
 from .dit import SANA, WAN, DiTReader, WanProcessor, dit_family, encoder_texts, softmax_layers
 from .joint import IMAGE_SELF, JointLayer, JointLayout, JointProcessor
-from .mmdit import FLUX, ForwardReader, joint_layers, mmdit_family
+from .mmdit import FLUX, ForwardReader, TextSegment, joint_layers, mmdit_family, text_segments
 from .processor import AttnctlProcessor
 
 _ATTRIBUTE = "_attnctl_installation"
@@ -40,7 +40,10 @@ class Generation:
 
     ``prompts`` is None when the pipeline got ``prompt_embeds`` without text. On PixArt,
     Sana and Wan they are the texts the pipeline tokenises (see
-    attnctl.diffusers.dit.encoder_texts: PixArt and Sana lower-case them).
+    attnctl.diffusers.dit.encoder_texts: PixArt and Sana lower-case them). On Flux and SD3,
+    ``tokenizer`` is the pipeline's first (CLIP) tokenizer; ``segments`` says which text
+    encoder's tokens are which text columns (attnctl.diffusers.mmdit.TextSegment; empty
+    without prompt text).
     """
 
     index: int
@@ -51,7 +54,8 @@ class Generation:
     tokenizer: object = None
     instruction: Optional[Tuple[str, ...]] = None  # Sana: complex_human_instruction put before each prompt
     text_length: Optional[int] = None              # Sana: max_sequence_length (the text columns)
-    image_scale: int = 1  # image pixels per latent pixel (the VAE's downsampling; PixArt / Sana / Wan: per token)
+    image_scale: int = 1  # image pixels per latent pixel (the VAE's downsampling; MM-DiT / PixArt / Sana / Wan: per token)
+    segments: Tuple[TextSegment, ...] = ()         # Flux / SD3: the text encoders' columns
 
 
 def find_model(target):
@@ -210,7 +214,8 @@ class Installation:
     # ---- generation / step state -------------------------------------------------------
     def start_generation(self, prompts: Optional[Sequence[str]] = None, *, num_prompts: Optional[int] = None,
                          images_per_prompt: int = 1, cfg: bool = False, tokenizer=None,
-                         instruction: Optional[Sequence[str]] = None, text_length: Optional[int] = None) -> Generation:
+                         instruction: Optional[Sequence[str]] = None, text_length: Optional[int] = None,
+                         segments: Sequence[TextSegment] = ()) -> Generation:
         """Mark the start of a generation (the pipeline hook does this; call it yourself
         when driving a bare UNet)."""
         if isinstance(prompts, str):
@@ -222,11 +227,13 @@ class Installation:
         scale = int(vae) if vae else 1
         if self.dit is not None:   # the latent a controller sees is the token grid: pixels per token
             scale *= self._read_dit.patch[-1]
+        elif self.family is not None:  # Flux packs 2x2 latent pixels into a token; SD3 patchifies
+            scale *= 2 if self.family == FLUX else self.model.config.patch_size
         self.generation = Generation(
             index=self._generations, prompts=tuple(prompts) if prompts is not None else None,
             num_prompts=num_prompts, images_per_prompt=int(images_per_prompt), cfg=bool(cfg),
             tokenizer=tokenizer, image_scale=scale, instruction=tuple(instruction) if instruction else None,
-            text_length=text_length)
+            text_length=text_length, segments=tuple(segments))
         self._unet_calls = 0
         self.check_processors()
         for controller in self.controllers:
@@ -271,11 +278,14 @@ class Installation:
             per_prompt = a.get("num_images_per_prompt") or a.get("num_videos_per_prompt") or 1  # Wan: videos
             if prompt is not None and self.dit is not None:
                 prompt = encoder_texts(self.dit, pipe, prompt, a)
-            sana = {}
-            if self.dit == SANA:   # where the prompt's tokens land among the text columns
-                sana = dict(instruction=a.get("complex_human_instruction"), text_length=a.get("max_sequence_length"))
+            where = {}   # where the prompt's tokens land among the text columns
+            if self.dit == SANA:
+                where = dict(instruction=a.get("complex_human_instruction"), text_length=a.get("max_sequence_length"))
+            elif self.family is not None and prompt is not None:
+                prompts = [prompt] if isinstance(prompt, str) else prompt
+                where = dict(segments=text_segments(self.family, pipe, prompts, a))
             self.start_generation(prompt, num_prompts=num, images_per_prompt=per_prompt,
-                                  cfg=bool(a.get("do_classifier_free_guidance", False)), tokenizer=tokenizer, **sana)
+                                  cfg=bool(a.get("do_classifier_free_guidance", False)), tokenizer=tokenizer, **where)
             return original(*args, **kwargs)
 
         encode_prompt.__signature__ = signature

@@ -5,16 +5,60 @@ Flux: ``transformer_blocks.i.attn`` are double-stream, ``single_transformer_bloc
 single-stream; text first. SD3: ``transformer_blocks.i.attn`` joint (the block with
 ``context_pre_only`` last), ``transformer_blocks.i.attn2`` SD3.5 medium's image-only
 self-attention; image first.
+
+Their text columns hold the tokens of one or more text encoders (:class:`TextSegment`):
+Flux's are T5's (``tokenizer_2``, ``prompt_2``); SD3's are 77 CLIP tokens (CLIP-L's and
+CLIP-G's states concatenated on the channels: ``tokenizer`` with ``prompt`` and
+``tokenizer_2`` with ``prompt_2`` share the columns) followed by T5's (``tokenizer_3``,
+``prompt_3``).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
 from .joint import CONTEXT_PRE_ONLY, DOUBLE, IMAGE_SELF, JOINT, SINGLE, JointLayer
 
 FLUX, SD3 = "flux", "sd3"
+SD3_CLIP_TOKENS = 77   # SD3's CLIP-L‖G tokens come first in its text sequence
+T5, CLIP = "t5", "clip"
+
+
+@dataclass(frozen=True)
+class TextSegment:
+    """The columns of one text encoder's tokens among an MM-DiT call's text columns:
+    ``[start, start + length)`` of the text (T5's length is the pipeline's
+    ``max_sequence_length``), tokenised by ``tokenizer`` from ``prompts`` (one per prompt
+    of the generation). ``name`` is "t5" or "clip"."""
+
+    name: str
+    start: int
+    length: int
+    tokenizer: object
+    prompts: Tuple[str, ...]
+
+
+def text_segments(family: str, pipe, prompts: Sequence[str], arguments) -> Tuple[TextSegment, ...]:
+    """The text segments of a generation of ``pipe`` (a Flux or SD3 pipeline) with
+    ``prompts``; ``arguments`` are encode_prompt's bound arguments, defaults applied
+    (``prompt_2``, ``prompt_3`` default to the prompt there too). A text encoder the
+    pipeline lacks (SD3 without T5: zero states) has no segment."""
+    def texts(name):
+        given = arguments.get(name) or prompts
+        return tuple([given] if isinstance(given, str) else given)
+
+    t5_length = int(arguments["max_sequence_length"])
+    if family == FLUX:
+        encoders = [(T5, 0, t5_length, "tokenizer_2", "text_encoder_2", "prompt_2")]
+    else:
+        encoders = [(CLIP, 0, SD3_CLIP_TOKENS, "tokenizer", "text_encoder", "prompt"),
+                    (CLIP, 0, SD3_CLIP_TOKENS, "tokenizer_2", "text_encoder_2", "prompt_2"),
+                    (T5, SD3_CLIP_TOKENS, t5_length, "tokenizer_3", "text_encoder_3", "prompt_3")]
+    return tuple(TextSegment(name, start, length, getattr(pipe, tokenizer), texts(argument))
+                 for name, start, length, tokenizer, encoder, argument in encoders
+                 if getattr(pipe, tokenizer, None) is not None and getattr(pipe, encoder, None) is not None)
 
 
 def mmdit_family(model) -> Optional[str]:
