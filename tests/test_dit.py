@@ -663,26 +663,30 @@ def test_hrv_votes_and_ordered_weakening_equal_their_replays(pipes, name):
     assert (got - plain).abs().max() > 100 * atol          # the control acts
 
 
-def test_paint_with_words_on_pixart_equals_its_replay(pipes):
-    """eDiff-I / paint-with-words on PixArt's cross-attention: the bias
+@pytest.mark.parametrize("name", list(PIPES))
+def test_paint_with_words_equals_its_replay(pipes, name):
+    """eDiff-I / paint-with-words on PixArt's and Wan's cross-attention: the bias
     w·log(1+σ)·max(q·kᵀ)·A (σ the scheduler's, max over the image's heads, tokens and
-    queries, A the mask resized bilinearly, align_corners=True, to the token grid at the
-    phrase's pieces) added to the scaled logits of the conditional rows, as the original
-    adds it; a mask at the image size."""
+    queries — on Wan every latent frame's — A the mask resized bilinearly,
+    align_corners=True, to the token grid at the phrase's pieces, on every frame) added to
+    the scaled logits of the conditional rows, as the original adds it; a mask at the
+    image size."""
     from attnctl.tools.paint import PaintWithWords
     from attnctl.tools.words import record_prompt
 
-    pipe = pipes["pixart"]
-    frames, h, w = GRIDS["pixart"]
-    mask = torch.zeros(PIXART_SIZE)
-    mask[:, : PIXART_SIZE[1] // 2] = 1.0                        # the left half, at the image size
+    pipe = pipes[name]
+    frames, h, w = GRIDS[name]
+    size = PIXART_SIZE if name == "pixart" else WAN_SIZE
+    mask = torch.zeros(size)
+    mask[:, : size[1] // 2] = 1.0                               # the left half, at the image size
     on_grid = F.interpolate(mask[None, None].double(), size=(h, w), mode="bilinear", align_corners=True)
-    on_grid = on_grid.reshape(h * w)
+    on_grid = on_grid.reshape(h * w).repeat(frames)             # queries: frame after frame
     prompts = ["a cat on a red car", "a red dog"]
     columns = [record_prompt(pipe.tokenizer, p, TEXT).positions("red") for p in prompts]
     sigmas = []
 
-    def bias(layer, rows, q, k, step):
+    def bias(layer, rows, q, k, call):
+        step = call if name == "pixart" else call // 2          # Wan: a cond and an uncond call per step
         if step == len(sigmas):
             sigmas.append(float(pipe.scheduler.sigmas[step]))
         out = torch.zeros(q.shape[0], 1, q.shape[2], k.shape[2], dtype=q.dtype)
@@ -692,10 +696,10 @@ def test_paint_with_words_on_pixart_equals_its_replay(pipes):
                                           * on_grid.to(q.dtype)[:, None])
         return out
 
-    with replayed(pipe, "pixart", bias=bias):
+    with replayed(pipe, name, bias=bias):
         exact = generate(pipe, prompts)
     sigmas.clear()
-    with replayed(pipe, "pixart", dtype=torch.float32, bias=bias):
+    with replayed(pipe, name, dtype=torch.float32, bias=bias):
         own_error = (generate(pipe, prompts).double() - exact.double()).abs().max().item()
     plain = generate(pipe, prompts)
     with attnctl.install(pipe, PaintWithWords({"red": mask}), backend="triton"):

@@ -214,3 +214,19 @@ def test_regional_prompts_mask_the_text_call_and_leave_the_image_context(pipe):
     with pytest.raises(ValueError, match=r"max_sequence_length: Wan I2V layers take the last 512 tokens of their "
                                          r"keys as the text, so 2 regional prompts need 512 / 2 tokens each, got 16"):
         regional_prompt_embeds(pipe, prompts, None, max_sequence_length=16)
+
+
+def test_paint_with_words_paints_the_text_call_only(pipe):
+    """The phrases are text tokens: paint-with-words biases the text cross-attention call
+    of every I2V layer (its conditional call) and leaves the image-context call alone."""
+    from attnctl.tools.paint import PaintWithWords
+
+    paint = PaintWithWords({"red": torch.ones(SIZE)})
+    plans = []
+    planned = paint.plan
+    paint.plan = lambda call: plans.append((call.context, planned(call))) or plans[-1][1]
+    with attnctl.install(pipe, paint, backend="torch"):
+        generate(pipe, ["a cat on a red car", "a red dog"], num_inference_steps=1)
+    assert {context for context, _ in plans} == {"text", "image"}
+    assert all(plan is None for context, plan in plans if context == "image")
+    assert any(plan is not None and plan.bias is not None for context, plan in plans if context == "text")

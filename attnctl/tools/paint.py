@@ -200,8 +200,8 @@ class PaintWithWords(Controller):
 
     def plan(self, call: AttentionCall) -> Optional[Plan]:
         joint = call.joint
-        if joint is None and not call.is_cross:
-            return None
+        if joint is None and (not call.is_cross or call.context != "text"):
+            return None  # phrases are text tokens: Wan I2V's image-context call is left alone
         if joint is not None and (len(joint.text) == 0 or (self.blocks is not None and not self.blocks(joint))):
             return None
         if self._spans is None:
@@ -242,7 +242,9 @@ class PaintWithWords(Controller):
             self._checked = True
         layout = call.layout
         images = len(layout.cond_rows)
-        on_grid = [strength * mask_on_grid(mask, call.grid, self.resize)[:, None] for _, mask, strength in self.regions]
+        # Video queries are the latent frames one after another on the grid: the mask paints every frame.
+        on_grid = [strength * mask_on_grid(mask, call.grid, self.resize).repeat(call.frames)[:, None]
+                   for _, mask, strength in self.regions]
         area = torch.zeros(images, 1, len(image), len(text))
         for i in range(images):
             spans = self._spans[min(layout.prompt_of_image(i), len(self._spans) - 1)]
