@@ -24,10 +24,12 @@ counts once; the UNet's parameters, saved by its linear layers and convolutions 
 paths alike, are left out). It is not a GPU's peak memory, which adds the weights, the
 allocator's caching and the backward's transient buffers.
 
-The loss is the original's, max over the tokens of 1 − max(smoothed map), taken with
-tensor operations (the original picks the worst token with Python comparisons, which
-need values that meta tensors do not have); it saves a few maps of h·w·T elements on
-both paths alike.
+Both paths read their maps with attnctl's readout (:func:`~attnctl.tools.attend_excite.
+max_attention_per_token`: the original's softmax ×100 and smoothing) and take the loss
+max over the tokens of 1 − max with tensor operations (the original picks the worst token
+with Python comparisons, which need values that meta tensors do not have); the readout
+saves a few maps of h·w·T elements, in fp32 on attnctl's maps and in the model's dtype on
+diffusers'.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ import contextlib
 import datetime
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -223,10 +226,11 @@ def measure(unet, setting: Setting, path: str, tokens: Sequence[int] = TOKENS) -
     forward with gradients on, the maps' readout and loss; then the latent's gradient."""
     sample, kwargs = step_inputs(unet, setting.latent, unet.dtype)
     latent = sample.detach().clone().requires_grad_(True)
-    with PATH_CONTEXTS[path](unet, setting.attn_res) as read_maps, count_saved_tensors(unet) as saved:
-        unet(latent, TIMESTEP, **kwargs)
-        saved.phase = "readout"
-        loss = torch.stack([1.0 - m for m in max_attention_per_token(read_maps(), tokens)]).max()
+    with PATH_CONTEXTS[path](unet, setting.attn_res) as read_maps:
+        with count_saved_tensors(unet) as saved:
+            unet(latent, TIMESTEP, **kwargs)
+            saved.phase = "readout"
+            loss = torch.stack([1.0 - m for m in max_attention_per_token(read_maps(), tokens)]).max()
         grad = torch.autograd.grad(loss, [latent])[0]
     if grad.shape != sample.shape:
         raise RuntimeError(f"{path}: the latent's gradient has shape {tuple(grad.shape)}, expected "
@@ -245,6 +249,7 @@ PARTS = {"saved_": {}, "unet_forward_": {"phase": "unet"}, "attention_layers_": 
 
 
 def run(name: str) -> dict:
+    """The result row of one model in SETTINGS: both paths' saved bytes, in all and by part."""
     setting = SETTINGS[name]
     unet = meta_unet(setting.config)
     layers = attention_layers(unet, setting.latent)
@@ -281,14 +286,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     import diffusers
 
-    env = {**environment("cpu"), "device": "meta",
+    env = {**environment("cpu"), "command": " ".join([parser.prog, *(argv if argv is not None else sys.argv[1:])]),
+           "device": "meta",
            "device_name": "meta tensors on the CPU: saved-for-backward bytes counted, not GPU peak memory",
            "diffusers": diffusers.__version__}
     rows = [run(name) for name in args.model or SETTINGS]
     for row in rows:
         print(f"{row['model']} ({row['unet']}, {row['image']}² image, {row['latent']}² latent, {row['dtype']}, "
               f"batch 1, maps {row['maps'][0]}²): A&E step saves fused {_gib(row['fused_saved_bytes'])}, "
-              f"materialising {_gib(row['materialising_saved_bytes'])} (×{row['ratio']:.2f}; attention layers ×{row['attention_ratio']:.2f}); "
+              f"materialising {_gib(row['materialising_saved_bytes'])} (×{row['ratio']:.2f}; "
+              f"attention layers ×{row['attention_ratio']:.2f}); "
               f"the materialising path's P alone: {_gib(row['probability_bytes'])}")
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
