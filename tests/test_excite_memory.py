@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import attnctl
-from attnctl.benchmarks.excite_memory import (PATHS, SETTINGS, attention_layers, count_saved_tensors, meta_unet,
-                                              measure, probability_bytes)
+from attnctl.benchmarks.excite_memory import (PATHS, SETTINGS, Setting, attention_layers, count_saved_tensors,
+                                              meta_unet, measure, probability_bytes)
+from attnctl.diffusers.offline import tiny_unet_config
 from attnctl.tools.excite_maps import MeanMaps
 
 FP32 = 4
@@ -43,6 +44,24 @@ def test_counting_takes_each_storage_once_and_leaves_parameters_out():
         (y * y.t().t()).sum()          # saves y twice, as two views of one storage
     assert sorted(s.shape for s in saved.storages) == [(3, 4), (3, 8)]
     assert saved.nbytes() == (3 * 8 + 3 * 4) * FP32
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_meta_count_equals_the_count_on_real_tensors(path):
+    """The meta run saves what a real run saves: the same storages, shapes and bytes (a
+    tiny UNet, fp32 on the CPU; the fused path through the Triton interpreter)."""
+    from diffusers import UNet2DConditionModel
+
+    real = UNet2DConditionModel(**tiny_unet_config()).eval()
+    with torch.device("meta"):
+        meta = UNet2DConditionModel(**tiny_unet_config()).eval()
+    setting = Setting("tiny", 8, (8, 8))   # cross-attention at the latent's 8²
+
+    def storages(unet):
+        return sorted((s.layer or "", s.phase, s.shape, s.nbytes) for s in measure(unet, setting, path).storages)
+
+    counted = storages(real)
+    assert any(layer for layer, *_ in counted) and counted == storages(meta)
 
 
 @pytest.mark.parametrize("name", sorted(SETTINGS))

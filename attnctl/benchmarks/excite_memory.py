@@ -177,17 +177,18 @@ def meta_unet(config: str, dtype: torch.dtype = torch.float16):
     return unet.to(dtype).eval()
 
 
-def step_inputs(unet, latent: int, dtype: torch.dtype = torch.float16) -> Tuple[torch.Tensor, dict]:
-    """(latent, UNet keyword arguments) of one image with its conditional text, on meta; SDXL's
-    added conditions (pooled text, six time ids) where the UNet takes them."""
+def step_inputs(unet, latent: int) -> Tuple[torch.Tensor, dict]:
+    """(latent, UNet keyword arguments) of one image with its conditional text, random, on the
+    UNet's device and in its dtype; SDXL's added conditions (pooled text, six time ids)
+    where the UNet takes them."""
     config = unet.config
-    sample = torch.empty(1, config.in_channels, latent, latent, device="meta", dtype=dtype)
-    kwargs = {"encoder_hidden_states": torch.empty(1, TEXT_TOKENS, config.cross_attention_dim, device="meta",
-                                                   dtype=dtype)}
+    like = dict(device=unet.device, dtype=unet.dtype)
+    sample = torch.randn(1, config.in_channels, latent, latent, **like)
+    kwargs = {"encoder_hidden_states": torch.randn(1, TEXT_TOKENS, config.cross_attention_dim, **like)}
     if config.addition_embed_type == "text_time":
         pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-        kwargs["added_cond_kwargs"] = {"text_embeds": torch.empty(1, pooled, device="meta", dtype=dtype),
-                                       "time_ids": torch.empty(1, 6, device="meta", dtype=dtype)}
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(1, pooled, **like),
+                                       "time_ids": torch.randn(1, 6, **like)}
     return sample, kwargs
 
 
@@ -222,9 +223,10 @@ PATH_CONTEXTS = {"fused": fused_path, "materialising": materialising_path}
 
 
 def measure(unet, setting: Setting, path: str, tokens: Sequence[int] = TOKENS) -> SavedTensors:
-    """What autograd saves in one A&E step on ``unet`` (meta) through ``path``: the UNet
-    forward with gradients on, the maps' readout and loss; then the latent's gradient."""
-    sample, kwargs = step_inputs(unet, setting.latent, unet.dtype)
+    """What autograd saves in one A&E step on ``unet`` through ``path``: the UNet forward
+    with gradients on, the maps' readout and loss; then the latent's gradient. On a meta
+    UNet nothing runs but shapes; a real one runs (Triton: on CUDA or the interpreter)."""
+    sample, kwargs = step_inputs(unet, setting.latent)
     latent = sample.detach().clone().requires_grad_(True)
     with PATH_CONTEXTS[path](unet, setting.attn_res) as read_maps:
         with count_saved_tensors(unet) as saved:
