@@ -15,7 +15,7 @@ from .capture import Capture, Tokens, as_token_tensor
 from .op import _grad_unsupported, _in_q_order, _needs_grad, _note, choose_backend
 from .reference import attention_reference
 from .regions import Regions
-from .validation import check_capture, validate
+from .validation import check_capture, validate, values_readable
 
 
 def attention_with_maps(
@@ -51,14 +51,14 @@ def attention_with_maps(
     if per_head and head_weights is not None:
         raise ValueError("attention_with_maps: head_weights: expected None with per_head=True (the per-head maps "
                          "are returned unweighted)")
-    compiling = torch.compiler.is_compiling()
-    scale = validate(q, k, v, scale, bias, prob_mult, None, check_token_values=not compiling, regions=regions)
+    check_values = values_readable(q)
+    scale = validate(q, k, v, scale, bias, prob_mult, None, check_token_values=check_values, regions=regions)
     token_tensor = as_token_tensor(tokens, q.device)
     B, H, M = q.shape[:3]
     # The maps buffer only lets check_capture check tokens and head_weights by their shapes.
     check_capture(Capture(maps=q.new_empty(B, M, token_tensor.shape[-1], dtype=torch.float32), tokens=token_tensor,
                           head_weights=head_weights),
-                  B, H, M, k.shape[2], q.device, check_token_values=not compiling, name="attention_with_maps")
+                  B, H, M, k.shape[2], q.device, check_token_values=check_values, name="attention_with_maps")
     dispatch = choose_backend(backend, q, has_work=True, needs_grad=_needs_grad(q, k, v, bias, prob_mult, None),
                               cuda_unsupported=("the maps output",),
                               grad_unsupported=_grad_unsupported(prob_mult, None, None), work="a maps output")

@@ -33,7 +33,7 @@ from .injection import OwnTerm
 from .reference import attention_reference, logit_max_reference
 from .regions import Regions
 from .validation import (check_bias_values, check_capture, check_own, check_regions, check_source, validate,
-                         validate_logit_max)
+                         validate_logit_max, values_readable)
 
 logger = logging.getLogger("attnctl")
 
@@ -78,9 +78,9 @@ def _require_triton(source: str, q: torch.Tensor) -> None:
     err = _triton_available()
     if err:
         raise RuntimeError(f"{source}: the Triton backend cannot be imported ({err})")
-    if not q.is_cuda and not _interpreting():
+    if not q.is_cuda and not q.is_meta and not _interpreting():
         raise ValueError(f"{source}: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 "
-                         f"for the CPU interpreter); got q on {q.device}")
+                         f"for the CPU interpreter, or meta tensors: shapes only); got q on {q.device}")
 
 
 def _check_backend_name(name, source: str) -> None:
@@ -262,13 +262,16 @@ def attention(
         (B, H, M, Dv) in q's dtype, laid out in q's memory order.
     """
     compiling = torch.compiler.is_compiling()
-    scale = validate(q, k, v, scale, bias, prob_mult, capture, check_token_values=not compiling,
+    scale = validate(q, k, v, scale, bias, prob_mult, capture, check_token_values=values_readable(q),
                      regions=regions, source=source, own=own)
-    if compiling and _needs_grad(q, k, v, bias, prob_mult, own):
+    # Meta tensors (shapes only, e.g. counting what autograd saves) take the traced route:
+    # the registered ops' fake implementations run and no kernel is launched.
+    shapes_only = compiling or q.is_meta
+    if shapes_only and _needs_grad(q, k, v, bias, prob_mult, own):
         # The mutating op attnctl::attention has no backward: trace the dispatch instead, to
         # the differentiable op attnctl::attention_differentiable or the reference.
         return _run(q, k, v, scale, bias, prob_mult, capture, backend, regions, source, own)
-    if compiling:
+    if shapes_only:
         return torch.ops.attnctl.attention(*op_arguments(q, k, v, scale, bias, prob_mult, capture, backend,
                                                          regions, source, own))
     return _run(q, k, v, scale, bias, prob_mult, capture, backend, regions, source, own)

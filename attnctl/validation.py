@@ -314,6 +314,15 @@ def check_own(own, q, k, v, source, check_token_values: bool = True) -> None:
                   name="own.capture")
 
 
+def values_readable(q: torch.Tensor) -> bool:
+    """Whether the checks that read values (token and source index ranges, bias +inf/NaN)
+    can run on this call: not while torch.compile traces it (the values do not exist yet)
+    and not on meta tensors (they have none: the op runs there on shapes alone, through
+    its registered fake implementations, as saved-tensor memory accounting does). The
+    shape, dtype and device checks run either way."""
+    return not torch.compiler.is_compiling() and q.device.type != "meta"
+
+
 def validate(q, k, v, scale, bias, prob_mult, capture, check_token_values: bool = True,
              regions=None, source=None, own=None) -> float:
     """Check every argument; return the resolved softmax scale."""
