@@ -37,7 +37,7 @@ from ..diffusers import offline_dit, offline_mmdit
 from .e2e import run_contenders, time_steps
 
 PROMPT = "a photo of a cat sitting on the car"
-# The materialised capture leaves this fraction of the host's memory free (see host_available).
+# The materialised capture leaves at least this fraction of the host's memory free (_check_host_room).
 HOST_RESERVE_FRACTION = 0.05
 
 
@@ -223,7 +223,8 @@ def materialised_capture(model, spec: DitModel):
     """Explicit softmax(q·kᵀ/√d + mask) in every layer of ``spec.kind.mapped`` (in the
     conditional call of a step whose CFG halves are separate calls), the per-head image-query
     × text-key slice of P, on the (frames, h, w) token grid, copied to the host per call;
-    yields the list of host tensors."""
+    yields the list of host tensors. attention-map-diffusers' explicit attention also adds a
+    zero (queries × keys) bias it builds on the CPU at every call; that cost is left out."""
     mapped = [module for name, module in model.named_modules() if re.fullmatch(spec.kind.mapped, name)]
     kept: List[torch.Tensor] = []
     state = {"calls": 0, "inside": False}
@@ -246,14 +247,15 @@ def materialised_capture(model, spec: DitModel):
         if not state["inside"]:   # Flux's single-stream blocks, self-attention, Wan's unconditional call
             return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                         scale=scale, enable_gqa=enable_gqa)
-        if dropout_p or is_causal or enable_gqa:
-            raise NotImplementedError("materialised capture: dropout, causal masks and GQA are not replayed")
+        if dropout_p or is_causal or enable_gqa or (attn_mask is not None and attn_mask.dtype == torch.bool):
+            raise NotImplementedError("materialised capture: dropout, causal or boolean masks and GQA are not "
+                                      "replayed (no transformer benchmarked here uses them)")
         scores = (query @ key.transpose(-1, -2)) * (scale or query.shape[-1] ** -0.5)
-        if attn_mask is not None:   # PixArt's T5 mask arrives as an additive bias
-            scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else (
-                scores + attn_mask)
-        # softmax in fp32 for 16-bit inputs, as attention-map-diffusers' unfused attention does
-        probs = torch.softmax(scores.float() if scores.element_size() < 4 else scores, dim=-1).to(query.dtype)
+        if attn_mask is not None:   # PixArt's T5 mask, as the additive bias the transformer makes of it
+            scores = scores + attn_mask
+        # in the inputs' dtype, as attention-map-diffusers' scaled_dot_product_attention does (torch's
+        # softmax accumulates 16-bit rows in fp32 and writes them back in 16 bits)
+        probs = torch.softmax(scores, dim=-1)
         image, text = _map_slices(spec, query.shape[2])
         maps = probs[:, :, image, text].unflatten(2, spec.token_grid)
         _check_host_room(maps.numel() * maps.element_size())
