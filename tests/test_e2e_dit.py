@@ -20,15 +20,14 @@ TINY = {"flux-tiny": (1, (1, 4, 4), 16), "sd3-tiny": (2, (1, 4, 4), 77 + 16),
 
 @pytest.mark.parametrize("name", list(TINY))
 def test_every_contender_runs_and_the_baseline_keeps_the_image_text_slices(name):
-    steps = 2
-    rows = e2e_dit.run_e2e_dit(name, list(e2e_dit.CONTENDERS), steps=steps, dtype=torch.float32, device="cpu")
+    spec = e2e_dit.MODELS[name]
+    rows = e2e_dit.run_e2e_dit(name, list(e2e_dit.CONTENDERS), dtype=torch.float32, device="cpu")
     assert [r["contender"] for r in rows] == list(e2e_dit.CONTENDERS)
-    assert all(r["status"] == "ok" and r["step_ms"] > 0 and r["steps"] == steps for r in rows), rows
+    assert all(r["status"] == "ok" and r["step_ms"] > 0 and r["steps"] == spec.steps == 2 for r in rows), rows
     for r in rows:   # the report's columns, and the ratio run_contenders adds
         assert {key for key, _, _ in report.E2E_COLUMNS} <= set(r) | {"peak_mem_mb"}, r
         assert r["peak_mem_mb"] is None    # a CPU has no device memory to report
     layers, grid, text = TINY[name]
-    spec = e2e_dit.MODELS[name]
     frames, h, w = grid
     assert spec.token_grid == grid
     per_step = layers * spec.rows * HEADS * frames * h * w * text * 4   # fp32 slices, one call per step
