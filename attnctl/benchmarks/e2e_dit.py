@@ -25,6 +25,8 @@ killer end the run.
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -199,9 +201,17 @@ def _host_total() -> Optional[int]:
         return None
 
 
+@functools.lru_cache(maxsize=None)
+def _no_host_guard() -> None:
+    logging.getLogger(__name__).warning(
+        "materialised capture: the host's available memory is unknown here (no /proc/meminfo), so a host "
+        "running out of memory ends the run instead of being recorded as host OOM")
+
+
 def _check_host_room(nbytes: int) -> None:
     available, total = host_available(), _host_total()
     if available is None or total is None:
+        _no_host_guard()
         return
     if nbytes > available - HOST_RESERVE_FRACTION * total:
         raise MemoryError(f"host memory: the next map ({nbytes / 2**20:.0f} MiB) would leave less than "
