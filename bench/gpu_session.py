@@ -7,7 +7,8 @@ CUDA extension's GPU tests -> where a call's time goes (bench/diagnose.py: host,
 and kernel time per call, the tile sweep) -> headline kernel benchmark (fp16) -> SD1.5
 UNet loop and prompt-to-prompt edit -> with time left: the bf16 kernel benchmark,
 compute-sanitizer, the remaining (diffusers-level) tests. ``--dit`` instead runs the MM-DiT
-(Flux, SD3.5 large) kernel rows and transformer loops, a call of its own.
+(Flux, SD3.5 large) kernel rows and the transformer loops (those two, PixArt-Σ, Wan 2.1),
+a call of its own.
 ``--sdxl`` instead runs the SDXL 1024² edit and loop, a
 call of its own.
 
@@ -459,7 +460,8 @@ def sdxl_plan(s: Session) -> None:
 def dit_plan(s: Session) -> None:
     """FLUX.1-dev and SD3.5 large (random weights, built on the GPU, bf16): the joint-attention
     kernel rows (SDPA, Triton with and without captures, ConceptAttention original vs fused),
-    then the transformer loops (stock, attnctl, trace, materialised maps)."""
+    then the transformer loops (stock, attnctl, trace, materialised maps) of those two,
+    PixArt-Σ 1024² and Wan 2.1 1.3B 480p."""
     if not setup(s):
         for name in ("dit-kernels", "dit-e2e"):
             s.skip(name, "set-up failed")
@@ -469,8 +471,10 @@ def dit_plan(s: Session) -> None:
         kernels += ["--contender", "sdpa", "--contender", "triton+capture"]
     s.bench("dit-kernels", "kernels-dit", kernels, 150)
     contenders = ["--e2e-contender", "diffusers-sdpa", "--e2e-contender", "materialised"] if s.dry_run else []
-    s.bench("dit-e2e", "e2e-dit", ["--skip-kernels", "--e2e", "flux-1024", "--e2e", "sd35l-1024", "--steps", "4",
-                                   *contenders], 330)
+    # Each transformer runs its own number of steps (attnctl.benchmarks.e2e_dit.MODELS: Flux and
+    # SD3.5 4, PixArt-Σ 20, Wan 3); the JSON keeps every record as it is measured.
+    models = [arg for m in ("flux-1024", "sd35l-1024", "pixart-1024", "wan-480p") for arg in ("--e2e", m)]
+    s.bench("dit-e2e", "e2e-dit", ["--skip-kernels", *models, *contenders], 360)
 
 
 # ---- versions (run as a child: it imports torch) ----
@@ -541,7 +545,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="the CPU smoke run (implied when nvidia-smi finds no GPU)")
     p.add_argument("--sdxl", action="store_true", help="only the SDXL 1024² edit and UNet loop (a call of its own)")
     p.add_argument("--dit", action="store_true",
-                   help="only the Flux / SD3.5-large kernel rows and transformer loops (a call of its own)")
+                   help="only the Flux / SD3.5-large kernel rows and the Flux, SD3.5-large, PixArt-Σ and Wan "
+                        "transformer loops (a call of its own)")
     p.add_argument("--cuda-archs", default="90a", help="ATTNCTL_CUDA_ARCHS for the CUDA build (H100/H200: 90a)")
     p.add_argument("--report-versions", metavar="JSON", help=argparse.SUPPRESS)
     p.add_argument("--expect-gpu", action="store_true", help=argparse.SUPPRESS)

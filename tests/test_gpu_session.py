@@ -105,6 +105,9 @@ def test_dit_dry_run(tmp_path):
     _check_returnable(out)
     _check_results(out, "kernels-dit", ["rows"])
     _check_results(out, "e2e-dit", ["e2e"])
+    (path,) = out.glob("e2e-dit-cpu-dryrun-*.json")   # every transformer's loop, by its CPU stand-in
+    models = {r["model"] for r in json.loads(path.read_text())["e2e"]}
+    assert models == {"flux-tiny", "sd3-tiny", "pixart-tiny", "wan-tiny"}, models
 
 
 def _session(tmp_path, budget):

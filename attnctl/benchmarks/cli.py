@@ -10,6 +10,7 @@ from . import contenders, e2e, e2e_dit, p2p_edit, report, runner, shapes, timing
 
 
 E2E_MODELS = tuple(m for m in e2e.MODELS if m != "tiny") + tuple(e2e_dit.SMOKE)
+PIPELINE_STEPS = 20   # the UNet loop's and the p2p edit's default
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -29,7 +30,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="only these contenders (repeatable)")
     p.add_argument("--e2e", action="append", choices=E2E_MODELS,
                    help="also time a denoising loop of this architecture (random weights): a UNet with CFG, "
-                        "or an MM-DiT transformer (flux-1024: FLUX.1-dev, sd35l-1024: SD3.5 large with CFG; bf16)")
+                        "or a transformer in bf16 (flux-1024: FLUX.1-dev, sd35l-1024: SD3.5 large with CFG, "
+                        "pixart-1024: PixArt-Σ with CFG, wan-480p: Wan 2.1 T2V 1.3B, 81 frames, with CFG)")
     p.add_argument("--e2e-contender", action="append", choices=tuple(dict.fromkeys([*e2e.CONTENDERS, *e2e_dit.CONTENDERS])),
                    help="only these end-to-end contenders (repeatable; each model runs those it has)")
     p.add_argument("--p2p", action="append", choices=tuple(m for m in p2p_edit.MODELS if m != "tiny"),
@@ -37,9 +39,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "architecture (random weights, CFG): fused against materialising")
     p.add_argument("--p2p-contender", action="append", choices=tuple(p2p_edit.CONTENDERS),
                    help="only these prompt-to-prompt contenders (repeatable)")
-    p.add_argument("--steps", type=int, default=20,
-                   help=f"denoising steps of the end-to-end loop and of the p2p edit "
-                        f"(the edit: at most {p2p_edit.MAX_STEPS})")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"denoising steps of the end-to-end loop and of the p2p edit (default {PIPELINE_STEPS}; "
+                        f"the edit: at most {p2p_edit.MAX_STEPS}); a transformer's loop defaults to its own: "
+                        + ", ".join(f"{m} {e2e_dit.MODELS[m].steps}" for m in e2e_dit.SMOKE))
     p.add_argument("--skip-kernels", action="store_true", help="only the end-to-end loop and/or the p2p edit")
     p.set_defaults(func=main)
     return p
@@ -49,7 +52,7 @@ def main(args: argparse.Namespace) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.p2p:  # before the kernel benchmarks, not after them
         try:
-            p2p_edit.check_steps(args.steps)
+            p2p_edit.check_steps(_steps(args))
         except ValueError as exc:
             raise SystemExit(f"attnctl bench: --{exc}")
     if device == "cpu":
@@ -96,11 +99,15 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _steps(args: argparse.Namespace) -> int:
+    return PIPELINE_STEPS if args.steps is None else args.steps
+
+
 def _pipeline_settings(models: List[str], args: argparse.Namespace, device: str) -> Tuple[List[str], int, torch.dtype]:
     """Models, steps and dtype of the UNet loop and the p2p edit. On a CPU the tiny offline
     model stands in for the real architectures (smoke only)."""
     if device == "cuda":
-        return models, args.steps, torch.float16
+        return models, _steps(args), torch.float16
     return ["tiny"], 2, torch.float32
 
 
@@ -116,12 +123,14 @@ def _run_e2e(args: argparse.Namespace, device: str, result: report.ResultFile) -
     def chosen(available):
         return [c for c in (args.e2e_contender or available) if c in available]
 
-    models, steps, dtype = _pipeline_settings(unets, args, device) if unets else ([], args.steps, None)
-    for model in models:
-        e2e.run_e2e(model, chosen(e2e.CONTENDERS), steps=steps, dtype=dtype, device=device, progress=progress)
-        result.save()  # the ratios to stock diffusers, added when a model's contenders are done
-    # MM-DiT transformers run in bf16 (Flux's activations overflow fp16); on a CPU their tiny
-    # offline configs stand in (smoke only).
+    if unets:
+        models, steps, dtype = _pipeline_settings(unets, args, device)
+        for model in models:
+            e2e.run_e2e(model, chosen(e2e.CONTENDERS), steps=steps, dtype=dtype, device=device, progress=progress)
+            result.save()  # the ratios to stock diffusers, added when a model's contenders are done
+    # Transformers run in bf16 (Flux's activations overflow fp16), each for its own number of
+    # steps unless --steps says; on a CPU their tiny offline configs stand in (smoke only).
+    steps = args.steps
     if device != "cuda":
         dits, steps = list(dict.fromkeys(e2e_dit.SMOKE[m] for m in dits)), 2
     for model in dits:

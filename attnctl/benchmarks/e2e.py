@@ -90,7 +90,7 @@ def run_contenders(contenders: List[str], record: dict, *, setup: Callable[[str,
                    progress=None) -> List[dict]:
     """One record per contender: ``setup(name, stack)`` installs it inside an ExitStack
     (under no_grad), ``measure()`` times the loop, ``restore()`` puts the model back; an
-    out-of-memory contender is a result. Adds each one's ratio to stock diffusers."""
+    out-of-memory contender (device or host) is a result. Adds each one's ratio to stock diffusers."""
     rows = []
     for name in contenders:
         rec = {**record, "contender": name}
@@ -101,6 +101,8 @@ def run_contenders(contenders: List[str], record: dict, *, setup: Callable[[str,
             rec["status"] = "ok"
         except torch.cuda.OutOfMemoryError as exc:
             rec["status"] = f"OOM: {str(exc).splitlines()[0][:160]}"
+        except MemoryError as exc:   # the host's memory (maps a contender copies there)
+            rec["status"] = f"host OOM: {str(exc).splitlines()[0][:160]}"
         finally:
             restore()
             if device == "cuda":

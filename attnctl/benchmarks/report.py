@@ -32,7 +32,8 @@ def _table(rows: Iterable[dict], columns) -> str:
     return "\n".join(lines)
 
 
-E2E_COLUMNS = [("model", "model", "{}"), ("contender", "contender", "{}"), ("step_ms", "ms/step", "{:.2f}"),
+E2E_COLUMNS = [("model", "model", "{}"), ("contender", "contender", "{}"), ("steps", "steps", "{}"),
+               ("step_ms", "ms/step", "{:.2f}"),
                ("step_vs_sdpa", "×stock", "{:.2f}"), ("peak_mem_mb", "peak MiB", "{:.0f}"),
                ("host_mb_per_step", "host MiB/step", "{:.0f}"), ("status", "status", "{}")]
 
@@ -133,11 +134,30 @@ def readme_table(results_dir: str) -> str:
     results = gpu_results(results_dir)
     if not results:
         return ("No GPU benchmark has been recorded yet: bench/results/ holds no GPU run. "
-                "Run `attnctl bench --json bench/results/<device>-<date>.json` on a GPU.")
+                "Run `attnctl bench --json bench/results/<device>-<date>.json` on a GPU.\n\n"
+                + _unmeasured_e2e(results))
     parts = [_kernel_table(r) for r in _newest_with(results, "rows")]
     parts += [_e2e_table(r) for r in _newest_per_model(results, "e2e")]
+    parts.append(_unmeasured_e2e(results))
     parts += [_p2p_table(r) for r in _newest_with(results, "p2p")]
-    return "\n\n".join(parts)
+    return "\n\n".join(p for p in parts if p)
+
+
+def e2e_models() -> List[str]:
+    """The full-size models of `attnctl bench --e2e` (UNets, then transformers)."""
+    from . import e2e, e2e_dit
+    return [m for m in e2e.MODELS if m != "tiny"] + list(e2e_dit.SMOKE)
+
+
+def _unmeasured_e2e(results: List[dict]) -> str:
+    """A line naming the end-to-end models no GPU result holds yet ("" when all have one)."""
+    measured = {row["model"] for r in results for row in r.get("e2e") or []}
+    missing = [m for m in e2e_models() if m not in measured]
+    if not missing:
+        return ""
+    return (f"End-to-end loops not measured on a GPU yet: {', '.join(missing)} (the device script: "
+            "`bash bench/gpu_session.sh` runs sd15-512, `--sdxl` sdxl-1024, `--dit` the transformers; CPU smoke "
+            "runs of their tiny stand-ins are never reported).")
 
 
 def _newest_with(results: List[dict], key: str) -> List[dict]:
@@ -185,9 +205,10 @@ def _kernel_table(result: dict) -> str:
 
 
 def _e2e_table(result: dict) -> str:
-    lines = [f"Denoising loop, time per step (random weights, batch 1 image; UNets with CFG in fp16, MM-DiT "
-             f"transformers in bf16, SD3 with CFG; host MiB/step: maps a materialising capture copies to the "
-             f"host); {_source(result)}:", ""]
+    lines = [f"Denoising loop, time per step (random weights, batch 1 image; UNets with CFG in fp16; transformers "
+             f"in bf16: Flux without CFG, SD3.5 and PixArt-Σ with CFG as one call of 2 rows, Wan (81 frames) "
+             f"with CFG as two calls of 1 row; host MiB/step: maps a materialising capture copies to the host); "
+             f"{_source(result)}:", ""]
     return "\n".join(lines + _markdown(result["e2e"], E2E_COLUMNS))
 
 

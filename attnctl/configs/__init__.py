@@ -1,13 +1,15 @@
 """Published model configurations (architecture only, no weights): the SD1.5 and SDXL
-UNet2DConditionModel, the FLUX.1-dev and SD3.5-large transformers (copies of the hub's
-config.json files, as ../shared/configs holds them). They ship with the package so that
-benchmarks build real architectures on a machine that has only the checkout."""
+UNet2DConditionModel, the FLUX.1-dev, SD3.5-large, PixArt-Σ and Wan 2.1 T2V 1.3B
+transformers (copies of the hub's config.json files, as ../shared/configs holds them).
+They ship with the package so that benchmarks build real architectures on a machine that
+has only the checkout."""
 import json
 import os
 
 _HERE = os.path.dirname(__file__)
 UNET_CONFIGS = ("sd15_unet", "sdxl_unet")
-TRANSFORMER_CONFIGS = ("flux1_dev_transformer", "sd35_large_transformer")
+TRANSFORMER_CONFIGS = ("flux1_dev_transformer", "sd35_large_transformer", "pixart_sigma_transformer",
+                       "wan21_t2v_1_3b_transformer")
 
 
 def _load(name: str, known: tuple) -> dict:
