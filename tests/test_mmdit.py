@@ -212,6 +212,26 @@ def test_word_maps_match_the_materialising_reference(pipes, stock, name, backend
     assert maps.layers[0].maps[-1].shape[-1] == max(len(t.tokens) for t in maps.prompts) < TEXT
 
 
+def test_flux_words_come_from_prompt_2_which_t5_encodes(pipes):
+    """FluxPipeline gives T5 ``prompt_2`` (CLIP only pools ``prompt``): the traced columns
+    are T5's pieces of prompt_2, and a word of prompt_2 alone has its maps."""
+    pipe = pipes["flux"]
+    prompts, prompts_2 = ["a cat"], ["a red car on a road"]
+    with materialised(pipe) as store:
+        generate(pipe, prompts, prompt_2=prompts_2)
+    with attnctl.trace(pipe, backend="torch") as tc:
+        generate(pipe, prompts, prompt_2=prompts_2)
+    maps = tc.maps()
+    assert maps.prompts[0].prompt == prompts_2[0]
+    layers = [l.name for l in maps.layers]
+    columns = maps.prompts[0].positions("road", None, match="tokens")
+    grid = (HEIGHT // 4, WIDTH // 4)
+    assert_matches_reference(tc.word_heat_map("road").value, store, maps.layout.row(0),
+                             slice(TEXT, TEXT + grid[0] * grid[1]), columns, grid, layers)
+    with pytest.raises(ValueError, match="cat"):
+        tc.word_heat_map("cat")
+
+
 def test_per_head_kinds_clip_segment_and_all_tokens(pipes, tmp_path):
     pipe = pipes["sd3"]
     with materialised(pipe) as store:

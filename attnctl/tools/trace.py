@@ -37,12 +37,11 @@ from .daam import counts_in_daam, is_daam_layer, output_side
 from .maps import ALL_STEPS, LayerMaps, TraceMaps, resolution_matches, select_layers
 from ..diffusers.joint import BLOCK_KINDS, IMAGE_SELF
 from ..diffusers.dit import WAN
-from ..diffusers.mmdit import FLUX
+from ..diffusers.mmdit import FLUX, SD3_CLIP_TOKENS
 from .words import record_after_instruction, record_prompt
 
 TOKEN_CHOICES = ("prompt", "all")
 TEXT_SEGMENTS = ("t5", "clip")
-SD3_CLIP_TOKENS = 77  # SD3's CLIP-L‖G segment comes first in its text sequence
 
 
 class _LayerTrace:
@@ -109,12 +108,13 @@ class TraceController(Controller):
         if self.segment is None and generation.prompts is not None and generation.tokenizer is not None:
             self._record_texts(generation.tokenizer, None)
 
-    def _record_texts(self, tokenizer, max_length: Optional[int]) -> None:
+    def _record_texts(self, tokenizer, max_length: Optional[int], prompts=None) -> None:
         gen = self.generation
+        prompts = gen.prompts if prompts is None else prompts
         if gen.instruction:   # Sana with its complex_human_instruction
-            self.texts = [record_after_instruction(tokenizer, p, gen.instruction, gen.text_length) for p in gen.prompts]
+            self.texts = [record_after_instruction(tokenizer, p, gen.instruction, gen.text_length) for p in prompts]
         else:
-            self.texts = [record_prompt(tokenizer, p, max_length) for p in gen.prompts]
+            self.texts = [record_prompt(tokenizer, p, max_length) for p in prompts]
         # DAAM keeps BOS, the prompt's tokens and the first EOS; for a batch, the longest's
         # (T5: the prompt's pieces and </s>, no padding).
         self.kept_columns = (max(len(t.tokens) for t in self.texts) if self.tokens == "prompt" else None)
@@ -130,7 +130,9 @@ class TraceController(Controller):
         # A bare transformer has no pipeline tokenizer: the one given to start_generation.
         tokenizer = tokenizer if tokenizer is not None else getattr(gen, "tokenizer", None)
         if self.texts is None and gen is not None and gen.prompts is not None and tokenizer is not None:
-            self._record_texts(tokenizer, length)
+            # The texts this segment's encoder got (Flux's T5 reads prompt_2, SD3's prompt_3 / _2).
+            encoded = next((s.prompts for s in gen.segments if s.tokenizer is tokenizer), None)
+            self._record_texts(tokenizer, length, encoded)
         return text.start + offset, length
 
     def on_step(self, step: DenoiseStep, layout: BatchLayout) -> None:
