@@ -607,7 +607,7 @@ class _HeadTokenController(Controller):
         if generation.prompts is None or generation.tokenizer is None:
             raise ValueError(f"{type(self).__name__}: needs the prompt text to find token columns; "
                              "the pipeline got prompt_embeds without a prompt")
-        self._columns = [self.token_columns(record_prompt(generation.tokenizer, p)) for p in generation.prompts]
+        self._columns = None
 
     def plan(self, call: AttentionCall) -> Optional[Plan]:
         if call.joint is not None:
@@ -623,11 +623,15 @@ class _HeadTokenController(Controller):
 
     def _build(self, call: AttentionCall) -> torch.Tensor:
         factor = _layer_slice(self.hrv, self._offsets, self._head_factor, call.layer, call.heads)
-        if self._columns is None:
+        if self.generation is None:
             raise RuntimeError(f"{type(self).__name__}: no generation has started (install it on a pipeline)")
-        per_prompt, first, stop = self._columns, 0, call.keys
         if call.joint is not None:
             per_prompt, first, stop = self._text_columns(call), call.joint.text.start, len(call.joint.text)
+        else:
+            if self._columns is None:   # the pipeline's tokenizer (on Flux / SD3 a CLIP one the joint text lacks)
+                self._columns = [self.token_columns(record_prompt(self.generation.tokenizer, p))
+                                 for p in self.generation.prompts]
+            per_prompt, first, stop = self._columns, 0, call.keys
         columns = torch.zeros(call.batch, call.keys)
         layout = call.layout
         for i, row in enumerate(layout.cond_rows):
