@@ -268,6 +268,10 @@ def test_probe_mass_and_votes_match_the_materialising_reference(pipes, name, bac
                        else [f"transformer_blocks.{i}.attn" for i in range(3)])
     assert layers == expected_layers and hrv.num_heads == 2 * len(layers)
     assert [n for n, _ in masses] == layers * 2          # every joint layer with text, both steps
+    if name == "flux":   # text at position 0, where RoPE is the identity (the stream's rows get none)
+        assert all(not c["txt_ids"].any() for c in calls)
+        cos, sin = pipe.transformer.pos_embed(torch.zeros(1, 3))
+        assert torch.equal(cos, torch.ones_like(cos)) and torch.equal(sin, torch.zeros_like(sin))
     words = [w for ws in CONCEPTS.values() for w in ws]
     single, exact = (reference_masses(pipe, calls, words, d) for d in (torch.float32, torch.float64))
     flat = lambda per_call: torch.cat([m.flatten() for c in per_call for m in c.values()])

@@ -20,6 +20,11 @@ cross-attention heads (128 in SD1.x, 1300 in SDXL). A concept that never wins a 
 an all-zero vector (listed in ``HeadRelevance.never_selected``). Heads are ordered as the
 official files order them (see :mod:`attnctl.tools.hrv_official`).
 
+On Flux / SD3 / SD3.5 (MM-DiT joint attention) the probe keys of a layer are the concept
+words' text-stream keys at that block, from a concept stream run beside the prompt, and
+the heads are those of every joint layer with text keys, in forward order: see
+:mod:`attnctl.tools.hrv_joint`.
+
 The votes are taken on the device with no loop over tokens or sync. With
 ``probe_words="all"`` the probe buffers are allocated on a layer's first call of a
 generation and zeroed after their votes are taken; with ``"sample"`` each call gathers its
@@ -29,7 +34,8 @@ drawn words' keys and a small (B, H, C) buffer.
 probabilities by ``factor``, default -2, in the k most or least relevant heads of a
 concept) and :class:`ConceptAdjusting` (P[h, :, t] *= 2·HRV_desired[h] - HRV_undesired[h]
 for the words' token columns t, optionally clamping each HRV first). Both act on the
-conditional half only and give a (B, H, 1, N) prob_mult cached per layer and generation.
+conditional half only and give a (B, H, 1, N) prob_mult cached per layer and generation
+(on joint attention: 1 except at the prompt's text columns; ``pipe=`` gives the tokenizer).
 :class:`ConceptStrengthening` is given to a prompt-to-prompt edit (``strengthen=``): as
 the official P2P-HRV does, inside the word's replace window the target word's columns take
 the target's own map scaled per head by HRV_c[h] (from a start step on).

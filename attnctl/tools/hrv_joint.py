@@ -91,6 +91,7 @@ class JointProbes:
         self.stream: Optional[concept_stream.ConceptStream] = None
         self.rows = range(0)
         self._last_layer: Optional[str] = None
+        self._checked_ids: Optional[torch.Tensor] = None
         self._hook = self.model.register_forward_pre_hook(self._before_transformer, with_kwargs=True)
 
     @property
@@ -126,11 +127,24 @@ class JointProbes:
     def _start(self, layout: BatchLayout, batch: int) -> None:
         kwargs = self._inputs
         text = kwargs["encoder_hidden_states"]
+        if self.family == FLUX:
+            self._check_text_positions(kwargs["txt_ids"])
         self.rows = layout.cond_rows if layout.rows == batch else range(batch)
         embeds = self.embeds(text.shape[1], text.device, self.model.context_embedder.weight.dtype)
         self.stream = concept_stream.start(self.model, self.family, kwargs, embeds, pooled="prompt", rows=self.rows)
         installation = installation_of(self.model)
         self._last_layer = installation.cross_layers[-1] if installation is not None else None
+
+    def _check_text_positions(self, ids: torch.Tensor) -> None:
+        """The stream's rows take RoPE's identity, as the prompt's text rows do only where
+        their positions are zeros (FluxPipeline's txt_ids); checked once per ids tensor."""
+        if ids is self._checked_ids:
+            return
+        if ids.is_meta or bool(ids.any()):
+            raise NotImplementedError("txt_ids: HRV's concept stream places the concept rows at position 0, as "
+                                      "FluxPipeline places the prompt's text (txt_ids all zeros); got text "
+                                      "positions that are not all zero")
+        self._checked_ids = ids
 
     def probe(self, call: AttentionCall, value: torch.Tensor, layout: BatchLayout,
               tokens: Optional[List[int]]) -> Optional[torch.Tensor]:
