@@ -315,7 +315,7 @@ def test_build_hrv_sampled_words_save_and_load(pipes, tmp_path):
     assert clip.counts.sum() == 2 * hrv.num_heads
 
 
-def joint_factor(pipe, hrv, head_factor, prompt_columns, layer, batch, keys, text_start, cond):
+def joint_factor(hrv, head_factor, prompt_columns, layer, batch, keys, text_start, cond):
     """The (B, H, 1, L) factor written out: head_factor at the text columns of each cond
     row's prompt in the layer's heads, 1 elsewhere."""
     start, count = hrv.offsets()[layer]
@@ -381,7 +381,7 @@ def test_controls_match_a_materialised_prob_mult(pipes, name, control):
         B, _, L, _ = q.shape
         cond = range(B // 2, B) if name != "flux" else range(B)
         text_start = 0 if name == "flux" else L - (CLIP_TOKENS + TEXT)
-        return joint_factor(pipe, hrv, head_factor, columns, layer, B, L, text_start, cond)
+        return joint_factor(hrv, head_factor, columns, layer, B, L, text_start, cond)
 
     with attnctl.install(pipe, controller, backend="torch"):
         got = generate(pipe)
