@@ -422,3 +422,25 @@ def test_bad_input(pipes):
             generate(flux_pipe)
     with pytest.raises(ValueError, match=r"text: expected one of \('t5', 'clip'\)"):
         ConceptAdjusting(hrv, "cat", "cat", "dog", pipe=sd3_pipe, text="T5")
+
+
+def test_flux_text_positions_other_than_zero_are_refused(pipes):
+    """The stream's rows take RoPE's identity, which the prompt's text has only at zero
+    positions (as FluxPipeline gives them)."""
+    pipe = pipes["flux"]
+    model = pipe.transformer
+    inputs = dict(hidden_states=torch.randn(1, 24, 16), encoder_hidden_states=torch.randn(1, TEXT, 32),
+                  pooled_projections=torch.randn(1, 32), timestep=torch.tensor([0.5]),
+                  img_ids=torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(6.0),
+                                                     indexing="ij"), -1).reshape(24, 3),
+                  txt_ids=torch.zeros(TEXT, 3))
+    builder = HRVBuilder(pipe, CONCEPTS, probe_sot=False)
+    try:
+        with attnctl.install(pipe, builder, backend="torch"), torch.no_grad():
+            model(**inputs)                                    # zeros: probed
+            assert len(builder.layers) == 4 and all(p.pending for p in builder.layers.values())
+            with pytest.raises(NotImplementedError, match="txt_ids: HRV's concept stream places the concept rows "
+                                                          "at position 0"):
+                model(**{**inputs, "txt_ids": torch.ones(TEXT, 3)})
+    finally:
+        builder.close()
