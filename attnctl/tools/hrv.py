@@ -487,7 +487,7 @@ class HRVBuilder(Controller):
         self.flush()
         if not self.counts:
             raise RuntimeError("hrv: no cross-attention call was seen; run the pipeline with the builder installed")
-        order = [n for n in self._layer_order() if n in self.counts]
+        order = [n for n in self.layer_order() if n in self.counts]
         counts = torch.cat([self.counts[n].cpu() for n in order]).float()       # (H_total, K)
         per_step = None
         if self.per_step:
@@ -499,8 +499,9 @@ class HRVBuilder(Controller):
         return HeadRelevance(self.concepts, [(n, self.layer_heads[n]) for n in order],
                              normalise_counts(counts), counts, self.model_id, self.words, per_step)
 
-    def _layer_order(self) -> List[str]:
-        """Layer names in the official HRV order (down, mid, up; forward order within)."""
+    def layer_order(self) -> List[str]:
+        """Layer names in the order of the flat head index: the official HRV order on UNets
+        (down, mid, up; forward order within), forward order on PixArt, Wan, Flux and SD3."""
         installation = installation_of(self.unet)
         names = installation.cross_layers if installation is not None else list(self.counts)
         if self.joint is not None or (installation is not None and installation.dit is not None):
