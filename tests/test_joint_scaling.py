@@ -107,19 +107,3 @@ def test_text_scaling_errors():
         with attnctl.install(pipe, TextScaling(torch.ones(3, 1))):
             pipe("a cat", height=HEIGHT, width=WIDTH, num_inference_steps=1, output_type="latent",
                  max_sequence_length=TEXT)
-
-
-def test_unet_hrv_tools_refuse_joint_attention():
-    """HRV's construction and controls are defined on cross-attention (UNets, PixArt, Wan):
-    on a Flux pipeline they say so instead of silently doing nothing."""
-    from attnctl.tools.hrv import HeadRelevance, HRVBuilder, OrderedWeakening
-
-    pipe = tiny_flux_pipeline()
-    with pytest.raises(TypeError, match="pipe: HRV construction probes cross-attention layers .* got FluxPipeline"):
-        HRVBuilder(pipe, ["cat"])
-    hrv = HeadRelevance(["cat"], [("down_blocks.0.attentions.0.transformer_blocks.0.attn2", 2)],
-                        torch.ones(1, 2), None)
-    with pytest.raises(ValueError, match=r"OrderedWeakening: HRV controls act on cross-attention \(UNets, PixArt, Wan\), got MM-DiT"):
-        with attnctl.install(pipe, OrderedWeakening(hrv, "cat", 1)):
-            pipe("a cat", height=HEIGHT, width=WIDTH, num_inference_steps=1, output_type="latent",
-                 max_sequence_length=TEXT)

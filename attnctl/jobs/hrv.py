@@ -98,13 +98,12 @@ class HRVWork(Work):
 
         from ..tools.hrv import HeadRelevance, normalise_counts
         from ..tools.hrv_cli import write_result
-        from ..tools.hrv_official import official_order
 
         totals: Dict[str, torch.Tensor] = {}
         for path in sorted({r["files"]["votes"] for r in records}):
             for name, votes in load_file(str(store.path(path))).items():
                 totals[name] = totals.get(name, 0) + votes
-        order = [n for n, _ in official_order([(n, 0) for n in self.installation.cross_layers]) if n in totals]
+        order = [n for n in self.builder.layer_order() if n in totals]   # as build_hrv orders them
         counts = torch.cat([totals[n] for n in order]).float()
         result = HeadRelevance(self.builder.concepts, [(n, int(totals[n].shape[0])) for n in order],
                                normalise_counts(counts), counts, self.model_id, self.builder.words)

@@ -4,6 +4,9 @@
 What the original (helblazer811/ConceptAttention, ``concept_attention/flux``: the paper's
 ``ConceptAttentionFluxPipeline``) computes, and this tool replays:
 
+The concept stream itself (the concept rows through the blocks' text side) is
+:mod:`attnctl.tools.concept_stream`, shared with HRV construction on Flux / SD3.
+
 * Concepts: each concept word is encoded alone by the pipeline's T5 (padded to the
   prompt's T5 length, no mask, as the prompt is) and its first token's state kept; the
   pooled vector of the concept stream is zero. The concept stream's modulation is the
@@ -51,6 +54,7 @@ from ..diffusers.install import install, installation_of
 from ..diffusers.joint import DOUBLE
 from ..diffusers.mmdit import FLUX
 from ..op import attention
+from . import concept_stream
 from .maps import HeatMap
 
 # The original pipeline's default blocks (``layer_indices=list(range(15, 19))``): the last
@@ -96,19 +100,6 @@ class ConceptMaps:
                             "steps": ",".join(map(str, self.steps))})
 
 
-class _Stream:
-    """The concept residual stream of one transformer forward: states (B, C, dim), the
-    modulation embedding (B, dim), and the joint sequence's RoPE (cos, sin) when the
-    cross-attention baseline needs it."""
-
-    __slots__ = ("states", "temb", "rope")
-
-    def __init__(self, states: torch.Tensor, temb: torch.Tensor, rope):
-        self.states = states
-        self.temb = temb
-        self.rope = rope
-
-
 OUTPUT, CROSS_ATTENTION = "output", "cross_attention"
 
 
@@ -131,7 +122,7 @@ class ConceptAttentionController(Controller):
         self.cross_attention = bool(cross_attention)
         self.transformer = None
         self.text_encoder = self.tokenizer = None
-        self._stream: Optional[_Stream] = None
+        self._stream: Optional[concept_stream.ConceptStream] = None
         self._embeds: Dict[Tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
         self._step = 0
         self._sums: Dict[str, torch.Tensor] = {}
@@ -163,27 +154,12 @@ class ConceptAttentionController(Controller):
         self._stream = None
         if self.steps is not None and self._step not in self.steps:
             return
-        hidden = args[0] if args else kwargs["hidden_states"]
         text = kwargs["encoder_hidden_states"]
         model = self.transformer
-        dtype = model.x_embedder.weight.dtype
-        embeds = self._concept_embeds(text.shape[1], text.device, dtype)
-        rows = hidden.shape[0]
-        states = model.context_embedder(embeds).unsqueeze(0).expand(rows, -1, -1)
+        embeds = self._concept_embeds(text.shape[1], text.device, model.context_embedder.weight.dtype)
         # The transformer's own time / guidance embedding, of a zero pooled vector (the
         # original's concept_vec is zeros_like(clip(...))).
-        timestep = kwargs["timestep"].to(dtype) * 1000
-        pooled = torch.zeros(rows, model.config.pooled_projection_dim, device=text.device, dtype=dtype)
-        guidance = kwargs.get("guidance")
-        if guidance is None:
-            temb = model.time_text_embed(timestep, pooled)
-        else:
-            temb = model.time_text_embed(timestep, guidance.to(dtype) * 1000, pooled)
-        rope = None
-        if self.cross_attention:
-            ids = [kwargs[name][0] if kwargs[name].ndim == 3 else kwargs[name] for name in ("txt_ids", "img_ids")]
-            rope = model.pos_embed(torch.cat(ids, dim=0))
-        self._stream = _Stream(states, temb, rope)
+        self._stream = concept_stream.start(model, FLUX, kwargs, embeds, pooled="zero", rope=self.cross_attention)
         if self._step not in self._steps_seen:
             self._steps_seen.append(self._step)
 
@@ -204,16 +180,14 @@ class ConceptAttentionController(Controller):
         stream, joint = self._stream, call.joint
         if stream is None or joint is None or joint.block != DOUBLE or joint.index > self.layers[-1]:
             return
-        block = self.transformer.transformer_blocks[joint.index]
-        attn = block.attn
-        normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(stream.states, emb=stream.temb)
-        q, k, v = _text_side_heads(attn, normed)
+        step = stream.enter(self.transformer, joint)
+        q, k, v = step.q, step.k, step.v
         image = slice(joint.image.start, joint.image.stop)
         # Concept queries over [concept keys; image keys]: C query rows, C + P key columns.
         keys = torch.cat([k, call.key[:, :, image]], dim=2)
         values = torch.cat([v, value[:, :, image]], dim=2)
         concept_out = attention(q, keys, values, backend=call.backend)
-        concept_out = concept_out.transpose(1, 2).flatten(2).to(normed.dtype)  # (B, C, H·D)
+        concept_out = concept_out.transpose(1, 2).flatten(2).to(stream.states.dtype)  # (B, C, H·D)
         if joint.index in self.layers:
             self._accumulate(OUTPUT, torch.bmm(concept_out, out.transpose(1, 2)[:, image].flatten(2)
                                                .to(concept_out.dtype).transpose(1, 2)), joint.grid)
@@ -222,7 +196,7 @@ class ConceptAttentionController(Controller):
                     call.query[:, :, image], stream.rope, image).to(q.dtype)), joint.grid)
             self._count += 1
         if joint.index < self.layers[-1]:
-            stream.states = _advance(block, stream.states, concept_out, gate_msa, shift_mlp, scale_mlp, gate_mlp)
+            stream.advance(step, concept_out)
 
     def _accumulate(self, space: str, scores: torch.Tensor, grid: Tuple[int, int]) -> None:
         """Adds the (B, C, P) products of one block and step (softmax over C) into fp32."""
@@ -250,34 +224,12 @@ class ConceptAttentionController(Controller):
         return ConceptMaps(maps, self.concepts, self.layers, sorted(self._steps_seen))
 
 
-def _text_side_heads(attn, states: torch.Tensor):
-    """q, k, v (B, H, C, D) of ``states`` through the block's text-side projections and norms."""
-    head_dim = attn.to_k.out_features // attn.heads
-    q, k, v = (proj(states).unflatten(-1, (-1, head_dim)) for proj in (attn.add_q_proj, attn.add_k_proj,
-                                                                         attn.add_v_proj))
-    if attn.norm_added_q is not None:
-        q = attn.norm_added_q(q)
-    if attn.norm_added_k is not None:
-        k = attn.norm_added_k(k)
-    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-
-
 def _unrotated(query: torch.Tensor, rope, image: slice) -> torch.Tensor:
     """The image rows' q (B, H, P, D) before RoPE: the rotation by the negated angles."""
     from diffusers.models.embeddings import apply_rotary_emb
 
     cos, sin = (x[image] for x in rope)
     return apply_rotary_emb(query, (cos, -sin), sequence_dim=2)
-
-
-def _advance(block, states, attn_out, gate_msa, shift_mlp, scale_mlp, gate_mlp) -> torch.Tensor:
-    """The text side's residual update of a FluxTransformerBlock, applied to the concepts."""
-    states = states + gate_msa.unsqueeze(1) * block.attn.to_add_out(attn_out)
-    normed = block.norm2_context(states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-    states = states + gate_mlp.unsqueeze(1) * block.ff_context(normed)
-    if states.dtype == torch.float16:
-        states = states.clip(-65504, 65504)
-    return states
 
 
 def _indices(values, name: str) -> List[int]:

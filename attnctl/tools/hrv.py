@@ -20,6 +20,11 @@ cross-attention heads (128 in SD1.x, 1300 in SDXL). A concept that never wins a 
 an all-zero vector (listed in ``HeadRelevance.never_selected``). Heads are ordered as the
 official files order them (see :mod:`attnctl.tools.hrv_official`).
 
+On Flux / SD3 / SD3.5 (MM-DiT joint attention) the probe keys of a layer are the concept
+words' text-stream keys at that block, from a concept stream run beside the prompt, and
+the heads are those of every joint layer with text keys, in forward order: see
+:mod:`attnctl.tools.hrv_joint`.
+
 The votes are taken on the device with no loop over tokens or sync. With
 ``probe_words="all"`` the probe buffers are allocated on a layer's first call of a
 generation and zeroed after their votes are taken; with ``"sample"`` each call gathers its
@@ -29,7 +34,8 @@ drawn words' keys and a small (B, H, C) buffer.
 probabilities by ``factor``, default -2, in the k most or least relevant heads of a
 concept) and :class:`ConceptAdjusting` (P[h, :, t] *= 2·HRV_desired[h] - HRV_undesired[h]
 for the words' token columns t, optionally clamping each HRV first). Both act on the
-conditional half only and give a (B, H, 1, N) prob_mult cached per layer and generation.
+conditional half only and give a (B, H, 1, N) prob_mult cached per layer and generation
+(on joint attention: 1 except at the prompt's text columns; ``pipe=`` gives the tokenizer).
 :class:`ConceptStrengthening` is given to a prompt-to-prompt edit (``strengthen=``): as
 the official P2P-HRV does, inside the word's replace window the target word's columns take
 the target's own map scaled per head by HRV_c[h] (from a start step on).
@@ -46,6 +52,10 @@ import torch
 from ..capture import Capture
 from ..diffusers.controller import AttentionCall, BatchLayout, Controller, DenoiseStep, Plan
 from ..diffusers.install import Generation, find_model, install, installation_of
+from ..diffusers.mmdit import FLUX, SD3
+from .concept_stream import stream_layers
+from .hrv_joint import JointProbes, text_columns
+from .trace import TEXT_SEGMENTS
 from .hrv_official import official_order
 from .words import query_words, record_prompt
 
@@ -288,13 +298,15 @@ def layer_probe_keys(attn, embeds: torch.Tensor) -> torch.Tensor:
 
 
 class _LayerProbe:
-    __slots__ = ("keys", "capture", "avg", "pending")
+    __slots__ = ("keys", "capture", "avg", "pending", "mass", "rows")
 
-    def __init__(self, keys: torch.Tensor):
-        self.keys = keys                    # (1, H, C, D): every probe token of the layer
-        self.capture = Capture(probe_keys=keys)
+    def __init__(self, keys: Optional[torch.Tensor]):
+        self.keys = keys                    # (1, H, C, D): every probe token of the layer (None: MM-DiT)
+        self.capture = Capture(probe_keys=keys) if keys is not None else None
         self.avg: Optional[torch.Tensor] = None   # (C_call, K): this call's tokens -> concept means
         self.pending = False
+        self.mass: Optional[torch.Tensor] = None  # MM-DiT: (R, H, C_call), the conditional images' rows
+        self.rows: Optional[range] = None         # rows of the mass that vote (None: from the layout)
 
 
 PROBE_WORDS = ("sample", "all")
@@ -304,18 +316,20 @@ class HRVBuilder(Controller):
     """Controller that votes, per call, for each head's most attended concept.
 
     Use :func:`build_hrv`; or install it yourself, run generations, then ``result()``.
-    ``probe_words``, ``probe_sot``, ``seed``: see :func:`build_hrv`.
+    ``probe_words``, ``probe_sot``, ``seed``, ``text``: see :func:`build_hrv`. On Flux /
+    SD3 it holds a forward pre-hook on the transformer (the concept stream's inputs) until
+    ``close()``.
     """
 
     def __init__(self, pipe, concepts: Concepts, *, per_step: bool = False, model_id: str = "",
-                 probe_words: str = "sample", probe_sot: bool = True, seed: int = 0):
+                 probe_words: str = "sample", probe_sot: bool = True, seed: int = 0, text: Optional[str] = None):
         if probe_words not in PROBE_WORDS:
             raise ValueError(f"probe_words: expected one of {PROBE_WORDS}, got {probe_words!r}")
         from attnctl.diffusers.mmdit import mmdit_family
-        if mmdit_family(getattr(pipe, "transformer", None)) is not None:
-            raise TypeError(f"pipe: HRV construction probes cross-attention layers with text-encoder keys; got "
-                            f"{type(pipe).__name__}, whose joint attention's text keys change from block to block, "
-                            "so these probes do not apply (not supported yet)")
+        family = mmdit_family(getattr(pipe, "transformer", None))
+        if family is None and text is not None:
+            raise ValueError(f"text: selects the text segment of an MM-DiT (Flux, SD3); {type(pipe).__name__} has "
+                             f"one text, got {text!r}")
         self.words = _concept_words(concepts)
         self.concepts = list(self.words)
         self.per_step = bool(per_step)
@@ -323,12 +337,17 @@ class HRVBuilder(Controller):
         self.probe_words, self.probe_sot = probe_words, bool(probe_sot)
         self._generator = torch.Generator().manual_seed(int(seed))
         flat_words = [w for ws in self.words.values() for w in ws]
-        embeds, sizes, sot = encode_words(pipe, flat_words)
-        if self.probe_sot and sot is None:
-            raise ValueError("probe_sot: this pipeline's tokenizer puts no start-of-text token before the text "
-                             "(T5: PixArt, Wan); pass probe_sot=False")
-        if self.probe_sot:       # probe token 0: the start-of-text token, in no concept
-            embeds = torch.cat([sot[None, None].to(embeds.dtype), embeds], 1)
+        self.joint: Optional[JointProbes] = None
+        if family is not None:      # the probe keys come from a concept stream, per block
+            self.joint = JointProbes(pipe, family, flat_words, "t5" if text is None else text, self.probe_sot)
+            embeds, sizes = None, self.joint.sizes
+        else:
+            embeds, sizes, sot = encode_words(pipe, flat_words)
+            if self.probe_sot and sot is None:
+                raise ValueError("probe_sot: this pipeline's tokenizer puts no start-of-text token before the "
+                                 "text (T5: PixArt, Wan); pass probe_sot=False")
+            if self.probe_sot:       # probe token 0: the start-of-text token, in no concept
+                embeds = torch.cat([sot[None, None].to(embeds.dtype), embeds], 1)
         # token range of every word in the probe set, grouped by concept
         self._word_tokens: List[List[List[int]]] = []
         first, word_sizes = int(self.probe_sot), iter(sizes)
@@ -370,23 +389,30 @@ class HRVBuilder(Controller):
             return torch.randint(0, counts[0], (len(counts),), generator=self._generator).tolist()
         return [int(torch.randint(0, n, (1,), generator=self._generator)) for n in counts]
 
+    def _draw(self, device) -> Tuple[Optional[List[int]], torch.Tensor]:
+        """This call's probe tokens (None: every token, ``probe_words="all"``) and their
+        averaging (C_call, K)."""
+        if self.probe_words == "all":
+            avg = self._avg.get(device)
+            if avg is None:
+                avg = self._avg[device] = self._avg_all.to(device)
+            return None, avg
+        chosen = [ranges[i] for ranges, i in zip(self._word_tokens, self.sample_words())]
+        tokens = ([0] if self.probe_sot else []) + [t for r in chosen for t in r]
+        return tokens, self._averaging(chosen, tokens).to(device)
+
     def _call_probe(self, probe: _LayerProbe, call: AttentionCall) -> None:
         """Point the layer's capture at this call's probe tokens and averaging."""
-        if self.probe_words == "all":
+        tokens, probe.avg = self._draw(call.device)
+        if tokens is None:
             cap = probe.capture
             if cap.probe_mass is None or cap.probe_mass.shape[0] != call.batch:
                 cap.probe_mass = torch.zeros(call.batch, call.heads, probe.keys.shape[2], device=call.device)
-            avg = self._avg.get(call.device)
-            if avg is None:
-                avg = self._avg[call.device] = self._avg_all.to(call.device)
-            probe.avg = avg
-            return
-        chosen = [ranges[i] for ranges, i in zip(self._word_tokens, self.sample_words())]
-        tokens = ([0] if self.probe_sot else []) + [t for r in chosen for t in r]
-        keys = probe.keys[:, :, torch.tensor(tokens, device=probe.keys.device)]
-        probe.capture = Capture(probe_keys=keys)
-        probe.capture.probe_mass = torch.zeros(call.batch, call.heads, len(tokens), device=call.device)
-        probe.avg = self._averaging(chosen, tokens).to(call.device)
+        else:
+            keys = probe.keys[:, :, torch.tensor(tokens, device=probe.keys.device)]
+            probe.capture = Capture(probe_keys=keys)
+            probe.capture.probe_mass = torch.zeros(call.batch, call.heads, len(tokens), device=call.device)
+        probe.mass = probe.capture.probe_mass
 
     # ---- protocol ----------------------------------------------------------------------
     def on_generation_start(self, generation: Generation) -> None:
@@ -414,6 +440,27 @@ class HRVBuilder(Controller):
         probe.pending = True
         return Plan(capture=probe.capture)
 
+    def on_output(self, call: AttentionCall, value: torch.Tensor, out: torch.Tensor) -> None:
+        """MM-DiT: the probe of a joint layer with text keys, after its call (see
+        :mod:`attnctl.tools.hrv_joint`)."""
+        joint = call.joint
+        if self.joint is None or joint is None or not stream_layers(joint):
+            return
+        tokens, avg = self._draw(call.device)
+        mass = self.joint.probe(call, value, self.layout or call.layout, tokens)
+        if mass is None:
+            return
+        probe = self.layers.get(call.layer)
+        if probe is None:
+            probe = self.layers[call.layer] = _LayerProbe(None)
+            self.layer_heads[call.layer] = call.heads
+        probe.mass, probe.rows, probe.avg, probe.pending = mass, range(mass.shape[0]), avg, True
+
+    def close(self) -> None:
+        """MM-DiT: remove the transformer pre-hook of the concept stream (build_hrv does)."""
+        if self.joint is not None:
+            self.joint.close()
+
     # ---- votes -------------------------------------------------------------------------
     def flush(self) -> None:
         """Turn the probe mass of the last UNet call into votes (device ops only)."""
@@ -422,8 +469,11 @@ class HRVBuilder(Controller):
             if not probe.pending:
                 continue
             probe.pending = False
-            mass = probe.capture.probe_mass
-            rows = layout.cond_rows if layout is not None and layout.rows == mass.shape[0] else range(mass.shape[0])
+            mass = probe.mass
+            rows = probe.rows
+            if rows is None:
+                rows = (layout.cond_rows if layout is not None and layout.rows == mass.shape[0]
+                        else range(mass.shape[0]))
             avg = probe.avg
             scores = mass[rows.start:rows.stop] @ avg                  # (images, H, K)
             votes = torch.nn.functional.one_hot(scores.argmax(-1), avg.shape[1]).sum(0)  # (H, K)
@@ -437,7 +487,7 @@ class HRVBuilder(Controller):
         self.flush()
         if not self.counts:
             raise RuntimeError("hrv: no cross-attention call was seen; run the pipeline with the builder installed")
-        order = [n for n in self._layer_order() if n in self.counts]
+        order = [n for n in self.layer_order() if n in self.counts]
         counts = torch.cat([self.counts[n].cpu() for n in order]).float()       # (H_total, K)
         per_step = None
         if self.per_step:
@@ -449,12 +499,13 @@ class HRVBuilder(Controller):
         return HeadRelevance(self.concepts, [(n, self.layer_heads[n]) for n in order],
                              normalise_counts(counts), counts, self.model_id, self.words, per_step)
 
-    def _layer_order(self) -> List[str]:
-        """Layer names in the official HRV order (down, mid, up; forward order within)."""
+    def layer_order(self) -> List[str]:
+        """Layer names in the order of the flat head index: the official HRV order on UNets
+        (down, mid, up; forward order within), forward order on PixArt, Wan, Flux and SD3."""
         installation = installation_of(self.unet)
         names = installation.cross_layers if installation is not None else list(self.counts)
-        if installation is not None and installation.dit is not None:
-            return names                      # PixArt, Wan: forward order (no official HRV)
+        if self.joint is not None or (installation is not None and installation.dit is not None):
+            return names        # PixArt, Wan, Flux, SD3: forward order (no official HRV)
         return [name for name, _ in official_order([(name, 0) for name in names])]
 
 
@@ -462,9 +513,11 @@ def build_hrv(pipe, concepts: Concepts, prompts: Sequence[str], *, steps: int = 
               guidance_scale: float = 7.5, seed: int = 0, batch_size: int = 4, per_step: bool = False,
               height: Optional[int] = None, width: Optional[int] = None, model_id: Optional[str] = None,
               backend: Optional[str] = None, probe_words: str = "sample", probe_sot: bool = True,
-              **pipe_kwargs) -> HeadRelevance:
-    """Run ``prompts`` through ``pipe`` (SD 1.x / 2.x / SDXL; PixArt and Wan with
-    ``probe_sot=False``: T5 puts no start token) and build the HRVs of ``concepts``.
+              text: Optional[str] = None, **pipe_kwargs) -> HeadRelevance:
+    """Run ``prompts`` through ``pipe`` (SD 1.x / 2.x / SDXL; PixArt, Wan, Flux and SD3 /
+    SD3.5 with ``probe_sot=False``: T5 puts no start token) and build the HRVs of
+    ``concepts``. On Flux / SD3 the heads are those of every joint layer with text keys,
+    in forward order, probed through a concept stream (:mod:`attnctl.tools.hrv_joint`).
 
     Args:
         concepts: concept words (each its own concept), or {concept: word or words}.
@@ -484,6 +537,8 @@ def build_hrv(pipe, concepts: Concepts, prompts: Sequence[str], *, steps: int = 
             tokens.
         probe_sot: include the start-of-text token in the probe softmax, as the official
             code does (it keeps the first concept's SOT); it is in no concept's score.
+        text: Flux / SD3 only: the text segment whose tokens of each word are probed, "t5"
+            (default; Flux has no other) or "clip" (SD3's CLIP-L‖G tokens).
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -495,9 +550,13 @@ def build_hrv(pipe, concepts: Concepts, prompts: Sequence[str], *, steps: int = 
     if model_id is None:
         model_id = str(getattr(getattr(pipe, "config", None), "_name_or_path", "") or "")
     builder = HRVBuilder(pipe, concepts, per_step=per_step, model_id=model_id, probe_words=probe_words,
-                         probe_sot=probe_sot, seed=seed)
+                         probe_sot=probe_sot, seed=seed, text=text)
     owns = installation_of(pipe) is None
-    installation = install(pipe, backend=backend)
+    try:
+        installation = install(pipe, backend=backend)
+    except Exception:
+        builder.close()
+        raise
     installation.add(builder)
     size = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
     try:
@@ -508,6 +567,7 @@ def build_hrv(pipe, concepts: Concepts, prompts: Sequence[str], *, steps: int = 
                      generator=generator, output_type="latent", **size, **pipe_kwargs)
         return builder.result()
     finally:
+        builder.close()
         installation.remove(builder)
         if owns:
             installation.uninstall()
@@ -519,16 +579,26 @@ def build_hrv(pipe, concepts: Concepts, prompts: Sequence[str], *, steps: int = 
 
 class _HeadTokenController(Controller):
     """Shared machinery: a (B, H, 1, N) prob_mult per layer and generation, equal to
-    ``head_factor[h]`` at the chosen token columns of the conditional rows and 1 elsewhere."""
+    ``head_factor[h]`` at the chosen token columns of the conditional rows and 1 elsewhere.
 
-    def __init__(self, hrv: HeadRelevance):
+    On MM-DiT joint attention (Flux, SD3) the token columns are those of the prompt's
+    tokens in one text segment (``text``: "t5", or SD3's "clip"), read with the segment's
+    tokenizer of ``pipe`` and placed at the call's text columns (Flux: text first; SD3:
+    after the image); image columns and SD3.5's image-only ``attn2`` keep factor 1."""
+
+    def __init__(self, hrv: HeadRelevance, pipe=None, text: str = "t5"):
         if not isinstance(hrv, HeadRelevance):
             raise TypeError(f"hrv: expected an attnctl HeadRelevance, got {type(hrv).__name__}")
+        if text not in TEXT_SEGMENTS:
+            raise ValueError(f"text: expected one of {TEXT_SEGMENTS} (the text segment whose tokens are scaled), "
+                             f"got {text!r}")
         self.hrv = hrv
+        self.pipe, self.text = pipe, text
         self._offsets = hrv.offsets()
         self._head_factor = self.head_factors()            # (H_total,)
         self.generation: Optional[Generation] = None
         self._columns: Optional[List[List[int]]] = None    # per prompt
+        self._joint_columns: Optional[List[List[int]]] = None  # MM-DiT: per prompt, in the joint text
         self._cache: Dict[Tuple, torch.Tensor] = {}
 
     def head_factors(self) -> torch.Tensor:
@@ -540,17 +610,17 @@ class _HeadTokenController(Controller):
     def on_generation_start(self, generation: Generation) -> None:
         self.generation = generation
         self._cache = {}
+        self._joint_columns = None
         if generation.prompts is None or generation.tokenizer is None:
             raise ValueError(f"{type(self).__name__}: needs the prompt text to find token columns; "
                              "the pipeline got prompt_embeds without a prompt")
-        self._columns = [self.token_columns(record_prompt(generation.tokenizer, p)) for p in generation.prompts]
+        self._columns = None
 
     def plan(self, call: AttentionCall) -> Optional[Plan]:
         if call.joint is not None:
-            raise ValueError(f"{type(self).__name__}: HRV controls act on cross-attention (UNets, PixArt, Wan), "
-                             f"got MM-DiT joint attention ({call.layer}); for per-head scaling of text columns on Flux/SD3 use "
-                             "attnctl.tools.joint_scaling.TextScaling")
-        if not call.is_cross or call.context != "text" or not call.layout.cond_rows:
+            if not len(call.joint.text) or not call.layout.cond_rows:
+                return None
+        elif not call.is_cross or call.context != "text" or not call.layout.cond_rows:
             return None
         key = (call.layer, call.batch, call.keys, call.device)
         pm = self._cache.get(key)
@@ -560,28 +630,47 @@ class _HeadTokenController(Controller):
 
     def _build(self, call: AttentionCall) -> torch.Tensor:
         factor = _layer_slice(self.hrv, self._offsets, self._head_factor, call.layer, call.heads)
-        if self._columns is None:
+        if self.generation is None:
             raise RuntimeError(f"{type(self).__name__}: no generation has started (install it on a pipeline)")
+        if call.joint is not None:
+            per_prompt, first, stop = self._text_columns(call), call.joint.text.start, len(call.joint.text)
+        else:
+            if self._columns is None:   # the pipeline's tokenizer (on Flux / SD3 a CLIP one the joint text lacks)
+                self._columns = [self.token_columns(record_prompt(self.generation.tokenizer, p))
+                                 for p in self.generation.prompts]
+            per_prompt, first, stop = self._columns, 0, call.keys
         columns = torch.zeros(call.batch, call.keys)
         layout = call.layout
         for i, row in enumerate(layout.cond_rows):
             prompt = layout.prompt_of_image(i)
-            cols = [c for c in self._columns[min(prompt, len(self._columns) - 1)] if c < call.keys]
+            cols = [first + c for c in per_prompt[min(prompt, len(per_prompt) - 1)] if c < stop]
             columns[row, cols] = 1.0
         pm = 1.0 + columns[:, None, None, :] * (factor[None, :, None, None] - 1.0)
         return pm.to(call.device)
+
+
+    def _text_columns(self, call: AttentionCall) -> List[List[int]]:
+        """MM-DiT: per prompt, the token columns within the joint text."""
+        if self._joint_columns is None:
+            if self.pipe is None:
+                raise ValueError(f"{type(self).__name__}: on Flux / SD3 the prompt's token columns are read with "
+                                 "the pipeline's T5 (or CLIP) tokenizer; pass pipe=the pipeline")
+            family = FLUX if call.joint.text_first else SD3
+            self._joint_columns = text_columns(self.pipe, family, self.text, self.generation.prompts,
+                                               self.token_columns)
+        return self._joint_columns
 
 
 class OrderedWeakening(_HeadTokenController):
     """Multiply every prompt token's probabilities by ``factor`` (default -2) in the k heads
     most (``order="most"``, MoRHF) or least (``"least"``, LeRHF) relevant to ``concept``,
     conditional half only. Prompt tokens: every token of the prompt's words (not the start,
-    end or padding tokens)."""
+    end or padding tokens). Flux / SD3: ``pipe`` and ``text``, see the base class."""
 
     def __init__(self, hrv: HeadRelevance, concept: str, k: int, *, order: str = "most",
-                 factor: float = -2.0):
+                 factor: float = -2.0, pipe=None, text: str = "t5"):
         self.concept, self.k, self.order, self.factor = concept, k, order, float(factor)
-        super().__init__(hrv)
+        super().__init__(hrv, pipe, text)
 
     def head_factors(self) -> torch.Tensor:
         heads = self.hrv.ranked_heads(self.concept, self.k, self.order)
@@ -601,13 +690,15 @@ class ConceptAdjusting(_HeadTokenController):
     a prompt; an int picks one (0: the first).
     ``clamp``: a number c is the official clamping (an upper bound: min(HRV, c) for both
     vectors; the official notebooks use 9); a pair (lo, hi) clamps both ways (an attnctl
-    extension); None: no clamp (the official default)."""
+    extension); None: no clamp (the official default). Flux / SD3: ``pipe`` and ``text``,
+    see the base class."""
 
     def __init__(self, hrv: HeadRelevance, word: str, desired: str, undesired: str, *,
-                 clamp: Union[None, float, Tuple[float, float]] = None, occurrence: Union[str, int] = "all"):
+                 clamp: Union[None, float, Tuple[float, float]] = None, occurrence: Union[str, int] = "all",
+                 pipe=None, text: str = "t5"):
         self.word, self.desired, self.undesired = word, desired, undesired
         self.clamp, self.occurrence = _clamp_bounds(clamp), _occurrence(occurrence)
-        super().__init__(hrv)
+        super().__init__(hrv, pipe, text)
 
     def head_factors(self) -> torch.Tensor:
         d, u = self.hrv.vector(self.desired), self.hrv.vector(self.undesired)
