@@ -364,12 +364,12 @@ def test_controls_match_a_materialised_prob_mult(pipes, name, control):
     tokenizer = pipe.tokenizer_2 if name == "flux" else pipe.tokenizer_3
     offset = 0 if name == "flux" else CLIP_TOKENS
     if control == "weakening":
-        controller = OrderedWeakening(hrv, "vehicle", 3, pipe=pipe)
+        controller = OrderedWeakening(hrv, "vehicle", 3)
         head_factor = torch.ones(hrv.num_heads)
         head_factor[hrv.ranked_heads("vehicle", 3)] = -2.0
         columns = [[offset + c for c in t5_positions(tokenizer, p)] for p in PROMPTS]
     else:   # "a": twice in the first prompt, once in the second (every occurrence, as get_equalizer)
-        controller = ConceptAdjusting(hrv, "a", desired="vehicle", undesired="colour", pipe=pipe)
+        controller = ConceptAdjusting(hrv, "a", desired="vehicle", undesired="colour")
         head_factor = 2 * hrv.vector("vehicle") - hrv.vector("colour")
         a = tokenizer("a", add_special_tokens=False).input_ids
         columns = [[offset + c for c, t in enumerate(tokenizer(p).input_ids) if [t] == a] for p in PROMPTS]
@@ -412,16 +412,16 @@ def test_bad_input(pipes):
         build_hrv(flux_pipe, CONCEPTS, PROMPTS, steps=1)
     assert not flux_pipe.transformer._forward_pre_hooks and not sd3_pipe.transformer._forward_pre_hooks
     hrv = HeadRelevance(["cat", "dog"], [("transformer_blocks.0.attn", 2)], torch.ones(2, 2), None)
-    with pytest.raises(ValueError, match="OrderedWeakening: on Flux / SD3 the prompt's token columns are read"):
-        with attnctl.install(flux_pipe, OrderedWeakening(hrv, "cat", 1)):
+    with pytest.raises(ValueError, match=r"text: this generation's text segments are \['t5'\], got 'clip'"):
+        with attnctl.install(flux_pipe, OrderedWeakening(hrv, "cat", 1, text="clip")):
             generate(flux_pipe)
     unet_hrv = HeadRelevance(["cat", "dog"], [("down_blocks.0.attentions.0.transformer_blocks.0.attn2", 2)],
                              torch.ones(2, 2), None)
     with pytest.raises(ValueError, match="hrv: layer transformer_blocks.0.attn is not in this HRV"):
-        with attnctl.install(flux_pipe, OrderedWeakening(unet_hrv, "cat", 1, pipe=flux_pipe)):
+        with attnctl.install(flux_pipe, OrderedWeakening(unet_hrv, "cat", 1)):
             generate(flux_pipe)
     with pytest.raises(ValueError, match=r"text: expected one of \('t5', 'clip'\)"):
-        ConceptAdjusting(hrv, "cat", "cat", "dog", pipe=sd3_pipe, text="T5")
+        ConceptAdjusting(hrv, "cat", "cat", "dog", text="T5")
 
 
 def test_flux_text_positions_other_than_zero_are_refused(pipes):

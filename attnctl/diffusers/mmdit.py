@@ -24,6 +24,7 @@ from .joint import CONTEXT_PRE_ONLY, DOUBLE, IMAGE_SELF, JOINT, SINGLE, JointLay
 FLUX, SD3 = "flux", "sd3"
 SD3_CLIP_TOKENS = 77   # SD3's CLIP-L‖G tokens come first in its text sequence
 T5, CLIP = "t5", "clip"
+TEXT_SEGMENTS = (T5, CLIP)
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,32 @@ def text_segments(family: str, pipe, prompts: Sequence[str], arguments) -> Tuple
     return tuple(TextSegment(name, start, length, getattr(pipe, tokenizer), texts(argument))
                  for name, start, length, tokenizer, encoder, argument in encoders
                  if getattr(pipe, tokenizer, None) is not None and getattr(pipe, encoder, None) is not None)
+
+
+def segment_spec(family: str, text: str) -> Tuple[str, int, Optional[int]]:
+    """(tokenizer attribute of the pipeline, first column of the segment in the text, its
+    length or None = the rest of the text) of text segment ``text`` ("t5" or "clip") of a
+    ``family`` model; SD3's "clip" is read with CLIP-L's tokenizer (CLIP-G's gives the same
+    columns)."""
+    if text not in TEXT_SEGMENTS:
+        raise ValueError(f"text: expected one of {TEXT_SEGMENTS} (a text segment), got {text!r}")
+    if family == FLUX:
+        if text != T5:
+            raise ValueError(f"text: Flux attends to T5 tokens only (CLIP gives a pooled vector), got {text!r}")
+        return "tokenizer_2", 0, None
+    return ("tokenizer_3", SD3_CLIP_TOKENS, None) if text == T5 else ("tokenizer", 0, SD3_CLIP_TOKENS)
+
+
+def generation_segment(segments: Sequence[TextSegment], text: str, who: str) -> TextSegment:
+    """The first of a generation's ``segments`` named ``text``: its tokenizer, columns and
+    the texts its encoder got. ``who`` names the caller in the errors."""
+    if not segments:
+        raise ValueError(f"{who}: the generation did not say which text encoder's tokens are which columns; "
+                         "install attnctl on the Flux / SD3 pipeline, not its transformer, and give it the prompt")
+    for segment in segments:
+        if segment.name == text:
+            return segment
+    raise ValueError(f"text: this generation's text segments are {[s.name for s in segments]}, got {text!r}")
 
 
 def mmdit_family(model) -> Optional[str]:

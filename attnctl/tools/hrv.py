@@ -52,10 +52,9 @@ import torch
 from ..capture import Capture
 from ..diffusers.controller import AttentionCall, BatchLayout, Controller, DenoiseStep, Plan
 from ..diffusers.install import Generation, find_model, install, installation_of
-from ..diffusers.mmdit import FLUX, SD3
+from ..diffusers.mmdit import TEXT_SEGMENTS, generation_segment
 from .concept_stream import stream_layers
-from .hrv_joint import JointProbes, text_columns
-from .trace import TEXT_SEGMENTS
+from .hrv_joint import JointProbes
 from .hrv_official import official_order
 from .words import query_words, record_prompt
 
@@ -582,18 +581,18 @@ class _HeadTokenController(Controller):
     ``head_factor[h]`` at the chosen token columns of the conditional rows and 1 elsewhere.
 
     On MM-DiT joint attention (Flux, SD3) the token columns are those of the prompt's
-    tokens in one text segment (``text``: "t5", or SD3's "clip"), read with the segment's
-    tokenizer of ``pipe`` and placed at the call's text columns (Flux: text first; SD3:
-    after the image); image columns and SD3.5's image-only ``attn2`` keep factor 1."""
+    tokens in one text segment (``text``: "t5", or SD3's "clip"), as that segment's encoder
+    got them (Flux's T5: ``prompt_2``), placed at the call's text columns (Flux: text first;
+    SD3: after the image); image columns and SD3.5's image-only ``attn2`` keep factor 1."""
 
-    def __init__(self, hrv: HeadRelevance, pipe=None, text: str = "t5"):
+    def __init__(self, hrv: HeadRelevance, text: str = "t5"):
         if not isinstance(hrv, HeadRelevance):
             raise TypeError(f"hrv: expected an attnctl HeadRelevance, got {type(hrv).__name__}")
         if text not in TEXT_SEGMENTS:
             raise ValueError(f"text: expected one of {TEXT_SEGMENTS} (the text segment whose tokens are scaled), "
                              f"got {text!r}")
         self.hrv = hrv
-        self.pipe, self.text = pipe, text
+        self.text = text
         self._offsets = hrv.offsets()
         self._head_factor = self.head_factors()            # (H_total,)
         self.generation: Optional[Generation] = None
@@ -652,12 +651,9 @@ class _HeadTokenController(Controller):
     def _text_columns(self, call: AttentionCall) -> List[List[int]]:
         """MM-DiT: per prompt, the token columns within the joint text."""
         if self._joint_columns is None:
-            if self.pipe is None:
-                raise ValueError(f"{type(self).__name__}: on Flux / SD3 the prompt's token columns are read with "
-                                 "the pipeline's T5 (or CLIP) tokenizer; pass pipe=the pipeline")
-            family = FLUX if call.joint.text_first else SD3
-            self._joint_columns = text_columns(self.pipe, family, self.text, self.generation.prompts,
-                                               self.token_columns)
+            segment = generation_segment(self.generation.segments, self.text, type(self).__name__)
+            self._joint_columns = [[segment.start + c for c in self.token_columns(
+                record_prompt(segment.tokenizer, prompt, segment.length))] for prompt in segment.prompts]
         return self._joint_columns
 
 
@@ -665,12 +661,12 @@ class OrderedWeakening(_HeadTokenController):
     """Multiply every prompt token's probabilities by ``factor`` (default -2) in the k heads
     most (``order="most"``, MoRHF) or least (``"least"``, LeRHF) relevant to ``concept``,
     conditional half only. Prompt tokens: every token of the prompt's words (not the start,
-    end or padding tokens). Flux / SD3: ``pipe`` and ``text``, see the base class."""
+    end or padding tokens). Flux / SD3: ``text``, see the base class."""
 
     def __init__(self, hrv: HeadRelevance, concept: str, k: int, *, order: str = "most",
-                 factor: float = -2.0, pipe=None, text: str = "t5"):
+                 factor: float = -2.0, text: str = "t5"):
         self.concept, self.k, self.order, self.factor = concept, k, order, float(factor)
-        super().__init__(hrv, pipe, text)
+        super().__init__(hrv, text)
 
     def head_factors(self) -> torch.Tensor:
         heads = self.hrv.ranked_heads(self.concept, self.k, self.order)
@@ -690,15 +686,15 @@ class ConceptAdjusting(_HeadTokenController):
     a prompt; an int picks one (0: the first).
     ``clamp``: a number c is the official clamping (an upper bound: min(HRV, c) for both
     vectors; the official notebooks use 9); a pair (lo, hi) clamps both ways (an attnctl
-    extension); None: no clamp (the official default). Flux / SD3: ``pipe`` and ``text``,
-    see the base class."""
+    extension); None: no clamp (the official default). Flux / SD3: ``text``, see the base
+    class."""
 
     def __init__(self, hrv: HeadRelevance, word: str, desired: str, undesired: str, *,
                  clamp: Union[None, float, Tuple[float, float]] = None, occurrence: Union[str, int] = "all",
-                 pipe=None, text: str = "t5"):
+                 text: str = "t5"):
         self.word, self.desired, self.undesired = word, desired, undesired
         self.clamp, self.occurrence = _clamp_bounds(clamp), _occurrence(occurrence)
-        super().__init__(hrv, pipe, text)
+        super().__init__(hrv, text)
 
     def head_factors(self) -> torch.Tensor:
         d, u = self.hrv.vector(self.desired), self.hrv.vector(self.undesired)

@@ -28,7 +28,7 @@ tokens (then the start-of-text token can join the probe set, ``probe_sot``, as o
 from __future__ import annotations
 
 import inspect
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -36,28 +36,14 @@ from ..capture import Capture
 from ..diffusers.controller import AttentionCall, BatchLayout
 from ..diffusers.install import installation_of
 from ..diffusers.joint import CONTEXT_PRE_ONLY
-from ..diffusers.mmdit import FLUX
+from ..diffusers.mmdit import FLUX, SD3_CLIP_TOKENS, segment_spec
 from ..op import attention
 from . import concept_stream
-from .trace import SD3_CLIP_TOKENS, TEXT_SEGMENTS
 from .words import record_prompt
 
 
-def text_segment(family: str, text: str) -> Tuple[str, int, Optional[int]]:
-    """(tokenizer attribute of the pipeline, first column of the segment in the joint
-    text, its length or None = the rest of the text) of text segment ``text``."""
-    if text not in TEXT_SEGMENTS:
-        raise ValueError(f"text: expected one of {TEXT_SEGMENTS} (the text segment whose tokens are used), "
-                         f"got {text!r}")
-    if family == FLUX:
-        if text != "t5":
-            raise ValueError(f"text: Flux attends to T5 tokens only (CLIP gives a pooled vector), got {text!r}")
-        return "tokenizer_2", 0, None
-    return ("tokenizer_3", SD3_CLIP_TOKENS, None) if text == "t5" else ("tokenizer", 0, SD3_CLIP_TOKENS)
-
-
 def segment_tokenizer(pipe, family: str, text: str):
-    attribute, offset, length = text_segment(family, text)
+    attribute, offset, length = segment_spec(family, text)
     tokenizer = getattr(pipe, attribute, None)
     if tokenizer is None:
         raise ValueError(f"pipe: the {text!r} text segment is read with the pipeline's {attribute}; "
@@ -189,10 +175,3 @@ def encode_as_prompt(pipe, word: str, t5_length: int) -> torch.Tensor:
     with torch.no_grad():
         return encode(pipe, prompt=word, prompt_2=None, device=device, num_images_per_prompt=1,
                       max_sequence_length=t5_length, **extra)[0]
-
-
-def text_columns(pipe, family: str, text: str, prompts: Sequence[str], select) -> List[List[int]]:
-    """Per prompt, the columns (in the joint text: add the call's ``text.start``) that
-    ``select(recorded prompt)`` picks among the segment's token positions."""
-    tokenizer, offset, length = segment_tokenizer(pipe, family, text)
-    return [[offset + c for c in select(record_prompt(tokenizer, p, length))] for p in prompts]

@@ -52,13 +52,12 @@ import torch
 from ..diffusers.controller import AttentionCall, Controller, Plan
 from ..diffusers.install import Generation
 from ..diffusers.joint import JointLayout
-from ..diffusers.mmdit import CLIP, T5, TextSegment
+from ..diffusers.mmdit import TEXT_SEGMENTS, TextSegment
 from ..op import logit_max
 from ._args import finite
 from ._masks import as_mask, check_mask_size, check_resize, mask_on_grid
 
 DEFAULT_WEIGHT = 0.1   # paint_with_words.py: weight_function = 0.1 · w · log(1 + σ) · max(QKᵀ)
-TEXT_SEGMENTS = (T5, CLIP)
 
 Color = Tuple[int, int, int]
 Span = Tuple[int, int]   # [start, stop) text columns of one occurrence of a phrase

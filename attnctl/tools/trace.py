@@ -37,11 +37,10 @@ from .daam import counts_in_daam, is_daam_layer, output_side
 from .maps import ALL_STEPS, LayerMaps, TraceMaps, resolution_matches, select_layers
 from ..diffusers.joint import BLOCK_KINDS, IMAGE_SELF
 from ..diffusers.dit import WAN
-from ..diffusers.mmdit import FLUX, SD3_CLIP_TOKENS
+from ..diffusers.mmdit import FLUX, TEXT_SEGMENTS, segment_spec
 from .words import record_after_instruction, record_prompt
 
 TOKEN_CHOICES = ("prompt", "all")
-TEXT_SEGMENTS = ("t5", "clip")
 
 
 class _LayerTrace:
@@ -325,15 +324,7 @@ class Trace:
         pipe = installation.pipe
         if controller.per_head is None:
             controller.per_head = False
-        if installation.family == FLUX:
-            if controller.text != "t5":
-                raise ValueError(f"text: Flux attends to T5 tokens only (CLIP gives a pooled vector), got "
-                                 f"{controller.text!r}")
-            segment = ("tokenizer_2", 0, None)
-        elif controller.text == "t5":
-            segment = ("tokenizer_3", SD3_CLIP_TOKENS, None)
-        else:
-            segment = ("tokenizer", 0, SD3_CLIP_TOKENS)
+        segment = segment_spec(installation.family, controller.text)
         tokenizer = getattr(pipe, segment[0], None) if pipe is not None else None
         controller.segment = (tokenizer,) + segment[1:]
         vae = getattr(pipe, "vae_scale_factor", None) if pipe is not None else None
