@@ -99,6 +99,29 @@ def test_matches_diffusers_pipeline_with_cfg_and_batch():
     assert installation_of(pipe) is None
 
 
+def test_loss_forwards_end_after_the_last_map_layer():
+    """With the mid block's 8² maps the loss forwards stop there: the up blocks run only in
+    the denoising forwards (one per step), and the result is still the original's, which
+    runs the whole UNet and drops its output."""
+    pipe, pipe64 = pipes()
+    kw = dict(height=SIZE, width=SIZE, num_inference_steps=2, output_type="latent", attn_res=(8, 8))
+    noise = initial_noise(pipe, 1, SIZE, SIZE)
+    runs = {"mid": 0, "up": 0}
+    blocks = {"mid": pipe.unet.mid_block.resnets[0], "up": pipe.unet.up_blocks[0]}   # before / after the map layer
+    hooks = [blocks[name].register_forward_hook(lambda *a, name=name: runs.__setitem__(name, runs[name] + 1))
+             for name in runs]
+    try:
+        got = attend_and_excite(pipe, PROMPTS[:1], TOKENS[0], latents=noise, max_refinement_steps=REFINEMENTS, **kw)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    steps = 2
+    assert runs["mid"] >= 2 * steps and runs["up"] == steps     # loss forwards reach the mid block, no further
+    single = diffusers_attend_excite(pipe)(PROMPTS[:1], token_indices=TOKENS[0], latents=noise, **kw).images
+    exact = diffusers_attend_excite(pipe64)(PROMPTS[:1], token_indices=TOKENS[0], latents=noise.double(), **kw).images
+    assert_within_reference_error(got.latents, single, exact)
+
+
 def test_triton_backend_matches_diffusers_pipeline():
     """The Triton path (interpreter on CPU: attention_with_maps' fused backward, the op's
     differentiable attention elsewhere); one prompt, 16² images (maps at the latent's 8²),

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import attnctl
-from attnctl.benchmarks.excite_memory import (PATHS, SETTINGS, Setting, attention_layers, count_saved_tensors,
-                                              meta_unet, measure, probability_bytes)
+from attnctl.benchmarks.excite_memory import (PATHS, SETTINGS, TEXT_TOKENS, Setting, count_saved_tensors, meta_unet,
+                                              measure, probability_bytes)
+from attnctl.diffusers.unet_layers import attention_layers
 from attnctl.diffusers.offline import tiny_unet_config
 from attnctl.tools.excite_maps import MeanMaps
 
@@ -23,7 +24,8 @@ def measured(name):
     """(setting, the UNet's attention layers, {path: SavedTensors}) of one A&E step."""
     setting = SETTINGS[name]
     unet = meta_unet(setting.config)
-    return setting, attention_layers(unet, setting.latent), {path: measure(unet, setting, path) for path in PATHS}
+    layers = attention_layers(unet, (setting.latent,) * 2, TEXT_TOKENS)
+    return setting, layers, {path: measure(unet, setting, path) for path in PATHS}
 
 
 def holds_an_m_by_n_matrix(shape, m: int, n: int) -> bool:

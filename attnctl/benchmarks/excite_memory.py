@@ -7,7 +7,7 @@ materialising path the A&E ports use.
 One step is what :mod:`attnctl.tools.attend_excite` runs per image and iteration: the
 published UNet (random architecture, no weights) on one latent with its conditional text,
 gradients on, the cross-attention maps at the map resolution, the token-max loss, and the
-gradient of the loss with respect to the latent. Two paths:
+gradient of the loss with respect to the latent. Three paths:
 
 * ``fused``: attnctl installed with :class:`~attnctl.tools.excite_maps.MeanMaps` and
   backend "triton": every attention call is the op's differentiable path (the autograd
@@ -16,6 +16,9 @@ gradient of the loss with respect to the latent. Two paths:
 * ``materialising``: diffusers' ``AttendExciteAttnProcessor`` on every layer with its
   ``AttentionStore`` (diffusers' StableDiffusionAttendAndExcitePipeline and the SDXL
   ports): softmax(QKᵀ) materialised, so autograd keeps every layer's P.
+* ``attend_excite``: the fused path as :func:`attnctl.tools.attend_excite.attend_and_excite`
+  runs it, the forward ended after the last map layer (the original runs the whole UNet
+  and drops its output; the blocks after the last map layer cannot reach the loss).
 
 Everything runs on meta tensors: shapes and dtypes only, nothing allocated, no kernel
 launched (the op runs its registered fake implementations there), so the count is the
@@ -46,13 +49,14 @@ import torch
 
 from ..configs import load_unet_config
 from ..diffusers.install import install
-from ..tools.attend_excite import max_attention_per_token
+from ..diffusers.unet_layers import AttentionLayer, attention_layers
+from ..tools.attend_excite import ends_after_maps, max_attention_per_token
 from ..tools.excite_maps import MeanMaps
 
 TEXT_TOKENS = 77
 TOKENS = (2, 5)      # text positions of the two subjects whose maps the loss reads
 TIMESTEP = 500
-PATHS = ("fused", "materialising")
+PATHS = ("fused", "materialising", "attend_excite")
 
 
 class Setting(NamedTuple):
@@ -65,38 +69,6 @@ SETTINGS = {
     "sdxl-1024": Setting("sdxl_unet", 128, (32, 32)),
     "sd15-512": Setting("sd15_unet", 64, (16, 16)),
 }
-
-
-@dataclass(frozen=True)
-class AttentionLayer:
-    """One attention layer of a UNet at a latent size, from its architecture alone."""
-    name: str
-    heads: int
-    queries: int     # M: positions of the layer's feature map
-    keys: int        # N: M for self-attention, the text length for cross-attention
-    is_cross: bool
-
-
-def attention_layers(unet, latent: int, text_tokens: int = TEXT_TOKENS) -> List[AttentionLayer]:
-    """Every diffusers Attention module of ``unet`` with its shape for a ``latent``² input:
-    down block i runs at latent / 2^i, the mid block and up block 0 at the lowest level,
-    up block i at latent / 2^(levels − 1 − i) (each down block but the last halves the
-    side, each up block but the last doubles it)."""
-    from diffusers.models.attention_processor import Attention
-
-    levels = len(unet.config.block_out_channels)
-    layers = []
-    for name, module in unet.named_modules():
-        if not isinstance(module, Attention):
-            continue
-        part, index = name.split(".")[:2]
-        level = {"down_blocks": lambda: int(index), "up_blocks": lambda: levels - 1 - int(index),
-                 "mid_block": lambda: levels - 1}[part]()
-        side = latent // 2 ** level
-        queries = side * side
-        layers.append(AttentionLayer(name, module.heads, queries, text_tokens if module.is_cross_attention else queries,
-                                     module.is_cross_attention))
-    return layers
 
 
 @dataclass
@@ -144,7 +116,8 @@ def count_saved_tensors(model: torch.nn.Module) -> Iterator[SavedTensors]:
         key = storage._cdata
         if key in parameters:
             return tensor
-        layer = active[-1] if active else None
+        # (a forward ended by attend_and_excite's stop leaves its last layer on the stack)
+        layer = active[-1] if active and result.phase == "unet" else None
         if layer is not None:
             result.shapes_by_layer.setdefault(layer, []).append(tuple(tensor.shape))
         if key not in seen:
@@ -193,33 +166,43 @@ def step_inputs(unet, latent: int) -> Tuple[torch.Tensor, dict]:
 
 
 @contextlib.contextmanager
-def fused_path(unet, attn_res) -> Iterator[Callable[[], torch.Tensor]]:
-    """attnctl installed with A&E's maps; yields the maps reader."""
-    controller = MeanMaps(attn_res)
+def fused_path(unet, setting: Setting) -> Iterator[Tuple[Callable[[], torch.Tensor], Callable]]:
+    """attnctl installed with A&E's maps; yields the maps reader and the whole UNet's forward."""
+    controller = MeanMaps(setting.attn_res)
     with install(unet, controller, backend="triton"):
-        yield controller.maps
+        yield controller.maps, unet
 
 
 @contextlib.contextmanager
-def materialising_path(unet, attn_res) -> Iterator[Callable[[], torch.Tensor]]:
+def attend_excite_path(unet, setting: Setting) -> Iterator[Tuple[Callable[[], torch.Tensor], Callable]]:
+    """The fused path as attnctl.tools.attend_excite runs it: the forward ends after the
+    last map layer (nothing after it reaches the loss)."""
+    controller = MeanMaps(setting.attn_res)
+    with install(unet, controller, backend="triton"):
+        with ends_after_maps(unet, controller, (setting.latent,) * 2, TEXT_TOKENS) as forward:
+            yield controller.maps, forward
+
+
+@contextlib.contextmanager
+def materialising_path(unet, setting: Setting) -> Iterator[Tuple[Callable[[], torch.Tensor], Callable]]:
     """diffusers' AttendExciteAttnProcessor on every layer (as the A&E pipeline registers
     it); yields the maps reader in MeanMaps' layout (columns 1 … N−2, the original's
-    ``[:, :, 1:-1]``)."""
+    ``[:, :, 1:-1]``) and the whole UNet's forward."""
     from diffusers.pipelines.deprecated.stable_diffusion_attend_and_excite.\
         pipeline_stable_diffusion_attend_and_excite import AttendExciteAttnProcessor, AttentionStore
 
-    store = AttentionStore(attn_res)
+    store = AttentionStore(setting.attn_res)
     previous = unet.attn_processors
     processors = {name: AttendExciteAttnProcessor(store, name.split("_")[0]) for name in previous}
     store.num_att_layers = len(processors)
     unet.set_attn_processor(processors)
     try:
-        yield lambda: store.aggregate_attention(("up", "down", "mid"))[None, ..., 1:-1]
+        yield lambda: store.aggregate_attention(("up", "down", "mid"))[None, ..., 1:-1], unet
     finally:
         unet.set_attn_processor(previous)
 
 
-PATH_CONTEXTS = {"fused": fused_path, "materialising": materialising_path}
+PATH_CONTEXTS = {"fused": fused_path, "materialising": materialising_path, "attend_excite": attend_excite_path}
 
 
 def measure(unet, setting: Setting, path: str, tokens: Sequence[int] = TOKENS) -> SavedTensors:
@@ -228,9 +211,9 @@ def measure(unet, setting: Setting, path: str, tokens: Sequence[int] = TOKENS) -
     UNet nothing runs but shapes; a real one runs (Triton: on CUDA or the interpreter)."""
     sample, kwargs = step_inputs(unet, setting.latent)
     latent = sample.detach().clone().requires_grad_(True)
-    with PATH_CONTEXTS[path](unet, setting.attn_res) as read_maps:
+    with PATH_CONTEXTS[path](unet, setting) as (read_maps, forward):
         with count_saved_tensors(unet) as saved:
-            unet(latent, TIMESTEP, **kwargs)
+            forward(latent, TIMESTEP, **kwargs)
             saved.phase = "readout"
             loss = torch.stack([1.0 - m for m in max_attention_per_token(read_maps(), tokens)]).max()
         grad = torch.autograd.grad(loss, [latent])[0]
@@ -254,7 +237,7 @@ def run(name: str) -> dict:
     """The result row of one model in SETTINGS: both paths' saved bytes, in all and by part."""
     setting = SETTINGS[name]
     unet = meta_unet(setting.config)
-    layers = attention_layers(unet, setting.latent)
+    layers = attention_layers(unet, (setting.latent, setting.latent), TEXT_TOKENS)
     saved = {path: measure(unet, setting, path) for path in PATHS}
     element = torch.finfo(unet.dtype).bits // 8
     largest_self = max((l for l in layers if not l.is_cross), key=lambda l: l.heads * l.queries * l.keys)
@@ -265,6 +248,7 @@ def run(name: str) -> dict:
         **{f"{path}_{part}bytes": saved[path].nbytes(**where) for path in PATHS for part, where in PARTS.items()},
         **{f"{path}_storages": len(saved[path].storages) for path in PATHS},
         "ratio": saved["materialising"].nbytes() / saved["fused"].nbytes(),
+        "attend_excite_ratio": saved["materialising"].nbytes() / saved["attend_excite"].nbytes(),
         "attention_ratio": saved["materialising"].nbytes(in_attention=True) / saved["fused"].nbytes(in_attention=True),
         "probability_bytes": probability_bytes(layers, element),
         "largest_self_attention_probability_bytes": largest_self.heads * largest_self.queries ** 2 * element,
@@ -297,7 +281,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{row['model']} ({row['unet']}, {row['image']}² image, {row['latent']}² latent, {row['dtype']}, "
               f"batch 1, maps {row['maps'][0]}²): A&E step saves fused {_gib(row['fused_saved_bytes'])}, "
               f"materialising {_gib(row['materialising_saved_bytes'])} (×{row['ratio']:.2f}; "
-              f"attention layers ×{row['attention_ratio']:.2f}); "
+              f"attention layers ×{row['attention_ratio']:.2f}); as attend_and_excite runs it (ended after "
+              f"the last map layer) {_gib(row['attend_excite_saved_bytes'])} (×{row['attend_excite_ratio']:.2f}); "
               f"the materialising path's P alone: {_gib(row['probability_bytes'])}")
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:

@@ -13,19 +13,25 @@ itself (with classifier-free guidance) runs the plain fused attention.
 
 The attention of every layer in those forwards goes through attnctl: the map layers
 through ``attention_with_maps`` (Triton: a FlashAttention-2 style backward, no (M, N)
-tensor), the others through the op's differentiable path.
+tensor), the others through the op's differentiable path. Those forwards end after their
+last map layer (:func:`ends_after_maps`): the original runs the whole UNet and drops its
+output, and nothing after the last map layer reaches the loss, so the gradient is the
+same without the later blocks' time and saved activations (SD1.x's 16² maps: the 32² and
+64² up blocks, the most expensive ones).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..diffusers.install import install, installation_of
+from ..diffusers.unet_layers import attention_layers
 from .excite_maps import ExciteMaps, HRVMaps, MeanMaps
 from .hrv import HeadRelevance
 
@@ -122,6 +128,48 @@ class ExciteResult:
     maps: List[torch.Tensor] = field(default_factory=list)
 
 
+class _MapsComplete(Exception):
+    """Ends a UNet forward after its last map layer (see ends_after_maps)."""
+
+
+@contextlib.contextmanager
+def ends_after_maps(unet, controller: ExciteMaps, latent: Tuple[int, int], text_tokens: int):
+    """Yields ``forward(*args, **kwargs)``: ``unet``'s forward, ended right after the
+    cross-attention layer that completes ``controller``'s maps (returns None). Which
+    layers give maps is known from the architecture (attnctl.diffusers.unet_layers) and
+    ``controller.wants``; every cross-attention layer that runs checks that its query
+    count is the one the architecture predicts (a RuntimeError naming the layer, before
+    any map is missed, if not)."""
+    layers = {l.name: l for l in attention_layers(unet, latent, text_tokens) if l.is_cross}
+    expected = sum(controller.wants(l.name, l.queries) for l in layers.values())
+    modules = dict(unet.named_modules())
+
+    def after(name):
+        def hook(module, args, kwargs, output):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            queries = hidden.shape[1] if hidden.dim() == 3 else hidden.shape[-2] * hidden.shape[-1]
+            if queries != layers[name].queries:
+                raise RuntimeError(f"attend_and_excite: {name} has {queries} query positions, the UNet's "
+                                   f"architecture predicts {layers[name].queries} for a {latent} latent")
+            if expected and controller.received == expected:
+                raise _MapsComplete
+        return hook
+
+    hooks = [modules[name].register_forward_hook(after(name), with_kwargs=True) for name in layers]
+
+    def forward(*args, **kwargs):
+        try:
+            unet(*args, **kwargs)
+        except _MapsComplete:
+            pass
+
+    try:
+        yield forward
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 class _Excite:
     """One Attend-and-Excite run: the map controller, the loss and the latent updates."""
 
@@ -133,7 +181,10 @@ class _Excite:
         self.last_maps: Optional[torch.Tensor] = None  # token maps of the last forward, detached
 
     def loss(self, latent, t, indices, unet_kwargs) -> Optional[torch.Tensor]:
-        self.pipe.unet(latent, t, **unet_kwargs)
+        unet = self.pipe.unet
+        with ends_after_maps(unet, self.controller, tuple(latent.shape[-2:]),
+                             unet_kwargs["encoder_hidden_states"].shape[1]) as forward:
+            forward(latent, t, **unet_kwargs)
         images = token_maps(self.controller.maps(), indices)
         self.last_maps = images.detach()
         return excite_loss([max_of(image, self.smoothing) for image in images])

@@ -46,11 +46,18 @@ class ExciteMaps(Controller):
         self._reset()
         self._received = 0
 
-    def wants(self, call: AttentionCall) -> bool:
+    def wants(self, layer: str, queries: int) -> bool:
+        """Whether the maps of cross-attention ``layer`` with ``queries`` positions are read
+        (a layer's shape alone decides, so the map layers are known before a forward)."""
         raise NotImplementedError
 
+    @property
+    def received(self) -> int:
+        """The map layers received in the UNet forward that runs (or ran) last."""
+        return self._received
+
     def plan(self, call: AttentionCall) -> Optional[Plan]:
-        if not call.is_cross or not call.query.requires_grad or not self.wants(call):
+        if not call.is_cross or not call.query.requires_grad or not self.wants(call.layer, call.queries):
             return None
         key = (call.keys, call.device)
         tokens = self._tokens.get(key)
@@ -97,8 +104,8 @@ class MeanMaps(ExciteMaps):
         self.attn_res = (int(attn_res[0]), int(attn_res[1]))
         self._reset()
 
-    def wants(self, call: AttentionCall) -> bool:
-        return call.queries == self.attn_res[0] * self.attn_res[1]
+    def wants(self, layer: str, queries: int) -> bool:
+        return queries == self.attn_res[0] * self.attn_res[1]
 
     def _reset(self) -> None:
         self._sum: Optional[torch.Tensor] = None
@@ -149,7 +156,7 @@ class HRVMaps(ExciteMaps):
         self._weights: Dict[Tuple[str, torch.device], torch.Tensor] = {}
         self._reset()
 
-    def wants(self, call: AttentionCall) -> bool:
+    def wants(self, layer: str, queries: int) -> bool:
         return True
 
     def layer_weights(self, layer: str, heads: int, device) -> torch.Tensor:
