@@ -16,7 +16,9 @@ from attnctl.diffusers.offline_mmdit import (tiny_flux_pipeline, tiny_flux_trans
                                              tiny_sd3_transformer_config)
 from attnctl.tools.hrv import ConceptAdjusting, HeadRelevance, HRVBuilder, OrderedWeakening, build_hrv
 from control_reference import assert_within_reference_error
+from diffusion_helpers import weights_in
 from op_cases import interpreter_bf16_dot_fixed
+from sdpa_replay import sdpa_replay
 
 CONCEPTS = {"animal": ["cat", "dog"], "vehicle": ["car"], "colour": ["red"]}
 PROMPTS = ["a cat on a red car", "a dog"]
@@ -326,30 +328,15 @@ def joint_factor(hrv, head_factor, prompt_columns, layer, batch, keys, text_star
     return f
 
 
-@contextlib.contextmanager
 def materialised_with_factors(pipe, factor_of):
     """Stock processors with SDPA made explicit in fp64: softmax(q·kᵀ/√D) · F · v, F from
     ``factor_of(layer, q)`` (None: 1)."""
-    current = []
-    hooks = [m.register_forward_pre_hook(lambda mod, a, name=name: current.append(name))
-             for name, m in pipe.transformer.named_modules() if hasattr(m, "processor")]
-    sdpa = F.scaled_dot_product_attention
-
-    def explicit(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        if not current:
-            return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                        scale=scale, enable_gqa=enable_gqa)
+    def explicit(call, query, key, value, attn_mask):
         p = torch.softmax(query.double() @ key.double().transpose(-1, -2) * query.shape[-1] ** -0.5, dim=-1)
-        f = factor_of(current.pop(), query)
+        f = factor_of(call.layer, query)
         return ((p if f is None else p * f) @ value.double()).to(query.dtype)
 
-    F.scaled_dot_product_attention = explicit
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = sdpa
-        for hook in hooks:
-            hook.remove()
+    return sdpa_replay(pipe.transformer, explicit)
 
 
 @pytest.mark.parametrize("name, control", [("flux", "weakening"), ("sd35", "weakening"), ("sd3", "adjusting")])
@@ -388,12 +375,8 @@ def test_controls_match_a_materialised_prob_mult(pipes, name, control):
     plain = generate(pipe)
     results = {}
     for dtype in (torch.float32, torch.float64):
-        pipe.to(dtype)
-        try:
-            with materialised_with_factors(pipe, factor_of):
-                results[dtype] = generate(pipe)
-        finally:
-            pipe.to(torch.float32)
+        with weights_in(pipe, dtype), materialised_with_factors(pipe, factor_of):
+            results[dtype] = generate(pipe)
     single = results[torch.float32]
     exact = results[torch.float64]
     assert (got - plain).abs().max() > 100 * (single.double() - exact).abs().max()   # the control acts
