@@ -132,8 +132,8 @@ def reference_tolerance(single, exact) -> float:
 
 def stock_and_tolerance(pipe, generate):
     """(stock fp32 output, the tolerance of an fp32 attention against it): twice stock's own
-    fp32 error (``generate(pipe)`` against the same pipeline run in fp64) plus a few ulp of
-    the output's scale."""
+    fp32 error (``generate(pipe)`` against the same pipeline, or model, run in fp64) plus a
+    few ulp of the output's scale."""
     fp32 = generate(pipe)
     with weights_in(pipe, torch.float64):
         fp64 = generate(pipe)

@@ -101,6 +101,13 @@ def projected(attn, x, projections, norms):
     return norms[0](q) if norms[0] is not None else q, norms[1](k) if norms[1] is not None else k, v
 
 
+def context_update(block, x, x_attn, gate, shift, scale, gate_mlp):
+    """A joint block's text-side residual updates, as diffusers' blocks make them: the
+    gated attention output (to_add_out), then the gated, modulated MLP (ff_context)."""
+    x = x + gate.unsqueeze(1) * block.attn.to_add_out(x_attn)
+    return x + gate_mlp.unsqueeze(1) * block.ff_context(block.norm2_context(x) * (1 + scale[:, None]) + shift[:, None])
+
+
 def explicit_attention(q, k, v):
     return torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1) @ v
 
@@ -143,12 +150,8 @@ def flux_masses(model, inputs, concepts):
         con_attn = explicit_attention(q_c, k_c, torch.cat((cv, iv), 2))[:, :, :C].transpose(1, 2).flatten(2)
         img = img + gate.unsqueeze(1) * attn.to_out[0](img_attn)
         img = img + gate_mlp.unsqueeze(1) * block.ff(block.norm2(img) * (1 + scale[:, None]) + shift[:, None])
-        txt = txt + c_gate.unsqueeze(1) * attn.to_add_out(txt_attn)
-        txt = txt + c_gate_mlp.unsqueeze(1) * block.ff_context(
-            block.norm2_context(txt) * (1 + c_scale[:, None]) + c_shift[:, None])
-        con = con + k_gate.unsqueeze(1) * attn.to_add_out(con_attn)
-        con = con + k_gate_mlp.unsqueeze(1) * block.ff_context(
-            block.norm2_context(con) * (1 + k_scale[:, None]) + k_shift[:, None])
+        txt = context_update(block, txt, txt_attn, c_gate, c_shift, c_scale, c_gate_mlp)
+        con = context_update(block, con, con_attn, k_gate, k_shift, k_scale, k_gate_mlp)
     x = torch.cat((txt, img), 1)
     for i, block in enumerate(model.single_transformer_blocks):
         attn = block.attn
@@ -208,12 +211,8 @@ def sd3_masses(model, inputs, concepts):
         img = img + gate_mlp.unsqueeze(1) * block.ff(block.norm2(img) * (1 + scale[:, None]) + shift[:, None])
         if last:
             break
-        txt = txt + c_gate.unsqueeze(1) * attn.to_add_out(txt_attn)
-        txt = txt + c_gate_mlp.unsqueeze(1) * block.ff_context(
-            block.norm2_context(txt) * (1 + c_scale[:, None]) + c_shift[:, None])
-        con = con + k_gate.unsqueeze(1) * attn.to_add_out(con_attn)
-        con = con + k_gate_mlp.unsqueeze(1) * block.ff_context(
-            block.norm2_context(con) * (1 + k_scale[:, None]) + k_shift[:, None])
+        txt = context_update(block, txt, txt_attn, c_gate, c_shift, c_scale, c_gate_mlp)
+        con = context_update(block, con, con_attn, k_gate, k_shift, k_scale, k_gate_mlp)
     return out
 
 
