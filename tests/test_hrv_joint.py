@@ -17,6 +17,7 @@ from attnctl.diffusers.offline_mmdit import (tiny_flux_pipeline, tiny_flux_trans
 from attnctl.tools.hrv import ConceptAdjusting, HeadRelevance, HRVBuilder, OrderedWeakening, build_hrv
 from control_reference import assert_within_reference_error
 from diffusion_helpers import weights_in
+from joint_blocks import explicit_attention, projected, recorded_inputs
 from op_cases import interpreter_bf16_dot_fixed
 from sdpa_replay import sdpa_replay
 
@@ -92,24 +93,11 @@ def concept_rows(pipe, words):
     return torch.cat(rows), ranges
 
 
-def heads(x, n):
-    return x.unflatten(-1, (n, -1)).transpose(1, 2)     # B L (H D) -> B H L D
-
-
-def projected(attn, x, projections, norms):
-    q, k, v = (heads(p(x), attn.heads) for p in projections)
-    return norms[0](q) if norms[0] is not None else q, norms[1](k) if norms[1] is not None else k, v
-
-
 def context_update(block, x, x_attn, gate, shift, scale, gate_mlp):
     """A joint block's text-side residual updates, as diffusers' blocks make them: the
     gated attention output (to_add_out), then the gated, modulated MLP (ff_context)."""
     x = x + gate.unsqueeze(1) * block.attn.to_add_out(x_attn)
     return x + gate_mlp.unsqueeze(1) * block.ff_context(block.norm2_context(x) * (1 + scale[:, None]) + shift[:, None])
-
-
-def explicit_attention(q, k, v):
-    return torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1) @ v
 
 
 def probe(q_image, k_probe):
@@ -227,15 +215,6 @@ def reference_masses(pipe, calls, words, dtype):
         return [replay(model, c, embeds.to(dtype)) for c in cast]
 
 
-def recorded(pipe):
-    calls = []
-
-    def hook(module, args, kwargs):
-        calls.append({k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
-
-    return calls, pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
-
-
 # ---- tests ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, backend", [("flux", "torch"), ("sd3", "torch"), ("sd35", "torch"),
@@ -253,7 +232,7 @@ def test_probe_mass_and_votes_match_the_materialising_reference(pipes, name, bac
             masses.append((call.layer, kept.mass.clone()))
 
     builder.on_output = spy
-    calls, hook = recorded(pipe)
+    calls, hook = recorded_inputs(pipe)
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(interpreter_bf16_dot_fixed())
