@@ -163,6 +163,29 @@ def assert_installed_equals_stock(pipe, generate, stock, backend):
     assert "encode_prompt" not in pipe.__dict__
 
 
+def traced_unchanged(pipe, generate, stock, backend):
+    """The trace (attnctl.trace on ``backend``) of ``generate(pipe)``, whose output is
+    asserted to be stock's within its tolerance (``stock``: from stock_and_tolerance):
+    tracing changes nothing."""
+    with attnctl.trace(pipe, backend=backend) as tc:
+        out = generate(pipe)
+    expected, atol = stock
+    torch.testing.assert_close(out, expected, rtol=0, atol=atol)
+    return tc
+
+
+def prompt_words(maps, prompts, words):
+    """(prompt index, word, the word's token positions in the traced prompt) for each of
+    ``words`` whose last word is one of the prompt's; every traced prompt ends with T5's
+    </s> (asserted)."""
+    for b, prompt in enumerate(prompts):
+        text = maps.prompts[b]
+        assert text.tokens[-1] == "</s>"
+        for word in words:
+            if word.split()[-1] in prompt.split():
+                yield b, word, text.positions(word, None, match="tokens")
+
+
 def published_transformer_config(name) -> dict:
     """The published transformer config ``name`` (../shared/configs/<name>_transformer.json);
     the test is skipped where it is not present."""

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 import attnctl
 from attnctl.diffusers.offline_dit import tiny_pixart_pipeline, tiny_wan_pipeline
 from diffusion_helpers import (assert_installed_equals_stock, meta_transformer, published_transformer_config,
-                               reference_tolerance, shape_only_attention, stock_and_tolerance, stock_with_tolerance)
+                               prompt_words, reference_tolerance, shape_only_attention, stock_and_tolerance,
+                               stock_with_tolerance, traced_unchanged)
 from sdpa_replay import assert_matches_materialised, materialised, sdpa_replay
 
 PROMPTS = ["a cat on a red car", "a dog"]
@@ -114,37 +115,28 @@ def test_word_maps_match_the_materialising_reference(pipes, stock, name, backend
     pipe = pipes[name]
     with materialised_conditional(pipe, cfg_calls=2 if name == "wan" else 1) as store:
         generate(pipe)
-    with attnctl.trace(pipe, backend=backend) as tc:
-        out = generate(pipe)
-    expected, atol = stock[name]
-    torch.testing.assert_close(out, expected, rtol=0, atol=atol)  # tracing changes nothing
+    tc = traced_unchanged(pipe, generate, stock[name], backend)
     maps = tc.maps()
     layers = [l.name for l in maps.layers]
     assert layers == [n for n in store if isinstance(n, str) and n.endswith("attn2")]
     frames, h, w = grid = GRIDS[name]
     assert maps.frames == frames and maps.latent == (h, w)
-    for b, prompt in enumerate(PROMPTS):
+    for b, word, columns in prompt_words(maps, PROMPTS, ("cat", "red", "car", "a dog")):
         row = maps.layout.row(b)
-        text = maps.prompts[b]
-        assert text.tokens[-1] == "</s>"
-        for word in ("cat", "red", "car", "a dog"):
-            if word.split()[-1] not in prompt.split():
-                continue
-            columns = text.positions(word, None, match="tokens")
-            if name == "wan":
-                video = tc.maps().video_heat_map(b).word(word).value
-                assert video.shape == grid
-                assert_matches_materialised(video, store, row, columns, grid, layers)
-                for f in range(frames):
-                    torch.testing.assert_close(tc.maps().heat_map(b, frame=f).word(word).value, video[f],
-                                               rtol=0, atol=0)
-                # the same means taken in another order (frames, then columns)
-                torch.testing.assert_close(tc.word_heat_map(word, b).value, video.mean(0), rtol=0,
-                                           atol=4 * EPS32 * video.abs().max().item())
-            else:
-                got = tc.word_heat_map(word, b).value
-                assert got.shape == (h, w)
-                assert_matches_materialised(got[None], store, row, columns, grid, layers)
+        if name == "wan":
+            video = tc.maps().video_heat_map(b).word(word).value
+            assert video.shape == grid
+            assert_matches_materialised(video, store, row, columns, grid, layers)
+            for f in range(frames):
+                torch.testing.assert_close(tc.maps().heat_map(b, frame=f).word(word).value, video[f],
+                                           rtol=0, atol=0)
+            # the same means taken in another order (frames, then columns)
+            torch.testing.assert_close(tc.word_heat_map(word, b).value, video.mean(0), rtol=0,
+                                       atol=4 * EPS32 * video.abs().max().item())
+        else:
+            got = tc.word_heat_map(word, b).value
+            assert got.shape == (h, w)
+            assert_matches_materialised(got[None], store, row, columns, grid, layers)
     # Padding is not captured: the longest prompt's pieces and </s> only.
     assert maps.layers[0].maps[-1].shape == ((4 if name == "pixart" else 2), frames * h * w,
                                              max(len(t.tokens) for t in maps.prompts))

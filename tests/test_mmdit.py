@@ -12,7 +12,8 @@ import torch
 import attnctl
 from attnctl.diffusers.joint import CONTEXT_PRE_ONLY, DOUBLE, IMAGE_SELF, JOINT, SINGLE
 from attnctl.diffusers.offline_mmdit import tiny_flux_pipeline, tiny_sd3_pipeline
-from diffusion_helpers import assert_installed_equals_stock, meta_transformer, shape_only_attention, stock_with_tolerance
+from diffusion_helpers import (assert_installed_equals_stock, meta_transformer, prompt_words, shape_only_attention,
+                               stock_with_tolerance, traced_unchanged)
 from sdpa_replay import assert_matches_materialised, materialised
 from op_cases import interpreter_bf16_dot_fixed
 
@@ -120,10 +121,7 @@ def test_word_maps_match_the_materialising_reference(pipes, stock, name, backend
     pipe = pipes[name]
     with materialised(pipe.transformer) as store:
         generate(pipe)
-    with attnctl.trace(pipe, backend=backend) as tc:
-        images = generate(pipe)
-    expected, atol = stock[name]
-    torch.testing.assert_close(images, expected, rtol=0, atol=atol)  # tracing changes nothing
+    tc = traced_unchanged(pipe, generate, stock[name], backend)
     maps = tc.maps()
     flux = name == "flux"
     layers = [l.name for l in maps.layers]
@@ -131,18 +129,11 @@ def test_word_maps_match_the_materialising_reference(pipes, stock, name, backend
     image = (HEIGHT // 4) * (WIDTH // 4)
     first = 0 if flux else image + 77          # T5 segment's first key column
     image_rows = slice(TEXT, TEXT + image) if flux else slice(0, image)
-    for b, prompt in enumerate(PROMPTS):
-        row = maps.layout.row(b)
-        text = maps.prompts[b]
-        assert text.tokens[-1] == "</s>"
-        for word in ("cat", "red", "car", "a dog"):
-            if word.split()[-1] not in prompt.split():
-                continue
-            columns = [first + c for c in text.positions(word, None, match="tokens")]
-            got = tc.word_heat_map(word, b).value
-            assert got.shape == (HEIGHT // 4, WIDTH // 4)
-            assert_matches_materialised(got, store, row, columns, (HEIGHT // 4, WIDTH // 4), layers,
-                                        image_rows=image_rows)
+    for b, word, positions in prompt_words(maps, PROMPTS, ("cat", "red", "car", "a dog")):
+        got = tc.word_heat_map(word, b).value
+        assert got.shape == (HEIGHT // 4, WIDTH // 4)
+        assert_matches_materialised(got, store, maps.layout.row(b), [first + c for c in positions],
+                                    (HEIGHT // 4, WIDTH // 4), layers, image_rows=image_rows)
     # Padding is not captured: the longest prompt's pieces and </s> only.
     assert maps.layers[0].maps[-1].shape[-1] == max(len(t.tokens) for t in maps.prompts) < TEXT
 

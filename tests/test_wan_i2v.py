@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 import attnctl
 from attnctl.diffusers.offline_dit import I2V_IMAGE_SIZE, tiny_wan_i2v_pipeline
-from diffusion_helpers import assert_installed_equals_stock, reference_tolerance, stock_and_tolerance
+from diffusion_helpers import (assert_installed_equals_stock, prompt_words, reference_tolerance, stock_and_tolerance,
+                               traced_unchanged)
 from sdpa_replay import assert_matches_materialised, materialised
 
 pytest.importorskip("ftfy", reason="diffusers' WanImageToVideoPipeline needs ftfy to clean its prompts")
@@ -95,25 +96,16 @@ def text_probabilities(pipe):
 def test_trace_gives_per_frame_word_maps_of_the_text_attention(pipe, stock, backend):
     with text_probabilities(pipe) as store:
         generate(pipe)
-    with attnctl.trace(pipe, backend=backend) as tc:
-        out = generate(pipe)
-    expected_out, atol = stock
-    torch.testing.assert_close(out, expected_out, rtol=0, atol=atol)   # tracing changes nothing
-    maps = tc.maps()
+    maps = traced_unchanged(pipe, generate, stock, backend).maps()
     layers = [layer.name for layer in maps.layers]
     assert layers == ["blocks.0.attn2", "blocks.1.attn2"] == sorted(n for n in store if isinstance(n, str))
     assert maps.frames == GRID[0] and maps.latent == GRID[1:]
-    for b, prompt in enumerate(PROMPTS):
-        text = maps.prompts[b]
-        for word in ("cat", "red car", "dog"):
-            if word.split()[-1] not in prompt.split():
-                continue
-            columns = text.positions(word, None, match="tokens")
-            video = maps.video_heat_map(b).word(word).value
-            assert video.shape == GRID
-            assert_matches_materialised(video, store, maps.layout.row(b), columns, GRID, layers)
-            for f in range(GRID[0]):
-                torch.testing.assert_close(maps.heat_map(b, frame=f).word(word).value, video[f], rtol=0, atol=0)
+    for b, word, columns in prompt_words(maps, PROMPTS, ("cat", "red car", "dog")):
+        video = maps.video_heat_map(b).word(word).value
+        assert video.shape == GRID
+        assert_matches_materialised(video, store, maps.layout.row(b), columns, GRID, layers)
+        for f in range(GRID[0]):
+            torch.testing.assert_close(maps.heat_map(b, frame=f).word(word).value, video[f], rtol=0, atol=0)
 
 
 def test_regional_prompts_mask_the_text_call_and_leave_the_image_context(pipe):
