@@ -1,8 +1,8 @@
 """MM-DiT joint attention written out by hand, for the references that run a
 transformer's blocks themselves (ConceptAttention's concept stream, HRV probes): the head
-split, the projections with their q / k norms, and softmax(q·kᵀ/√D)·v with P formed
-explicitly, as the originals' scaled_dot_product_attention does; the transformer calls'
-inputs to replay them on."""
+split, the projections with their q / k norms, softmax(q·kᵀ/√D)·v with P formed
+explicitly (as the originals' scaled_dot_product_attention does), the text-side block
+update, and the transformer calls' inputs to replay them on."""
 import torch
 
 
@@ -20,6 +20,13 @@ def projected(attn, x, projections, norms):
 def explicit_attention(q, k, v):
     """softmax(q·kᵀ/√D)·v, P materialised."""
     return torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1) @ v
+
+
+def context_update(block, x, x_attn, gate, shift, scale, gate_mlp):
+    """A joint block's text-side residual updates, as diffusers' blocks make them: the
+    gated attention output (to_add_out), then the gated, modulated MLP (ff_context)."""
+    x = x + gate.unsqueeze(1) * block.attn.to_add_out(x_attn)
+    return x + gate_mlp.unsqueeze(1) * block.ff_context(block.norm2_context(x) * (1 + scale[:, None]) + shift[:, None])
 
 
 def recorded_inputs(pipe):

@@ -17,7 +17,7 @@ from attnctl.diffusers.offline_mmdit import tiny_flux_pipeline, tiny_flux_transf
 from attnctl.diffusers.install import installation_of
 from control_reference import assert_within_reference_error
 from diffusion_helpers import weights_in
-from joint_blocks import explicit_attention, projected, recorded_inputs
+from joint_blocks import context_update, explicit_attention, projected, recorded_inputs
 
 PROMPTS = ["a cat on a red car", "a dog"]
 CONCEPTS = ["cat", "car", "sky"]
@@ -117,12 +117,8 @@ def original_concept_scores(model, tokenizer, t5, concepts, inputs):
         # block updates
         img = img + gate.unsqueeze(1) * attn.to_out[0](img_attn)
         img = img + gate_mlp.unsqueeze(1) * block.ff(block.norm2(img) * (1 + scale_mlp[:, None]) + shift_mlp[:, None])
-        txt = txt + c_gate.unsqueeze(1) * attn.to_add_out(txt_attn)
-        txt = txt + c_gate_mlp.unsqueeze(1) * block.ff_context(
-            block.norm2_context(txt) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None])
-        concepts_h = concepts_h + k_gate.unsqueeze(1) * attn.to_add_out(concept_attn)
-        concepts_h = concepts_h + k_gate_mlp.unsqueeze(1) * block.ff_context(
-            block.norm2_context(concepts_h) * (1 + k_scale_mlp[:, None]) + k_shift_mlp[:, None])
+        txt = context_update(block, txt, txt_attn, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp)
+        concepts_h = context_update(block, concepts_h, concept_attn, k_gate, k_shift_mlp, k_scale_mlp, k_gate_mlp)
     return {"output": torch.stack(scores), "cross_attention": torch.stack(cross)}
 
 

@@ -17,7 +17,7 @@ from attnctl.diffusers.offline_mmdit import (tiny_flux_pipeline, tiny_flux_trans
 from attnctl.tools.hrv import ConceptAdjusting, HeadRelevance, HRVBuilder, OrderedWeakening, build_hrv
 from control_reference import assert_within_reference_error
 from diffusion_helpers import weights_in
-from joint_blocks import explicit_attention, projected, recorded_inputs
+from joint_blocks import context_update, explicit_attention, projected, recorded_inputs
 from op_cases import interpreter_bf16_dot_fixed
 from sdpa_replay import sdpa_replay
 
@@ -91,13 +91,6 @@ def concept_rows(pipe, words):
         ranges.append(list(range(first, first + len(positions))))
         first += len(positions)
     return torch.cat(rows), ranges
-
-
-def context_update(block, x, x_attn, gate, shift, scale, gate_mlp):
-    """A joint block's text-side residual updates, as diffusers' blocks make them: the
-    gated attention output (to_add_out), then the gated, modulated MLP (ff_context)."""
-    x = x + gate.unsqueeze(1) * block.attn.to_add_out(x_attn)
-    return x + gate_mlp.unsqueeze(1) * block.ff_context(block.norm2_context(x) * (1 + scale[:, None]) + shift[:, None])
 
 
 def probe(q_image, k_probe):
