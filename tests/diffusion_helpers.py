@@ -2,15 +2,22 @@
 independent materialising reference that follows DAAM (no attnctl code involved)."""
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
+from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+import attnctl
 from attnctl.diffusers.offline import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 HEIGHT, WIDTH = 32, 48   # images; the VAE halves them, so the latent is 16 x 24 (non-square)
 LATENT = (HEIGHT // 2, WIDTH // 2)
+EPS32 = torch.finfo(torch.float32).eps
+PUBLISHED_CONFIGS = Path(__file__).resolve().parents[1] / ".." / "shared" / "configs"
 
 
 @functools.lru_cache(maxsize=None)
@@ -106,19 +113,98 @@ def daam_heat_map(store, row, *, latent=LATENT, layers=None, heads=None, clamp_e
     return total / count
 
 
-def stock_with_tolerance(pipes: dict, generate) -> dict:
-    """{name: (stock fp32 output, the tolerance of an fp32 attention against it)}: twice
-    stock's own fp32 error (``generate(pipe)`` against the same pipeline run in fp64) plus a
+@contextlib.contextmanager
+def weights_in(pipe, dtype):
+    """``pipe`` cast to ``dtype`` for the block, back in fp32 after it."""
+    pipe.to(dtype)
+    try:
+        yield pipe
+    finally:
+        pipe.to(torch.float32)
+
+
+def reference_tolerance(single, exact) -> float:
+    """The tolerance against ``exact``, a reference run in fp64: twice the distance of the
+    same reference run in fp32 (``single``) from it, plus a few fp32 ulp of its largest
+    value."""
+    return 2 * (single.double() - exact).abs().max().item() + 8 * EPS32 * exact.abs().max().item()
+
+
+def stock_and_tolerance(pipe, generate):
+    """(stock fp32 output, the tolerance of an fp32 attention against it): twice stock's own
+    fp32 error (``generate(pipe)`` against the same pipeline, or model, run in fp64) plus a
     few ulp of the output's scale."""
-    eps32 = torch.finfo(torch.float32).eps
-    results = {}
-    for name, pipe in pipes.items():
-        fp32 = generate(pipe)
-        pipe.to(torch.float64)
-        try:
-            fp64 = generate(pipe)
-        finally:
-            pipe.to(torch.float32)
-        own_error = (fp32.double() - fp64).abs().max().item()
-        results[name] = (fp32, 2 * own_error + 8 * eps32 * fp32.abs().max().item())
-    return results
+    fp32 = generate(pipe)
+    with weights_in(pipe, torch.float64):
+        fp64 = generate(pipe)
+    own_error = (fp32.double() - fp64).abs().max().item()
+    return fp32, 2 * own_error + 8 * EPS32 * fp32.abs().max().item()
+
+
+def stock_with_tolerance(pipes: dict, generate) -> dict:
+    """{name: stock_and_tolerance(pipe, generate)} for each of ``pipes``."""
+    return {name: stock_and_tolerance(pipe, generate) for name, pipe in pipes.items()}
+
+
+def assert_installed_equals_stock(pipe, generate, stock, backend):
+    """attnctl installed on every attention layer of ``pipe.transformer`` (no controller,
+    ``backend``) gives stock's output within its tolerance (``stock``: from
+    stock_and_tolerance); uninstalling puts the very processor objects back and leaves no
+    wrapper on the pipeline."""
+    expected, atol = stock
+    original = dict(pipe.transformer.attn_processors)
+    with attnctl.install(pipe, backend=backend) as installation:
+        assert set(installation.layers) == {n[: -len(".processor")] for n in original}
+        got = generate(pipe)
+    assert attnctl.last_dispatch().backend == backend
+    torch.testing.assert_close(got, expected, rtol=0, atol=atol)
+    restored = pipe.transformer.attn_processors
+    assert restored.keys() == original.keys() and all(restored[k] is v for k, v in original.items())
+    assert "encode_prompt" not in pipe.__dict__
+
+
+def traced_unchanged(pipe, generate, stock, backend):
+    """The trace (attnctl.trace on ``backend``) of ``generate(pipe)``, whose output is
+    asserted to be stock's within its tolerance (``stock``: from stock_and_tolerance):
+    tracing changes nothing."""
+    with attnctl.trace(pipe, backend=backend) as tc:
+        out = generate(pipe)
+    expected, atol = stock
+    torch.testing.assert_close(out, expected, rtol=0, atol=atol)
+    return tc
+
+
+def prompt_words(maps, prompts, words):
+    """(prompt index, word, the word's token positions in the traced prompt) for each of
+    ``words`` whose last word is one of the prompt's; every traced prompt ends with T5's
+    </s> (asserted)."""
+    for b, prompt in enumerate(prompts):
+        text = maps.prompts[b]
+        assert text.tokens[-1] == "</s>"
+        for word in words:
+            if word.split()[-1] in prompt.split():
+                yield b, word, text.positions(word, None, match="tokens")
+
+
+def published_transformer_config(name) -> dict:
+    """The published transformer config ``name`` (../shared/configs/<name>_transformer.json);
+    the test is skipped where it is not present."""
+    path = PUBLISHED_CONFIGS / f"{name}_transformer.json"
+    if not path.exists():
+        pytest.skip(f"published config {path} not present")
+    return json.loads(path.read_text())
+
+
+def meta_transformer(name):
+    """The published transformer config ``name`` built on the meta device (no weights)."""
+    import diffusers
+
+    config = published_transformer_config(name)
+    with torch.device("meta"):
+        return getattr(diffusers, config["_class_name"]).from_config(config)
+
+
+def shape_only_attention(q, k, v, **kwargs):
+    """The op's output shape and memory order without computing (meta tensors have no
+    values for the op's token-range check); the trace allocates its buffers before this."""
+    return torch.empty_like(q[..., :1].expand(*q.shape[:-1], v.shape[-1]))

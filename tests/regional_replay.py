@@ -1,10 +1,9 @@
 """The reference of regional prompting's tests: the original's dense mask
 (instantX-research/Regional-Prompting-FLUX, pipeline_flux_regional.py, transcribed) and a
 replay of a pipeline's stock attention with that mask in an explicit softmax."""
-import contextlib
-
 import torch
-import torch.nn.functional as F
+
+from sdpa_replay import sdpa_replay
 
 
 def original_mask(masks, segment):
@@ -27,7 +26,6 @@ def original_mask(masks, segment):
     return mask
 
 
-@contextlib.contextmanager
 def masked_replay(pipe, keep_cross, keep_self, cfg_calls, dtype):
     """Stock processors with their SDPA call made explicit in ``dtype``:
     softmax(q·kᵀ/√D + mask, masked to -inf where ``keep`` is False; an empty row → 0)·v on
@@ -35,38 +33,16 @@ def masked_replay(pipe, keep_cross, keep_self, cfg_calls, dtype):
     ``cfg_calls`` transformer calls per step). ``keep_self`` None: self-attention unmasked.
     A cross-attention call whose keys are not the text (Wan I2V's image context, before
     the text call of the same layer) stays unmasked."""
-    model = pipe.transformer
-    current, calls = [None], [0]
-
-    def enter(module, args, name):
-        current[0] = name
-
-    def leave(module, args, out):
-        current[0] = None
-
-    hooks = []
-    for name, module in model.named_modules():
-        if hasattr(module, "processor"):
-            hooks.append(module.register_forward_pre_hook(lambda m, a, name=name: enter(m, a, name)))
-            hooks.append(module.register_forward_hook(leave))
-    hooks.append(model.register_forward_pre_hook(lambda m, a: calls.__setitem__(0, calls[0] + 1)))
-    cross = {n for n, m in model.named_modules() if getattr(m, "is_cross_attention", False)}
-    sdpa = F.scaled_dot_product_attention
-
-    def explicit(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        if current[0] is None:   # the text encoder
-            return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                        scale=scale, enable_gqa=enable_gqa)
-        assert not is_causal and scale is None and not enable_gqa
+    def explicit(call, query, key, value, attn_mask):
         q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
         logits = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
         if attn_mask is not None:
             logits = logits + attn_mask.to(dtype)
-        keep = keep_cross if current[0] in cross else keep_self
+        keep = keep_cross if call.is_cross else keep_self
         if keep is not None and keep.shape[-1] != logits.shape[-1]:   # Wan I2V's image-context call
             keep = None
         B = q.shape[0]
-        rows = range(B // 2, B) if cfg_calls == 1 else (range(B) if calls[0] % 2 == 1 else range(0))
+        rows = range(B // 2, B) if cfg_calls == 1 else (range(B) if call.forward % 2 == 0 else range(0))
         if keep is not None and len(rows):
             full = torch.ones(B, 1, *logits.shape[-2:], dtype=torch.bool)
             full[rows.start:rows.stop] = keep
@@ -74,10 +50,4 @@ def masked_replay(pipe, keep_cross, keep_self, cfg_calls, dtype):
         p = torch.softmax(logits, dim=-1).nan_to_num(0.0)     # a row with no allowed key: P = 0
         return (p @ v).to(query.dtype)
 
-    F.scaled_dot_product_attention = explicit
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = sdpa
-        for hook in hooks:
-            hook.remove()
+    return sdpa_replay(pipe.transformer, explicit)

@@ -16,6 +16,8 @@ import attnctl.tools.concept_attention as concept_module
 from attnctl.diffusers.offline_mmdit import tiny_flux_pipeline, tiny_flux_transformer_config, tiny_sd3_pipeline
 from attnctl.diffusers.install import installation_of
 from control_reference import assert_within_reference_error
+from diffusion_helpers import weights_in
+from joint_blocks import context_update, explicit_attention, projected, recorded_inputs
 
 PROMPTS = ["a cat on a red car", "a dog"]
 CONCEPTS = ["cat", "car", "sky"]
@@ -53,16 +55,6 @@ def generate(pipe, **kwargs):
                 output_type="latent", latents=latents, **kwargs).images
 
 
-def recorded_inputs(pipe):
-    """A forward pre-hook keeping every transformer call's keyword inputs (detached)."""
-    calls = []
-
-    def hook(module, args, kwargs):
-        calls.append({k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
-
-    return calls, pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
-
-
 # ---- the reference, written like the original -------------------------------------------
 
 def embed_concepts(tokenizer, t5, concepts, length):
@@ -74,21 +66,6 @@ def embed_concepts(tokenizer, t5, concepts, length):
                         return_tensors="pt").input_ids.to(t5.device)
         embeddings.append(t5(ids)[0][0, 0, :])
     return torch.stack(embeddings).unsqueeze(0), torch.zeros(len(concepts), 3)
-
-
-def materialised_attention(q, k, v):
-    """The original's scaled_dot_product_attention: softmax(q·kᵀ/√D)·v, explicit."""
-    weights = torch.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, dim=-1)
-    return weights @ v
-
-
-def split_heads(x, heads):
-    return x.unflatten(-1, (heads, -1)).transpose(1, 2)  # B L (H D) -> B H L D
-
-
-def qkv(attn, x, projections, norms):
-    q, k, v = (split_heads(p(x), attn.heads) for p in projections)
-    return norms[0](q) if norms[0] is not None else q, norms[1](k) if norms[1] is not None else k, v
 
 
 def original_concept_scores(model, tokenizer, t5, concepts, inputs):
@@ -123,29 +100,25 @@ def original_concept_scores(model, tokenizer, t5, concepts, inputs):
         img_mod, gate, shift_mlp, scale_mlp, gate_mlp = block.norm1(img, emb=vec)
         txt_mod, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context(txt, emb=vec)
         con_mod, k_gate, k_shift_mlp, k_scale_mlp, k_gate_mlp = block.norm1_context(concepts_h, emb=concept_vec)
-        img_q, img_k, img_v = qkv(attn, img_mod, (attn.to_q, attn.to_k, attn.to_v), (attn.norm_q, attn.norm_k))
+        img_q, img_k, img_v = projected(attn, img_mod, (attn.to_q, attn.to_k, attn.to_v), (attn.norm_q, attn.norm_k))
         text_side = (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj), (attn.norm_added_q, attn.norm_added_k)
-        txt_q, txt_k, txt_v = qkv(attn, txt_mod, *text_side)
-        con_q, con_k, con_v = qkv(attn, con_mod, *text_side)
+        txt_q, txt_k, txt_v = projected(attn, txt_mod, *text_side)
+        con_q, con_k, con_v = projected(attn, con_mod, *text_side)
         cross.append(torch.einsum("bcd,bpd->bcp", *(x.transpose(1, 2).flatten(2) for x in (con_q, img_q))))
         # text-image joint attention
         q, k = (apply_rotary_emb(torch.cat(x, dim=2), pe) for x in ((txt_q, img_q), (txt_k, img_k)))
-        text_image = materialised_attention(q, k, torch.cat((txt_v, img_v), dim=2))
+        text_image = explicit_attention(q, k, torch.cat((txt_v, img_v), dim=2))
         txt_attn, img_attn = text_image[:, :, :T], text_image[:, :, T:]
         # concept-image joint attention (concept_cross_attention and concept_self_attention)
         q, k = (apply_rotary_emb(torch.cat(x, dim=2), concept_pe) for x in ((con_q, img_q), (con_k, img_k)))
-        concept_attn = materialised_attention(q, k, torch.cat((con_v, img_v), dim=2))[:, :, :C]
+        concept_attn = explicit_attention(q, k, torch.cat((con_v, img_v), dim=2))[:, :, :C]
         txt_attn, img_attn, concept_attn = (x.transpose(1, 2).flatten(2) for x in (txt_attn, img_attn, concept_attn))
         scores.append(torch.einsum("bcd,bpd->bcp", concept_attn, img_attn))
         # block updates
         img = img + gate.unsqueeze(1) * attn.to_out[0](img_attn)
         img = img + gate_mlp.unsqueeze(1) * block.ff(block.norm2(img) * (1 + scale_mlp[:, None]) + shift_mlp[:, None])
-        txt = txt + c_gate.unsqueeze(1) * attn.to_add_out(txt_attn)
-        txt = txt + c_gate_mlp.unsqueeze(1) * block.ff_context(
-            block.norm2_context(txt) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None])
-        concepts_h = concepts_h + k_gate.unsqueeze(1) * attn.to_add_out(concept_attn)
-        concepts_h = concepts_h + k_gate_mlp.unsqueeze(1) * block.ff_context(
-            block.norm2_context(concepts_h) * (1 + k_scale_mlp[:, None]) + k_shift_mlp[:, None])
+        txt = context_update(block, txt, txt_attn, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp)
+        concepts_h = context_update(block, concepts_h, concept_attn, k_gate, k_shift_mlp, k_scale_mlp, k_gate_mlp)
     return {"output": torch.stack(scores), "cross_attention": torch.stack(cross)}
 
 
@@ -220,11 +193,8 @@ def test_the_image_is_unchanged(flux3):
         with_concepts = generate(pipe)
     assert ca.maps().maps.isfinite().all()
     assert torch.equal(with_concepts, plain)
-    pipe.to(torch.float64)
-    try:
+    with weights_in(pipe, torch.float64):
         exact = generate(pipe)
-    finally:
-        pipe.to(torch.float32)
     assert_within_reference_error(with_concepts, stock, exact)
 
 

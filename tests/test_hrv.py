@@ -204,10 +204,7 @@ def test_ordered_weakening_equals_reference(built, order, backend):
     prompt = ["a red dog", "a cat"]
     vec = hrv.vector("red").tolist()
     ranked = sorted(range(len(vec)), key=lambda i: (-vec[i] if order == "most" else vec[i], i))[:3]
-    offsets, start = {}, 0
-    for name, heads in hrv.layers:
-        offsets[name] = (start, heads)
-        start += heads
+    offsets = hrv.offsets()
 
     class Weaken(ReferenceState):
         def mult(self, info):
@@ -233,10 +230,7 @@ def test_concept_adjusting_equals_reference(built):
     d = hrv.vector("cat").clamp(0.5, 3.0)
     u = hrv.vector("dog").clamp(0.5, 3.0)
     factor = (2 * d - u).tolist()
-    offsets, start = {}, 0
-    for name, heads in hrv.layers:
-        offsets[name] = start
-        start += heads
+    offsets = hrv.offsets()
 
     class Adjust(ReferenceState):
         def mult(self, info):
@@ -245,7 +239,7 @@ def test_concept_adjusting_equals_reference(built):
             B, H, N = info.q.shape[0], info.q.shape[1], info.k.shape[2]
             f = torch.ones(B, H, 1, N)
             for h in range(H):
-                f[1, h, 0, word_columns(pipe.tokenizer, prompt[0], "dog")] = factor[offsets[info.layer] + h]
+                f[1, h, 0, word_columns(pipe.tokenizer, prompt[0], "dog")] = factor[offsets[info.layer][0] + h]
             return f
 
     _controlled(pipe, Adjust(), ConceptAdjusting(hrv, "dog", "cat", "dog", clamp=(0.5, 3.0)), prompt, "torch")

@@ -16,7 +16,10 @@ from attnctl.diffusers.offline_mmdit import (tiny_flux_pipeline, tiny_flux_trans
                                              tiny_sd3_transformer_config)
 from attnctl.tools.hrv import ConceptAdjusting, HeadRelevance, HRVBuilder, OrderedWeakening, build_hrv
 from control_reference import assert_within_reference_error
+from diffusion_helpers import weights_in
+from joint_blocks import context_update, explicit_attention, projected, recorded_inputs
 from op_cases import interpreter_bf16_dot_fixed
+from sdpa_replay import sdpa_replay
 
 CONCEPTS = {"animal": ["cat", "dog"], "vehicle": ["car"], "colour": ["red"]}
 PROMPTS = ["a cat on a red car", "a dog"]
@@ -90,19 +93,6 @@ def concept_rows(pipe, words):
     return torch.cat(rows), ranges
 
 
-def heads(x, n):
-    return x.unflatten(-1, (n, -1)).transpose(1, 2)     # B L (H D) -> B H L D
-
-
-def projected(attn, x, projections, norms):
-    q, k, v = (heads(p(x), attn.heads) for p in projections)
-    return norms[0](q) if norms[0] is not None else q, norms[1](k) if norms[1] is not None else k, v
-
-
-def explicit_attention(q, k, v):
-    return torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1) @ v
-
-
 def probe(q_image, k_probe):
     """Σ over the image rows of softmax over the probe keys alone: (B, H, C)."""
     return torch.softmax(q_image @ k_probe.transpose(-1, -2) / q_image.shape[-1] ** 0.5, dim=-1).sum(2)
@@ -141,12 +131,8 @@ def flux_masses(model, inputs, concepts):
         con_attn = explicit_attention(q_c, k_c, torch.cat((cv, iv), 2))[:, :, :C].transpose(1, 2).flatten(2)
         img = img + gate.unsqueeze(1) * attn.to_out[0](img_attn)
         img = img + gate_mlp.unsqueeze(1) * block.ff(block.norm2(img) * (1 + scale[:, None]) + shift[:, None])
-        txt = txt + c_gate.unsqueeze(1) * attn.to_add_out(txt_attn)
-        txt = txt + c_gate_mlp.unsqueeze(1) * block.ff_context(
-            block.norm2_context(txt) * (1 + c_scale[:, None]) + c_shift[:, None])
-        con = con + k_gate.unsqueeze(1) * attn.to_add_out(con_attn)
-        con = con + k_gate_mlp.unsqueeze(1) * block.ff_context(
-            block.norm2_context(con) * (1 + k_scale[:, None]) + k_shift[:, None])
+        txt = context_update(block, txt, txt_attn, c_gate, c_shift, c_scale, c_gate_mlp)
+        con = context_update(block, con, con_attn, k_gate, k_shift, k_scale, k_gate_mlp)
     x = torch.cat((txt, img), 1)
     for i, block in enumerate(model.single_transformer_blocks):
         attn = block.attn
@@ -206,12 +192,8 @@ def sd3_masses(model, inputs, concepts):
         img = img + gate_mlp.unsqueeze(1) * block.ff(block.norm2(img) * (1 + scale[:, None]) + shift[:, None])
         if last:
             break
-        txt = txt + c_gate.unsqueeze(1) * attn.to_add_out(txt_attn)
-        txt = txt + c_gate_mlp.unsqueeze(1) * block.ff_context(
-            block.norm2_context(txt) * (1 + c_scale[:, None]) + c_shift[:, None])
-        con = con + k_gate.unsqueeze(1) * attn.to_add_out(con_attn)
-        con = con + k_gate_mlp.unsqueeze(1) * block.ff_context(
-            block.norm2_context(con) * (1 + k_scale[:, None]) + k_shift[:, None])
+        txt = context_update(block, txt, txt_attn, c_gate, c_shift, c_scale, c_gate_mlp)
+        con = context_update(block, con, con_attn, k_gate, k_shift, k_scale, k_gate_mlp)
     return out
 
 
@@ -224,15 +206,6 @@ def reference_masses(pipe, calls, words, dtype):
             for c in calls]
     with torch.no_grad():
         return [replay(model, c, embeds.to(dtype)) for c in cast]
-
-
-def recorded(pipe):
-    calls = []
-
-    def hook(module, args, kwargs):
-        calls.append({k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
-
-    return calls, pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 # ---- tests ------------------------------------------------------------------------------------
@@ -252,7 +225,7 @@ def test_probe_mass_and_votes_match_the_materialising_reference(pipes, name, bac
             masses.append((call.layer, kept.mass.clone()))
 
     builder.on_output = spy
-    calls, hook = recorded(pipe)
+    calls, hook = recorded_inputs(pipe)
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(interpreter_bf16_dot_fixed())
@@ -326,30 +299,15 @@ def joint_factor(hrv, head_factor, prompt_columns, layer, batch, keys, text_star
     return f
 
 
-@contextlib.contextmanager
 def materialised_with_factors(pipe, factor_of):
     """Stock processors with SDPA made explicit in fp64: softmax(q·kᵀ/√D) · F · v, F from
     ``factor_of(layer, q)`` (None: 1)."""
-    current = []
-    hooks = [m.register_forward_pre_hook(lambda mod, a, name=name: current.append(name))
-             for name, m in pipe.transformer.named_modules() if hasattr(m, "processor")]
-    sdpa = F.scaled_dot_product_attention
-
-    def explicit(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        if not current:
-            return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                        scale=scale, enable_gqa=enable_gqa)
+    def explicit(call, query, key, value, attn_mask):
         p = torch.softmax(query.double() @ key.double().transpose(-1, -2) * query.shape[-1] ** -0.5, dim=-1)
-        f = factor_of(current.pop(), query)
+        f = factor_of(call.layer, query)
         return ((p if f is None else p * f) @ value.double()).to(query.dtype)
 
-    F.scaled_dot_product_attention = explicit
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = sdpa
-        for hook in hooks:
-            hook.remove()
+    return sdpa_replay(pipe.transformer, explicit)
 
 
 @pytest.mark.parametrize("name, control", [("flux", "weakening"), ("sd35", "weakening"), ("sd3", "adjusting")])
@@ -388,12 +346,8 @@ def test_controls_match_a_materialised_prob_mult(pipes, name, control):
     plain = generate(pipe)
     results = {}
     for dtype in (torch.float32, torch.float64):
-        pipe.to(dtype)
-        try:
-            with materialised_with_factors(pipe, factor_of):
-                results[dtype] = generate(pipe)
-        finally:
-            pipe.to(torch.float32)
+        with weights_in(pipe, dtype), materialised_with_factors(pipe, factor_of):
+            results[dtype] = generate(pipe)
     single = results[torch.float32]
     exact = results[torch.float64]
     assert (got - plain).abs().max() > 100 * (single.double() - exact).abs().max()   # the control acts

@@ -2,63 +2,37 @@
 (attnctl.tools.joint_scaling.TextScaling) against the stock pipelines with their SDPA
 call made explicit and the factor applied to P's text columns (numerator only), on tiny
 offline pipelines; tolerance: twice that reference's own fp32 error (fp64 run)."""
-import contextlib
-
 import pytest
 import torch
-import torch.nn.functional as F
 
 import attnctl
 from attnctl.diffusers.joint import SINGLE
 from attnctl.diffusers.offline_mmdit import tiny_flux_pipeline, tiny_sd3_pipeline
 from attnctl.tools.joint_scaling import TextScaling
 
+from diffusion_helpers import reference_tolerance, weights_in
 from op_cases import interpreter_bf16_dot_fixed
+from sdpa_replay import sdpa_replay
 
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
 HEIGHT, WIDTH, TEXT = 16, 24, 8
-EPS32 = torch.finfo(torch.float32).eps
 
 
-@contextlib.contextmanager
 def explicit_scaled(pipe, factors, text_first, text_len, cond_only, only_single=False):
     """Stock processors; their SDPA call becomes softmax(q·kᵀ/√D) with P[..., text] · factors
     on the conditional rows (the second half with CFG), then ·v."""
-    calls = []
-    hooks = [module.register_forward_pre_hook(lambda m, a, name=name: calls.append(name))
-             for name, module in pipe.transformer.named_modules() if hasattr(module, "processor")]
-    sdpa = F.scaled_dot_product_attention
-
-    def explicit(query, key, value, attn_mask=None, **kwargs):
-        if not calls:
-            return sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
-        name = calls.pop()
+    def explicit(call, query, key, value, attn_mask):
         p = torch.softmax(query @ key.transpose(-1, -2) * query.shape[-1] ** -0.5, dim=-1)
         L = key.shape[2]
         text = slice(0, text_len) if text_first else slice(L - text_len, L)
-        if not only_single or "single" in name:
+        if not only_single or "single" in call.layer:
             f = torch.ones(query.shape[0], query.shape[1], 1, L, dtype=p.dtype)
             rows = slice(query.shape[0] // 2, None) if cond_only else slice(None)
             f[rows, :, 0, text] = factors.to(p.dtype).expand(query.shape[1], text_len)
             p = p * f
         return p @ value
 
-    F.scaled_dot_product_attention = explicit
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = sdpa
-        for hook in hooks:
-            hook.remove()
-
-
-def run(pipe, prompt, options, latents, dtype, context):
-    pipe.to(dtype)
-    try:
-        with context:
-            return pipe(prompt, **options, latents=latents.to(dtype)).images
-    finally:
-        pipe.to(torch.float32)
+    return sdpa_replay(pipe.transformer, explicit)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -83,11 +57,12 @@ def test_text_scaling_matches_the_explicit_reference(model, backend):
     prompt = "a cat on a car"
 
     def reference(dtype):
-        return run(pipe, prompt, options, latents, dtype,
-                   explicit_scaled(pipe, factors, flux, text_len, cond_only=not flux, only_single=flux))
+        with weights_in(pipe, dtype), explicit_scaled(pipe, factors, flux, text_len, cond_only=not flux,
+                                                      only_single=flux):
+            return pipe(prompt, **options, latents=latents.to(dtype)).images
 
     fp32, fp64 = reference(torch.float32), reference(torch.float64)
-    tolerance = 2 * (fp32.double() - fp64).abs().max().item() + 8 * EPS32 * fp64.abs().max().item()
+    tolerance = reference_tolerance(fp32, fp64)
     with attnctl.install(pipe, controller, backend=backend), interpreter_bf16_dot_fixed():
         got = pipe(prompt, **options, latents=latents).images
     assert attnctl.last_dispatch().backend == backend

@@ -6,22 +6,20 @@ The reference runs the stock processors with torch's SDPA replaced by an explici
 softmax(q·kᵀ/√D)·v that also keeps P (B, H, S, S) per layer, summed over the steps; the
 expected word map is then the mean over layers and heads of P's image-row × word-column
 block, which is what a trace defines (no upsampling: maps on the image token grid)."""
-import contextlib
-
 import pytest
 import torch
-import torch.nn.functional as F
 
 import attnctl
 from attnctl.diffusers.joint import CONTEXT_PRE_ONLY, DOUBLE, IMAGE_SELF, JOINT, SINGLE
 from attnctl.diffusers.offline_mmdit import tiny_flux_pipeline, tiny_sd3_pipeline
-from diffusion_helpers import stock_with_tolerance
+from diffusion_helpers import (assert_installed_equals_stock, meta_transformer, prompt_words, shape_only_attention,
+                               stock_with_tolerance, traced_unchanged)
+from sdpa_replay import assert_matches_materialised, materialised
 from op_cases import interpreter_bf16_dot_fixed
 
 PROMPTS = ["a cat on a red car", "a dog"]
 HEIGHT, WIDTH = 16, 24       # non-square: Flux 4x6 image tokens, SD3 4x6 patches
 TEXT = 16                    # max_sequence_length: T5 tokens, padded
-EPS32 = torch.finfo(torch.float32).eps
 
 PIPES = {"flux": tiny_flux_pipeline, "sd3": tiny_sd3_pipeline, "sd35": lambda: tiny_sd3_pipeline(sd35=True)}
 
@@ -55,75 +53,12 @@ def stock(pipes):
     return stock_with_tolerance(pipes, generate)
 
 
-@contextlib.contextmanager
-def materialised(pipe):
-    """Stock processors with SDPA made explicit (in fp64); yields {layer: Σ_steps P (B, H, S, S)},
-    and under (layer, "fp32") the same sums with P formed in fp32 from the same q, k: the
-    reference's own fp32 error, from which the tolerances are derived."""
-    store, current = {}, []
-    hooks = [module.register_forward_pre_hook(lambda m, a, name=name: current.append(name))
-             for name, module in pipe.transformer.named_modules() if hasattr(module, "processor")]
-    sdpa = F.scaled_dot_product_attention
-
-    def explicit(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        if not current:  # not a transformer layer (the text encoders)
-            return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                        scale=scale, enable_gqa=enable_gqa)
-        assert attn_mask is None and not is_causal and scale is None and not enable_gqa
-        q, k, v = query, key, value
-        p = torch.softmax((q.double() @ k.double().transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1)
-        p32 = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1)
-        layer = current.pop()
-        store[layer] = store.get(layer, 0) + p
-        store[layer, "fp32"] = store.get((layer, "fp32"), 0) + p32
-        return (p @ v.double()).to(q.dtype)
-
-    F.scaled_dot_product_attention = explicit
-    try:
-        yield store
-    finally:
-        F.scaled_dot_product_attention = sdpa
-        for hook in hooks:
-            hook.remove()
-
-
-def reference_word_map(store, row, image_rows, columns, grid, layers, heads=None, precision=None):
-    """Mean over layers and heads (all, or ``heads``) of Σ_steps P[row, h, image rows,
-    columns], averaged over the columns, on the image grid."""
-    def block(name):
-        p = store[name if precision is None else (name, precision)][row]
-        return (p if heads is None else p[heads])[:, image_rows][:, :, columns]
-
-    total = sum(block(name).sum(0) for name in layers)
-    count = len(layers) * (store[layers[0]].shape[1] if heads is None else len(heads))
-    return (total / count).mean(-1).reshape(grid).float()
-
-
-def assert_matches_reference(got, store, *args, **kwargs):
-    """``got`` against the fp64 reference, within twice the error of the same reference
-    computed in fp32 (plus a few fp32 ulp of the largest value: the maps are added in a
-    different order, and the q, k of a step differ by the previous steps' rounding)."""
-    expected = reference_word_map(store, *args, **kwargs)
-    own_error = (reference_word_map(store, *args, precision="fp32", **kwargs) - expected).abs().max()
-    atol = 2 * own_error.item() + 8 * EPS32 * expected.abs().max().item()
-    torch.testing.assert_close(got, expected, rtol=0, atol=atol)
-
-
 # ---- install / uninstall ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", list(PIPES))
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_outputs_equal_stock_and_uninstall_restores(pipes, stock, name, backend):
-    pipe = pipes[name]
-    expected, atol = stock[name]
-    original = dict(pipe.transformer.attn_processors)
-    with attnctl.install(pipe, backend=backend) as installation:
-        assert set(installation.layers) == {n[: -len(".processor")] for n in original}
-        out = generate(pipe)
-    torch.testing.assert_close(out, expected, rtol=0, atol=atol)
-    restored = pipe.transformer.attn_processors
-    assert restored.keys() == original.keys() and all(restored[k] is v for k, v in original.items())
-    assert "encode_prompt" not in pipe.__dict__
+    assert_installed_equals_stock(pipes[name], generate, stock[name], backend)
 
 
 def test_uninstall_keeps_the_attention_backend(pipes):
@@ -184,12 +119,9 @@ def test_call_descriptor_tells_the_joint_layout(pipes, name, kinds, text_first):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_word_maps_match_the_materialising_reference(pipes, stock, name, backend):
     pipe = pipes[name]
-    with materialised(pipe) as store:
+    with materialised(pipe.transformer) as store:
         generate(pipe)
-    with attnctl.trace(pipe, backend=backend) as tc:
-        images = generate(pipe)
-    expected, atol = stock[name]
-    torch.testing.assert_close(images, expected, rtol=0, atol=atol)  # tracing changes nothing
+    tc = traced_unchanged(pipe, generate, stock[name], backend)
     maps = tc.maps()
     flux = name == "flux"
     layers = [l.name for l in maps.layers]
@@ -197,17 +129,11 @@ def test_word_maps_match_the_materialising_reference(pipes, stock, name, backend
     image = (HEIGHT // 4) * (WIDTH // 4)
     first = 0 if flux else image + 77          # T5 segment's first key column
     image_rows = slice(TEXT, TEXT + image) if flux else slice(0, image)
-    for b, prompt in enumerate(PROMPTS):
-        row = maps.layout.row(b)
-        text = maps.prompts[b]
-        assert text.tokens[-1] == "</s>"
-        for word in ("cat", "red", "car", "a dog"):
-            if word.split()[-1] not in prompt.split():
-                continue
-            columns = [first + c for c in text.positions(word, None, match="tokens")]
-            got = tc.word_heat_map(word, b).value
-            assert got.shape == (HEIGHT // 4, WIDTH // 4)
-            assert_matches_reference(got, store, row, image_rows, columns, (HEIGHT // 4, WIDTH // 4), layers)
+    for b, word, positions in prompt_words(maps, PROMPTS, ("cat", "red", "car", "a dog")):
+        got = tc.word_heat_map(word, b).value
+        assert got.shape == (HEIGHT // 4, WIDTH // 4)
+        assert_matches_materialised(got, store, maps.layout.row(b), [first + c for c in positions],
+                                    (HEIGHT // 4, WIDTH // 4), layers, image_rows=image_rows)
     # Padding is not captured: the longest prompt's pieces and </s> only.
     assert maps.layers[0].maps[-1].shape[-1] == max(len(t.tokens) for t in maps.prompts) < TEXT
 
@@ -217,7 +143,7 @@ def test_flux_words_come_from_prompt_2_which_t5_encodes(pipes):
     are T5's pieces of prompt_2, and a word of prompt_2 alone has its maps."""
     pipe = pipes["flux"]
     prompts, prompts_2 = ["a cat"], ["a red car on a road"]
-    with materialised(pipe) as store:
+    with materialised(pipe.transformer) as store:
         generate(pipe, prompts, prompt_2=prompts_2)
     with attnctl.trace(pipe, backend="torch") as tc:
         generate(pipe, prompts, prompt_2=prompts_2)
@@ -226,15 +152,15 @@ def test_flux_words_come_from_prompt_2_which_t5_encodes(pipes):
     layers = [l.name for l in maps.layers]
     columns = maps.prompts[0].positions("road", None, match="tokens")
     grid = (HEIGHT // 4, WIDTH // 4)
-    assert_matches_reference(tc.word_heat_map("road").value, store, maps.layout.row(0),
-                             slice(TEXT, TEXT + grid[0] * grid[1]), columns, grid, layers)
+    assert_matches_materialised(tc.word_heat_map("road").value, store, maps.layout.row(0), columns, grid, layers,
+                                image_rows=slice(TEXT, TEXT + grid[0] * grid[1]))
     with pytest.raises(ValueError, match="cat"):
         tc.word_heat_map("cat")
 
 
 def test_per_head_kinds_clip_segment_and_all_tokens(pipes, tmp_path):
     pipe = pipes["sd3"]
-    with materialised(pipe) as store:
+    with materialised(pipe.transformer) as store:
         generate(pipe, PROMPTS[:1], cfg=False)
     image = (HEIGHT // 4) * (WIDTH // 4)
     with attnctl.trace(pipe, backend="torch", per_head=True, kinds="context_pre_only", text="clip",
@@ -244,10 +170,11 @@ def test_per_head_kinds_clip_segment_and_all_tokens(pipes, tmp_path):
     assert [l.name for l in maps.layers] == ["transformer_blocks.1.attn"]
     assert maps.layers[0].maps[-1].shape == (1, 2, image + 77 + TEXT, 77)   # every CLIP column, each head
     columns = [image + c for c in maps.prompts[0].positions("cat", None, match="tokens")]
-    where = (0, slice(0, image), columns, (HEIGHT // 4, WIDTH // 4), ["transformer_blocks.1.attn"])
-    assert_matches_reference(tc.word_heat_map("cat").value, store, *where)
+    where = (0, columns, (HEIGHT // 4, WIDTH // 4), ["transformer_blocks.1.attn"])
+    assert_matches_materialised(tc.word_heat_map("cat").value, store, *where, image_rows=slice(0, image))
     # one head on request, afterwards
-    assert_matches_reference(tc.word_heat_map("cat", heads=[1]).value, store, *where, heads=[1])
+    assert_matches_materialised(tc.word_heat_map("cat", heads=[1]).value, store, *where, image_rows=slice(0, image),
+                                heads=[1])
     # saved and loaded: the image rows and the image-grid default come back
     tc.save(str(tmp_path / "t.safetensors"))
     loaded = attnctl.TraceMaps.load(str(tmp_path / "t.safetensors"), tokenizer=pipe.tokenizer)
@@ -313,20 +240,6 @@ def test_clear_errors(pipes, stock):
 
 # ---- published configs on the meta device ------------------------------------------------------
 
-def _meta_model(name):
-    import json
-    from pathlib import Path
-
-    import diffusers
-
-    path = Path(__file__).resolve().parents[1] / ".." / "shared" / "configs" / f"{name}_transformer.json"
-    if not path.exists():
-        pytest.skip(f"published config {path} not present")
-    config = json.loads(path.read_text())
-    with torch.device("meta"):
-        return getattr(diffusers, config["_class_name"]).from_config(config)
-
-
 def _meta_inputs(name, model, side=1024, text=512):
     """Transformer inputs at ``side``² on the meta device (batch 1; SD3: CFG's 2 rows)."""
     config = model.config
@@ -342,12 +255,6 @@ def _meta_inputs(name, model, side=1024, text=512):
                     pooled_projections=torch.randn(2, config.pooled_projection_dim), timestep=torch.ones(2))
 
 
-def _shape_only_attention(q, k, v, **kwargs):
-    """The op's output shape and memory order without computing (meta tensors have no
-    values for the op's token-range check); the trace allocates its buffers before this."""
-    return torch.empty_like(q[..., :1].expand(*q.shape[:-1], v.shape[-1]))
-
-
 @pytest.mark.parametrize("name,blocks,heads,text", [
     ("flux1_dev", [DOUBLE] * 19 + [SINGLE] * 38, 24, 512),
     ("sd3_medium", [JOINT] * 23 + [CONTEXT_PRE_ONLY], 24, 256),
@@ -356,8 +263,8 @@ def _shape_only_attention(q, k, v, **kwargs):
 def test_published_configs_layers_and_map_shapes(monkeypatch, name, blocks, heads, text):
     from attnctl.diffusers.offline_mmdit import t5_tokenizer
 
-    monkeypatch.setattr("attnctl.diffusers.joint.attention", _shape_only_attention)
-    model = _meta_model(name)
+    monkeypatch.setattr("attnctl.diffusers.joint.attention", shape_only_attention)
+    model = meta_transformer(name)
     recorder = _Recorder()
     flux = name.startswith("flux")
     with attnctl.trace(model, layers="*", backend="torch") as tc:

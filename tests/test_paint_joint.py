@@ -5,7 +5,6 @@ conditional pass, then softmax(scores · scale)), mapped onto the joint logits: 
 goes to the image query rows × the phrase's text key columns, max(QKᵀ) is that block's
 over all heads. Tiny offline pipelines, 2 steps, non-square; tolerance from the
 reference's own fp32 error (an fp64 run)."""
-import contextlib
 import math
 
 import pytest
@@ -16,12 +15,13 @@ import attnctl
 from attnctl.diffusers.joint import JOINT
 from attnctl.diffusers.offline_mmdit import tiny_flux_pipeline, tiny_sd3_pipeline
 from attnctl.tools.paint import PaintWithWords
+from diffusion_helpers import reference_tolerance, weights_in
+from sdpa_replay import sdpa_replay
 
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
 HEIGHT, WIDTH, TEXT = 16, 24, 16      # image 16 x 24 -> 4 x 6 image tokens (Flux and SD3)
 GRID = (4, 6)
 CLIP_TOKENS = 77
-EPS32 = torch.finfo(torch.float32).eps
 PROMPTS = ["a cat and a cat on a car", "a photo of a dog on the car"]   # "a" several times in each
 
 
@@ -61,29 +61,20 @@ def _areas(segments, prompts, regions):
     return out
 
 
-@contextlib.contextmanager
 def painted_sdpa(pipe, areas, text_first, weight, layers=None):
     """Stock processors; their SDPA call on the ``layers`` (all: None) becomes the
     original's attention on the joint sequence: the (unscaled) logits' image-row ×
     text-column block of each conditional row (the last ``len(areas)`` rows) gets
     w·log(1+σ)·max(block)·A, σ = scheduler.sigmas[step]; then softmax(· scale)·v."""
-    current, step = [], [-1]
-    hooks = [module.register_forward_pre_hook(lambda m, a, name=name: current.append(name))
-             for name, module in pipe.transformer.named_modules() if hasattr(module, "processor")]
-    hooks.append(pipe.transformer.register_forward_pre_hook(lambda m, a: step.__setitem__(0, step[0] + 1)))
-    sdpa = F.scaled_dot_product_attention
     images, _, text_len = areas.shape
 
-    def explicit(query, key, value, attn_mask=None, **kwargs):
-        if not current:   # the text encoders
-            return sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
-        layer = current.pop()
+    def explicit(call, query, key, value, attn_mask):
         scores = query @ key.transpose(-1, -2)
-        if layers is None or layer in layers:
+        if layers is None or call.layer in layers:
             L = key.shape[2]
             image = slice(text_len, L) if text_first else slice(0, L - text_len)
             text = slice(0, text_len) if text_first else slice(L - text_len, L)
-            sigma = float(pipe.scheduler.sigmas[step[0]])
+            sigma = float(pipe.scheduler.sigmas[call.forward])
             for i in range(images):
                 row = query.shape[0] - images + i
                 block = scores[row, :, image, text]
@@ -91,13 +82,7 @@ def painted_sdpa(pipe, areas, text_first, weight, layers=None):
                     scores.dtype)
         return torch.softmax(scores * query.shape[-1] ** -0.5, dim=-1) @ value
 
-    F.scaled_dot_product_attention = explicit
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = sdpa
-        for hook in hooks:
-            hook.remove()
+    return sdpa_replay(pipe.transformer, explicit)
 
 
 def _latents(pipe, images, flux):
@@ -114,17 +99,13 @@ def _compare(pipe, prompts, controller, reference, backend, **options):
     options = dict(height=HEIGHT, width=WIDTH, num_inference_steps=2, output_type="latent",
                    max_sequence_length=TEXT, **options)
 
-    def run(dtype, context):
-        pipe.to(dtype)
-        try:
-            with context:
-                return pipe(prompts, **options, latents=latents.to(dtype)).images
-        finally:
-            pipe.to(torch.float32)
+    def run(dtype):
+        with weights_in(pipe, dtype), reference():
+            return pipe(prompts, **options, latents=latents.to(dtype)).images
 
-    fp64 = run(torch.float64, reference())
-    fp32 = run(torch.float32, reference())
-    tolerance = 2 * (fp32.double() - fp64).abs().max().item() + 8 * EPS32 * fp64.abs().max().item()
+    fp64 = run(torch.float64)
+    fp32 = run(torch.float32)
+    tolerance = reference_tolerance(fp32, fp64)
     plans, plan = [], controller.plan
     controller.plan = lambda call: plans.append(plan(call)) or plans[-1]
     with attnctl.install(pipe, controller, backend=backend):

@@ -4,8 +4,6 @@ pipeline_flux_regional.py, transcribed in regional_replay.py), and a tiny offlin
 generation equals stock diffusers given that dense mask through ``joint_attention_kwargs``
 (its processor passes it to SDPA). SD3's stock processor ignores masks, so there the
 reference is the same dense mask given as a -inf bias through attnctl's reference backend."""
-import contextlib
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,14 +15,15 @@ from attnctl.diffusers.offline_mmdit import tiny_flux_pipeline, tiny_sd3_pipelin
 from attnctl.regions import Regions
 from attnctl.tools.regional import RegionalPrompting, region_labels, regional_generate, regional_prompt_embeds
 
+from diffusion_helpers import reference_tolerance, weights_in
 from op_cases import interpreter_bf16_dot_fixed
 from regional_replay import original_mask
+from sdpa_replay import sdpa_replay, torch_sdpa
 
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
 
 HEIGHT, WIDTH = 16, 24          # Flux: 4x6 image tokens; SD3: 4x6 patches
 TEXT = 8                        # T5 tokens per regional prompt
-EPS32 = torch.finfo(torch.float32).eps
 PROMPTS = ["a cat", "a dog on a car"]
 BASE = "a cat and a dog"
 
@@ -84,16 +83,13 @@ def test_flux_regional_generation_equals_stock_with_the_dense_mask(flux, backend
     dense = original_mask(on_grid(image_masks(), (4, 6)), segment)
 
     def stock(dtype):
-        pipe.to(dtype)
-        try:
+        with weights_in(pipe, dtype):
             kwargs = {k: v.to(dtype) for k, v in embeds.items()}
             return pipe(**kwargs, **options, latents=flux_latents(pipe),
                         joint_attention_kwargs={"attention_mask": dense}).images
-        finally:
-            pipe.to(torch.float32)
 
     fp32, fp64 = stock(torch.float32), stock(torch.float64)
-    tolerance = 2 * (fp32.double() - fp64).abs().max().item() + 8 * EPS32 * fp64.abs().max().item()
+    tolerance = reference_tolerance(fp32, fp64)
     with attnctl.install(pipe, backend=backend), interpreter_bf16_dot_fixed():
         got = regional_generate(pipe, BASE, list(zip(image_masks(), PROMPTS)), max_sequence_length=TEXT,
                                 **options, latents=flux_latents(pipe)).images
@@ -107,19 +103,10 @@ def test_flux_regional_generation_equals_stock_with_the_dense_mask(flux, backend
     assert (got.double() - fp64).abs().max() <= tolerance
 
 
-@contextlib.contextmanager
 def stock_sd3_with_mask(pipe, masks, segment):
     """Stock SD3 processors with the dense mask handed to their SDPA call (the stock
     processor takes no mask): [image; text] order, conditional rows only (CFG)."""
-    calls = []
-    hooks = [module.register_forward_pre_hook(lambda m, a: calls.append(1))
-             for _, module in pipe.transformer.named_modules() if hasattr(module, "processor")]
-    sdpa = F.scaled_dot_product_attention
-
-    def masked(query, key, value, attn_mask=None, **kwargs):
-        if not calls:  # not a transformer layer (the text encoders)
-            return sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
-        calls.pop()
+    def masked(call, query, key, value, attn_mask):
         assert attn_mask is None
         hidden = HEIGHT // pipe.vae_scale_factor // 2 * (WIDTH // pipe.vae_scale_factor // 2)
         enc = query.shape[2] - hidden
@@ -127,15 +114,9 @@ def stock_sd3_with_mask(pipe, masks, segment):
         order = torch.cat([torch.arange(enc, enc + hidden), torch.arange(enc)])
         full = torch.ones(query.shape[0], 1, enc + hidden, enc + hidden, dtype=torch.bool)
         full[query.shape[0] // 2:] = keep[order][:, order]
-        return sdpa(query, key, value, attn_mask=full, **kwargs)
+        return torch_sdpa(query, key, value, attn_mask=full)
 
-    F.scaled_dot_product_attention = masked
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = sdpa
-        for hook in hooks:
-            hook.remove()
+    return sdpa_replay(pipe.transformer, masked)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -150,16 +131,11 @@ def test_sd3_regional_generation_equals_stock_with_the_dense_mask(backend):
         return torch.randn(1, pipe.vae.config.latent_channels, h, w, generator=torch.Generator().manual_seed(0))
 
     def stock(dtype):
-        pipe.to(dtype)
-        try:
-            with stock_sd3_with_mask(pipe, image_masks(), segment):
-                return pipe(**{k: v.to(dtype) for k, v in embeds.items()}, **options,
-                            latents=latents().to(dtype)).images
-        finally:
-            pipe.to(torch.float32)
+        with weights_in(pipe, dtype), stock_sd3_with_mask(pipe, image_masks(), segment):
+            return pipe(**{k: v.to(dtype) for k, v in embeds.items()}, **options, latents=latents().to(dtype)).images
 
     fp32, fp64 = stock(torch.float32), stock(torch.float64)
-    tolerance = 2 * (fp32.double() - fp64).abs().max().item() + 8 * EPS32 * fp64.abs().max().item()
+    tolerance = reference_tolerance(fp32, fp64)
     with attnctl.install(pipe, backend=backend), interpreter_bf16_dot_fixed():
         got = regional_generate(pipe, BASE, list(zip(image_masks(), PROMPTS)), max_sequence_length=TEXT,
                                 **options, latents=latents()).images

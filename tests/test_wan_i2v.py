@@ -8,18 +8,18 @@ SDPA made explicit, P of the text attention kept).
 
 diffusers 0.42.1's WanImageToVideoPipeline cleans prompts with ftfy without checking that
 it is installed (WanPipeline checks), so these tests need ftfy (in the test extras)."""
-import contextlib
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import attnctl
 from attnctl.diffusers.offline_dit import I2V_IMAGE_SIZE, tiny_wan_i2v_pipeline
+from diffusion_helpers import (assert_installed_equals_stock, prompt_words, reference_tolerance, stock_and_tolerance,
+                               traced_unchanged)
+from sdpa_replay import assert_matches_materialised, materialised
 
 pytest.importorskip("ftfy", reason="diffusers' WanImageToVideoPipeline needs ftfy to clean its prompts")
 
-EPS32 = torch.finfo(torch.float32).eps
 PROMPTS = ["a cat on a red car", "a dog"]
 SIZE, FRAMES = (48, 64), 9                  # VAE 8 in space, 4 in time, patch 1x2x2
 GRID = (3, 3, 4)                            # (latent frames, h, w) of the tokens
@@ -52,31 +52,14 @@ def generate(pipe, prompts=PROMPTS, **kwargs):
 
 @pytest.fixture(scope="module")
 def stock(pipe):
-    """Stock fp32 output and the tolerance of an fp32 attention against it: twice stock's own
-    fp32 error (against the pipeline run in fp64) plus a few ulp of the output's scale."""
-    fp32 = generate(pipe)
-    pipe.to(torch.float64)
-    try:
-        fp64 = generate(pipe)
-    finally:
-        pipe.to(torch.float32)
-    return fp32, 2 * (fp32.double() - fp64).abs().max().item() + 8 * EPS32 * fp32.abs().max().item()
+    return stock_and_tolerance(pipe, generate)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_outputs_equal_stock_and_uninstall_restores(pipe, stock, backend):
-    expected, atol = stock
-    original = dict(pipe.transformer.attn_processors)
-    with attnctl.install(pipe, backend=backend) as installation:
-        assert set(installation.layers) == {n[: -len(".processor")] for n in original}
-        got = generate(pipe)
-    assert attnctl.last_dispatch().backend == backend
-    torch.testing.assert_close(got, expected, rtol=0, atol=atol)
-    restored = pipe.transformer.attn_processors
-    assert restored.keys() == original.keys() and all(restored[k] is v for k, v in original.items())
-    assert "encode_prompt" not in pipe.__dict__
+    assert_installed_equals_stock(pipe, generate, stock, backend)
     if backend == "torch":   # stock again, bit for bit
-        torch.testing.assert_close(generate(pipe), expected, rtol=0, atol=0)
+        torch.testing.assert_close(generate(pipe), stock[0], rtol=0, atol=0)
 
 
 class _Recorder(attnctl.Controller):
@@ -102,83 +85,27 @@ def test_call_descriptor_names_the_image_context_call(pipe):
     assert {(c[4], c[5], c[6], c[9]) for c in recorder.calls} == {(frames * h * w, (h, w), frames, "wan")}
 
 
-@contextlib.contextmanager
 def text_probabilities(pipe):
-    """Stock processors with SDPA made explicit; yields {layer: Σ_steps P} of the text
-    attention (keys: the 512 text tokens) of the conditional calls (the first of each
-    step's two), in fp64, and under (layer, "fp32") the same sums formed in fp32."""
-    model = pipe.transformer
-    store, current, calls = {}, [None], [0]
-
-    def enter(name):
-        current[0] = name
-
-    hooks = []
-    for name, module in model.named_modules():
-        if hasattr(module, "processor"):
-            hooks.append(module.register_forward_pre_hook(lambda m, a, name=name: enter(name)))
-            hooks.append(module.register_forward_hook(lambda m, a, o: enter(None)))
-    hooks.append(model.register_forward_pre_hook(lambda m, a: calls.__setitem__(0, calls[0] + 1)))
-    sdpa = F.scaled_dot_product_attention
-
-    def explicit(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        if current[0] is None:   # the text encoder, the CLIP vision tower
-            return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                        scale=scale, enable_gqa=enable_gqa)
-        assert attn_mask is None and not is_causal and scale is None and not enable_gqa
-        p = torch.softmax((query.double() @ key.double().transpose(-1, -2)) * query.shape[-1] ** -0.5, dim=-1)
-        p32 = torch.softmax((query.float() @ key.float().transpose(-1, -2)) * query.shape[-1] ** -0.5, dim=-1)
-        layer = current[0]
-        if calls[0] % 2 == 1 and layer.endswith("attn2") and key.shape[2] == TEXT:
-            store[layer] = store.get(layer, 0) + p
-            store[layer, "fp32"] = store.get((layer, "fp32"), 0) + p32
-        return (p @ value.double()).to(query.dtype)
-
-    F.scaled_dot_product_attention = explicit
-    try:
-        yield store
-    finally:
-        F.scaled_dot_product_attention = sdpa
-        for hook in hooks:
-            hook.remove()
-
-
-def reference_video(store, row, columns, layers, precision=None):
-    """Mean over layers and heads of Σ_steps P[row, h, :, columns], averaged over the
-    columns, frame by frame: (frames, h, w)."""
-    def block(name):
-        return store[name if precision is None else (name, precision)][row][:, :, columns]
-
-    total = sum(block(name).sum(0) for name in layers)
-    return (total / (len(layers) * store[layers[0]].shape[1])).mean(-1).reshape(GRID).float()
+    """``materialised``: {layer: Σ_steps P} of the text attention (keys: the 512 text
+    tokens) of the conditional calls (the first of each step's two)."""
+    return materialised(pipe.transformer, keep=lambda call, key: call.forward % 2 == 0
+                        and call.layer.endswith("attn2") and key.shape[2] == TEXT)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_trace_gives_per_frame_word_maps_of_the_text_attention(pipe, stock, backend):
     with text_probabilities(pipe) as store:
         generate(pipe)
-    with attnctl.trace(pipe, backend=backend) as tc:
-        out = generate(pipe)
-    expected_out, atol = stock
-    torch.testing.assert_close(out, expected_out, rtol=0, atol=atol)   # tracing changes nothing
-    maps = tc.maps()
+    maps = traced_unchanged(pipe, generate, stock, backend).maps()
     layers = [layer.name for layer in maps.layers]
     assert layers == ["blocks.0.attn2", "blocks.1.attn2"] == sorted(n for n in store if isinstance(n, str))
     assert maps.frames == GRID[0] and maps.latent == GRID[1:]
-    for b, prompt in enumerate(PROMPTS):
-        text = maps.prompts[b]
-        for word in ("cat", "red car", "dog"):
-            if word.split()[-1] not in prompt.split():
-                continue
-            columns = text.positions(word, None, match="tokens")
-            video = maps.video_heat_map(b).word(word).value
-            assert video.shape == GRID
-            expected = reference_video(store, maps.layout.row(b), columns, layers)
-            own_error = (reference_video(store, maps.layout.row(b), columns, layers, "fp32") - expected).abs().max()
-            torch.testing.assert_close(video, expected, rtol=0,
-                                       atol=2 * own_error.item() + 8 * EPS32 * expected.abs().max().item())
-            for f in range(GRID[0]):
-                torch.testing.assert_close(maps.heat_map(b, frame=f).word(word).value, video[f], rtol=0, atol=0)
+    for b, word, columns in prompt_words(maps, PROMPTS, ("cat", "red car", "dog")):
+        video = maps.video_heat_map(b).word(word).value
+        assert video.shape == GRID
+        assert_matches_materialised(video, store, maps.layout.row(b), columns, GRID, layers)
+        for f in range(GRID[0]):
+            torch.testing.assert_close(maps.heat_map(b, frame=f).word(word).value, video[f], rtol=0, atol=0)
 
 
 def test_regional_prompts_mask_the_text_call_and_leave_the_image_context(pipe):
@@ -205,7 +132,7 @@ def test_regional_prompts_mask_the_text_call_and_leave_the_image_context(pipe):
             return pipe(**embeds, **run).frames
 
     exact = stock(torch.float64).double()
-    atol = 2 * (stock(torch.float32).double() - exact).abs().max().item() + 8 * EPS32 * exact.abs().max().item()
+    atol = reference_tolerance(stock(torch.float32), exact)
     plain = pipe(**embeds, **run).frames
     assert (plain.double() - exact).abs().max() > 100 * atol          # the mask matters here
     got = regional_generate(pipe, None, [(left, prompts[0]), (right, prompts[1])], max_sequence_length=segment,
