@@ -127,7 +127,8 @@ def compile_variant(name: str, arch: int) -> dict:
     else:
         kernel = attention_fwd_kernel
         _, args, meta = kernel_arguments(q, k, v, empty_output(q, v.shape[3]), scale=0.1, **extras)
-    tiles = {key: meta[key] for key in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages") if key in meta}
+    tiles = {key: meta[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_D_TAIL", "BLOCK_DV", "BLOCK_DV_TAIL",
+                                        "num_warps", "num_stages") if key in meta}
     compiled = compile_as_jit(kernel, args, meta, GPUTarget("cuda", arch, 32))
     return {"variant": name, "arch": arch, "triton": triton.__version__, **tiles,
             "shared_bytes": compiled.metadata.shared, **cubin_resources(compiled.asm["cubin"])}
@@ -182,7 +183,9 @@ def sweep(names, archs) -> list:
 
 def resource_table(rows: list) -> str:
     """Markdown: one line per variant (dtype aside), one column per (Triton version, arch,
-    dtype): registers / shared KB / stack B, a spill marked **SPILL**."""
+    dtype): registers / shared KB / stack B, a spill marked **SPILL**. The tile column is
+    the newest Triton version's, with the head and value column tiles (main+tail) where
+    its rows record them."""
     def split(row):
         feature, dtype, d, n = row["variant"].split("-")
         return f"{feature}-{d}-{n}", (row["triton"], row["arch"], dtype)
@@ -190,12 +193,17 @@ def resource_table(rows: list) -> str:
     cells = {split(r): r for r in rows}
     columns = sorted({column for _, column in cells})
     names = list(dict.fromkeys(name for name, _ in cells))
-    head = "| variant | tile M×N, warps, stages | " + " | ".join(
+    head = "| variant | tile M×N, warps, stages, d and dv columns | " + " | ".join(
         f"triton {t} sm_{a} {dt}" for t, a, dt in columns) + " |"
     lines = [head, "|" + "---|" * (2 + len(columns))]
     for name in names:
-        first = next(r for (n, _), r in cells.items() if n == name)
+        first = max((r for (n, _), r in cells.items() if n == name),
+                    key=lambda r: tuple(int(x) for x in re.findall(r"\d+", r["triton"])))
         tile = f"{first.get('BLOCK_M', '')}×{first.get('BLOCK_N', '')}, {first['num_warps']}, {first['num_stages']}"
+        if "BLOCK_D" in first:
+            tile += f", d {_columns(first, 'BLOCK_D')}"
+            if "BLOCK_DV" in first:
+                tile += f", dv {_columns(first, 'BLOCK_DV')}"
         out = []
         for column in columns:
             r = cells.get((name, column))
@@ -206,6 +214,12 @@ def resource_table(rows: list) -> str:
             out.append(f"**SPILL** {text} ({r['spill_stores']} STL)" if spills(r) else text)
         lines.append(f"| {name} | {tile} | " + " | ".join(out) + " |")
     return "\n".join(lines)
+
+
+def _columns(row: dict, key: str) -> str:
+    """A head-column tiling as written in the table: 64+16, or 64 for one tile."""
+    tail = row.get(key + "_TAIL", 0)
+    return f"{row[key]}+{tail}" if tail else f"{row[key]}"
 
 
 def update_readme() -> None:

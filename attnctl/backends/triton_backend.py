@@ -24,6 +24,22 @@ def _pow2_at_least_16(n: int) -> int:
     return max(16, _next_pow2(n))
 
 
+def head_tiles(dim: int) -> tuple:
+    """(main, tail) widths of the column tiles that cover a head dim of ``dim``.
+
+    tl.arange and tl.dot need power-of-two widths of at least 16, so a dim that is not a
+    power of two is covered by a power-of-two main tile plus a power-of-two tail (at least
+    16 wide): 40 = 32 + 16 (8 masked), 72 = 64 + 16 (8 masked), 80 = 64 + 16, 160 = 128 + 32.
+    Tail 0 (one tile, as wide as the next power of two) when the split would not be
+    narrower: 16, 64, 128, and 112 (64 + 64 = 128), 24 (16 + 16 = 32)."""
+    padded = _pow2_at_least_16(dim)
+    main = padded // 2
+    if main < 16:
+        return padded, 0
+    tail = _pow2_at_least_16(dim - main)
+    return (padded, 0) if main + tail >= padded else (main, tail)
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -63,8 +79,15 @@ def launch_config(head_dim: int, value_dim: int, num_keys: int, num_tokens: int,
     the launch's host time is what small cross-attention calls are made of. Callers must
     not mutate the returned dict.
     """
+    # Tiles, warps and stages are chosen by the padded power-of-two widths (the classes the
+    # spill sweep was run for); the head columns themselves are split (head_tiles), which
+    # narrows the q, k tiles and the QKᵀ products. Captures at head dims up to 64 with
+    # N <= 128 keep one padded tile: split, d 40 spilled 16 B of stack on sm_80 (captures)
+    # and 8 B on sm_90 (the two-source form).
     block_d = _pow2_at_least_16(head_dim)
     block_dv = _pow2_at_least_16(value_dim)
+    keep_padded = captures and block_d <= 64 and num_keys <= 128
+    d_main, d_tail = (block_d, 0) if keep_padded else head_tiles(head_dim)
     width = block_dv * accumulators
     narrow = max(block_d, width) <= 64 and elem_size == 2 and not captures
     wide = max(block_d, width) >= 256
@@ -83,7 +106,8 @@ def launch_config(head_dim: int, value_dim: int, num_keys: int, num_tokens: int,
     return dict(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        BLOCK_D=block_d,
+        BLOCK_D=d_main,
+        BLOCK_D_TAIL=d_tail,
         BLOCK_DV=block_dv,
         BLOCK_T=min(64, _pow2_at_least_16(num_tokens)),
         num_warps=8 if block_m == 128 or big_tile or wide or captures else 4,
@@ -245,8 +269,9 @@ def logit_max_arguments(q, k, partial):
 
 
 def logit_max_config(head_dim: int, num_keys: int, num_queries: int) -> dict:
+    d_main, d_tail = head_tiles(head_dim)
     return dict(BLOCK_M=64, BLOCK_N=min(64, _pow2_at_least_16(num_keys)),
-                BLOCK_D=_pow2_at_least_16(head_dim), num_warps=4, num_stages=2)
+                BLOCK_D=d_main, BLOCK_D_TAIL=d_tail, num_warps=4, num_stages=2)
 
 
 def logit_max_triton(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
