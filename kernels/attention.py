@@ -53,11 +53,12 @@ QKᵀ, no PV, no capture work. The recomputed logits of the captures get the sam
 ``logit_max_kernel`` reduces max over (m, n) of the unscaled q·k per (batch, head) and
 query block with the same logit helper, without storing QKᵀ.
 
-Head columns: tl.arange and tl.dot need power-of-two widths, so a head dim D that is not
-one is split into a power-of-two main tile (BLOCK_D) and a tail (BLOCK_D_TAIL >= 16; 0
-when one tile is no wider): q·kᵀ = q_main·k_mainᵀ + q_tail·k_tailᵀ in one MMA accumulation,
-so only the tail's columns past D are padding (72 = 64 + 16: 8 padded columns, not 56).
-The value columns keep one power-of-two tile (BLOCK_DV).
+Head and value columns: tl.arange and tl.dot need power-of-two widths, so a head dim D
+that is not one is split into a power-of-two main tile (BLOCK_D) and a tail
+(BLOCK_D_TAIL >= 16; 0 when one tile is no wider): q·kᵀ = q_main·k_mainᵀ + q_tail·k_tailᵀ
+in one MMA accumulation, so only the tail's columns past D are padding (72 = 64 + 16: 8
+padded columns, not 56). The value columns split the same way (BLOCK_DV, BLOCK_DV_TAIL):
+every output accumulator is a (main, tail) pair, P·V one product per part.
 
 Logits live in the log2 domain (scale folded with log2 e) so the kernel uses exp2.
 A row whose logits are all -inf has l = 0: its output, P and maps are 0 and its LSE -inf.
@@ -153,18 +154,46 @@ def _numerator(p, pm_base, offs_m, mask_m, offs_n, mask_n, stride_pm_m, stride_p
 
 
 @triton.jit
-def _pv_update(acc, alpha, p, v_base, offs_n, mask_n, offs_dv, stride_vn, stride_vd,
-               DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """acc·α + p·V for the value rows of one key block."""
-    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                mask=mask_n[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    return acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+def _accumulators(BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DV_TAIL: tl.constexpr):
+    """A zeroed output accumulator, its value columns split as (main, tail); with no tail
+    the second stands in for the argument of _pv_update and _store_rows (never stored)."""
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    acc_tail = acc
+    if BLOCK_DV_TAIL > 0:
+        acc_tail = tl.zeros([BLOCK_M, BLOCK_DV_TAIL], dtype=tl.float32)
+    return acc, acc_tail
 
 
 @triton.jit
-def _store_rows(out_base, out, offs_m, mask_m, offs_dv, stride_om, stride_od, DV: tl.constexpr):
-    tl.store(out_base + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
-             out.to(out_base.dtype.element_ty), mask=mask_m[:, None] & (offs_dv[None, :] < DV))
+def _pv_update(acc, acc_tail, alpha, p, v_base, offs_n, mask_n, stride_vn, stride_vd,
+               DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DV_TAIL: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    """acc·α + p·V for the value rows of one key block, on the main and tail columns."""
+    v = _head_tile(v_base, offs_n, mask_n, stride_vn, stride_vd, 0, BLOCK_DV, DV)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    if BLOCK_DV_TAIL > 0:
+        v_tail = _head_tile(v_base, offs_n, mask_n, stride_vn, stride_vd, BLOCK_DV, BLOCK_DV_TAIL, DV)
+        acc_tail = acc_tail * alpha[:, None] + tl.dot(p.to(v_tail.dtype), v_tail, input_precision=DOT_PRECISION)
+    return acc, acc_tail
+
+
+@triton.jit
+def _store_columns(out_base, out, offs_m, mask_m, stride_om, stride_od, START: tl.constexpr,
+                   WIDTH: tl.constexpr, DV: tl.constexpr):
+    offs = START + tl.arange(0, WIDTH)
+    mask = mask_m[:, None]
+    if START + WIDTH > DV:
+        mask = mask & (offs[None, :] < DV)
+    tl.store(out_base + offs_m[:, None] * stride_om + offs[None, :] * stride_od,
+             out.to(out_base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _store_rows(out_base, out, out_tail, offs_m, mask_m, stride_om, stride_od,
+                DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DV_TAIL: tl.constexpr):
+    _store_columns(out_base, out, offs_m, mask_m, stride_om, stride_od, 0, BLOCK_DV, DV)
+    if BLOCK_DV_TAIL > 0:
+        _store_columns(out_base, out_tail, offs_m, mask_m, stride_om, stride_od, BLOCK_DV, BLOCK_DV_TAIL, DV)
 
 
 @triton.jit
@@ -282,7 +311,7 @@ def attention_fwd_kernel(
     OWN_CAPTURE_HEAD_MAPS: tl.constexpr = False, OWN_CAPTURE_LSE: tl.constexpr = False,
     OWN_HAS_HEAD_WEIGHTS: tl.constexpr = False,
     FANOUT: tl.constexpr = 1, HAS_REGION_MASK: tl.constexpr = False,
-    BLOCK_D_TAIL: tl.constexpr = 0,
+    BLOCK_D_TAIL: tl.constexpr = 0, BLOCK_DV_TAIL: tl.constexpr = 0,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -314,7 +343,6 @@ def attention_fwd_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
-    offs_dv = tl.arange(0, BLOCK_DV)
     # Head columns: a power-of-two main tile and, when D is not one, a tail (BLOCK_D_TAIL
     # > 0) so that QKᵀ computes no more padding than the tail's 16-column granularity.
     # Without a tail, q_tail only stands in for the argument (never read).
@@ -342,12 +370,13 @@ def attention_fwd_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    # Value columns split like the head columns: every accumulator is a (main, tail) pair.
+    acc, acc_t = _accumulators(BLOCK_M, BLOCK_DV, BLOCK_DV_TAIL)
     if FANOUT > 1:
-        acc1 = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+        acc1, acc1_t = _accumulators(BLOCK_M, BLOCK_DV, BLOCK_DV_TAIL)
         if FANOUT > 2:
-            acc2 = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-            acc3 = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+            acc2, acc2_t = _accumulators(BLOCK_M, BLOCK_DV, BLOCK_DV_TAIL)
+            acc3, acc3_t = _accumulators(BLOCK_M, BLOCK_DV, BLOCK_DV_TAIL)
     if HAS_OWN:
         # Two-source form: the second term is item b's own attention, its own normaliser.
         q_own_base = Q + b * stride_qb + h * stride_qh
@@ -361,7 +390,7 @@ def attention_fwd_kernel(
         opm_base = OwnProbMult + b * stride_opm_b + h * stride_opm_h
         m_own = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_own = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc_own = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+        acc_own, acc_own_t = _accumulators(BLOCK_M, BLOCK_DV, BLOCK_DV_TAIL)
 
     # ---- main pass: online softmax over key blocks ------------------------------------
     for start_n in range(0, N, BLOCK_N):
@@ -386,20 +415,23 @@ def attention_fwd_kernel(
                 region_keep = tl.where(differ, 1.0 - region_strength, 1.0)
             pf = _numerator(p, pm_base, offs_m, mask_m, offs_n, mask_n, stride_pm_m, stride_pm_n, region_keep,
                             HAS_PROB_MULT, HAS_REGIONS)
-            acc = _pv_update(acc, alpha, pf, v_base, offs_n, mask_n, offs_dv, stride_vn, stride_vd,
-                             DV, DOT_PRECISION)
+            acc, acc_t = _pv_update(acc, acc_t, alpha, pf, v_base, offs_n, mask_n, stride_vn, stride_vd,
+                                    DV, BLOCK_DV, BLOCK_DV_TAIL, DOT_PRECISION)
             if FANOUT > 1:
                 # Uniform branches: a padded slot costs neither loads nor a product.
                 if b1 >= 0:
-                    acc1 = _pv_update(acc1, alpha, p, V + b1 * stride_vb + h * stride_vh, offs_n, mask_n, offs_dv,
-                                      stride_vn, stride_vd, DV, DOT_PRECISION)
+                    acc1, acc1_t = _pv_update(acc1, acc1_t, alpha, p, V + b1 * stride_vb + h * stride_vh, offs_n,
+                                              mask_n, stride_vn, stride_vd, DV, BLOCK_DV, BLOCK_DV_TAIL,
+                                              DOT_PRECISION)
                 if FANOUT > 2:
                     if b2 >= 0:
-                        acc2 = _pv_update(acc2, alpha, p, V + b2 * stride_vb + h * stride_vh, offs_n, mask_n,
-                                          offs_dv, stride_vn, stride_vd, DV, DOT_PRECISION)
+                        acc2, acc2_t = _pv_update(acc2, acc2_t, alpha, p, V + b2 * stride_vb + h * stride_vh, offs_n,
+                                                  mask_n, stride_vn, stride_vd, DV, BLOCK_DV, BLOCK_DV_TAIL,
+                                                  DOT_PRECISION)
                     if b3 >= 0:
-                        acc3 = _pv_update(acc3, alpha, p, V + b3 * stride_vb + h * stride_vh, offs_n, mask_n,
-                                          offs_dv, stride_vn, stride_vd, DV, DOT_PRECISION)
+                        acc3, acc3_t = _pv_update(acc3, acc3_t, alpha, p, V + b3 * stride_vb + h * stride_vh, offs_n,
+                                                  mask_n, stride_vn, stride_vd, DV, BLOCK_DV, BLOCK_DV_TAIL,
+                                                  DOT_PRECISION)
 
             if CAPTURE_TOKEN_MASS and SINGLE_KEY_BLOCK:
                 if capture_row:
@@ -413,8 +445,8 @@ def attention_fwd_kernel(
                 p_own, alpha_own, m_own, l_own = _online_softmax_step(s_own, m_own, l_own)
                 pf_own = _numerator(p_own, opm_base, offs_m, mask_m, offs_n, mask_n, stride_opm_m, stride_opm_n,
                                     region_keep, HAS_OWN_PROB_MULT, HAS_REGIONS)
-                acc_own = _pv_update(acc_own, alpha_own, pf_own, v_own_base, offs_n, mask_n, offs_dv,
-                                     stride_ov_n, stride_ov_d, DV, DOT_PRECISION)
+                acc_own, acc_own_t = _pv_update(acc_own, acc_own_t, alpha_own, pf_own, v_own_base, offs_n, mask_n,
+                                                stride_ov_n, stride_ov_d, DV, BLOCK_DV, BLOCK_DV_TAIL, DOT_PRECISION)
                 if OWN_CAPTURE_TOKEN_MASS and SINGLE_KEY_BLOCK:
                     if own_capture_row:
                         _add_token_mass_of_block(OwnTokenMass + b * stride_otm_b + h * stride_otm_h, p_own, l_own,
@@ -422,20 +454,24 @@ def attention_fwd_kernel(
 
     inv_l = tl.where(mask_m & (l_i > 0), 1.0 / l_i, 0.0)
     out = acc * inv_l[:, None]
+    out_t = acc_t * inv_l[:, None]  # with no tail: computed from the stand-in, never stored
     if HAS_OWN:
-        out += acc_own * tl.where(mask_m & (l_own > 0), 1.0 / l_own, 0.0)[:, None]
-    _store_rows(Out + b * stride_ob + h * stride_oh, out, offs_m, mask_m, offs_dv, stride_om, stride_od, DV)
+        inv_own = tl.where(mask_m & (l_own > 0), 1.0 / l_own, 0.0)
+        out += acc_own * inv_own[:, None]
+        out_t += acc_own_t * inv_own[:, None]
+    _store_rows(Out + b * stride_ob + h * stride_oh, out, out_t, offs_m, mask_m, stride_om, stride_od,
+                DV, BLOCK_DV, BLOCK_DV_TAIL)
     if FANOUT > 1:
         if b1 >= 0:
-            _store_rows(Out + b1 * stride_ob + h * stride_oh, acc1 * inv_l[:, None], offs_m, mask_m, offs_dv,
-                        stride_om, stride_od, DV)
+            _store_rows(Out + b1 * stride_ob + h * stride_oh, acc1 * inv_l[:, None], acc1_t * inv_l[:, None],
+                        offs_m, mask_m, stride_om, stride_od, DV, BLOCK_DV, BLOCK_DV_TAIL)
         if FANOUT > 2:
             if b2 >= 0:
-                _store_rows(Out + b2 * stride_ob + h * stride_oh, acc2 * inv_l[:, None], offs_m, mask_m,
-                            offs_dv, stride_om, stride_od, DV)
+                _store_rows(Out + b2 * stride_ob + h * stride_oh, acc2 * inv_l[:, None], acc2_t * inv_l[:, None],
+                            offs_m, mask_m, stride_om, stride_od, DV, BLOCK_DV, BLOCK_DV_TAIL)
             if b3 >= 0:
-                _store_rows(Out + b3 * stride_ob + h * stride_oh, acc3 * inv_l[:, None], offs_m, mask_m,
-                            offs_dv, stride_om, stride_od, DV)
+                _store_rows(Out + b3 * stride_ob + h * stride_oh, acc3 * inv_l[:, None], acc3_t * inv_l[:, None],
+                            offs_m, mask_m, stride_om, stride_od, DV, BLOCK_DV, BLOCK_DV_TAIL)
 
     # ---- captures that need the final normaliser ---------------------------------------
     if capture_row:

@@ -64,13 +64,17 @@ def launch_config(head_dim: int, value_dim: int, num_keys: int, num_tokens: int,
     * 64-key blocks with probes and with captures at head dims up to 64 or 256-wide tiles
       (a 128-key tile spills there, measured: 30-1700 B of stack), so N = 77 runs two
       key blocks;
-    * 8 warps for 128-row tiles, 128 x 128-element tiles, 256-wide tiles and with
-      captures, else 4;
+    * 8 warps for 128-row tiles, 128 x 128-element tiles, 256-wide tiles, with captures
+      and for a head-dim tail on one 128-key block, else 4;
     * two pipeline stages, also when all keys fit one block: the pipeliner then copies
       K and V to shared memory asynchronously, without a register round trip (one stage
       spills at d 80-128, N = 77); one stage for fp32 (twice the bytes per tile), for 512
       value columns (the two-source form at d = 160) and for 256-wide head tiles on a
       single key block (d = 160, N = 77: two stages need 176 KB on sm_80, 288 KB on sm_90).
+
+    Head and value columns: BLOCK_D + BLOCK_D_TAIL and BLOCK_DV + BLOCK_DV_TAIL
+    (head_tiles), with the exceptions noted in the body where the split spilled; the rules
+    above read the padded power-of-two widths.
 
     ``accumulators``: output tiles a program keeps (2 for the two-source form, the fan-out
     width), which count like a wider value tile.
@@ -103,14 +107,22 @@ def launch_config(head_dim: int, value_dim: int, num_keys: int, num_tokens: int,
     else:
         block_m = 64
     big_tile = block_m * max(block_n, width) >= 128 * 128
+    # Value columns split likewise (every accumulator a main and a tail part) only with one
+    # accumulator and no capture, and not for 256-wide tiles on one key block: with
+    # captures, injection's token mass, fan-out, the two-source form or d 160 at N <= 128
+    # the split accumulators spilled (8-600 B of stack on sm_80 or sm_90).
+    split_values = not captures and accumulators == 1 and not (wide and single_key_block)
+    dv_main, dv_tail = head_tiles(value_dim) if split_values else (block_dv, 0)
     return dict(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=d_main,
         BLOCK_D_TAIL=d_tail,
-        BLOCK_DV=block_dv,
+        BLOCK_DV=dv_main,
+        BLOCK_DV_TAIL=dv_tail,
         BLOCK_T=min(64, _pow2_at_least_16(num_tokens)),
-        num_warps=8 if block_m == 128 or big_tile or wide or captures else 4,
+        # 8 warps also for a head-dim tail on one 128-key block: d 72, N = 77 spilled with 4.
+        num_warps=8 if block_m == 128 or big_tile or wide or captures or (d_tail and single_key_block) else 4,
         num_stages=1 if elem_size == 4 or width >= 512 or (single_key_block and block_d >= 256) else 2,
     )
 
