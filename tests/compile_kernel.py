@@ -58,6 +58,8 @@ EXTRA_HEAD_DIMS = (72, 112)
 # What each feature set is used for, and at which key lengths.
 FEATURES = {
     "plain": ("no control or capture (benchmarks; 'auto' runs SDPA here)", (77, 4096)),
+    "controls": ("bias, prob_mult and region labels without a capture (head and token scaling, "
+                 "paint-with-words)", (77, 4096)),
     "captures": ("bias, prob_mult and every capture: token mass, maps and per-head maps of "
                  "77 token columns, head weights, LSE (attnctl.trace, controllers)", (77, 4096)),
     "probes": ("captures plus region labels and 40 probe keys (HRV construction, inside-outside)", (77,)),
@@ -70,12 +72,17 @@ FEATURES = {
 }
 
 
+# In the table only, not checked by tests/test_kernel_compiles.py: uncaptured controls spill
+# at N = 77 on every head dim with the tiles launch_config gives them (as plain attention's).
+TABLE_ONLY_FEATURES = ("controls",)
+
+
 def variant_name(feature: str, dtype: str, head_dim: int, keys: int) -> str:
     return f"{feature}-{dtype}-d{head_dim}-n{keys}"
 
 
-def all_variants(head_dims=HEAD_DIMS + EXTRA_HEAD_DIMS) -> list:
-    return [variant_name(f, dt, d, n) for f, (_, key_lengths) in FEATURES.items()
+def all_variants(head_dims=HEAD_DIMS + EXTRA_HEAD_DIMS, features=tuple(FEATURES)) -> list:
+    return [variant_name(f, dt, d, n) for f, (_, key_lengths) in FEATURES.items() if f in features
             for d in sorted(head_dims) for n in key_lengths for dt in ("fp16", "bf16")
             if not (f == "fanout" and fanout_width(d, 4) < 2)]
 
@@ -96,6 +103,10 @@ def variant_inputs(name: str):
     tokens = list(range(min(N, 77)))
     if feature == "plain" or feature == "logitmax":
         return q, k, v, none
+    if feature == "controls":
+        return q, k, v, dict(none, bias=torch.zeros(1, H, 1, N), prob_mult=torch.zeros(B, 1, M, N, dtype=dtype),
+                             regions=Regions(torch.zeros(B, M, dtype=torch.int32), torch.zeros(1, N, dtype=torch.int32),
+                                             0.5))
     if feature == "inject":
         return q, k, v, dict(none, prob_mult=torch.zeros(1, 1, 1, N), capture=Capture.zeros(q, k, token_mass=True),
                              source=torch.zeros(B, dtype=torch.int64))

@@ -46,7 +46,8 @@ def _cdiv(a: int, b: int) -> int:
 
 @lru_cache(maxsize=None)
 def launch_config(head_dim: int, value_dim: int, num_keys: int, num_tokens: int,
-                  captures: bool, elem_size: int, accumulators: int = 1, probes: bool = False) -> dict:
+                  captures: bool, elem_size: int, accumulators: int = 1, probes: bool = False,
+                  controls: bool = False) -> dict:
     """Block sizes, warps and pipeline stages by shape.
 
     N up to 128 keys (cross-attention, N = 77) fits a single key block, which makes
@@ -76,6 +77,7 @@ def launch_config(head_dim: int, value_dim: int, num_keys: int, num_tokens: int,
     (head_tiles), with the exceptions noted in the body where the split spilled; the rules
     above read the padded power-of-two widths.
 
+    ``controls``: bias, prob_mult or region labels (more live state in the main loop).
     ``accumulators``: output tiles a program keeps (2 for the two-source form, the fan-out
     width), which count like a wider value tile.
 
@@ -107,11 +109,11 @@ def launch_config(head_dim: int, value_dim: int, num_keys: int, num_tokens: int,
     else:
         block_m = 64
     big_tile = block_m * max(block_n, width) >= 128 * 128
-    # Value columns split likewise (every accumulator a main and a tail part) only with one
-    # accumulator and no capture, and not for 256-wide tiles on one key block: with
-    # captures, injection's token mass, fan-out, the two-source form or d 160 at N <= 128
-    # the split accumulators spilled (8-600 B of stack on sm_80 or sm_90).
-    split_values = not captures and accumulators == 1 and not (wide and single_key_block)
+    # Value columns split likewise (every accumulator a main and a tail part) only for
+    # plain attention (one accumulator, no control, no capture), and not for 256-wide tiles
+    # on one key block: with controls, captures, fan-out, the two-source form or d 160 at
+    # N <= 128 the split accumulators spilled (8-600 B of stack on sm_80 or sm_90).
+    split_values = not (captures or controls) and accumulators == 1 and not (wide and single_key_block)
     dv_main, dv_tail = head_tiles(value_dim) if split_values else (block_dv, 0)
     return dict(
         BLOCK_M=block_m,
@@ -150,7 +152,8 @@ def kernel_arguments(q, k, v, out, *, scale: float, bias: Optional[torch.Tensor]
     fan = fanout.shape[1] - 1 if fanout is not None else 1
     probes = cap.probe_keys is not None and cap.probe_mass is not None
     cfg = launch_config(D, DV, N, max(T, T_own), captures=not (cap.empty and own_cap.empty),
-                        elem_size=q.element_size(), accumulators=2 if own is not None else fan, probes=probes)
+                        elem_size=q.element_size(), accumulators=2 if own is not None else fan, probes=probes,
+                        controls=bias is not None or prob_mult is not None or regions is not None)
     C = cap.probe_keys.shape[2] if probes else 0
     # Probe blocks: up to 64 probe keys per block (a concept set of a few words fits one).
     block_c = min(64, _pow2_at_least_16(C)) if probes else 16
