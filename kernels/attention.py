@@ -57,8 +57,9 @@ Head and value columns: tl.arange and tl.dot need power-of-two widths, so a head
 that is not one is split into a power-of-two main tile (BLOCK_D) and a tail
 (BLOCK_D_TAIL >= 16; 0 when one tile is no wider): q·kᵀ = q_main·k_mainᵀ + q_tail·k_tailᵀ
 in one MMA accumulation, so only the tail's columns past D are padding (72 = 64 + 16: 8
-padded columns, not 56). The value columns split the same way (BLOCK_DV, BLOCK_DV_TAIL):
-every output accumulator is a (main, tail) pair, P·V one product per part.
+padded columns, not 56). The value columns split the same way (BLOCK_DV, BLOCK_DV_TAIL;
+the launcher gives a tail to plain attention only): every output accumulator is a
+(main, tail) pair, P·V one product per part.
 
 Logits live in the log2 domain (scale folded with log2 e) so the kernel uses exp2.
 A row whose logits are all -inf has l = 0: its output, P and maps are 0 and its LSE -inf.
@@ -180,6 +181,7 @@ def _pv_update(acc, acc_tail, alpha, p, v_base, offs_n, mask_n, stride_vn, strid
 @triton.jit
 def _store_columns(out_base, out, offs_m, mask_m, stride_om, stride_od, START: tl.constexpr,
                    WIDTH: tl.constexpr, DV: tl.constexpr):
+    """Stores ``out`` into value columns [START, START + WIDTH) of the rows (none past DV)."""
     offs = START + tl.arange(0, WIDTH)
     mask = mask_m[:, None]
     if START + WIDTH > DV:
