@@ -53,6 +53,14 @@ QKᵀ, no PV, no capture work. The recomputed logits of the captures get the sam
 ``logit_max_kernel`` reduces max over (m, n) of the unscaled q·k per (batch, head) and
 query block with the same logit helper, without storing QKᵀ.
 
+Head and value columns: tl.arange and tl.dot need power-of-two widths, so a head dim D
+that is not one is split into a power-of-two main tile (BLOCK_D) and a tail
+(BLOCK_D_TAIL >= 16; 0 when one tile is no wider): q·kᵀ = q_main·k_mainᵀ + q_tail·k_tailᵀ
+in one MMA accumulation, so only the tail's columns past D are padding (72 = 64 + 16: 8
+padded columns, not 56). The value columns split the same way (BLOCK_DV, BLOCK_DV_TAIL;
+the launcher gives a tail to plain attention only): every output accumulator is a
+(main, tail) pair, P·V one product per part.
+
 Logits live in the log2 domain (scale folded with log2 e) so the kernel uses exp2.
 A row whose logits are all -inf has l = 0: its output, P and maps are 0 and its LSE -inf.
 """
@@ -65,15 +73,38 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _logits_log2(q, k_base, bias_base, offs_m, mask_m, cols, col_mask,
+def _head_tile(base, rows, row_mask, stride_row, stride_col, START: tl.constexpr, WIDTH: tl.constexpr,
+               D: tl.constexpr, TRANSPOSED: tl.constexpr = False):
+    """Head-dim columns [START, START + WIDTH) of ``rows``: (rows, WIDTH), or (WIDTH, rows)
+    if TRANSPOSED; masked rows and columns past D read 0. A tile that ends within D loads
+    without a column mask."""
+    offs = START + tl.arange(0, WIDTH)
+    if TRANSPOSED:
+        ptrs = base + rows[None, :] * stride_row + offs[:, None] * stride_col
+        mask = row_mask[None, :]
+        if START + WIDTH > D:
+            mask = mask & (offs[:, None] < D)
+    else:
+        ptrs = base + rows[:, None] * stride_row + offs[None, :] * stride_col
+        mask = row_mask[:, None]
+        if START + WIDTH > D:
+            mask = mask & (offs[None, :] < D)
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _logits_log2(q, q_tail, k_base, bias_base, offs_m, mask_m, cols, col_mask,
                  stride_kn, stride_kd, stride_bias_m, stride_bias_n, qk_scale_log2,
-                 D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D_TAIL: tl.constexpr, HAS_BIAS: tl.constexpr,
                  DOT_PRECISION: tl.constexpr):
-    """log2-domain logits of the query block against key columns ``cols`` (-inf where masked)."""
-    offs_d = tl.arange(0, BLOCK_D)
-    k_t = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                  mask=col_mask[None, :] & (offs_d[:, None] < D), other=0.0)
-    s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale_log2
+    """log2-domain logits of the query block (head columns split as q | q_tail) against key
+    columns ``cols`` (-inf where masked)."""
+    k_t = _head_tile(k_base, cols, col_mask, stride_kn, stride_kd, 0, BLOCK_D, D, True)
+    s = tl.dot(q, k_t, input_precision=DOT_PRECISION)
+    if BLOCK_D_TAIL > 0:
+        k_tail_t = _head_tile(k_base, cols, col_mask, stride_kn, stride_kd, BLOCK_D, BLOCK_D_TAIL, D, True)
+        s = tl.dot(q_tail, k_tail_t, s, input_precision=DOT_PRECISION)
+    s = s * qk_scale_log2
     if HAS_BIAS:
         bias = tl.load(bias_base + offs_m[:, None] * stride_bias_m + cols[None, :] * stride_bias_n,
                        mask=mask_m[:, None] & col_mask[None, :], other=0.0)
@@ -124,23 +155,52 @@ def _numerator(p, pm_base, offs_m, mask_m, offs_n, mask_n, stride_pm_m, stride_p
 
 
 @triton.jit
-def _pv_update(acc, alpha, p, v_base, offs_n, mask_n, offs_dv, stride_vn, stride_vd,
-               DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """acc·α + p·V for the value rows of one key block."""
-    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                mask=mask_n[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    return acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+def _accumulators(BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DV_TAIL: tl.constexpr):
+    """A zeroed output accumulator, its value columns split as (main, tail); with no tail
+    the second stands in for the argument of _pv_update and _store_rows (never stored)."""
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    acc_tail = acc
+    if BLOCK_DV_TAIL > 0:
+        acc_tail = tl.zeros([BLOCK_M, BLOCK_DV_TAIL], dtype=tl.float32)
+    return acc, acc_tail
 
 
 @triton.jit
-def _store_rows(out_base, out, offs_m, mask_m, offs_dv, stride_om, stride_od, DV: tl.constexpr):
-    tl.store(out_base + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
-             out.to(out_base.dtype.element_ty), mask=mask_m[:, None] & (offs_dv[None, :] < DV))
+def _pv_update(acc, acc_tail, alpha, p, v_base, offs_n, mask_n, stride_vn, stride_vd,
+               DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DV_TAIL: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    """acc·α + p·V for the value rows of one key block, on the main and tail columns."""
+    v = _head_tile(v_base, offs_n, mask_n, stride_vn, stride_vd, 0, BLOCK_DV, DV)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    if BLOCK_DV_TAIL > 0:
+        v_tail = _head_tile(v_base, offs_n, mask_n, stride_vn, stride_vd, BLOCK_DV, BLOCK_DV_TAIL, DV)
+        acc_tail = acc_tail * alpha[:, None] + tl.dot(p.to(v_tail.dtype), v_tail, input_precision=DOT_PRECISION)
+    return acc, acc_tail
+
+
+@triton.jit
+def _store_columns(out_base, out, offs_m, mask_m, stride_om, stride_od, START: tl.constexpr,
+                   WIDTH: tl.constexpr, DV: tl.constexpr):
+    """Stores ``out`` into value columns [START, START + WIDTH) of the rows (none past DV)."""
+    offs = START + tl.arange(0, WIDTH)
+    mask = mask_m[:, None]
+    if START + WIDTH > DV:
+        mask = mask & (offs[None, :] < DV)
+    tl.store(out_base + offs_m[:, None] * stride_om + offs[None, :] * stride_od,
+             out.to(out_base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _store_rows(out_base, out, out_tail, offs_m, mask_m, stride_om, stride_od,
+                DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DV_TAIL: tl.constexpr):
+    _store_columns(out_base, out, offs_m, mask_m, stride_om, stride_od, 0, BLOCK_DV, DV)
+    if BLOCK_DV_TAIL > 0:
+        _store_columns(out_base, out_tail, offs_m, mask_m, stride_om, stride_od, BLOCK_DV, BLOCK_DV_TAIL, DV)
 
 
 @triton.jit
 def _capture_statistics(
-    q, k_base, bias_base, m_i, l_i, offs_m, mask_m, b, h, N, T, query_bits, lk_base, stride_lk_n,
+    q, q_tail, k_base, bias_base, m_i, l_i, offs_m, mask_m, b, h, N, T, query_bits, lk_base, stride_lk_n,
     TokenMass, Maps, HeadMaps, Lse, Tokens, HeadWeights,
     stride_kn, stride_kd, stride_bias_m, stride_bias_n,
     stride_tm_b, stride_tm_h, stride_tm_n,
@@ -148,8 +208,8 @@ def _capture_statistics(
     stride_hm_b, stride_hm_h, stride_hm_m, stride_hm_t,
     stride_lse_b, stride_lse_h, stride_lse_m,
     stride_tok_b, stride_tok_t, stride_w_b, stride_w_h, qk_scale_log2,
-    D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D_TAIL: tl.constexpr,
+    BLOCK_T: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     CAPTURE_TOKEN_MASS: tl.constexpr, CAPTURE_MAPS: tl.constexpr, CAPTURE_HEAD_MAPS: tl.constexpr,
     CAPTURE_LSE: tl.constexpr, HAS_HEAD_WEIGHTS: tl.constexpr, SINGLE_KEY_BLOCK: tl.constexpr,
     HAS_REGION_MASK: tl.constexpr = False,
@@ -170,9 +230,9 @@ def _capture_statistics(
         for start_n in range(0, N, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
-            s = _logits_log2(q, k_base, bias_base, offs_m, mask_m, offs_n, mask_n,
+            s = _logits_log2(q, q_tail, k_base, bias_base, offs_m, mask_m, offs_n, mask_n,
                              stride_kn, stride_kd, stride_bias_m, stride_bias_n, qk_scale_log2,
-                             D, BLOCK_D, HAS_BIAS, DOT_PRECISION)
+                             D, BLOCK_D, BLOCK_D_TAIL, HAS_BIAS, DOT_PRECISION)
             if HAS_REGION_MASK:
                 s = _region_masked(s, query_bits, tl.load(lk_base + offs_n * stride_lk_n, mask=mask_n, other=0))
             p = tl.exp2(s - m_ref[:, None]) * inv_l[:, None]
@@ -187,9 +247,9 @@ def _capture_statistics(
             offs_t = start_t + tl.arange(0, BLOCK_T)
             mask_t = offs_t < T
             cols = tl.load(Tokens + b * stride_tok_b + offs_t * stride_tok_t, mask=mask_t, other=0)
-            s = _logits_log2(q, k_base, bias_base, offs_m, mask_m, cols, mask_t,
+            s = _logits_log2(q, q_tail, k_base, bias_base, offs_m, mask_m, cols, mask_t,
                              stride_kn, stride_kd, stride_bias_m, stride_bias_n, qk_scale_log2,
-                             D, BLOCK_D, HAS_BIAS, DOT_PRECISION)
+                             D, BLOCK_D, BLOCK_D_TAIL, HAS_BIAS, DOT_PRECISION)
             if HAS_REGION_MASK:
                 s = _region_masked(s, query_bits, tl.load(lk_base + cols * stride_lk_n, mask=mask_t, other=0))
             p = tl.exp2(s - m_ref[:, None]) * inv_l[:, None]
@@ -253,6 +313,7 @@ def attention_fwd_kernel(
     OWN_CAPTURE_HEAD_MAPS: tl.constexpr = False, OWN_CAPTURE_LSE: tl.constexpr = False,
     OWN_HAS_HEAD_WEIGHTS: tl.constexpr = False,
     FANOUT: tl.constexpr = 1, HAS_REGION_MASK: tl.constexpr = False,
+    BLOCK_D_TAIL: tl.constexpr = 0, BLOCK_DV_TAIL: tl.constexpr = 0,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -284,11 +345,14 @@ def attention_fwd_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    q_tile = offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    q_mask = mask_m[:, None] & (offs_d[None, :] < D)
-    q = tl.load(Q + src * stride_qb + h * stride_qh + q_tile, mask=q_mask, other=0.0)
+    # Head columns: a power-of-two main tile and, when D is not one, a tail (BLOCK_D_TAIL
+    # > 0) so that QKᵀ computes no more padding than the tail's 16-column granularity.
+    # Without a tail, q_tail only stands in for the argument (never read).
+    q_base = Q + src * stride_qb + h * stride_qh
+    q = _head_tile(q_base, offs_m, mask_m, stride_qm, stride_qd, 0, BLOCK_D, D)
+    q_tail = q
+    if BLOCK_D_TAIL > 0:
+        q_tail = _head_tile(q_base, offs_m, mask_m, stride_qm, stride_qd, BLOCK_D, BLOCK_D_TAIL, D)
 
     k_base = K + src * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
@@ -308,22 +372,27 @@ def attention_fwd_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    # Value columns split like the head columns: every accumulator is a (main, tail) pair.
+    acc, acc_t = _accumulators(BLOCK_M, BLOCK_DV, BLOCK_DV_TAIL)
     if FANOUT > 1:
-        acc1 = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+        acc1, acc1_t = _accumulators(BLOCK_M, BLOCK_DV, BLOCK_DV_TAIL)
         if FANOUT > 2:
-            acc2 = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-            acc3 = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+            acc2, acc2_t = _accumulators(BLOCK_M, BLOCK_DV, BLOCK_DV_TAIL)
+            acc3, acc3_t = _accumulators(BLOCK_M, BLOCK_DV, BLOCK_DV_TAIL)
     if HAS_OWN:
         # Two-source form: the second term is item b's own attention, its own normaliser.
-        q_own = tl.load(Q + b * stride_qb + h * stride_qh + q_tile, mask=q_mask, other=0.0)
+        q_own_base = Q + b * stride_qb + h * stride_qh
+        q_own = _head_tile(q_own_base, offs_m, mask_m, stride_qm, stride_qd, 0, BLOCK_D, D)
+        q_own_tail = q_own
+        if BLOCK_D_TAIL > 0:
+            q_own_tail = _head_tile(q_own_base, offs_m, mask_m, stride_qm, stride_qd, BLOCK_D, BLOCK_D_TAIL, D)
         k_own_base = K + b * stride_kb + h * stride_kh
         bias_own_base = Bias + b * stride_bias_b + h * stride_bias_h
         v_own_base = OwnV + b * stride_ov_b + h * stride_ov_h
         opm_base = OwnProbMult + b * stride_opm_b + h * stride_opm_h
         m_own = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_own = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc_own = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+        acc_own, acc_own_t = _accumulators(BLOCK_M, BLOCK_DV, BLOCK_DV_TAIL)
 
     # ---- main pass: online softmax over key blocks ------------------------------------
     for start_n in range(0, N, BLOCK_N):
@@ -334,9 +403,9 @@ def attention_fwd_kernel(
             key_bits = tl.load(lk_base + offs_n * stride_lk_n, mask=mask_n, other=0)
             live = (block_query_bits & tl.reduce(key_bits, 0, _bit_or)) != 0
         if live:  # False only for a key block the region mask hides from every row
-            s = _logits_log2(q, k_base, bias_base, offs_m, mask_m, offs_n, mask_n,
+            s = _logits_log2(q, q_tail, k_base, bias_base, offs_m, mask_m, offs_n, mask_n,
                              stride_kn, stride_kd, stride_bias_m, stride_bias_n, qk_scale_log2,
-                             D, BLOCK_D, HAS_BIAS, DOT_PRECISION)
+                             D, BLOCK_D, BLOCK_D_TAIL, HAS_BIAS, DOT_PRECISION)
             if HAS_REGION_MASK:
                 s = _region_masked(s, query_bits, key_bits)
             p, alpha, m_i, l_i = _online_softmax_step(s, m_i, l_i)
@@ -348,20 +417,23 @@ def attention_fwd_kernel(
                 region_keep = tl.where(differ, 1.0 - region_strength, 1.0)
             pf = _numerator(p, pm_base, offs_m, mask_m, offs_n, mask_n, stride_pm_m, stride_pm_n, region_keep,
                             HAS_PROB_MULT, HAS_REGIONS)
-            acc = _pv_update(acc, alpha, pf, v_base, offs_n, mask_n, offs_dv, stride_vn, stride_vd,
-                             DV, DOT_PRECISION)
+            acc, acc_t = _pv_update(acc, acc_t, alpha, pf, v_base, offs_n, mask_n, stride_vn, stride_vd,
+                                    DV, BLOCK_DV, BLOCK_DV_TAIL, DOT_PRECISION)
             if FANOUT > 1:
                 # Uniform branches: a padded slot costs neither loads nor a product.
                 if b1 >= 0:
-                    acc1 = _pv_update(acc1, alpha, p, V + b1 * stride_vb + h * stride_vh, offs_n, mask_n, offs_dv,
-                                      stride_vn, stride_vd, DV, DOT_PRECISION)
+                    acc1, acc1_t = _pv_update(acc1, acc1_t, alpha, p, V + b1 * stride_vb + h * stride_vh, offs_n,
+                                              mask_n, stride_vn, stride_vd, DV, BLOCK_DV, BLOCK_DV_TAIL,
+                                              DOT_PRECISION)
                 if FANOUT > 2:
                     if b2 >= 0:
-                        acc2 = _pv_update(acc2, alpha, p, V + b2 * stride_vb + h * stride_vh, offs_n, mask_n,
-                                          offs_dv, stride_vn, stride_vd, DV, DOT_PRECISION)
+                        acc2, acc2_t = _pv_update(acc2, acc2_t, alpha, p, V + b2 * stride_vb + h * stride_vh, offs_n,
+                                                  mask_n, stride_vn, stride_vd, DV, BLOCK_DV, BLOCK_DV_TAIL,
+                                                  DOT_PRECISION)
                     if b3 >= 0:
-                        acc3 = _pv_update(acc3, alpha, p, V + b3 * stride_vb + h * stride_vh, offs_n, mask_n,
-                                          offs_dv, stride_vn, stride_vd, DV, DOT_PRECISION)
+                        acc3, acc3_t = _pv_update(acc3, acc3_t, alpha, p, V + b3 * stride_vb + h * stride_vh, offs_n,
+                                                  mask_n, stride_vn, stride_vd, DV, BLOCK_DV, BLOCK_DV_TAIL,
+                                                  DOT_PRECISION)
 
             if CAPTURE_TOKEN_MASS and SINGLE_KEY_BLOCK:
                 if capture_row:
@@ -369,14 +441,14 @@ def attention_fwd_kernel(
                                              offs_n, mask_n, stride_tm_n)
 
             if HAS_OWN:
-                s_own = _logits_log2(q_own, k_own_base, bias_own_base, offs_m, mask_m, offs_n, mask_n,
+                s_own = _logits_log2(q_own, q_own_tail, k_own_base, bias_own_base, offs_m, mask_m, offs_n, mask_n,
                                      stride_kn, stride_kd, stride_bias_m, stride_bias_n, qk_scale_log2,
-                                     D, BLOCK_D, HAS_BIAS, DOT_PRECISION)
+                                     D, BLOCK_D, BLOCK_D_TAIL, HAS_BIAS, DOT_PRECISION)
                 p_own, alpha_own, m_own, l_own = _online_softmax_step(s_own, m_own, l_own)
                 pf_own = _numerator(p_own, opm_base, offs_m, mask_m, offs_n, mask_n, stride_opm_m, stride_opm_n,
                                     region_keep, HAS_OWN_PROB_MULT, HAS_REGIONS)
-                acc_own = _pv_update(acc_own, alpha_own, pf_own, v_own_base, offs_n, mask_n, offs_dv,
-                                     stride_ov_n, stride_ov_d, DV, DOT_PRECISION)
+                acc_own, acc_own_t = _pv_update(acc_own, acc_own_t, alpha_own, pf_own, v_own_base, offs_n, mask_n,
+                                                stride_ov_n, stride_ov_d, DV, BLOCK_DV, BLOCK_DV_TAIL, DOT_PRECISION)
                 if OWN_CAPTURE_TOKEN_MASS and SINGLE_KEY_BLOCK:
                     if own_capture_row:
                         _add_token_mass_of_block(OwnTokenMass + b * stride_otm_b + h * stride_otm_h, p_own, l_own,
@@ -384,44 +456,48 @@ def attention_fwd_kernel(
 
     inv_l = tl.where(mask_m & (l_i > 0), 1.0 / l_i, 0.0)
     out = acc * inv_l[:, None]
+    out_t = acc_t * inv_l[:, None]  # with no tail: computed from the stand-in, never stored
     if HAS_OWN:
-        out += acc_own * tl.where(mask_m & (l_own > 0), 1.0 / l_own, 0.0)[:, None]
-    _store_rows(Out + b * stride_ob + h * stride_oh, out, offs_m, mask_m, offs_dv, stride_om, stride_od, DV)
+        inv_own = tl.where(mask_m & (l_own > 0), 1.0 / l_own, 0.0)
+        out += acc_own * inv_own[:, None]
+        out_t += acc_own_t * inv_own[:, None]
+    _store_rows(Out + b * stride_ob + h * stride_oh, out, out_t, offs_m, mask_m, stride_om, stride_od,
+                DV, BLOCK_DV, BLOCK_DV_TAIL)
     if FANOUT > 1:
         if b1 >= 0:
-            _store_rows(Out + b1 * stride_ob + h * stride_oh, acc1 * inv_l[:, None], offs_m, mask_m, offs_dv,
-                        stride_om, stride_od, DV)
+            _store_rows(Out + b1 * stride_ob + h * stride_oh, acc1 * inv_l[:, None], acc1_t * inv_l[:, None],
+                        offs_m, mask_m, stride_om, stride_od, DV, BLOCK_DV, BLOCK_DV_TAIL)
         if FANOUT > 2:
             if b2 >= 0:
-                _store_rows(Out + b2 * stride_ob + h * stride_oh, acc2 * inv_l[:, None], offs_m, mask_m,
-                            offs_dv, stride_om, stride_od, DV)
+                _store_rows(Out + b2 * stride_ob + h * stride_oh, acc2 * inv_l[:, None], acc2_t * inv_l[:, None],
+                            offs_m, mask_m, stride_om, stride_od, DV, BLOCK_DV, BLOCK_DV_TAIL)
             if b3 >= 0:
-                _store_rows(Out + b3 * stride_ob + h * stride_oh, acc3 * inv_l[:, None], offs_m, mask_m,
-                            offs_dv, stride_om, stride_od, DV)
+                _store_rows(Out + b3 * stride_ob + h * stride_oh, acc3 * inv_l[:, None], acc3_t * inv_l[:, None],
+                            offs_m, mask_m, stride_om, stride_od, DV, BLOCK_DV, BLOCK_DV_TAIL)
 
     # ---- captures that need the final normaliser ---------------------------------------
     if capture_row:
         _capture_statistics(
-            q, k_base, bias_base, m_i, l_i, offs_m, mask_m, b, h, N, T, query_bits, lk_base, stride_lk_n,
+            q, q_tail, k_base, bias_base, m_i, l_i, offs_m, mask_m, b, h, N, T, query_bits, lk_base, stride_lk_n,
             TokenMass, Maps, HeadMaps, Lse, Tokens, HeadWeights,
             stride_kn, stride_kd, stride_bias_m, stride_bias_n,
             stride_tm_b, stride_tm_h, stride_tm_n, stride_map_b, stride_map_m, stride_map_t,
             stride_hm_b, stride_hm_h, stride_hm_m, stride_hm_t, stride_lse_b, stride_lse_h, stride_lse_m,
             stride_tok_b, stride_tok_t, stride_w_b, stride_w_h, qk_scale_log2,
-            D, BLOCK_N, BLOCK_D, BLOCK_T, HAS_BIAS, DOT_PRECISION,
+            D, BLOCK_N, BLOCK_D, BLOCK_D_TAIL, BLOCK_T, HAS_BIAS, DOT_PRECISION,
             CAPTURE_TOKEN_MASS, CAPTURE_MAPS, CAPTURE_HEAD_MAPS, CAPTURE_LSE, HAS_HEAD_WEIGHTS, SINGLE_KEY_BLOCK,
             HAS_REGION_MASK)
     if HAS_OWN:
         if own_capture_row:
             _capture_statistics(
-                q_own, k_own_base, bias_own_base, m_own, l_own, offs_m, mask_m, b, h, N, T_OWN, query_bits,
+                q_own, q_own_tail, k_own_base, bias_own_base, m_own, l_own, offs_m, mask_m, b, h, N, T_OWN, query_bits,
                 lk_base, stride_lk_n,
                 OwnTokenMass, OwnMaps, OwnHeadMaps, OwnLse, OwnTokens, OwnHeadWeights,
                 stride_kn, stride_kd, stride_bias_m, stride_bias_n,
                 stride_otm_b, stride_otm_h, stride_otm_n, stride_omap_b, stride_omap_m, stride_omap_t,
                 stride_ohm_b, stride_ohm_h, stride_ohm_m, stride_ohm_t, stride_olse_b, stride_olse_h,
                 stride_olse_m, stride_otok_b, stride_otok_t, stride_ow_b, stride_ow_h, qk_scale_log2,
-                D, BLOCK_N, BLOCK_D, BLOCK_T, HAS_BIAS, DOT_PRECISION,
+                D, BLOCK_N, BLOCK_D, BLOCK_D_TAIL, BLOCK_T, HAS_BIAS, DOT_PRECISION,
                 OWN_CAPTURE_TOKEN_MASS, OWN_CAPTURE_MAPS, OWN_CAPTURE_HEAD_MAPS, OWN_CAPTURE_LSE,
                 OWN_HAS_HEAD_WEIGHTS, SINGLE_KEY_BLOCK)
 
@@ -433,9 +509,9 @@ def attention_fwd_kernel(
             if SINGLE_PROBE_BLOCK:
                 offs_c = tl.arange(0, BLOCK_C)
                 mask_c = offs_c < C
-                s = _logits_log2(q, pk_base, pk_base, offs_m, mask_m, offs_c, mask_c,
+                s = _logits_log2(q, q_tail, pk_base, pk_base, offs_m, mask_m, offs_c, mask_c,
                                  stride_pk_c, stride_pk_d, 0, 0, qk_scale_log2,
-                                 D, BLOCK_D, False, DOT_PRECISION)
+                                 D, BLOCK_D, BLOCK_D_TAIL, False, DOT_PRECISION)
                 p = tl.exp2(s - tl.max(s, 1)[:, None])
                 row_w = tl.where(mask_m, 1.0 / tl.sum(p, 1), 0.0)
                 tl.atomic_add(pmass_base + offs_c * stride_pmass_c, tl.sum(p * row_w[:, None], 0), mask=mask_c)
@@ -445,9 +521,9 @@ def attention_fwd_kernel(
                 for start_c in range(0, C, BLOCK_C):
                     offs_c = start_c + tl.arange(0, BLOCK_C)
                     mask_c = offs_c < C
-                    s = _logits_log2(q, pk_base, pk_base, offs_m, mask_m, offs_c, mask_c,
+                    s = _logits_log2(q, q_tail, pk_base, pk_base, offs_m, mask_m, offs_c, mask_c,
                                      stride_pk_c, stride_pk_d, 0, 0, qk_scale_log2,
-                                     D, BLOCK_D, False, DOT_PRECISION)
+                                     D, BLOCK_D, BLOCK_D_TAIL, False, DOT_PRECISION)
                     pm_new = tl.maximum(pm_i, tl.max(s, 1))  # finite: every block has a live key
                     pl_i = pl_i * tl.exp2(pm_i - pm_new) + tl.sum(tl.exp2(s - pm_new[:, None]), 1)
                     pm_i = pm_new
@@ -455,9 +531,9 @@ def attention_fwd_kernel(
                 for start_c in range(0, C, BLOCK_C):
                     offs_c = start_c + tl.arange(0, BLOCK_C)
                     mask_c = offs_c < C
-                    s = _logits_log2(q, pk_base, pk_base, offs_m, mask_m, offs_c, mask_c,
+                    s = _logits_log2(q, q_tail, pk_base, pk_base, offs_m, mask_m, offs_c, mask_c,
                                      stride_pk_c, stride_pk_d, 0, 0, qk_scale_log2,
-                                     D, BLOCK_D, False, DOT_PRECISION)
+                                     D, BLOCK_D, BLOCK_D_TAIL, False, DOT_PRECISION)
                     p = tl.exp2(s - pm_i[:, None]) * row_w[:, None]
                     tl.atomic_add(pmass_base + offs_c * stride_pmass_c, tl.sum(p, 0), mask=mask_c)
 
@@ -470,7 +546,7 @@ def logit_max_kernel(
     stride_o_bh, stride_o_blk,
     H, M, N,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_D_TAIL: tl.constexpr = 0,
 ):
     """Out[b*H + h, pid_m] = max over this query block's rows and every key of q·k (unscaled)."""
     pid_m = tl.program_id(0)
@@ -479,17 +555,18 @@ def logit_max_kernel(
     h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
-    offs_d = tl.arange(0, BLOCK_D)
-    q = tl.load(Q + b * stride_qb + h * stride_qh
-                + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=mask_m[:, None] & (offs_d[None, :] < D), other=0.0)
+    q_base = Q + b * stride_qb + h * stride_qh
+    q = _head_tile(q_base, offs_m, mask_m, stride_qm, stride_qd, 0, BLOCK_D, D)
+    q_tail = q  # stands in when there is no tail (never read)
+    if BLOCK_D_TAIL > 0:
+        q_tail = _head_tile(q_base, offs_m, mask_m, stride_qm, stride_qd, BLOCK_D, BLOCK_D_TAIL, D)
     k_base = K + b * stride_kb + h * stride_kh
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        s = _logits_log2(q, k_base, k_base, offs_m, mask_m, offs_n, mask_n,
-                         stride_kn, stride_kd, 0, 0, 1.0, D, BLOCK_D, False, DOT_PRECISION)
+        s = _logits_log2(q, q_tail, k_base, k_base, offs_m, mask_m, offs_n, mask_n,
+                         stride_kn, stride_kd, 0, 0, 1.0, D, BLOCK_D, BLOCK_D_TAIL, False, DOT_PRECISION)
         s = tl.where(mask_m[:, None], s, float("-inf"))
         row_max = tl.maximum(row_max, tl.max(s, 1))
     tl.store(Out + pid_bh.to(tl.int64) * stride_o_bh + pid_m * stride_o_blk, tl.max(row_max, 0))

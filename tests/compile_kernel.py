@@ -58,6 +58,8 @@ EXTRA_HEAD_DIMS = (72, 112)
 # What each feature set is used for, and at which key lengths.
 FEATURES = {
     "plain": ("no control or capture (benchmarks; 'auto' runs SDPA here)", (77, 4096)),
+    "controls": ("bias, prob_mult and region labels without a capture (head and token scaling, "
+                 "paint-with-words)", (77, 4096)),
     "captures": ("bias, prob_mult and every capture: token mass, maps and per-head maps of "
                  "77 token columns, head weights, LSE (attnctl.trace, controllers)", (77, 4096)),
     "probes": ("captures plus region labels and 40 probe keys (HRV construction, inside-outside)", (77,)),
@@ -70,12 +72,17 @@ FEATURES = {
 }
 
 
+# In the table only, not checked by tests/test_kernel_compiles.py: uncaptured controls spill
+# at N = 77 on every head dim with the tiles launch_config gives them (as plain attention's).
+TABLE_ONLY_FEATURES = ("controls",)
+
+
 def variant_name(feature: str, dtype: str, head_dim: int, keys: int) -> str:
     return f"{feature}-{dtype}-d{head_dim}-n{keys}"
 
 
-def all_variants(head_dims=HEAD_DIMS + EXTRA_HEAD_DIMS) -> list:
-    return [variant_name(f, dt, d, n) for f, (_, key_lengths) in FEATURES.items()
+def all_variants(head_dims=HEAD_DIMS + EXTRA_HEAD_DIMS, features=tuple(FEATURES)) -> list:
+    return [variant_name(f, dt, d, n) for f, (_, key_lengths) in FEATURES.items() if f in features
             for d in sorted(head_dims) for n in key_lengths for dt in ("fp16", "bf16")
             if not (f == "fanout" and fanout_width(d, 4) < 2)]
 
@@ -96,6 +103,10 @@ def variant_inputs(name: str):
     tokens = list(range(min(N, 77)))
     if feature == "plain" or feature == "logitmax":
         return q, k, v, none
+    if feature == "controls":
+        return q, k, v, dict(none, bias=torch.zeros(1, H, 1, N), prob_mult=torch.zeros(B, 1, M, N, dtype=dtype),
+                             regions=Regions(torch.zeros(B, M, dtype=torch.int32), torch.zeros(1, N, dtype=torch.int32),
+                                             0.5))
     if feature == "inject":
         return q, k, v, dict(none, prob_mult=torch.zeros(1, 1, 1, N), capture=Capture.zeros(q, k, token_mass=True),
                              source=torch.zeros(B, dtype=torch.int64))
@@ -127,7 +138,8 @@ def compile_variant(name: str, arch: int) -> dict:
     else:
         kernel = attention_fwd_kernel
         _, args, meta = kernel_arguments(q, k, v, empty_output(q, v.shape[3]), scale=0.1, **extras)
-    tiles = {key: meta[key] for key in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages") if key in meta}
+    tiles = {key: meta[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_D_TAIL", "BLOCK_DV", "BLOCK_DV_TAIL",
+                                        "num_warps", "num_stages") if key in meta}
     compiled = compile_as_jit(kernel, args, meta, GPUTarget("cuda", arch, 32))
     return {"variant": name, "arch": arch, "triton": triton.__version__, **tiles,
             "shared_bytes": compiled.metadata.shared, **cubin_resources(compiled.asm["cubin"])}
@@ -182,7 +194,9 @@ def sweep(names, archs) -> list:
 
 def resource_table(rows: list) -> str:
     """Markdown: one line per variant (dtype aside), one column per (Triton version, arch,
-    dtype): registers / shared KB / stack B, a spill marked **SPILL**."""
+    dtype): registers / shared KB / stack B, a spill marked **SPILL**. The tile column is
+    the newest Triton version's, with the head and value column tiles (main+tail) where
+    its rows record them."""
     def split(row):
         feature, dtype, d, n = row["variant"].split("-")
         return f"{feature}-{d}-{n}", (row["triton"], row["arch"], dtype)
@@ -190,12 +204,17 @@ def resource_table(rows: list) -> str:
     cells = {split(r): r for r in rows}
     columns = sorted({column for _, column in cells})
     names = list(dict.fromkeys(name for name, _ in cells))
-    head = "| variant | tile M×N, warps, stages | " + " | ".join(
+    head = "| variant | tile M×N, warps, stages, d and dv columns | " + " | ".join(
         f"triton {t} sm_{a} {dt}" for t, a, dt in columns) + " |"
     lines = [head, "|" + "---|" * (2 + len(columns))]
     for name in names:
-        first = next(r for (n, _), r in cells.items() if n == name)
+        first = max((r for (n, _), r in cells.items() if n == name),
+                    key=lambda r: tuple(int(x) for x in re.findall(r"\d+", r["triton"])))
         tile = f"{first.get('BLOCK_M', '')}×{first.get('BLOCK_N', '')}, {first['num_warps']}, {first['num_stages']}"
+        if "BLOCK_D" in first:
+            tile += f", d {_columns(first, 'BLOCK_D')}"
+            if "BLOCK_DV" in first:
+                tile += f", dv {_columns(first, 'BLOCK_DV')}"
         out = []
         for column in columns:
             r = cells.get((name, column))
@@ -206,6 +225,12 @@ def resource_table(rows: list) -> str:
             out.append(f"**SPILL** {text} ({r['spill_stores']} STL)" if spills(r) else text)
         lines.append(f"| {name} | {tile} | " + " | ".join(out) + " |")
     return "\n".join(lines)
+
+
+def _columns(row: dict, key: str) -> str:
+    """A head-column tiling as written in the table: 64+16, or 64 for one tile."""
+    tail = row.get(key + "_TAIL", 0)
+    return f"{row[key]}+{tail}" if tail else f"{row[key]}"
 
 
 def update_readme() -> None:

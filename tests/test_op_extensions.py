@@ -52,13 +52,13 @@ def oracle(q, k, v, scale, *, prob_mult=None, labels_q=None, labels_k=None, stre
 # ---- probes ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("C,N,pk_batch,layout", [
-    (5, 77, 1, "contiguous"),      # one probe block, broadcast over the batch
-    (100, 300, 2, "strided"),      # two-pass path (BLOCK_C = 64), per-item keys, strided
-    (64, 1, 1, "bmhd"),            # exactly one full probe block, one key
+@pytest.mark.parametrize("C,N,pk_batch,layout,D", [
+    (5, 77, 1, "contiguous", 72),  # one probe block, broadcast over the batch; a head-dim tail
+    (100, 300, 2, "strided", 40),  # two-pass path (BLOCK_C = 64), per-item keys, strided
+    (64, 1, 1, "bmhd", 16),        # exactly one full probe block, one key
 ])
-def test_probe_mass(backend, C, N, pk_batch, layout):
-    B, H, M, D = 2, 3, 33, 16
+def test_probe_mass(backend, C, N, pk_batch, layout, D):
+    B, H, M = 2, 3, 33
     gen = torch.Generator().manual_seed(C)
     q, k, v = make_qkv(B, H, M, N, D, layout=layout, gen=gen)
     probe_keys = randn(pk_batch, H, D, C, gen=gen).transpose(-1, -2)  # any strides
@@ -94,13 +94,13 @@ def test_probe_mass_low_precision_and_independent_of_controls():
 # ---- regions ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("N,strength,with_pm,lq_batch,lk_batch", [
-    (77, 1.0, False, 2, 1),
-    (300, 0.6, True, 1, 2),     # several key blocks, combined with prob_mult
-    (33, -0.5, True, 2, 2),     # self-attention-like N = M, strength amplifies
+@pytest.mark.parametrize("N,strength,with_pm,lq_batch,lk_batch,D", [
+    (77, 1.0, False, 2, 1, 16),
+    (300, 0.6, True, 1, 2, 80),     # several key blocks, combined with prob_mult
+    (33, -0.5, True, 2, 2, 40),     # self-attention-like N = M, strength amplifies
 ])
-def test_regions(backend, N, strength, with_pm, lq_batch, lk_batch):
-    B, H, M, D = 2, 2, 33, 16
+def test_regions(backend, N, strength, with_pm, lq_batch, lk_batch, D):
+    B, H, M = 2, 2, 33
     gen = torch.Generator().manual_seed(N)
     q, k, v = make_qkv(B, H, M, N, D, gen=gen)
     labels_q = torch.randint(-1, 3, (lq_batch, M), generator=gen).to(DEVICE)
@@ -129,11 +129,11 @@ def test_regions_unlabelled_or_zero_strength_change_nothing():
 # ---- logit max -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("M,N,dtype,layout", [(33, 77, torch.float32, "bmhd"),
-                                              (130, 300, torch.float32, "strided"),
-                                              (65, 20, torch.float16, "contiguous")])
-def test_logit_max(backend, M, N, dtype, layout):
-    q, k, _ = make_qkv(2, 3, M, N, 16, dtype=dtype, layout=layout)
+@pytest.mark.parametrize("M,N,dtype,layout,D", [(33, 77, torch.float32, "bmhd", 16),
+                                                (130, 300, torch.float32, "strided", 72),
+                                                (65, 20, torch.float16, "contiguous", 40)])
+def test_logit_max(backend, M, N, dtype, layout, D):
+    q, k, _ = make_qkv(2, 3, M, N, D, dtype=dtype, layout=layout)
     q = q * 3 - 1  # logits not centred on 0: the max is not a masked-row artefact
     got = attnctl.logit_max(q, k, backend=backend)
     expected = torch.einsum("bhmd,bhnd->bhmn", q.double(), k.double()).amax(dim=(-1, -2))

@@ -42,7 +42,7 @@ def _bf16_dot():
         yield
 
 
-HEAD_DIMS = [8, 16, 24, 40, 64, 80, 128]
+HEAD_DIMS = [8, 16, 24, 40, 64, 72, 80, 112, 128]
 KEY_COUNTS = [1, 2, 16, 63, 64, 65, 77, 127, 128, 129, 200, 300]
 
 
@@ -84,7 +84,7 @@ def test_kernel_matches_reference(case):
 def small_shapes(draw):
     return dict(B=draw(st.integers(1, 2)), H=draw(st.integers(1, 2)),
                 M=draw(st.integers(1, 70)), N=draw(st.sampled_from([5, 77, 128, 129, 300])),
-                D=draw(st.sampled_from([16, 40, 64])), seed=draw(st.integers(0, 2 ** 16)))
+                D=draw(st.sampled_from([16, 40, 64, 72])), seed=draw(st.integers(0, 2 ** 16)))
 
 
 @ci_settings(8)

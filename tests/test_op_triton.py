@@ -40,6 +40,27 @@ def _params(cases):
     return [pytest.param(c, id=c.id()) for c in cases]
 
 
+# ---- head-dim tiles: a power-of-two main tile plus a tail, no wider than needed ----------
+
+def test_head_tiles_are_the_narrowest_two_power_of_two_tiles():
+    """head_tiles(D) = (main, tail): main a power of two >= 16, tail 0 or a power of two
+    >= 16 starting inside D, and no pair of such tiles (or single tile) covers D with
+    fewer columns; ties go to the single tile."""
+    from attnctl.backends.triton_backend import head_tiles
+
+    widths = [16, 32, 64, 128, 256]
+    for D in range(1, 257):
+        main, tail = head_tiles(D)
+        assert main in widths and (tail == 0 or (tail in widths and main < D)), (D, main, tail)
+        assert main + tail >= D, (D, main, tail)
+        narrowest = min(a + b for a in widths for b in [0] + widths if a + b >= D and (b == 0 or a < D))
+        assert main + tail == narrowest, (D, main, tail, narrowest)
+        if tail:  # a split only where it is strictly narrower than one tile
+            assert main + tail < min(w for w in widths if w >= D), (D, main, tail)
+    assert [head_tiles(D) for D in (40, 64, 72, 80, 112, 128, 160)] == [
+        (32, 16), (64, 0), (64, 16), (64, 16), (128, 0), (128, 0), (128, 32)]
+
+
 # ---- sizes: every listed N, D, and M off the block grid, with every control and capture ----
 
 SIZE_CASES = [
@@ -53,6 +74,10 @@ SIZE_CASES = [
     Case(B=1, H=1, M=1, N=1000, D=160),
     Case(B=1, H=2, M=65, N=129, D=80),     # one row past a 64-row block, one key past 128
     Case(B=2, H=1, M=129, N=128, D=64),    # one row past a 128-row block, N = 128 exactly
+    # head dims that are no power of two: 72 = 64 + 16-column tail (8 masked), 112 = one
+    # 128-column tile (triton_backend.head_tiles)
+    Case(B=1, H=2, M=65, N=300, D=72),
+    Case(B=2, H=1, M=33, N=77, D=112),
 ]
 
 
@@ -65,7 +90,7 @@ def test_sizes_with_all_controls_and_captures(case):
 
 
 @pytest.mark.parametrize("N", [1, 77, 300, 1000])
-@pytest.mark.parametrize("D", [16, 40, 64, 80, 160])
+@pytest.mark.parametrize("D", [16, 40, 64, 72, 80, 160])
 def test_plain_attention_sizes(D, N):
     check_case(Case(B=1, H=2, M=33 if N < 1000 else 9, N=N, D=D))
 
@@ -324,10 +349,21 @@ def test_bmhd_views_give_bmhd_output():
     assert out.is_contiguous(), out.stride()
 
 
-@pytest.mark.parametrize("D,Dv", [(64, 40), (40, 160), (16, 80), (160, 16), (8, 24), (256, 8)])
+@pytest.mark.parametrize("D,Dv", [(64, 40), (40, 160), (16, 80), (160, 16), (8, 24), (256, 8), (72, 40),
+                                  (112, 72), (48, 96)])
 def test_value_dim_differs(D, Dv):
     check_case(Case(B=1, H=2, M=33, N=300 if D <= 64 else 77, D=D, Dv=Dv, bias="11mn",
                     prob_mult="bhmn", captures=ALL_CAPTURES))
+
+
+@pytest.mark.parametrize("D,Dv,N", [(72, 40, 77), (40, 72, 300), (160, 80, 300), (112, 72, 77), (80, 160, 1000)])
+def test_value_columns_split(D, Dv, N):
+    """Plain attention (no control, capture or second accumulator): the kernel splits the
+    value columns as well, accumulators and the output store in a main and a tail part."""
+    from attnctl.backends.triton_backend import launch_config
+
+    assert launch_config(D, Dv, N, 0, False, 4)["BLOCK_DV_TAIL"] > 0
+    check_case(Case(B=2, H=2, M=33, N=N, D=D, Dv=Dv, layout="bmhd"))
 
 
 LOWPREC_CASES = [
@@ -336,6 +372,7 @@ LOWPREC_CASES = [
     Case(B=1, H=1, M=9, N=1000, D=80),
     Case(B=2, H=1, M=33, N=1, D=160),
     Case(B=1, H=2, M=65, N=129, D=160, layout="bmhd"),
+    Case(B=1, H=2, M=33, N=77, D=72),
 ]
 
 

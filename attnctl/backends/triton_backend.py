@@ -24,13 +24,30 @@ def _pow2_at_least_16(n: int) -> int:
     return max(16, _next_pow2(n))
 
 
+def head_tiles(dim: int) -> tuple:
+    """(main, tail) widths of the column tiles that cover a head dim of ``dim``.
+
+    tl.arange and tl.dot need power-of-two widths of at least 16, so a dim that is not a
+    power of two is covered by a power-of-two main tile plus a power-of-two tail (at least
+    16 wide): 40 = 32 + 16 (8 masked), 72 = 64 + 16 (8 masked), 80 = 64 + 16, 160 = 128 + 32.
+    Tail 0 (one tile, as wide as the next power of two) when the split would not be
+    narrower: 16, 64, 128, and 112 (64 + 64 = 128), 24 (16 + 16 = 32)."""
+    padded = _pow2_at_least_16(dim)
+    main = padded // 2
+    if main < 16:
+        return padded, 0
+    tail = _pow2_at_least_16(dim - main)
+    return (padded, 0) if main + tail >= padded else (main, tail)
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
 @lru_cache(maxsize=None)
 def launch_config(head_dim: int, value_dim: int, num_keys: int, num_tokens: int,
-                  captures: bool, elem_size: int, accumulators: int = 1, probes: bool = False) -> dict:
+                  captures: bool, elem_size: int, accumulators: int = 1, probes: bool = False,
+                  controls: bool = False) -> dict:
     """Block sizes, warps and pipeline stages by shape.
 
     N up to 128 keys (cross-attention, N = 77) fits a single key block, which makes
@@ -48,14 +65,19 @@ def launch_config(head_dim: int, value_dim: int, num_keys: int, num_tokens: int,
     * 64-key blocks with probes and with captures at head dims up to 64 or 256-wide tiles
       (a 128-key tile spills there, measured: 30-1700 B of stack), so N = 77 runs two
       key blocks;
-    * 8 warps for 128-row tiles, 128 x 128-element tiles, 256-wide tiles and with
-      captures, else 4;
+    * 8 warps for 128-row tiles, 128 x 128-element tiles, 256-wide tiles, with captures
+      and for a head-dim tail on one 128-key block, else 4;
     * two pipeline stages, also when all keys fit one block: the pipeliner then copies
       K and V to shared memory asynchronously, without a register round trip (one stage
       spills at d 80-128, N = 77); one stage for fp32 (twice the bytes per tile), for 512
       value columns (the two-source form at d = 160) and for 256-wide head tiles on a
       single key block (d = 160, N = 77: two stages need 176 KB on sm_80, 288 KB on sm_90).
 
+    Head and value columns: BLOCK_D + BLOCK_D_TAIL and BLOCK_DV + BLOCK_DV_TAIL
+    (head_tiles), with the exceptions noted in the body where the split spilled; the rules
+    above read the padded power-of-two widths.
+
+    ``controls``: bias, prob_mult or region labels (more live state in the main loop).
     ``accumulators``: output tiles a program keeps (2 for the two-source form, the fan-out
     width), which count like a wider value tile.
 
@@ -63,8 +85,15 @@ def launch_config(head_dim: int, value_dim: int, num_keys: int, num_tokens: int,
     the launch's host time is what small cross-attention calls are made of. Callers must
     not mutate the returned dict.
     """
+    # Tiles, warps and stages are chosen by the padded power-of-two widths (the classes the
+    # spill sweep was run for); the head columns themselves are split (head_tiles), which
+    # narrows the q, k tiles and the QKᵀ products. Captures at head dims up to 64 with
+    # N <= 128 keep one padded tile: split, d 40 spilled 16 B of stack on sm_80 (captures)
+    # and 8 B on sm_90 (the two-source form).
     block_d = _pow2_at_least_16(head_dim)
     block_dv = _pow2_at_least_16(value_dim)
+    keep_padded = captures and block_d <= 64 and num_keys <= 128
+    d_main, d_tail = (block_d, 0) if keep_padded else head_tiles(head_dim)
     width = block_dv * accumulators
     narrow = max(block_d, width) <= 64 and elem_size == 2 and not captures
     wide = max(block_d, width) >= 256
@@ -80,13 +109,22 @@ def launch_config(head_dim: int, value_dim: int, num_keys: int, num_tokens: int,
     else:
         block_m = 64
     big_tile = block_m * max(block_n, width) >= 128 * 128
+    # Value columns split likewise (every accumulator a main and a tail part) only for
+    # plain attention (one accumulator, no control, no capture), and not for 256-wide tiles
+    # on one key block: with controls, captures, fan-out, the two-source form or d 160 at
+    # N <= 128 the split accumulators spilled (8-600 B of stack on sm_80 or sm_90).
+    split_values = not (captures or controls) and accumulators == 1 and not (wide and single_key_block)
+    dv_main, dv_tail = head_tiles(value_dim) if split_values else (block_dv, 0)
     return dict(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        BLOCK_D=block_d,
-        BLOCK_DV=block_dv,
+        BLOCK_D=d_main,
+        BLOCK_D_TAIL=d_tail,
+        BLOCK_DV=dv_main,
+        BLOCK_DV_TAIL=dv_tail,
         BLOCK_T=min(64, _pow2_at_least_16(num_tokens)),
-        num_warps=8 if block_m == 128 or big_tile or wide or captures else 4,
+        # 8 warps also for a head-dim tail on one 128-key block: d 72, N = 77 spilled with 4.
+        num_warps=8 if block_m == 128 or big_tile or wide or captures or (d_tail and single_key_block) else 4,
         num_stages=1 if elem_size == 4 or width >= 512 or (single_key_block and block_d >= 256) else 2,
     )
 
@@ -114,7 +152,8 @@ def kernel_arguments(q, k, v, out, *, scale: float, bias: Optional[torch.Tensor]
     fan = fanout.shape[1] - 1 if fanout is not None else 1
     probes = cap.probe_keys is not None and cap.probe_mass is not None
     cfg = launch_config(D, DV, N, max(T, T_own), captures=not (cap.empty and own_cap.empty),
-                        elem_size=q.element_size(), accumulators=2 if own is not None else fan, probes=probes)
+                        elem_size=q.element_size(), accumulators=2 if own is not None else fan, probes=probes,
+                        controls=bias is not None or prob_mult is not None or regions is not None)
     C = cap.probe_keys.shape[2] if probes else 0
     # Probe blocks: up to 64 probe keys per block (a concept set of a few words fits one).
     block_c = min(64, _pow2_at_least_16(C)) if probes else 16
@@ -245,8 +284,9 @@ def logit_max_arguments(q, k, partial):
 
 
 def logit_max_config(head_dim: int, num_keys: int, num_queries: int) -> dict:
+    d_main, d_tail = head_tiles(head_dim)
     return dict(BLOCK_M=64, BLOCK_N=min(64, _pow2_at_least_16(num_keys)),
-                BLOCK_D=_pow2_at_least_16(head_dim), num_warps=4, num_stages=2)
+                BLOCK_D=d_main, BLOCK_D_TAIL=d_tail, num_warps=4, num_stages=2)
 
 
 def logit_max_triton(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
