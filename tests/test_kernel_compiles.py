@@ -1,9 +1,7 @@
 """The Triton kernel compiles for sm_80 and sm_90 (Triton's own LLVM and ptxas, no GPU
 needed), fits each architecture's shared memory and spills no register, in every variant
 that SD1.5, SDXL and SD3/Flux use (head dims 40, 64, 80, 128, 160; tests/compile_kernel.py
-lists them), except the features compile_kernel.TABLE_ONLY_FEATURES names (uncaptured
-controls, which spill at N = 77 with the tiles launch_config gives them; the README table
-shows them). The interpreter can catch none of this.
+lists them). The interpreter can catch none of this.
 
 fp16 and bf16 get the same tiles, and compile to the same resources in the variants where
 both were compared; sm_80 is checked with bf16 and sm_90 with fp16, so each dtype's code
@@ -20,7 +18,7 @@ import torch
 
 HERE = os.path.dirname(__file__)
 sys.path.insert(0, HERE)
-from compile_kernel import FEATURES, HEAD_DIMS, TABLE_ONLY_FEATURES, all_variants  # noqa: E402
+from compile_kernel import FEATURES, HEAD_DIMS, all_variants  # noqa: E402
 
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # opt-in max per block, bytes
 DTYPE_OF_ARCH = {80: "bf16", 90: "fp16"}
@@ -35,8 +33,7 @@ def _sweep(arch: int, variants) -> subprocess.Popen:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels run for real")
 def test_no_variant_spills_or_overflows_shared_memory():
-    checked = [f for f in FEATURES if f not in TABLE_ONLY_FEATURES]
-    listed = {arch: [v for v in all_variants(HEAD_DIMS, checked) if f"-{dtype}-" in v] + [f"logitmax-{dtype}-d64-n4096"]
+    listed = {arch: [v for v in all_variants(HEAD_DIMS, FEATURES) if f"-{dtype}-" in v] + [f"logitmax-{dtype}-d64-n4096"]
               for arch, dtype in DTYPE_OF_ARCH.items()}
     runs = {arch: _sweep(arch, variants) for arch, variants in listed.items()}
     problems = []

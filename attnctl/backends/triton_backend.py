@@ -56,17 +56,18 @@ def launch_config(head_dim: int, value_dim: int, num_keys: int, num_tokens: int,
     compiles every variant without a GPU; tests/test_kernel_compiles.py fails on a spill):
 
     * 128 query rows only for 16-bit inputs with head dims up to 64, one output
-      accumulator and no capture (the capture epilogues hold extra tiles); 16 for 512
+      accumulator, no capture and no control (the capture epilogues and the bias /
+      prob_mult tiles hold extra registers); 16 for 512
       value columns (the two-source form at d = 160) and for probes at d = 160; 32 for
       probes at other head dims than 64 (64 rows spill at d = 40 on sm_80 with Triton 3.6,
       32 rows at d = 64 on sm_90 with 3.9), for 256-wide tiles (d = 160, the two-source form at d = 128,
-      fan-out to 4) on a single key block, with captures or fanned out to 4, and for the
+      fan-out to 4) on a single key block, with captures or controls or fanned out to 4, and for the
       two-source form with captures; else 64;
-    * 64-key blocks with probes and with captures at head dims up to 64 or 256-wide tiles
-      (a 128-key tile spills there, measured: 30-1700 B of stack), so N = 77 runs two
-      key blocks;
+    * 64-key blocks with probes, with controls and no capture (the bias / prob_mult tiles),
+      and with captures at head dims up to 64 or 256-wide tiles (a 128-key tile spills
+      there, measured: 16-1700 B of stack), so N = 77 runs two key blocks;
     * 8 warps for 128-row tiles, 128 x 128-element tiles, 256-wide tiles, with captures
-      and for a head-dim tail on one 128-key block, else 4;
+      or controls and for a head-dim tail on one 128-key block, else 4;
     * two pipeline stages, also when all keys fit one block: the pipeliner then copies
       K and V to shared memory asynchronously, without a register round trip (one stage
       spills at d 80-128, N = 77); one stage for fp32 (twice the bytes per tile), for 512
@@ -95,15 +96,20 @@ def launch_config(head_dim: int, value_dim: int, num_keys: int, num_tokens: int,
     keep_padded = captures and block_d <= 64 and num_keys <= 128
     d_main, d_tail = (block_d, 0) if keep_padded else head_tiles(head_dim)
     width = block_dv * accumulators
-    narrow = max(block_d, width) <= 64 and elem_size == 2 and not captures
+    # Captures and controls (bias, prob_mult, region labels) hold extra tiles in the main
+    # loop: plain attention's 128-row, 4-warp tiles spilled with controls alone at N = 77
+    # (150-1100 B of stack at d 40-128).
+    heavy = captures or controls
+    narrow = max(block_d, width) <= 64 and elem_size == 2 and not heavy
     wide = max(block_d, width) >= 256
-    single_key_block = num_keys <= (64 if probes or (captures and (block_d <= 64 or wide)) else 128)
+    single_key_block = num_keys <= (64 if probes or (controls and not captures) or (captures and (block_d <= 64 or wide))
+                                     else 128)
     block_n = _pow2_at_least_16(num_keys) if single_key_block else 64
     if narrow:
         block_m = 128
     elif width >= 512 or (probes and wide):
         block_m = 16
-    elif ((probes and head_dim != 64) or (wide and (single_key_block or captures or accumulators > 2))
+    elif ((probes and head_dim != 64) or (wide and (single_key_block or heavy or accumulators > 2))
           or (accumulators > 1 and captures)):
         block_m = 32
     else:
@@ -124,7 +130,7 @@ def launch_config(head_dim: int, value_dim: int, num_keys: int, num_tokens: int,
         BLOCK_DV_TAIL=dv_tail,
         BLOCK_T=min(64, _pow2_at_least_16(num_tokens)),
         # 8 warps also for a head-dim tail on one 128-key block: d 72, N = 77 spilled with 4.
-        num_warps=8 if block_m == 128 or big_tile or wide or captures or (d_tail and single_key_block) else 4,
+        num_warps=8 if block_m == 128 or big_tile or wide or heavy or (d_tail and single_key_block) else 4,
         num_stages=1 if elem_size == 4 or width >= 512 or (single_key_block and block_d >= 256) else 2,
     )
 
