@@ -330,7 +330,7 @@ def test_clear_errors(pipes):
 def test_published_configs_layers_and_map_shapes(monkeypatch, name, routed, heads, head_dim, text, grid):
     from attnctl.diffusers.offline_mmdit import t5_tokenizer
 
-    for module in ("processor", "dit"):
+    for module in ("processor", "compose"):   # UNet-style processors; the Wan processor's planned_attention
         monkeypatch.setattr(f"attnctl.diffusers.{module}.attention", shape_only_attention)
     model = meta_transformer(name)
     recorder = _Recorder()

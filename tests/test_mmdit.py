@@ -263,7 +263,7 @@ def _meta_inputs(name, model, side=1024, text=512):
 def test_published_configs_layers_and_map_shapes(monkeypatch, name, blocks, heads, text):
     from attnctl.diffusers.offline_mmdit import t5_tokenizer
 
-    monkeypatch.setattr("attnctl.diffusers.joint.attention", shape_only_attention)
+    monkeypatch.setattr("attnctl.diffusers.compose.attention", shape_only_attention)
     model = meta_transformer(name)
     recorder = _Recorder()
     flux = name.startswith("flux")

@@ -9,7 +9,7 @@ import attnctl
 from attnctl import Capture, OwnTerm, Regions
 from attnctl.op import op_arguments
 
-from op_cases import DEVICE, compare, interpreter_bf16_dot_fixed, make_qkv, randn
+from op_cases import DEVICE, interpreter_bf16_dot_fixed, make_qkv, randn
 
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
 

@@ -11,7 +11,7 @@ import attnctl
 from attnctl import Capture, attention_reference
 from attnctl.reference import softmax_with_empty_rows
 
-from op_cases import (ALL_CAPTURES, CAPTURE_KINDS, DEVICE, compare, independent_attention,
+from op_cases import (ALL_CAPTURES, CAPTURE_KINDS, compare, independent_attention,
                       make_capture, make_head_weights, make_operand, make_qkv, make_tokens,
                       mask_bias)
 

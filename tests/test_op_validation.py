@@ -1,7 +1,6 @@
 """Every bad input raises before any kernel runs, with a message naming the argument, what
 was expected and what was received. The 'meta' device stands in for a second device."""
 import math
-import re
 
 import pytest
 import torch

@@ -47,7 +47,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 
 from ..capture import Capture
-from .controller import Plan
+from ..op import attention
+from .controller import AttentionCall, Plan
 
 _KNOWN_FIELDS = {"bias", "prob_mult", "capture", "regions", "source", "value_map", "own_prob_mult", "own_capture",
                  "value_states", "key_states", "state_rows", "maps"}
@@ -63,6 +64,33 @@ def refuse_fields_beyond(plan: Plan, supported: Sequence[str], where: str) -> No
     if unsupported:
         raise NotImplementedError(f"{', '.join(unsupported)}: not supported on {where}; it takes "
                                   f"{', '.join(supported)}")
+
+
+# The Plan fields planned_attention applies; any other (injection, replacement text states,
+# differentiable maps, ...) is refused by name.
+PLANNED_FIELDS = ("bias", "prob_mult", "capture", "regions")
+
+
+def planned_attention(installation, describe: Callable[[], AttentionCall], q: torch.Tensor, k: torch.Tensor,
+                      v: torch.Tensor, where: str) -> Tuple[torch.Tensor, Optional[AttentionCall]]:
+    """The op on (B, H, S, D) ``q``, ``k``, ``v`` under the installation's controllers, for
+    the processors that run it on their own tensors (MM-DiT joint, Wan): ``describe()``
+    (called only when controllers are installed) is the call they plan for; their plans
+    compose into one, whose fields beyond PLANNED_FIELDS are refused naming ``where``; the
+    composed plan's routing runs after the op. Returns (output, the call or None)."""
+    bias = prob_mult = capture = regions = route = call = None
+    if installation.controllers:
+        call = describe()
+        plan, route = compose([c.plan(call) for c in installation.controllers],
+                              (call.batch, call.heads, call.queries, call.keys), call.device)
+        if plan is not None:
+            refuse_fields_beyond(plan, PLANNED_FIELDS, where)
+            bias, prob_mult, capture, regions = plan.bias, plan.prob_mult, plan.capture, plan.regions
+    out = attention(q, k, v, bias=bias, prob_mult=prob_mult, capture=capture, regions=regions,
+                    backend=installation.backend)
+    if route is not None:
+        route()
+    return out, call
 
 
 def compose(plans: Sequence[Optional[Plan]], shape: Tuple[int, int, int, int],

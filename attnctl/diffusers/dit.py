@@ -21,8 +21,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from ..op import attention
-from .compose import compose, refuse_fields_beyond
+from .compose import planned_attention
 
 PIXART, SANA, WAN = "pixart", "sana", "wan"
 FAMILIES = (PIXART, SANA, WAN)
@@ -30,8 +29,6 @@ FAMILIES = (PIXART, SANA, WAN)
 # text and the ones before as image context (diffusers 0.42.1 hard-codes the 512).
 WAN_TEXT_TOKENS = 512
 TEXT, IMAGE_CONTEXT = "text", "image"   # what the keys of a cross-attention call are
-# The Plan fields WanProcessor applies; any other (injection, ...) is refused by name.
-WAN_PLAN_FIELDS = ("bias", "prob_mult", "capture", "regions")
 
 
 def dit_family(model) -> Optional[str]:
@@ -158,18 +155,9 @@ class WanProcessor:
         # order, so merging the heads afterwards is free.
         q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         installation = self.installation
-        bias = prob_mult = capture = regions = route = None
-        if installation.controllers:
-            call = installation.describe_tokens(self.layer, is_cross, q, k, context)
-            plan, route = compose([c.plan(call) for c in installation.controllers],
-                                  (call.batch, call.heads, call.queries, call.keys), call.device)
-            if plan is not None:
-                refuse_fields_beyond(plan, WAN_PLAN_FIELDS, f"Wan attention ({self.layer})")
-                bias, prob_mult, capture, regions = plan.bias, plan.prob_mult, plan.capture, plan.regions
-        out = attention(q, k, v, bias=bias, prob_mult=prob_mult, capture=capture, regions=regions,
-                        backend=installation.backend)
-        if route is not None:
-            route()
+        out, _ = planned_attention(installation,
+                                   lambda: installation.describe_tokens(self.layer, is_cross, q, k, context),
+                                   q, k, v, f"Wan attention ({self.layer})")
         return out.transpose(1, 2).flatten(2, 3).type_as(query)
 
     def __repr__(self) -> str:

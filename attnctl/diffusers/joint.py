@@ -28,8 +28,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..op import attention
-from .compose import compose, refuse_fields_beyond
+from .compose import planned_attention
 
 # Block kinds a JointLayout names.
 DOUBLE = "double"                     # Flux double-stream: text and image streams, text first
@@ -38,9 +37,6 @@ JOINT = "joint"                       # SD3 joint block: image first
 CONTEXT_PRE_ONLY = "context_pre_only"  # SD3's last joint block (its text output is dropped)
 IMAGE_SELF = "image_self"             # SD3.5 medium's image-only self-attention (attn2)
 BLOCK_KINDS = (DOUBLE, SINGLE, JOINT, CONTEXT_PRE_ONLY, IMAGE_SELF)
-# The Plan fields JointProcessor applies; any other (injection, replacement text states,
-# differentiable maps, ...) is refused by name.
-JOINT_PLAN_FIELDS = ("bias", "prob_mult", "capture", "regions")
 
 
 @dataclass(frozen=True)
@@ -115,18 +111,9 @@ class JointProcessor:
         # returns its output in q's memory order, so merging the heads is free.
         q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         installation = self.installation
-        prob_mult = bias = capture = regions = route = call = None
-        if installation.controllers:
-            call = installation.describe_joint(self.layer, self._layout(q.shape[2], text_len), q, k)
-            plan, route = compose([c.plan(call) for c in installation.controllers],
-                                  (call.batch, call.heads, call.queries, call.keys), call.device)
-            if plan is not None:
-                refuse_fields_beyond(plan, JOINT_PLAN_FIELDS, f"MM-DiT joint attention ({self.layer})")
-                bias, prob_mult, capture, regions = plan.bias, plan.prob_mult, plan.capture, plan.regions
-        out = attention(q, k, v, bias=bias, prob_mult=prob_mult, capture=capture, regions=regions,
-                        backend=installation.backend)
-        if route is not None:
-            route()
+        out, call = planned_attention(
+            installation, lambda: installation.describe_joint(self.layer, self._layout(q.shape[2], text_len), q, k),
+            q, k, v, f"MM-DiT joint attention ({self.layer})")
         if call is not None:
             for controller in installation.controllers:
                 controller.on_output(call, v, out)
