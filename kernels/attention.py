@@ -93,6 +93,19 @@ def _head_tile(base, rows, row_mask, stride_row, stride_col, START: tl.constexpr
 
 
 @triton.jit
+def _multiple_of(stride, ALIGN: tl.constexpr):
+    """``stride``, stated to the compiler as a multiple of ALIGN elements (the launcher has
+    checked that it is). Triton marks an integer argument divisible only by 16, so the head
+    stride of a (B, M, H, D) view with D = 40 or 80 reads as 1-divisible, the address of
+    every (batch, head) row as 2-byte aligned, and every q / k / v / out access as a scalar
+    16-bit one; (stride // ALIGN) * ALIGN carries the divisibility that lets them be 16-byte
+    vectors and asynchronous copies."""
+    if ALIGN > 1:
+        return (stride // ALIGN) * ALIGN
+    return stride
+
+
+@triton.jit
 def _logits_log2(q, q_tail, k_base, bias_base, offs_m, mask_m, cols, col_mask,
                  stride_kn, stride_kd, stride_bias_m, stride_bias_n, qk_scale_log2,
                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D_TAIL: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -138,7 +151,7 @@ def _online_softmax_step(s, m_i, l_i):
 def _add_token_mass_of_block(tm_base, p, l_i, mask_m, offs_n, mask_n, stride_tm_n):
     """Token mass of a block whose running sum l_i is already the final normaliser."""
     inv_l = tl.where(mask_m & (l_i > 0), 1.0 / l_i, 0.0)
-    tl.atomic_add(tm_base + offs_n * stride_tm_n, tl.sum(p * inv_l[:, None], 0), mask=mask_n)
+    tl.atomic_add(tm_base + offs_n * stride_tm_n, tl.sum(p * inv_l[:, None], 0), mask=mask_n, sem="relaxed")
 
 
 @triton.jit
@@ -236,7 +249,7 @@ def _capture_statistics(
             if HAS_REGION_MASK:
                 s = _region_masked(s, query_bits, tl.load(lk_base + offs_n * stride_lk_n, mask=mask_n, other=0))
             p = tl.exp2(s - m_ref[:, None]) * inv_l[:, None]
-            tl.atomic_add(tm_base + offs_n * stride_tm_n, tl.sum(p, 0), mask=mask_n)
+            tl.atomic_add(tm_base + offs_n * stride_tm_n, tl.sum(p, 0), mask=mask_n, sem="relaxed")
 
     # Maps: recompute the logits of the captured key columns only.
     if CAPTURE_MAPS or CAPTURE_HEAD_MAPS:
@@ -262,7 +275,7 @@ def _capture_statistics(
                 # Heads of one batch item add into the same map: atomics.
                 map_ptr = (Maps + b * stride_map_b
                            + offs_m[:, None] * stride_map_m + offs_t[None, :] * stride_map_t)
-                tl.atomic_add(map_ptr, p * weight, mask=mask_mt)
+                tl.atomic_add(map_ptr, p * weight, mask=mask_mt, sem="relaxed")
 
 
 @triton.jit
@@ -313,8 +326,19 @@ def attention_fwd_kernel(
     OWN_CAPTURE_HEAD_MAPS: tl.constexpr = False, OWN_CAPTURE_LSE: tl.constexpr = False,
     OWN_HAS_HEAD_WEIGHTS: tl.constexpr = False,
     FANOUT: tl.constexpr = 1, HAS_REGION_MASK: tl.constexpr = False,
-    BLOCK_D_TAIL: tl.constexpr = 0, BLOCK_DV_TAIL: tl.constexpr = 0,
+    BLOCK_D_TAIL: tl.constexpr = 0, BLOCK_DV_TAIL: tl.constexpr = 0, ALIGN: tl.constexpr = 1,
 ):
+    # Batch, head and row strides of q, k, v, out and the own values: multiples of ALIGN.
+    stride_qb, stride_qh, stride_qm = (_multiple_of(stride_qb, ALIGN), _multiple_of(stride_qh, ALIGN),
+                                       _multiple_of(stride_qm, ALIGN))
+    stride_kb, stride_kh, stride_kn = (_multiple_of(stride_kb, ALIGN), _multiple_of(stride_kh, ALIGN),
+                                       _multiple_of(stride_kn, ALIGN))
+    stride_vb, stride_vh, stride_vn = (_multiple_of(stride_vb, ALIGN), _multiple_of(stride_vh, ALIGN),
+                                       _multiple_of(stride_vn, ALIGN))
+    stride_ob, stride_oh, stride_om = (_multiple_of(stride_ob, ALIGN), _multiple_of(stride_oh, ALIGN),
+                                       _multiple_of(stride_om, ALIGN))
+    stride_ov_b, stride_ov_h, stride_ov_n = (_multiple_of(stride_ov_b, ALIGN), _multiple_of(stride_ov_h, ALIGN),
+                                             _multiple_of(stride_ov_n, ALIGN))
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     # int64 so that batch/head offsets of large (B, H, M, N) bias tensors cannot overflow.
@@ -514,7 +538,7 @@ def attention_fwd_kernel(
                                  D, BLOCK_D, BLOCK_D_TAIL, False, DOT_PRECISION)
                 p = tl.exp2(s - tl.max(s, 1)[:, None])
                 row_w = tl.where(mask_m, 1.0 / tl.sum(p, 1), 0.0)
-                tl.atomic_add(pmass_base + offs_c * stride_pmass_c, tl.sum(p * row_w[:, None], 0), mask=mask_c)
+                tl.atomic_add(pmass_base + offs_c * stride_pmass_c, tl.sum(p * row_w[:, None], 0), mask=mask_c, sem="relaxed")
             else:
                 pm_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
                 pl_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -535,7 +559,7 @@ def attention_fwd_kernel(
                                      stride_pk_c, stride_pk_d, 0, 0, qk_scale_log2,
                                      D, BLOCK_D, BLOCK_D_TAIL, False, DOT_PRECISION)
                     p = tl.exp2(s - pm_i[:, None]) * row_w[:, None]
-                    tl.atomic_add(pmass_base + offs_c * stride_pmass_c, tl.sum(p, 0), mask=mask_c)
+                    tl.atomic_add(pmass_base + offs_c * stride_pmass_c, tl.sum(p, 0), mask=mask_c, sem="relaxed")
 
 
 @triton.jit

@@ -163,10 +163,10 @@ def attention_bwd_dkdv_kernel(
 
     mask_nd = mask_n[:, None] & (offs_d[None, :] < D)
     tl.atomic_add(GradK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-                  dk * scale, mask=mask_nd)
+                  dk * scale, mask=mask_nd, sem="relaxed")
     mask_ndv = mask_n[:, None] & (offs_dv[None, :] < DV)
     tl.atomic_add(GradV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn
-                  + offs_dv[None, :] * stride_dvd, dv, mask=mask_ndv)
+                  + offs_dv[None, :] * stride_dvd, dv, mask=mask_ndv, sem="relaxed")
 
 
 @triton.jit
@@ -226,13 +226,13 @@ def attention_bwd_dq_kernel(
             # Sum over a broadcast (size-1) query or key axis here; broadcast batch or head
             # axes are summed by the atomics of the programs that share the address.
             if DBIAS_ROWS_SHARED and DBIAS_COLS_SHARED:
-                tl.atomic_add(db_base, tl.sum(tl.sum(ds, 1), 0))
+                tl.atomic_add(db_base, tl.sum(tl.sum(ds, 1), 0), sem="relaxed")
             elif DBIAS_ROWS_SHARED:
-                tl.atomic_add(db_base + offs_n * stride_db_n, tl.sum(ds, 0), mask=mask_n)
+                tl.atomic_add(db_base + offs_n * stride_db_n, tl.sum(ds, 0), mask=mask_n, sem="relaxed")
             elif DBIAS_COLS_SHARED:
-                tl.atomic_add(db_base + offs_m * stride_db_m, tl.sum(ds, 1), mask=mask_m)
+                tl.atomic_add(db_base + offs_m * stride_db_m, tl.sum(ds, 1), mask=mask_m, sem="relaxed")
             else:
                 tl.atomic_add(db_base + offs_m[:, None] * stride_db_m + offs_n[None, :] * stride_db_n, ds,
-                              mask=mask_m[:, None] & mask_n[None, :])
+                              mask=mask_m[:, None] & mask_n[None, :], sem="relaxed")
     tl.store(GradQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              (dq * scale).to(GradQ.dtype.element_ty), mask=mask_m[:, None] & (offs_d[None, :] < D))

@@ -337,6 +337,26 @@ def test_non_contiguous_inputs(layout):
                     captures=ALL_CAPTURES, tokens="2d"))
 
 
+
+def test_16_byte_alignment_is_claimed_only_where_every_stride_has_it():
+    """The launcher tells the kernel that batch, head and row strides are 16-byte multiples
+    (ALIGN) only when they are: diffusers' (B, M, H, 40) fp16 views are, a view sliced out of
+    a 41-wide last dim is not (its strides would be misread as multiples of 8)."""
+    from attnctl.backends.triton_backend import stride_alignment
+    bmhd = torch.zeros(2, 77, 8, 40, dtype=torch.float16).transpose(1, 2)
+    sliced = torch.zeros(2, 77, 8, 41, dtype=torch.float16)[..., :40].transpose(1, 2)
+    assert stride_alignment(2, bmhd, None) == 8
+    assert stride_alignment(4, bmhd.float()) == 4
+    assert stride_alignment(2, bmhd, sliced) == 1
+    assert stride_alignment(2, torch.zeros(1, 1, 5, 40, dtype=torch.float16)) == 8  # a row stride of 40
+
+
+@pytest.mark.parametrize("D", [40, 80])
+def test_views_with_strides_that_are_not_16_byte_multiples(D):
+    B, H, M, N = 2, 2, 33, 77
+    q, k, v = (torch.randn(B, n, H, D + 1, device=DEVICE)[..., :D].transpose(1, 2) for n in (M, N, N))
+    run_and_compare(q, k, v)
+
 def test_bmhd_views_give_bmhd_output():
     """diffusers' (B,M,H,D).transpose(1,2) views: the output is a (B,M,H,Dv)-memory view,
     so merging heads afterwards is free; contiguous q gives contiguous output."""

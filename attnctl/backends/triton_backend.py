@@ -135,6 +135,18 @@ def launch_config(head_dim: int, value_dim: int, num_keys: int, num_tokens: int,
     )
 
 
+def stride_alignment(element_size: int, *tensors) -> int:
+    """The ALIGN of the kernel: 16 bytes in elements when every batch, head and row stride
+    (dims 0-2) of ``tensors`` (None skipped) is a multiple of it, else 1. diffusers' (B, M,
+    H, D) views at D = 40, 72, 80 have head strides of 40, 72, 80 elements: 16-byte multiples
+    at 2 bytes per element, which Triton's own specialisation (ints divisible by 16) misses."""
+    align = 16 // element_size
+    for t in tensors:
+        if t is not None and any(s % align for s in t.stride()[:3]):
+            return 1
+    return align
+
+
 _NO_CAPTURE_STRIDES = (0,) * 17   # token_mass 3, maps 3, head_maps 4, lse 3, tokens 2, head_weights 2
 
 
@@ -217,6 +229,7 @@ def kernel_arguments(q, k, v, out, *, scale: float, bias: Optional[torch.Tensor]
         OWN_CAPTURE_HEAD_MAPS=own_cap.head_maps is not None, OWN_CAPTURE_LSE=own_cap.lse is not None,
         OWN_HAS_HEAD_WEIGHTS=own_cap.head_weights is not None,
         FANOUT=fan,
+        ALIGN=stride_alignment(q.element_size(), q, k, v, out, own_values),
         **cfg,
     )
     programs = fanout.shape[0] if fanout is not None else B
