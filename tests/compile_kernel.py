@@ -62,6 +62,8 @@ FEATURES = {
                  "paint-with-words)", (77, 4096)),
     "captures": ("bias, prob_mult and every capture: token mass, maps and per-head maps of "
                  "77 token columns, head weights, LSE (attnctl.trace, controllers)", (77, 4096)),
+    "trace": ("what attnctl.trace hands a cross-attention call by default: token mass and per-head "
+              "maps of 77 token columns, for the conditional half's rows (no control)", (77, 4096)),
     "probes": ("captures plus region labels and 40 probe keys (HRV construction, inside-outside)", (77,)),
     "inject": ("injection with prob_mult and token mass (prompt-to-prompt on one row)", (77, 4096)),
     "fanout": ("injection fanned out to 4 (d <= 64) or 2 (d <= 128) destinations "
@@ -102,6 +104,9 @@ def variant_inputs(name: str):
         return q, k, v, dict(none, bias=torch.zeros(1, H, 1, N), prob_mult=torch.zeros(B, 1, M, N, dtype=dtype),
                              regions=Regions(torch.zeros(B, M, dtype=torch.int32), torch.zeros(1, N, dtype=torch.int32),
                                              0.5))
+    if feature == "trace":
+        return q, k, v, dict(none, capture=Capture.zeros(q, k, token_mass=True, tokens=tokens, head_maps=True,
+                                                         rows=range(B // 2, B)))
     if feature == "inject":
         return q, k, v, dict(none, prob_mult=torch.zeros(1, 1, 1, N), capture=Capture.zeros(q, k, token_mass=True),
                              source=torch.zeros(B, dtype=torch.int64))
@@ -170,7 +175,38 @@ def cubin_resources(cubin: bytes) -> dict:
     stack = re.search(r"STACK:(\d+)", usage)
     return {"registers": int(regs.group(1)) if regs else None,
             "stack_bytes": int(stack.group(1)) if stack else None,
-            "spill_stores": len(re.findall(r"\bSTL(?:\.\w+)*\s", sass))}
+            "spill_stores": len(re.findall(r"\bSTL(?:\.\w+)*\s", sass)),
+            **memory_instructions(sass)}
+
+
+# SASS opcodes (the mnemonic after an optional predicate) that the report counts.
+_OPCODE = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)", re.M)
+
+
+def memory_instructions(sass: str) -> dict:
+    """What the global-memory traffic compiled to, from the SASS:
+
+    * ``gpu_fences``: GPU-scope memory barriers (MEMBAR.*.GPU / MEMBAR.SC.GPU), which Triton
+      emits around an atomic of acq_rel semantics (tl.atomic_add's default); one per atomic
+      stalls the warp until all its earlier memory operations are visible device-wide;
+    * ``atomics``: atomic / reduction instructions by opcode (REDG: fire-and-forget
+      reductions, what a relaxed sum whose result is unused compiles to; ATOMG returns a value);
+    * ``loads_128``, ``loads_16``: 128-bit and 16-bit global loads (LDG.E.128 / LDG.E.U16 or
+      .16): a 16-bit fp16 tile load means the compiler could not prove 16-byte alignment;
+    * ``async_copies``, ``async_copies_128``: global-to-shared asynchronous copies (LDGSTS),
+      all and 128-bit wide (Ampere's cp.async; the software pipeliner's prefetch).
+    """
+    ops = _OPCODE.findall(sass)
+    atomics = {}
+    for op in ops:
+        if op.startswith(("RED", "ATOM")):
+            atomics[op] = atomics.get(op, 0) + 1
+    return {"gpu_fences": sum(1 for op in ops if op.startswith("MEMBAR") and op.endswith(".GPU")),
+            "atomics": dict(sorted(atomics.items())),
+            "loads_128": sum(1 for op in ops if op.startswith("LDG.") and op.endswith(".128")),
+            "loads_16": sum(1 for op in ops if op.startswith("LDG.") and op.split(".")[-1] in ("U16", "S16", "16")),
+            "async_copies": sum(1 for op in ops if op.startswith("LDGSTS")),
+            "async_copies_128": sum(1 for op in ops if op.startswith("LDGSTS") and op.endswith(".128"))}
 
 
 def spills(row: dict) -> bool:
@@ -217,6 +253,10 @@ def resource_table(rows: list) -> str:
                 out.append("—")
                 continue
             text = f"{r['registers']} / {r['shared_bytes'] // 1024} / {r['stack_bytes']}"
+            if r.get("gpu_fences"):
+                text += f" · **{r['gpu_fences']} fences**"
+            if r.get("loads_16"):
+                text += f" · {r['loads_16']} ld16"
             out.append(f"**SPILL** {text} ({r['spill_stores']} STL)" if spills(r) else text)
         lines.append(f"| {name} | {tile} | " + " | ".join(out) + " |")
     return "\n".join(lines)
@@ -234,7 +274,10 @@ def update_readme() -> None:
         with open(path) as f:
             rows += json.load(f)
     block = (f"{MARK_START}\nRegisters per thread / shared memory (KB) / stack (bytes) per variant, from "
-             f"Triton's ptxas without a GPU (`{len(rows)}` compiles):\n\n{resource_table(rows)}\n{MARK_END}")
+             f"Triton's ptxas without a GPU (`{len(rows)}` compiles); then GPU-scope fences (MEMBAR.*.GPU) and "
+             f"16-bit global loads (ld16) where the SASS has any (rows swept before those were counted show "
+             f"neither); the JSON rows also count atomics by kind, 128-bit loads and asynchronous copies:"
+             f"\n\n{resource_table(rows)}\n{MARK_END}")
     with open(README) as f:
         text = f.read()
     if MARK_START not in text or MARK_END not in text:

@@ -1,7 +1,10 @@
 """The Triton kernel compiles for sm_80 and sm_90 (Triton's own LLVM and ptxas, no GPU
 needed), fits each architecture's shared memory and spills no register, in every variant
 that SD1.5, SDXL and SD3/Flux use (head dims 40, 64, 80, 128, 160; tests/compile_kernel.py
-lists them). The interpreter can catch none of this.
+lists them). The interpreter can catch none of this. The SASS also has no GPU-scope fence
+(an acq_rel atomic's MEMBAR: every capture sum is a relaxed reduction), and in diffusers'
+(B, M, H, D) layout at d 40 / 64 / 80 plain attention and the trace's capture load q, k, v
+with 16-byte vectors or asynchronous copies, never 16-bit scalar loads.
 
 fp16 and bf16 get the same tiles, and compile to the same resources in the variants where
 both were compared; sm_80 is checked with bf16 and sm_90 with fp16, so each dtype's code
@@ -22,6 +25,10 @@ from compile_kernel import FEATURES, HEAD_DIMS, all_variants  # noqa: E402
 
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # opt-in max per block, bytes
 DTYPE_OF_ARCH = {80: "bf16", 90: "fp16"}
+# Variants without a 16-bit control operand (a (B, 1, M, 77) prob_mult has 77-element rows,
+# which no vector covers), at the head dims whose (B, M, H, D) views need the ALIGN hint.
+VECTOR_LOAD_FEATURES = ("plain", "trace")
+VECTOR_LOAD_HEAD_DIMS = ("d40", "d64", "d80")
 
 
 def _sweep(arch: int, variants) -> subprocess.Popen:
@@ -47,4 +54,10 @@ def test_no_variant_spills_or_overflows_shared_memory():
                 problems.append(f"spill: {row}")
             if row["shared_bytes"] > SHARED_MEMORY_LIMIT[arch]:
                 problems.append(f"shared memory over sm_{arch}'s limit: {row}")
+            if row["gpu_fences"]:
+                problems.append(f"GPU-scope fence: {row}")
+            feature, _, d, _ = row["variant"].split("-")
+            if feature in VECTOR_LOAD_FEATURES and d in VECTOR_LOAD_HEAD_DIMS and (
+                    row["loads_16"] or not (row["loads_128"] + row["async_copies_128"])):
+                problems.append(f"16-bit scalar loads of q / k / v: {row}")
     assert not problems, "\n".join(problems)
