@@ -187,7 +187,7 @@ class Edit(Controller):
     def _start(self, prompts, tokenizer) -> None:
         self._prompts, self._tokenizer = prompts, tokenizer
         self._terms, self._cache, self._steps = {}, {}, None
-        self._sources: Dict[Tuple, torch.Tensor] = {}
+        self._on_device: Dict[Tuple, torch.Tensor] = {}   # sources and own-term factors per device
         if self.local_blend is not None:
             self.local_blend._start(prompts, tokenizer)
         # Resolve the words of per-word windows now, so that a bad word fails early.
@@ -303,7 +303,7 @@ class Edit(Controller):
             W, own = self._restore(call, rows, t, steps, W, own, restoring)
         own_rows = [row for row, _, _ in rows if own[row].any()]
         return Plan(source=self._device_source(source, call.device), value_map=W.to(call.device),
-                    own_prob_mult=own.to(call.device) if own_rows else None)
+                    own_prob_mult=self._device_factor(own, call.device) if own_rows else None)
 
     def _restore(self, call: AttentionCall, rows, t: int, steps: int, W: torch.Tensor, own: torch.Tensor, specs):
         """Concept strengthening (official P2P-HRV): at a restored word's columns c of a
@@ -330,9 +330,18 @@ class Edit(Controller):
         the op reads a source's values on the host once per tensor (a device sync), so
         handing it the same tensor at every layer and step keeps that to a few syncs."""
         key = (tuple(source.tolist()), str(device))
-        if key not in self._sources:
-            self._sources[key] = source.to(device)
-        return self._sources[key]
+        if key not in self._on_device:
+            self._on_device[key] = source.to(device)
+        return self._on_device[key]
+
+    def _device_factor(self, own: torch.Tensor, device) -> torch.Tensor:
+        """One device tensor per distinct own-term factor and device, as for the sources:
+        the op checks a factor's values once per tensor (a device sync), and within a window
+        every step gives the same factor."""
+        key = (tuple(own.shape), tuple(own.flatten().tolist()), str(device))
+        if key not in self._on_device:
+            self._on_device[key] = own.to(device)
+        return self._on_device[key]
 
     def _alpha(self, prompt: int, t: int, steps: int, N: int) -> torch.Tensor:
         """α_t per token column of target ``prompt`` (the original's alpha_time_words)."""
