@@ -5,6 +5,7 @@ Every error names the argument, what was expected and what was received.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Optional, Sequence
 
 import torch
@@ -101,6 +102,36 @@ def check_bias_values(bias) -> None:
 
 
 _checked_biases: list = []
+
+
+def check_factor_values(name: str, factor) -> None:
+    """A post-softmax factor (``prob_mult``, ``own.prob_mult``) must be finite: NaN or ±inf
+    would turn the output rows it touches into NaN or inf, with no error.
+
+    Reading the values syncs the device, so each (tensor, version) is checked once, the
+    tensor remembered by identity for as long as it lives (not by a bounded list): the
+    controllers' factors, built once per layer shape (or per layer) and reused at every
+    step, cost one sync each per generation, not one per call. A factor made anew on every
+    call (several controllers' prob_mult multiplied by compose) is checked on each call.
+    """
+    if factor is None:
+        return
+    entry = _checked_factors.get(id(factor))
+    if entry is not None and entry[0]() is factor and entry[1] == factor._version:
+        return
+    bad = ~torch.isfinite(factor)
+    if bool(bad.any()):
+        kinds = " and ".join(kind for kind, hit in (("NaN", bool(torch.isnan(factor).any())),
+                                                   ("inf", bool(torch.isinf(factor).any()))) if hit)
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name}: expected finite values, got {kinds} ({int(bad.sum())} entries, first at index "
+                         f"{where} of shape {_shape(factor)})")
+    key = id(factor)
+    _checked_factors[key] = (weakref.ref(factor, lambda _, key=key: _checked_factors.pop(key, None)),
+                             factor._version)
+
+
+_checked_factors: dict = {}   # id -> (weak reference, version checked)
 
 
 def check_capture(capture, B: int, H: int, M: int, N: int, device: torch.device,
@@ -308,6 +339,8 @@ def check_own(own, q, k, v, source, check_token_values: bool = True) -> None:
     B, H, M, D = q.shape
     N = k.shape[2]
     check_broadcastable("own.prob_mult", own.prob_mult, (B, H, M, N), q.device)
+    if check_token_values:
+        check_factor_values("own.prob_mult", own.prob_mult)
     if own.capture is not None and isinstance(own.capture, Capture) and own.capture.wants_probes:
         raise ValueError("own.capture: probe keys are not captured from the own term; put them in capture")
     check_capture(own.capture, B, H, M, N, q.device, check_token_values, dtype=q.dtype, head_dim=D,
@@ -334,6 +367,8 @@ def validate(q, k, v, scale, bias, prob_mult, capture, check_token_values: bool 
     if check_token_values:
         check_bias_values(bias)
     check_broadcastable("prob_mult", prob_mult, (B, H, M, N), q.device)
+    if check_token_values:
+        check_factor_values("prob_mult", prob_mult)
     check_capture(capture, B, H, M, N, q.device, check_token_values, dtype=q.dtype, head_dim=D)
     check_regions(regions, B, M, N, q.device, check_token_values)
     check_region_mask_use(regions, source)

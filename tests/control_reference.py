@@ -145,6 +145,15 @@ def initial_noise(pipe, images, height, width, seed=0):
     return randn_tensor(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
 
 
+def original_init_latent(pipe, prompts, height, width, seed=0):
+    """prompt-to-prompt's ptp_utils.init_latent: one (1, C, h, w) latent from the seeded
+    generator, expanded to every prompt."""
+    scale = pipe.vae_scale_factor
+    shape = (1, pipe.unet.config.in_channels, height // scale, width // scale)
+    latent = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    return latent.expand(prompts, *shape[1:])
+
+
 def assert_within_reference_error(got, single, exact, factor=4.0):
     """``got`` may be at most ``factor`` times as far from the fp64 reference ``exact`` as
     the fp32 reference ``single`` is."""
@@ -156,7 +165,7 @@ def assert_within_reference_error(got, single, exact, factor=4.0):
 
 
 def assert_matches_reference(got, pipe, state, prompt, *, factor=4.0, seed=0, height=16, width=24,
-                             num_images_per_prompt=1, state_kwargs=None, **kwargs):
+                             num_images_per_prompt=1, state_kwargs=None, noise=None, **kwargs):
     """``got`` (latents of a controlled fp32 generation) against the materialising
     reference, with a tolerance derived from the reference's own error: the reference runs
     in fp32 and in fp64 from the same initial noise; got may be at most ``factor`` times
@@ -164,9 +173,11 @@ def assert_matches_reference(got, pipe, state, prompt, *, factor=4.0, seed=0, he
     the same math, differing only in the order of roundings). ``state`` is a
     ReferenceState that keeps no run state but its step counter (it is run twice), or a
     function making a fresh one; ``state_kwargs(state)`` adds pipeline arguments that
-    belong to a state (e.g. its callback). Returns the fp32 reference."""
+    belong to a state (e.g. its callback). ``noise``: the fp32 initial latents (default: the
+    seeded pipeline's own draw). Returns the fp32 reference."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    noise = initial_noise(pipe, len(prompts) * num_images_per_prompt, height, width, seed)
+    if noise is None:
+        noise = initial_noise(pipe, len(prompts) * num_images_per_prompt, height, width, seed)
     common = dict(height=height, width=width, num_images_per_prompt=num_images_per_prompt, **kwargs)
 
     def run(target, latents):

@@ -172,6 +172,46 @@ def test_bias_value_check_follows_in_place_writes():
     raises(ValueError, "bias:", "+inf", bias=bias, backend="torch", **qkv())
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+@pytest.mark.parametrize("value, kind", [(float("nan"), "NaN"), (float("inf"), "inf"), (-float("inf"), "inf")])
+def test_prob_mult_not_finite(backend, value, kind):
+    """A NaN or infinite factor would make the rows it touches NaN or inf: rejected, with where."""
+    prob_mult = torch.ones(1, H, M, N)
+    prob_mult[0, 1, 3, 2] = value
+    raises(ValueError, "prob_mult:", "expected finite values", kind, "1 entries",
+           f"(0, 1, 3, 2) of shape {(1, H, M, N)}", prob_mult=prob_mult, backend=backend, **qkv())
+
+
+def test_own_prob_mult_not_finite():
+    a = qkv()
+    factor = torch.ones(B, 1, 1, N)
+    factor[1, 0, 0, 4] = float("nan")
+    raises(ValueError, "own.prob_mult:", "expected finite values", "NaN", "(1, 0, 0, 4)",
+           source=torch.zeros(B, dtype=torch.int64), own=attnctl.OwnTerm(a["v"], factor), backend="torch", **a)
+
+
+def test_prob_mult_value_check_once_per_tensor_version(monkeypatch):
+    """Memoised per (tensor, version), the tensor held weakly: reused factors are read once,
+    a later in-place NaN is still caught, and no entry outlives its tensor."""
+    from attnctl import validation
+
+    reads = []
+    isfinite = torch.isfinite
+    monkeypatch.setattr(validation.torch, "isfinite", lambda t: reads.append(1) or isfinite(t))
+    factors = [torch.full((1, H, 1, N), 0.5 + i) for i in range(40)]   # more than any bounded memo
+    a = qkv()
+    for _ in range(2):
+        for f in factors:
+            attnctl.attention(a["q"], a["k"], a["v"], prob_mult=f, backend="torch")
+    assert len(reads) == len(factors)
+    factors[0][0, 0, 0, 0] = float("nan")
+    raises(ValueError, "prob_mult:", "NaN", prob_mult=factors[0], backend="torch", **qkv())
+    checked = [validation._checked_factors[id(f)][0] for f in factors[1:]]
+    del factors, f
+    assert all(ref() is None for ref in checked)
+    assert all(ref() is not None for ref, _ in validation._checked_factors.values())   # dead ones dropped
+
+
 # ---- capture ---------------------------------------------------------------------------------
 
 EXPECTED_SHAPES = {"token_mass": (B, H, N), "maps": (B, M, 3), "head_maps": (B, H, M, 3),

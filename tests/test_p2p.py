@@ -11,7 +11,7 @@ import torch
 
 import attnctl
 from attnctl.p2p import Refine, Replace, Reweight, global_align, refinement_mapper
-from control_reference import ReferenceState, assert_matches_reference, generate_latents
+from control_reference import ReferenceState, assert_matches_reference, generate_latents, original_init_latent
 from diffusion_helpers import sd_pipe
 
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
@@ -407,9 +407,11 @@ def test_local_blend(backend):
         got = edit(pipe, prompts[0], prompts[1:], controller, backend=backend, num_inference_steps=STEPS,
                    generator=generator, output_type="latent", **SIZE).images
     assert_matches_reference(got, pipe, state, prompts, steps=STEPS, **SIZE,
+                             noise=original_init_latent(pipe, len(prompts), **SIZE),   # edit()'s default noise
                              state_kwargs=lambda s: dict(callback_on_step_end=s.callback))
     with attnctl.install(pipe, Replace(cross_steps=0.6, self_steps=0.4), backend=backend):
-        unblended = generate_latents(pipe, prompts, steps=STEPS, **SIZE)
+        unblended = generate_latents(pipe, prompts, steps=STEPS, latents=original_init_latent(pipe, 2, **SIZE),
+                                     **SIZE)
     assert (got[1] - unblended[1]).abs().amax() > 1e-2      # the blend acts
     with pytest.raises(ValueError, match=r"LocalBlend words\[1\]: 'cow' is not a word of the prompt"):
         edit(pipe, prompts[0], prompts[1:], Replace(local_blend=LocalBlend([["cat"], ["cow"]], level=1)),
@@ -697,3 +699,59 @@ def test_edited_capture_token_mass_and_per_head_maps():
     with pytest.raises(ValueError, match="compose: capture: probe keys and row LSE of an edited"):
         compose([Plan(source=source, value_map=W), Plan(capture=attnctl.Capture(lse=torch.zeros(B, H, M)))],
                 (B, H, M, Nk), "cpu")
+
+
+# ---- edit()'s initial noise: one latent shared by the prompts, as ptp_utils.init_latent -------
+
+def _edit_latents(pipe, prompts, controller, **kwargs):
+    from attnctl.p2p import edit
+    with torch.no_grad():
+        return edit(pipe, prompts[0], prompts[1:], controller, backend="torch", num_inference_steps=2,
+                    output_type="latent", **SIZE, **kwargs).images
+
+
+def test_edit_shares_one_initial_latent_across_the_prompts():
+    pipe = sd_pipe()
+    prompt = REPLACE[0]
+    # The source as its own target: the same noise and the same attention give the same image.
+    same = _edit_latents(pipe, [prompt, prompt], Replace(), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(same[1], same[0], rtol=0, atol=1e-6)
+    # The default is the original's init_latent passed explicitly.
+    prompts = REPLACE[:2]
+    default = _edit_latents(pipe, prompts, Replace(), generator=torch.Generator().manual_seed(3))
+    explicit = _edit_latents(pipe, prompts, Replace(), latents=original_init_latent(pipe, 2, **SIZE, seed=3))
+    assert torch.equal(default, explicit)
+
+
+def test_edit_shares_one_latent_per_image_index():
+    pipe = sd_pipe()
+    prompt = REPLACE[0]
+    scale = pipe.vae_scale_factor
+    shape = (2, pipe.unet.config.in_channels, SIZE["height"] // scale, SIZE["width"] // scale)
+    got = _edit_latents(pipe, [prompt, prompt], Replace(), num_images_per_prompt=2,
+                        generator=torch.Generator().manual_seed(1))     # rows: source 0, 1, target 0, 1
+    torch.testing.assert_close(got[2:], got[:2], rtol=0, atol=1e-6)
+    assert (got[0] - got[1]).abs().amax() > 1e-2                      # two image indices, two latents
+    base = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    explicit = _edit_latents(pipe, [prompt, prompt], Replace(), num_images_per_prompt=2,
+                             latents=base.repeat(2, 1, 1, 1))
+    assert torch.equal(got, explicit)
+    with pytest.raises(ValueError, match=r"generator: expected one torch.Generator or None \(every prompt starts "
+                                         r"from the same latents, drawn from it\), got a list of 4"):
+        _edit_latents(pipe, [prompt, prompt], Replace(), num_images_per_prompt=2,
+                      generator=[torch.Generator() for _ in range(4)])
+
+
+def test_local_blend_level_missing_from_the_unet_fails_before_generation():
+    from attnctl.p2p import LocalBlend
+
+    pipe = sd_pipe()
+    calls = []
+    hook = pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=r"LocalBlend level: expected the downsampling of a cross-attention "
+                                             r"layer of this UNet at the latent \(8, 12\) \(one of \[1, 2\]\), got 8"):
+            _edit_latents(pipe, REPLACE[:2], Replace(local_blend=LocalBlend([["cat"], ["dog"]], level=8)))
+    finally:
+        hook.remove()
+    assert not calls and attnctl.diffusers.installation_of(pipe) is None

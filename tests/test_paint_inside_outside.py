@@ -214,3 +214,29 @@ def test_bad_input():
         PaintWithWords.from_color_map(_color_map(), {(1, 2, 3): "cat"})
     with pytest.raises(ValueError, match="colors: expected a colour .* got '#12'"):
         PaintWithWords.from_color_map(_color_map(), {"#12": "cat"})
+
+
+def test_masks_are_checked_by_name_when_the_controller_is_made():
+    nan = torch.ones(8, 12)
+    nan[2, 7] = float("nan")
+    with pytest.raises(ValueError, match=r"regions\['car'\] mask: expected values in \[0, 1\], got NaN \(1 of 96 "
+                                         r"entries, first at index \(2, 7\)\)"):
+        PaintWithWords({"cat": torch.ones(8, 12), "car": nan})
+    with pytest.raises(ValueError, match=r"regions\[1\] mask: expected values in \[0, 1\] \(or a uint8 mask in "
+                                         r"0..255\), got range \[255, 255\] \(dtype torch.float32\)"):
+        PaintWithWords([("cat", torch.ones(8, 12), 1.0), ("car", torch.ones(8, 12) * 255, 1.0)])
+    with pytest.raises(ValueError, match=r"regions\[0\] mask: expected values in \[0, 1\] .* got range \[-1, -1\]"):
+        PaintWithWords([("cat", -torch.ones(8, 12), 1.0)])
+    with pytest.raises(ValueError, match=r"regions\['cat'\]: expected a mask or a \(mask, strength\) pair, got a "
+                                         r"tuple of 3"):
+        PaintWithWords({"cat": (torch.ones(8, 12), 1.0, 2.0)})
+    with pytest.raises(ValueError, match=r"regions\[1\]: expected a \(phrase, mask, strength\) tuple, got a tuple "
+                                         r"of 2"):
+        PaintWithWords([("cat", torch.ones(8, 12), 1.0), ("car", torch.ones(8, 12))])
+    with pytest.raises(ValueError, match=r"mask: expected values in \[0, 1\], got NaN"):
+        InsideOutside(torch.full((8, 12), float("nan")), inside="cat")
+    # uint8 (an 8-bit image, 0..255) is read as 0..1; bool and float in [0, 1] as they are
+    image = torch.zeros(8, 12, dtype=torch.uint8)
+    image[2:6, 3:9] = 255
+    painted = PaintWithWords({"cat": image, "car": image.bool(), "red": image.float() / 255})
+    assert all(torch.equal(mask, image.float() / 255) for _, mask, _ in painted.regions)

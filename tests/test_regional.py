@@ -162,3 +162,39 @@ def test_regional_errors(flux):
     layout = JointLayout(range(0, 6), range(6, 6 + HEIGHT * WIDTH), (HEIGHT, WIDTH), DOUBLE, 0)
     with pytest.raises(ValueError, match="masks: 6 regions overlap in 64 distinct ways, which needs 70 labels"):
         region_labels(layout, [range(i, i + 1) for i in range(6)], masks)
+
+
+def test_regional_masks_and_regions_are_checked_before_any_work(flux, monkeypatch):
+    """Each bad region is named (``regions[i]`` in regional_generate, ``masks[i]`` in the
+    controller) before any prompt is encoded or attnctl installed."""
+    encoded = []
+    monkeypatch.setattr(flux, "encode_prompt", lambda *a, **k: encoded.append(1))
+    left, right = image_masks()
+    nan = right.clone()
+    nan[5, 3] = float("nan")
+    cases = [
+        ([(left, PROMPTS[0]), (nan, PROMPTS[1])], ValueError,
+         r"regions\[1\] mask: expected values in \[0, 1\], got NaN \(1 of 384 entries, first at index \(5, 3\)\)"),
+        ([(left, PROMPTS[0]), (torch.zeros(HEIGHT, WIDTH), PROMPTS[1])], ValueError,
+         r"regions\[1\] mask: expected a region \(some non-zero value\), got an all-zero mask of shape \(16, 24\)"),
+        ([(left * 255, PROMPTS[0])], ValueError,
+         r"regions\[0\] mask: expected values in \[0, 1\] \(or a uint8 mask in 0..255\), got range \[0, 255\] "
+         r"\(dtype torch.float32\)"),
+        ([(left, PROMPTS[0]), (right, PROMPTS[1], 2.0)], ValueError,
+         r"regions\[1\]: expected a \(mask, prompt\) pair, got a tuple of 3"),
+        ([(left, PROMPTS[0]), right], ValueError, r"regions\[1\]: expected a \(mask, prompt\) pair, got a Tensor"),
+        ([(left, 3)], TypeError, r"regions\[0\] prompt: expected a str, got int"),
+        ([], ValueError, r"regions: expected a non-empty list of \(mask, prompt\) pairs, got \[\]"),
+    ]
+    for regions, error, message in cases:
+        with pytest.raises(error, match=message):
+            regional_generate(flux, BASE, regions, max_sequence_length=TEXT, height=HEIGHT, width=WIDTH,
+                              num_inference_steps=1, output_type="latent")
+    assert not encoded and installation_of(flux) is None
+    with pytest.raises(ValueError, match=r"masks\[0\]: expected values in \[0, 1\], got NaN"):
+        RegionalPrompting([torch.full((3, 4, 6), float("nan"))], 8)          # per-frame masks too
+    with pytest.raises(ValueError, match=r"masks\[1\]: expected a region"):
+        RegionalPrompting([left, torch.zeros(2, 4, 6)], 8)
+    # uint8 is the explicit 0..255 form; bool and float in [0, 1] are taken as they are
+    as_uint8 = RegionalPrompting([(left * 255).to(torch.uint8), right.bool()], 8)
+    assert all(torch.equal(m, e) for m, e in zip(as_uint8.masks, (left, right)))

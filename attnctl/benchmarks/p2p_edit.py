@@ -212,7 +212,7 @@ def run_p2p_edit(model: str, *, steps: int = 20, dtype: torch.dtype = torch.floa
         try:
             with ExitStack() as stack, torch.no_grad():
                 generate = CONTENDERS[name](stack, pipe, controller)
-                measured, latents[name] = _measure(generate, steps, side, device, repeats)
+                measured, latents[name] = _measure(generate, pipe, steps, side, device, repeats)
             rec.update(measured, status="ok")
         except torch.cuda.OutOfMemoryError as exc:
             rec["status"] = f"OOM: {str(exc).splitlines()[0][:160]}"
@@ -226,27 +226,33 @@ def run_p2p_edit(model: str, *, steps: int = 20, dtype: torch.dtype = torch.floa
     return rows
 
 
-def _pipe_kwargs(steps: int, side: int, device: str) -> dict:
-    # A fresh generator per call: every run (and every contender) starts from the same noise.
+def _pipe_kwargs(pipe, steps: int, side: int, device: str) -> dict:
+    # Every run (and every contender) starts from the same noise: prompt-to-prompt's one
+    # latent shared by the two prompts (what edit() draws by default), from a fresh generator.
+    from ..tools.p2p import shared_latents
+
+    scale = pipe.vae_scale_factor
+    latents = shared_latents(pipe, pipe.unet, (side // scale, side // scale), 2, 1,
+                             torch.Generator(device).manual_seed(0))
     return dict(num_inference_steps=steps, height=side, width=side, guidance_scale=GUIDANCE,
-                output_type="latent", generator=torch.Generator(device).manual_seed(0))
+                output_type="latent", latents=latents)
 
 
-def _measure(generate, steps: int, side: int, device: str, repeats: int) -> Tuple[dict, torch.Tensor]:
+def _measure(generate, pipe, steps: int, side: int, device: str, repeats: int) -> Tuple[dict, torch.Tensor]:
     """Median wall time of whole pipeline calls, and the peak memory above what was
     allocated before the warm-up (what a contender keeps between calls counts)."""
     cuda = device == "cuda"
     if cuda:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
-    generate(**_pipe_kwargs(steps, side, device))   # warm-up: Triton compiles, SDPA picks kernels
+    generate(**_pipe_kwargs(pipe, steps, side, device))   # warm-up: Triton compiles, SDPA picks kernels
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        latents = generate(**_pipe_kwargs(steps, side, device)).images
+        latents = generate(**_pipe_kwargs(pipe, steps, side, device)).images
         if cuda:
             torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)

@@ -16,7 +16,9 @@ RESIZE_MODES = ("bilinear", "nearest-exact", "nearest")
 
 
 def as_mask(mask, name: str) -> torch.Tensor:
-    """A 2-D float mask from a tensor, array or PIL image (values in [0, 1])."""
+    """A 2-D float mask in [0, 1] from a tensor, array or PIL image: bool, uint8 (an 8-bit
+    image: 0..255, divided by 255) or any other real dtype with values in [0, 1]; NaN and
+    other values are errors naming ``name`` (a float mask is never rescaled)."""
     if not isinstance(mask, torch.Tensor):
         try:
             import numpy as np
@@ -28,11 +30,25 @@ def as_mask(mask, name: str) -> torch.Tensor:
         mask = mask[..., 0]
     if mask.dim() != 2 or 0 in mask.shape:
         raise ValueError(f"{name}: expected a 2-D (height, width) mask, got shape {tuple(mask.shape)}")
+    return mask_values(mask, name)
+
+
+def mask_values(mask: torch.Tensor, name: str) -> torch.Tensor:
+    """``mask`` (any shape) as float values in [0, 1]: uint8 read as 0..255, every other
+    dtype taken as it is and refused unless finite and in [0, 1]."""
     if mask.is_complex():
         raise TypeError(f"{name}: expected a real-valued mask (bool, integer or float), got dtype {mask.dtype}")
-    mask = mask.float()
-    if mask.max() > 1.0:  # 8-bit image
-        mask = mask / 255.0
+    if mask.dtype == torch.uint8:
+        return mask.float() / 255.0
+    dtype, mask = mask.dtype, mask.detach().float()
+    nan = torch.isnan(mask)
+    if bool(nan.any()):
+        raise ValueError(f"{name}: expected values in [0, 1], got NaN ({int(nan.sum())} of {mask.numel()} "
+                         f"entries, first at index {tuple(int(i) for i in nan.nonzero()[0])})")
+    lo, hi = float(mask.min()), float(mask.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(f"{name}: expected values in [0, 1] (or a uint8 mask in 0..255), got range [{lo:g}, {hi:g}] "
+                         f"(dtype {dtype})")
     return mask
 
 

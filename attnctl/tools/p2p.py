@@ -187,7 +187,7 @@ class Edit(Controller):
     def _start(self, prompts, tokenizer) -> None:
         self._prompts, self._tokenizer = prompts, tokenizer
         self._terms, self._cache, self._steps = {}, {}, None
-        self._sources: Dict[Tuple, torch.Tensor] = {}
+        self._on_device: Dict[Tuple, torch.Tensor] = {}   # sources and own-term factors per device
         if self.local_blend is not None:
             self.local_blend._start(prompts, tokenizer)
         # Resolve the words of per-word windows now, so that a bad word fails early.
@@ -303,7 +303,7 @@ class Edit(Controller):
             W, own = self._restore(call, rows, t, steps, W, own, restoring)
         own_rows = [row for row, _, _ in rows if own[row].any()]
         return Plan(source=self._device_source(source, call.device), value_map=W.to(call.device),
-                    own_prob_mult=own.to(call.device) if own_rows else None)
+                    own_prob_mult=self._device_factor(own, call.device) if own_rows else None)
 
     def _restore(self, call: AttentionCall, rows, t: int, steps: int, W: torch.Tensor, own: torch.Tensor, specs):
         """Concept strengthening (official P2P-HRV): at a restored word's columns c of a
@@ -330,9 +330,18 @@ class Edit(Controller):
         the op reads a source's values on the host once per tensor (a device sync), so
         handing it the same tensor at every layer and step keeps that to a few syncs."""
         key = (tuple(source.tolist()), str(device))
-        if key not in self._sources:
-            self._sources[key] = source.to(device)
-        return self._sources[key]
+        if key not in self._on_device:
+            self._on_device[key] = source.to(device)
+        return self._on_device[key]
+
+    def _device_factor(self, own: torch.Tensor, device) -> torch.Tensor:
+        """One device tensor per distinct own-term factor and device, as for the sources:
+        the op checks a factor's values once per tensor (a device sync), and within a window
+        every step gives the same factor."""
+        key = (tuple(own.shape), tuple(own.flatten().tolist()), str(device))
+        if key not in self._on_device:
+            self._on_device[key] = own.to(device)
+        return self._on_device[key]
 
     def _alpha(self, prompt: int, t: int, steps: int, N: int) -> torch.Tensor:
         """α_t per token column of target ``prompt`` (the original's alpha_time_words)."""
@@ -377,6 +386,20 @@ class LocalBlend:
             raise ValueError(f"level: expected a power of two (the layers' downsampling), got {level!r}")
         self.threshold, self.level = float(threshold), level
         self._prompts = None
+
+    def check_level(self, unet, latent: Tuple[int, int]) -> None:
+        """Before generating: ``level`` must be the downsampling of some cross-attention
+        layer of ``unet`` at the (h, w) ``latent`` (as the processors will read it back from
+        the layer's query count). :func:`edit` checks it; when the controller is installed
+        by hand, a missing level is found after the first step."""
+        from ..diffusers.install import query_grid
+        from ..diffusers.unet_layers import attention_layers
+
+        levels = sorted({query_grid(latent, layer.queries)[1] for layer in attention_layers(unet, latent, 77)
+                         if layer.is_cross} - {None})
+        if self.level not in levels:
+            raise ValueError(f"LocalBlend level: expected the downsampling of a cross-attention layer of this UNet "
+                             f"at the latent {tuple(latent)} (one of {levels}), got {self.level}")
 
     def _start(self, prompts, tokenizer) -> None:
         if len(self.words) != len(prompts):
@@ -529,16 +552,32 @@ def edit(pipe, source: str, targets: Union[str, Sequence[str]], controller: Edit
     """Generate ``source`` and the edited ``targets`` in one batch with ``controller``
     installed; returns the pipeline's output (image 0 the source, then the targets).
 
+    Without ``latents=`` every prompt starts from the same initial noise, as in the
+    original (ptp_utils.py ``init_latent``): one latent (1, C, h, w) drawn from
+    ``generator`` (fp32, on the generator's device; the global RNG without one) and
+    expanded over the prompts; with ``num_images_per_prompt = n`` one latent per image
+    index, (n, C, h, w) from the generator, image i of every prompt starting from latent i.
+    Pass ``latents=`` to choose other noise (e.g. a different one per prompt).
+
     attnctl is installed for this call only (an installation that was already there is
     kept, with only ``controller`` removed at the end). A LocalBlend runs after every step,
     before the user's own ``callback_on_step_end`` (which then sees the blended latents)."""
-    from ..diffusers.install import install, installation_of
+    from ..diffusers.install import find_unet, install, installation_of
 
     if not isinstance(controller, Edit):
         raise TypeError(f"controller: expected attnctl.p2p.Replace, Refine or Reweight, got {type(controller).__name__}")
     targets = [targets] if isinstance(targets, str) else list(targets)
     if not targets:
         raise ValueError("targets: expected at least one target prompt, got none")
+    unet, _ = find_unet(pipe)
+    latent = _latent_size(pipe, unet, pipe_kwargs)
+    if controller.local_blend is not None:
+        controller.local_blend.check_level(unet, latent)
+    pipe_kwargs = dict(pipe_kwargs)
+    if pipe_kwargs.get("latents") is None:
+        pipe_kwargs["latents"] = shared_latents(pipe, unet, latent, 1 + len(targets),
+                                                pipe_kwargs.get("num_images_per_prompt") or 1,
+                                                pipe_kwargs.get("generator"))
     if controller.local_blend is not None:
         _add_blend_callback(controller.local_blend, pipe_kwargs)
     owns = installation_of(pipe) is None
@@ -549,6 +588,35 @@ def edit(pipe, source: str, targets: Union[str, Sequence[str]], controller: Edit
         installation.remove(controller)
         if owns:
             installation.uninstall()
+
+
+def _latent_size(pipe, unet, pipe_kwargs: dict) -> Tuple[int, int]:
+    """The (h, w) latent of the pipeline call: its ``height`` / ``width`` (default the
+    UNet's sample size in pixels) over the VAE's downsampling, as the pipelines compute it."""
+    scale = pipe.vae_scale_factor
+    height = pipe_kwargs.get("height") or unet.config.sample_size * scale
+    width = pipe_kwargs.get("width") or unet.config.sample_size * scale
+    return int(height) // scale, int(width) // scale
+
+
+def shared_latents(pipe, unet, latent: Tuple[int, int], prompts: int, images_per_prompt: int,
+                   generator=None) -> torch.Tensor:
+    """The original's initial noise for ``prompts`` prompts: one latent per image index,
+    shared by every prompt, in the pipeline's batch order (prompt-major: image i of prompt
+    p is row p·n + i, n = ``images_per_prompt``)."""
+    if isinstance(images_per_prompt, bool) or not isinstance(images_per_prompt, int) or images_per_prompt < 1:
+        raise ValueError(f"num_images_per_prompt: expected a positive int, got {images_per_prompt!r}")
+    if isinstance(generator, (list, tuple)):
+        # diffusers' list holds one generator per row of the batch, i.e. per prompt: a
+        # different noise for each, which is what the shared latent is not.
+        raise ValueError(f"generator: expected one torch.Generator or None (every prompt starts from the same "
+                         f"latents, drawn from it), got a list of {len(generator)}; pass latents= to choose "
+                         "each row's noise")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+    device = generator.device if generator is not None else "cpu"
+    noise = torch.randn((images_per_prompt, unet.config.in_channels, *latent), generator=generator, device=device)
+    return noise.repeat(prompts, 1, 1, 1).to(pipe._execution_device, unet.dtype)
 
 
 def _add_blend_callback(blend: LocalBlend, pipe_kwargs: dict) -> None:

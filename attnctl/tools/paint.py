@@ -257,20 +257,29 @@ class PaintWithWords(Controller):
 
 
 def _regions(regions) -> List[Tuple[str, torch.Tensor, float]]:
+    """(phrase, mask, strength) of every region, each checked; errors name the region as
+    ``regions['phrase']`` (dict form) or ``regions[i]`` (list form)."""
+    entries = []
     if isinstance(regions, Mapping):
-        entries = []
         for phrase, spec in regions.items():
+            name = f"regions[{phrase!r}]"
+            if isinstance(spec, tuple) and len(spec) != 2:
+                raise ValueError(f"{name}: expected a mask or a (mask, strength) pair, got a tuple of {len(spec)}")
             mask, strength = spec if isinstance(spec, tuple) else (spec, 1.0)
-            entries.append((phrase, mask, strength))
-    elif isinstance(regions, (list, tuple)) and all(isinstance(e, tuple) and len(e) == 3 for e in regions):
-        entries = list(regions)
+            entries.append((name, phrase, mask, strength))
+    elif isinstance(regions, (list, tuple)):
+        for i, entry in enumerate(regions):
+            if not isinstance(entry, tuple) or len(entry) != 3:
+                what = f"a tuple of {len(entry)}" if isinstance(entry, tuple) else f"a {type(entry).__name__}"
+                raise ValueError(f"regions[{i}]: expected a (phrase, mask, strength) tuple, got {what}")
+            entries.append((f"regions[{i}]", *entry))
     else:
         raise ValueError(f"regions: expected a non-empty dict {{phrase: (mask, strength)}} or a list of "
-                         f"(phrase, mask, strength), got {regions!r}")
+                         f"(phrase, mask, strength), got {type(regions).__name__}")
     if not entries:
         raise ValueError("regions: expected at least one region, got none")
-    return [(_phrase(phrase, f"regions phrase {phrase!r}"), as_mask(mask, f"regions[{phrase!r}] mask"),
-             finite(strength, f"regions[{phrase!r}] strength")) for phrase, mask, strength in entries]
+    return [(_phrase(phrase, f"{name} phrase"), as_mask(mask, f"{name} mask"), finite(strength, f"{name} strength"))
+            for name, phrase, mask, strength in entries]
 
 
 def _rgb(color_map) -> torch.Tensor:

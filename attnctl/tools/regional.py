@@ -58,7 +58,7 @@ from ..diffusers.dit import SANA, WAN, WAN_TEXT_TOKENS, dit_family
 from ..diffusers.install import Generation, install, installation_of
 from ..diffusers.joint import JointLayout
 from ..regions import MAX_MASK_LABELS, Regions
-from ._masks import as_mask, check_mask_size, mask_on_grid
+from ._masks import as_mask, check_mask_size, mask_on_grid, mask_values
 
 IMAGE_RULES = ("region", "all")
 
@@ -103,14 +103,19 @@ def region_labels(layout: JointLayout, segments: Sequence[range], masks: torch.T
 
 def _region_mask(mask, name: str) -> torch.Tensor:
     """A 2-D (height, width) mask (tensor, array or image), or a 3-D torch tensor read as
-    (frames, height, width): one mask per latent frame of a video."""
+    (frames, height, width): one mask per latent frame of a video. Values as
+    attnctl.tools._masks.as_mask takes them; a mask with no non-zero value is no region."""
     if isinstance(mask, torch.Tensor) and mask.dim() == 3:
         if 0 in mask.shape or mask.is_complex():
             raise ValueError(f"{name}: expected a real (frames, height, width) mask with no empty side, got "
                              f"shape {tuple(mask.shape)}, dtype {mask.dtype}")
-        mask = mask.float()
-        return mask / 255.0 if mask.max() > 1.0 else mask
-    return as_mask(mask, name)
+        mask = mask_values(mask, name)
+    else:
+        mask = as_mask(mask, name)
+    if not bool(mask.any()):
+        raise ValueError(f"{name}: expected a region (some non-zero value), got an all-zero mask of shape "
+                         f"{tuple(mask.shape)}")
+    return mask
 
 
 def _block_index(layer: str) -> int:
@@ -336,6 +341,24 @@ def regional_prompt_embeds(pipe, prompts: Sequence[str], base_prompt: Optional[s
     return kwargs, parts[0][0].shape[1] if family.startswith("StableDiffusion3") else parts[0].shape[1]
 
 
+def _mask_prompt_pairs(regions) -> Tuple[Tuple[torch.Tensor, ...], Tuple[str, ...]]:
+    """(masks, prompts) of regional_generate's ``regions``, every mask checked (before any
+    prompt is encoded)."""
+    if isinstance(regions, (str, bytes)) or not isinstance(regions, Sequence) or not regions:
+        raise ValueError(f"regions: expected a non-empty list of (mask, prompt) pairs, got {regions!r:.200}")
+    masks, prompts = [], []
+    for i, region in enumerate(regions):
+        if not isinstance(region, (tuple, list)) or len(region) != 2:
+            what = f"a {type(region).__name__}" + (f" of {len(region)}" if isinstance(region, (tuple, list)) else "")
+            raise ValueError(f"regions[{i}]: expected a (mask, prompt) pair, got {what}")
+        mask, prompt = region
+        if not isinstance(prompt, str):
+            raise TypeError(f"regions[{i}] prompt: expected a str, got {type(prompt).__name__}")
+        masks.append(_region_mask(mask, f"regions[{i}] mask"))
+        prompts.append(prompt)
+    return tuple(masks), tuple(prompts)
+
+
 def regional_generate(pipe, base_prompt: Optional[str], regions: Sequence[Tuple[object, str]], *,
                       image_rule: str = "region", steps=None, blocks=None, negative_prompt: str = "",
                       max_sequence_length: Optional[int] = None, **pipe_kwargs):
@@ -345,9 +368,7 @@ def regional_generate(pipe, base_prompt: Optional[str], regions: Sequence[Tuple[
     Installs attnctl on the pipeline for the call if it is not installed (and uninstalls
     after), adds a :class:`RegionalPrompting` controller for the call only, and returns
     the pipeline's output."""
-    if not regions:
-        raise ValueError("regions: expected at least one (mask, prompt) pair, got none")
-    masks, prompts = zip(*regions)
+    masks, prompts = _mask_prompt_pairs(regions)
     guidance = inspect.signature(pipe.__call__).parameters.get("guidance_scale")
     cfg = pipe_kwargs.get("guidance_scale", guidance.default if guidance is not None else 7.0) > 1.0
     encode = {k: pipe_kwargs[k] for k in ("clean_caption", "complex_human_instruction") if k in pipe_kwargs}
