@@ -43,7 +43,9 @@ class Generation:
     attnctl.diffusers.dit.encoder_texts: PixArt and Sana lower-case them). On Flux and SD3,
     ``tokenizer`` is the pipeline's first (CLIP) tokenizer; ``segments`` says which text
     encoder's tokens are which text columns (attnctl.diffusers.mmdit.TextSegment; empty
-    without prompt text).
+    without prompt text). ``text_length``: on PixArt, Sana and Wan the call's
+    ``max_sequence_length``, the tokens the text encoder got each prompt cut to (Sana with
+    ``instruction``: the text columns after it); None: the tokenizer's own limit (SD's CLIP).
     """
 
     index: int
@@ -53,7 +55,7 @@ class Generation:
     cfg: bool
     tokenizer: object = None
     instruction: Optional[Tuple[str, ...]] = None  # Sana: complex_human_instruction put before each prompt
-    text_length: Optional[int] = None              # Sana: max_sequence_length (the text columns)
+    text_length: Optional[int] = None              # PixArt / Sana / Wan: max_sequence_length (see below)
     image_scale: int = 1  # image pixels per latent pixel (the VAE's downsampling; MM-DiT / PixArt / Sana / Wan: per token)
     segments: Tuple[TextSegment, ...] = ()         # Flux / SD3: the text encoders' columns
 
@@ -279,8 +281,10 @@ class Installation:
             if prompt is not None and self.dit is not None:
                 prompt = encoder_texts(self.dit, pipe, prompt, a)
             where = {}   # where the prompt's tokens land among the text columns
-            if self.dit == SANA:
-                where = dict(instruction=a.get("complex_human_instruction"), text_length=a.get("max_sequence_length"))
+            if self.dit is not None:   # the length the encoder cuts to, not the tokenizer's (often unset)
+                where = dict(text_length=a.get("max_sequence_length"))
+                if self.dit == SANA:
+                    where["instruction"] = a.get("complex_human_instruction")
             elif self.family is not None and prompt is not None:
                 prompts = [prompt] if isinstance(prompt, str) else prompt
                 where = dict(segments=text_segments(self.family, pipe, prompts, a))

@@ -105,7 +105,7 @@ class TraceController(Controller):
         self.texts = None
         self.kept_columns = None
         if self.segment is None and generation.prompts is not None and generation.tokenizer is not None:
-            self._record_texts(generation.tokenizer, None)
+            self._record_texts(generation.tokenizer, generation.text_length)
 
     def _record_texts(self, tokenizer, max_length: Optional[int], prompts=None) -> None:
         gen = self.generation
