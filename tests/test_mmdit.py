@@ -201,6 +201,70 @@ def test_block_index_and_step_filters(pipes):
                                rtol=0, atol=0)
 
 
+# ---- Flux true CFG: the prompt's transformer call, then the negative prompt's, each step ---------
+
+NEGATIVE = ["a dog on the car", "a cat"]
+TRUE_CFG = dict(negative_prompt=NEGATIVE, true_cfg_scale=4.0)
+
+
+@pytest.fixture(scope="module")
+def true_cfg_stock(pipes):
+    return stock_with_tolerance({"flux": pipes["flux"]}, lambda pipe: generate(pipe, **TRUE_CFG))["flux"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_flux_true_cfg_equals_stock_and_tells_the_halves(pipes, true_cfg_stock, backend):
+    pipe, recorder = pipes["flux"], _Recorder()
+    assert_installed_equals_stock(pipe, lambda pipe: generate(pipe, **TRUE_CFG), true_cfg_stock, backend)
+    with attnctl.install(pipe, recorder, backend=backend) as installation:
+        got = generate(pipe, **TRUE_CFG)
+        generation = installation.generation
+    torch.testing.assert_close(got, true_cfg_stock[0], rtol=0, atol=true_cfg_stock[1])
+    # the negative prompt's encode_prompt call started no generation of its own
+    assert generation.index == 1 and generation.prompts == tuple(PROMPTS)
+    assert [segment.prompts for segment in generation.segments] == [tuple(PROMPTS)]
+    layers = ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"]
+    assert [(c[0], c[2], c[3].half) for c in recorder.calls] == [
+        (layer, step, half) for step in range(2) for half in ("cond", "uncond") for layer in layers]
+    for *_, layout, _, shape in recorder.calls:
+        assert layout.rows == 2 == shape[0] and not layout.cfg
+        assert layout.cond_rows == (range(2) if layout.half == "cond" else range(0))
+    recorder.calls.clear()
+    with attnctl.install(pipe, recorder, backend="torch"):   # the next generation, without true CFG
+        generate(pipe)
+    assert [(c[2], c[3].half) for c in recorder.calls] == [(step, None) for step in range(2) for _ in layers]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_flux_true_cfg_word_maps_match_the_materialising_reference(pipes, true_cfg_stock, backend):
+    """The trace records the prompt's call (its words, not the negative prompt's); with
+    uncond=True, half="uncond" is the negative prompt's call at the same columns."""
+    pipe = pipes["flux"]
+    store = {}
+    for half, forward in (("cond", 0), ("uncond", 1)):   # the pipeline's order within a step
+        with materialised(pipe.transformer, keep=lambda call, key, f=forward: call.forward % 2 == f) as kept:
+            generate(pipe, **TRUE_CFG)
+        store[half] = kept
+    with attnctl.trace(pipe, backend=backend, uncond=True) as tc:
+        got = generate(pipe, **TRUE_CFG)
+    torch.testing.assert_close(got, true_cfg_stock[0], rtol=0, atol=true_cfg_stock[1])
+    with attnctl.trace(pipe, backend=backend) as cond_only:
+        generate(pipe, **TRUE_CFG)
+    maps = tc.maps()
+    assert [t.prompt for t in maps.prompts] == PROMPTS
+    layers = [l.name for l in maps.layers]
+    grid = (HEIGHT // 4, WIDTH // 4)
+    image_rows = slice(TEXT, TEXT + grid[0] * grid[1])
+    for b, word, columns in prompt_words(maps, PROMPTS, ("cat", "red", "car", "a dog")):
+        for half in ("cond", "uncond"):
+            assert_matches_materialised(maps.heat_map(b, half=half).word(word).value, store[half], b,
+                                        columns, grid, layers, image_rows=image_rows)
+        torch.testing.assert_close(cond_only.word_heat_map(word, b).value, tc.word_heat_map(word, b).value,
+                                   rtol=0, atol=0)
+    with pytest.raises(ValueError, match="half: 'uncond' was not captured"):
+        cond_only.maps().heat_map(0, half="uncond")
+
+
 # ---- bad input ---------------------------------------------------------------------------------
 
 def test_clear_errors(pipes, stock):
@@ -225,15 +289,6 @@ def test_clear_errors(pipes, stock):
             with attnctl.trace(unet_pipe, **option):
                 pass
         assert attnctl.diffusers.installation_of(unet_pipe) is None
-    true_cfg = dict(negative_prompt="blurry", true_cfg_scale=2.0)
-    with pytest.raises(NotImplementedError, match="Flux true CFG"):
-        with attnctl.trace(pipe):
-            generate(pipe, PROMPTS[:1], **true_cfg)
-    assert "encode_prompt" not in pipe.__dict__
-    with attnctl.install(pipe, backend="torch"):  # without controllers it is plain attention
-        with_attnctl = generate(pipe, PROMPTS[:1], **true_cfg)
-    # the tolerance of the same pipeline's fp32 run (fixture `stock`)
-    torch.testing.assert_close(with_attnctl, generate(pipe, PROMPTS[:1], **true_cfg), rtol=0, atol=stock["flux"][1])
     with pytest.raises(TypeError, match="install: expected a diffusers pipeline.*got Linear"):
         attnctl.install(torch.nn.Linear(2, 2))
 

@@ -13,12 +13,15 @@ State comes from two hooks that restore exactly on uninstall:
   On a Flux / SD3 transformer the hook records the image token grid after patchify and
   the text length (see attnctl.diffusers.mmdit); on PixArt, Sana and Wan the token grid
   (and Wan's latent frames) after patchify (see attnctl.diffusers.dit). WanPipeline calls
-  its transformer once per CFG half (conditional first); the hook tells the halves apart
-  by their order and gives both calls of a step the same step index.
+  its transformer once per CFG half (conditional first), and so does FluxPipeline's true
+  CFG (``negative_prompt`` with ``true_cfg_scale > 1``: the prompt's call, then the
+  negative prompt's); the hook tells the halves apart by their order and gives both calls
+  of a step the same step index.
 """
 from __future__ import annotations
 
 import inspect
+import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -43,7 +46,9 @@ class Generation:
     attnctl.diffusers.dit.encoder_texts: PixArt and Sana lower-case them). On Flux and SD3,
     ``tokenizer`` is the pipeline's first (CLIP) tokenizer; ``segments`` says which text
     encoder's tokens are which text columns (attnctl.diffusers.mmdit.TextSegment; empty
-    without prompt text).
+    without prompt text). ``text_length``: on PixArt, Sana and Wan the call's
+    ``max_sequence_length``, the tokens the text encoder got each prompt cut to (Sana with
+    ``instruction``: the text columns after it); None: the tokenizer's own limit (SD's CLIP).
     """
 
     index: int
@@ -53,7 +58,7 @@ class Generation:
     cfg: bool
     tokenizer: object = None
     instruction: Optional[Tuple[str, ...]] = None  # Sana: complex_human_instruction put before each prompt
-    text_length: Optional[int] = None              # Sana: max_sequence_length (the text columns)
+    text_length: Optional[int] = None              # PixArt / Sana / Wan: max_sequence_length (see below)
     image_scale: int = 1  # image pixels per latent pixel (the VAE's downsampling; MM-DiT / PixArt / Sana / Wan: per token)
     segments: Tuple[TextSegment, ...] = ()         # Flux / SD3: the text encoders' columns
 
@@ -135,6 +140,10 @@ class Installation:
         self._had_encode_prompt = None
         self.text_tokens = 0  # MM-DiT: text tokens of the transformer's current input
         self._last_step = None  # MM-DiT: (generation, scheduler step index) of the last transformer call
+        # Flux: (caller frame id, its bytecode offset) of the encode_prompt call that started the
+        # generation, until its first transformer call; whether a negative prompt was encoded after it
+        self._encoding: Optional[Tuple[int, int]] = None
+        self._true_cfg = False
         self.joint: Dict[str, JointLayer] = {}  # MM-DiT: each layer's block kind
         if self.dit is not None:
             replayed = softmax_layers(model, self.dit)
@@ -235,6 +244,7 @@ class Installation:
             tokenizer=tokenizer, image_scale=scale, instruction=tuple(instruction) if instruction else None,
             text_length=text_length, segments=tuple(segments))
         self._unet_calls = 0
+        self._true_cfg = False
         self.check_processors()
         for controller in self.controllers:
             controller.on_generation_start(self.generation)
@@ -268,6 +278,16 @@ class Installation:
         signature = inspect.signature(original)
 
         def encode_prompt(*args, **kwargs):
+            caller = sys._getframe(1)
+            site = (id(caller), caller.f_lasti)
+            if self.family == FLUX and self._encoding is not None and self._encoding[0] == site[0] and (
+                    self._encoding != site):
+                # FluxPipeline's true CFG encodes the negative prompt right after the prompt, from
+                # another line of the same call, before any transformer call: the generation stays
+                # the prompt's (its words and segments), and each step runs the prompt's call, then
+                # the negative prompt's.
+                self._true_cfg = True
+                return original(*args, **kwargs)
             bound = signature.bind_partial(*args, **kwargs)
             bound.apply_defaults()
             a = bound.arguments
@@ -279,13 +299,16 @@ class Installation:
             if prompt is not None and self.dit is not None:
                 prompt = encoder_texts(self.dit, pipe, prompt, a)
             where = {}   # where the prompt's tokens land among the text columns
-            if self.dit == SANA:
-                where = dict(instruction=a.get("complex_human_instruction"), text_length=a.get("max_sequence_length"))
+            if self.dit is not None:   # the length the encoder cuts to, not the tokenizer's (often unset)
+                where = dict(text_length=a.get("max_sequence_length"))
+                if self.dit == SANA:
+                    where["instruction"] = a.get("complex_human_instruction")
             elif self.family is not None and prompt is not None:
                 prompts = [prompt] if isinstance(prompt, str) else prompt
                 where = dict(segments=text_segments(self.family, pipe, prompts, a))
             self.start_generation(prompt, num_prompts=num, images_per_prompt=per_prompt,
                                   cfg=bool(a.get("do_classifier_free_guidance", False)), tokenizer=tokenizer, **where)
+            self._encoding = site
             return original(*args, **kwargs)
 
         encode_prompt.__signature__ = signature
@@ -298,15 +321,19 @@ class Installation:
 
     def _before_transformer(self, module, args, kwargs) -> None:
         rows, grid, self.text_tokens, timestep = self._read_forward(args, kwargs)
-        # FluxPipeline's true CFG (negative_prompt, true_cfg_scale > 1) calls the transformer
-        # twice per step, so the scheduler's step index repeats; controllers would take the
-        # second (unconditional) call for the next step.
+        self._encoding = None   # an encode_prompt call from now on starts a generation
+        if self._true_cfg:
+            half = "cond" if self._unet_calls % 2 == 0 else "uncond"
+            self._start_step(rows, grid, timestep, half=half, index=self._unet_calls // 2)
+            return
+        # Two calls in one scheduler step without a negative prompt encoded for them (a loop
+        # of one's own): controllers would take the second call for the next step.
         step_index = getattr(getattr(self.pipe, "scheduler", None), "step_index", False)
         marker = (self._generations, step_index)
         if self.controllers and step_index is not False and marker == self._last_step:
-            raise NotImplementedError("install: two transformer calls in one scheduler step (Flux true CFG: "
-                                      "negative_prompt with true_cfg_scale > 1) are not supported by attnctl's "
-                                      "controllers yet")
+            raise NotImplementedError("install: two transformer calls in one scheduler step that attnctl cannot "
+                                      "tell apart (FluxPipeline's true CFG is told apart by its encode_prompt call "
+                                      "for the negative prompt; this generation had none)")
         self._last_step = marker
         self._start_step(rows, grid, timestep)
 

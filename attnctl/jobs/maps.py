@@ -22,8 +22,9 @@ Run it under ``accelerate launch`` to shard the prompts over processes (see
 from __future__ import annotations
 
 import argparse
+import inspect
 import re
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -62,10 +63,19 @@ def word_tokenizer(pipe):
     return pipe.tokenizer_2 if family == FLUX else pipe.tokenizer_3
 
 
+def word_length(pipe) -> Optional[int]:
+    """The tokens the text encoder of word_tokenizer(pipe) gets a prompt cut to when the
+    pipeline is called without ``max_sequence_length``: its signature's default (PixArt-Σ
+    300, Wan 512, Flux 512, SD3's T5 256: their tokenizers often have no limit of their
+    own); None on SD (the CLIP tokenizer's own 77)."""
+    parameter = inspect.signature(type(pipe).__call__).parameters.get("max_sequence_length")
+    return parameter.default if parameter is not None else None
+
+
 class MapsWork(Work):
     def __init__(self, pipe, args, items):
         self.pipe, self.args = pipe, args
-        self.words = validate_words(word_tokenizer(pipe), items, args.prompts)
+        self.words = validate_words(word_tokenizer(pipe), items, args.prompts, word_length(pipe))
 
     def run(self, batch: int, items: Sequence, first: int, store) -> List[dict]:
         import attnctl
@@ -117,14 +127,14 @@ class MapsWork(Work):
         return records
 
 
-def validate_words(tokenizer, items, path: str) -> List[List[str]]:
-    """Every item's words (its own, checked against its prompt, else all of the prompt's),
-    before any generation."""
+def validate_words(tokenizer, items, path: str, length: Optional[int] = None) -> List[List[str]]:
+    """Every item's words (its own, checked against its prompt cut to ``length`` tokens as
+    the text encoder gets it, else all of the prompt's), before any generation."""
     from ..tools.words import record_prompt
 
     words = []
     for item in items:
-        text = record_prompt(tokenizer, item.prompt)
+        text = record_prompt(tokenizer, item.prompt, length)
         if item.words is None:
             words.append(list(dict.fromkeys(w for w, _ in text.words)))
             continue

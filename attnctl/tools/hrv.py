@@ -635,8 +635,9 @@ class _HeadTokenController(Controller):
             per_prompt, first, stop = self._text_columns(call), call.joint.text.start, len(call.joint.text)
         else:
             if self._columns is None:   # the pipeline's tokenizer (on Flux / SD3 a CLIP one the joint text lacks)
-                self._columns = [self.token_columns(record_prompt(self.generation.tokenizer, p))
-                                 for p in self.generation.prompts]
+                gen = self.generation
+                self._columns = [self.token_columns(record_prompt(gen.tokenizer, p, gen.text_length))
+                                 for p in gen.prompts]
             per_prompt, first, stop = self._columns, 0, call.keys
         columns = torch.zeros(call.batch, call.keys)
         layout = call.layout

@@ -116,7 +116,7 @@ class InsideOutside(Controller):
         prompts = generation.prompts if words else (None,)
         self._columns = []
         for prompt in prompts:
-            text = record_prompt(generation.tokenizer, prompt) if words else None
+            text = record_prompt(generation.tokenizer, prompt, generation.text_length) if words else None
             self._columns.append(tuple(_columns(items, text) for items in (self.inside, self.outside, self.fixed)))
         self._image_scale = generation.image_scale
         self._cache = {}

@@ -238,7 +238,8 @@ class TraceMaps:
         return chosen
 
     def _row(self, image: int, half: str) -> int:
-        if half == "uncond" and not self.uncond and self.layout.cfg:
+        # (a layout of one CFG half per call, Wan's or Flux's true CFG: the other half's call was not traced)
+        if half == "uncond" and not self.uncond and (self.layout.cfg or self.layout.half is not None):
             raise ValueError("half: 'uncond' was not captured; trace with uncond=True to keep CFG's "
                              "unconditional half")
         return self.layout.row(image, half)

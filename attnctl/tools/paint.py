@@ -56,6 +56,7 @@ from ..diffusers.mmdit import TEXT_SEGMENTS, TextSegment
 from ..op import logit_max
 from ._args import finite
 from ._masks import as_mask, check_mask_size, check_resize, mask_on_grid
+from .words import tokenizer_limit
 
 DEFAULT_WEIGHT = 0.1   # paint_with_words.py: weight_function = 0.1 · w · log(1 + σ) · max(QKᵀ)
 
@@ -137,8 +138,10 @@ class PaintWithWords(Controller):
                 raise ValueError(f"text: selects a text segment of a Flux / SD3 pipeline's prompt; this "
                                  f"generation has one text sequence, got text={self.text!r}")
             tokenizer = generation.tokenizer
+            # PixArt / Sana / Wan: the call's max_sequence_length (their tokenizers often have no limit)
+            length = generation.text_length if generation.text_length is not None else tokenizer_limit(tokenizer)
             self._spans = [[self._pick(spans, phrase, prompt, tokens) for phrase, (tokens, spans) in
-                            zip(self._phrases(), self._find(tokenizer, prompt, tokenizer.model_max_length))]
+                            zip(self._phrases(), self._find(tokenizer, prompt, length))]
                            for prompt in generation.prompts]
         self._image_scale = generation.image_scale
         self._shapes = {}
@@ -147,15 +150,16 @@ class PaintWithWords(Controller):
     def _phrases(self) -> List[str]:
         return [phrase for phrase, _, _ in self.regions]
 
-    def _find(self, tokenizer, prompt: str, length: int) -> List[Tuple[List[int], List[Span]]]:
+    def _find(self, tokenizer, prompt: str, length: Optional[int]) -> List[Tuple[List[int], List[Span]]]:
         """Per region, the phrase's own ids (without CLIP's start and end tokens, T5's
         </s>) and the spans of every run of them in the ids of ``prompt`` as ``tokenizer``
-        gives it to its text encoder (cut to ``length`` tokens)."""
+        gives it to its text encoder (cut to ``length`` tokens; None: not cut)."""
         special = set(tokenizer.all_special_ids)
-        ids = list(tokenizer(prompt, truncation=True, max_length=length).input_ids)
+        cut = dict(truncation=length is not None, max_length=length)
+        ids = list(tokenizer(prompt, **cut).input_ids)
         found = []
         for phrase in self._phrases():
-            tokens = [i for i in tokenizer(phrase, truncation=True, max_length=length).input_ids if i not in special]
+            tokens = [i for i in tokenizer(phrase, **cut).input_ids if i not in special]
             n = len(tokens)
             found.append((tokens, [(s, s + n) for s in range(len(ids) - n + 1) if n and ids[s:s + n] == tokens]))
         return found

@@ -23,6 +23,11 @@ every cross-attention layer, heads summed in the kernel, the prompt's T5 / Gemma
 pieces and the end token, plus token mass; maps live on the token grid after patchify,
 for Wan per latent frame (its queries are the frames one after the other). WanPipeline
 runs CFG's halves as two transformer calls; the trace captures the conditional one.
+
+FluxPipeline's true CFG also runs the negative prompt as a transformer call of its own
+(after the prompt's, each step): the trace captures the prompt's call, and with
+``uncond=True`` the negative prompt's too, into rows of its own, so that the maps read as
+CFG's two halves (``half="uncond"``).
 """
 from __future__ import annotations
 
@@ -105,7 +110,7 @@ class TraceController(Controller):
         self.texts = None
         self.kept_columns = None
         if self.segment is None and generation.prompts is not None and generation.tokenizer is not None:
-            self._record_texts(generation.tokenizer, None)
+            self._record_texts(generation.tokenizer, generation.text_length)
 
     def _record_texts(self, tokenizer, max_length: Optional[int], prompts=None) -> None:
         gen = self.generation
@@ -135,14 +140,23 @@ class TraceController(Controller):
         return text.start + offset, length
 
     def on_step(self, step: DenoiseStep, layout: BatchLayout) -> None:
-        if layout.half != "uncond":  # Wan's unconditional call is not traced (see the module doc)
+        if layout.half != "uncond":  # the conditional call's layout (see _halves_apart for both)
             self.layout = layout
         self.steps_run = step.index + 1
+
+    def _halves_apart(self, layout: BatchLayout) -> bool:
+        """Whether this trace keeps both CFG halves of calls that hold one each (Flux's true
+        CFG with uncond=True): the maps then have 2B rows, [0, B) the negative prompt's
+        call, [B, 2B) the prompt's."""
+        return layout.half is not None and self.uncond
 
     def plan(self, call: AttentionCall) -> Optional[Plan]:
         if not call.is_cross and (call.joint is None or not call.joint.text):
             return None
-        if call.context != "text" or not call.layout.cond_rows:  # Wan I2V's image context; Wan's uncond call
+        if call.context != "text":   # Wan I2V's image context
+            return None
+        apart = self._halves_apart(call.layout)
+        if not call.layout.cond_rows and not apart:   # a call of the unconditional half alone
             return None
         layer = self._layers.get(call.layer)
         if layer is None:
@@ -158,9 +172,14 @@ class TraceController(Controller):
             raise RuntimeError(f"trace: layer {call.layer} changed its joint layout within a generation")
         token_mass = layer.maps.token_mass.get(key)  # None on MM-DiT (see _allocate)
         held = (maps.shape[0], maps.shape[-2], token_mass.shape[1:] if token_mass is not None else None)
-        if held != (call.batch, call.queries, (call.heads, call.keys) if token_mass is not None else None):
+        rows = 2 * call.batch if apart else call.batch
+        if held != (rows, call.queries, (call.heads, call.keys) if token_mass is not None else None):
             raise RuntimeError(f"trace: layer {call.layer} changed shape within a generation (B, M) "
-                               f"{held[:2]} -> {(call.batch, call.queries)}")
+                               f"{held[:2]} -> {(rows, call.queries)}")
+        if apart:   # this call's half of the rows (views: the kernel adds into them in place)
+            half = slice(call.batch, None) if call.layout.cond_rows else slice(0, call.batch)
+            maps = maps[half]
+            token_mass = token_mass[half] if token_mass is not None else None
         capture = self._capture
         capture.token_mass = token_mass
         capture.tokens = layer.columns
@@ -193,6 +212,8 @@ class TraceController(Controller):
 
     def _allocate(self, call: AttentionCall, layer: _LayerTrace, key: int) -> torch.Tensor:
         B, H, M, N = call.batch, call.heads, call.queries, call.keys
+        if self._halves_apart(call.layout):
+            B *= 2
         first, available = self._segment_columns(call) if call.joint is not None else (0, N)
         T = min(self.kept_columns, available) if self.kept_columns is not None else available
         if (T, first, call.device) not in self._columns:
@@ -220,7 +241,10 @@ class TraceController(Controller):
         gen = self.generation
         joint = self.segment is not None
         tokenizer = self.segment[0] if joint and self.segment[0] is not None else gen.tokenizer
-        return TraceMaps(layers, self.layout, self.latent, self.image_scale or gen.image_scale, self.texts,
+        layout = self.layout
+        if self._halves_apart(layout):
+            layout = BatchLayout(rows=2 * layout.rows, cfg=True, images_per_prompt=layout.images_per_prompt)
+        return TraceMaps(layers, layout, self.latent, self.image_scale or gen.image_scale, self.texts,
                          self.per_head, self.per_step, self.heads, self.steps_run, tokenizer,
                          daam_side=self.daam_side, uncond=self.uncond, joint=joint, family=self.dit,
                          frame_scale=self.frame_scale)
@@ -391,9 +415,9 @@ def trace(pipe, *, layers=None, resolutions=None, heads=None, steps=None, per_st
             "context_pre_only" for SD3); None: all.
         text: MM-DiT only: the text segment whose columns are captured: "t5" (default) or,
             on SD3, "clip" (its 77 CLIP-L‖G tokens).
-        uncond: also capture CFG's unconditional half (for ``heat_map(half="uncond")``); by
-            default only the conditional rows are captured and the kernel does no capture
-            work for the others.
+        uncond: also capture CFG's unconditional half (for ``heat_map(half="uncond")``; on
+            Flux with true CFG the negative prompt's transformer call); by default only the
+            conditional rows are captured and the kernel does no capture work for the others.
         backend: the attention backend ("auto" picks the fused Triton kernel on CUDA).
 
     If attnctl is not installed on ``pipe`` the trace installs it and uninstalls on exit.

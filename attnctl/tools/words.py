@@ -132,10 +132,23 @@ def group_words(tokens: Sequence[str]) -> List[List[int]]:
     return groups
 
 
+def tokenizer_limit(tokenizer) -> Optional[int]:
+    """The tokenizer's own length limit (CLIP's 77), or None where it has none: a tokenizer
+    saved without ``model_max_length`` (common for T5, umT5, Gemma) reports transformers'
+    sentinel 1e30, which is no length (and overflows the fast tokenizers' ints)."""
+    from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
+
+    limit = tokenizer.model_max_length
+    return None if limit is None or limit >= VERY_LARGE_INTEGER else int(limit)
+
+
 def record_prompt(tokenizer, prompt: str, max_length: Optional[int] = None) -> PromptText:
-    """Tokenise ``prompt`` as the pipeline does (truncated to the encoder's length)."""
-    length = max_length or tokenizer.model_max_length
-    ids = tokenizer(prompt, truncation=True, max_length=length).input_ids
+    """Tokenise ``prompt`` as the pipeline does: cut to ``max_length`` tokens, the length
+    the pipeline's text encoder got (PixArt, Sana, Wan, Flux's and SD3's T5: the call's
+    ``max_sequence_length``). None: the tokenizer's own limit (what SD pipelines cut CLIP
+    prompts to), or no cut where it has none (a word looked up on its own)."""
+    length = max_length if max_length is not None else tokenizer_limit(tokenizer)
+    ids = tokenizer(prompt, truncation=length is not None, max_length=length).input_ids
     tokens = tokenizer.convert_ids_to_tokens(ids)
     special = set(tokenizer.all_special_tokens)
     body = [i for i, tok in enumerate(tokens) if tok not in special]
