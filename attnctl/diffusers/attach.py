@@ -22,14 +22,13 @@ class Attachment:
         self.previous = installation_of(target)
         self._backend = self.previous.backend if self.previous is not None else None
         self._generation = self.previous.generation if self.previous is not None else None
+        before = list(self.previous.controllers) if self.previous is not None else []
+        # install validates, and leaves all as it was if it raises
+        self.installation: Installation = install(target, *controllers, backend=backend)
         self._added: List[Controller] = []
-        self.installation: Installation = install(target, backend=backend)
-        try:
-            for controller in controllers:
-                self.add(controller)
-        except BaseException:
-            self.close(failed=True)
-            raise
+        for controller in controllers:
+            if controller not in before and controller not in self._added:
+                self._added.append(controller)
 
     def add(self, controller: Controller) -> Controller:
         """Attach ``controller`` until :meth:`close` (one attached before stays attached)."""
