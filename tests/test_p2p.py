@@ -528,7 +528,7 @@ def test_concept_strengthening_inside_replace(backend):
     with pytest.raises(ValueError, match="strengthen: word 'zebra' is in none of the target prompts"):
         with attnctl.install(pipe, Replace(strengthen=ConceptStrengthening(hrv, "zebra", "animal"))):
             generate_latents(pipe, prompts, steps=1, **SIZE)
-    with pytest.raises(TypeError, match="controller: expected an attnctl.Controller, got ConceptStrengthening"):
+    with pytest.raises(TypeError, match=r"controllers\[0\]: expected an attnctl.Controller, got ConceptStrengthening"):
         attnctl.install(pipe, strengthen)
     attnctl.uninstall(pipe)
     with pytest.raises(ValueError, match=r"start_step: expected a non-negative int"):

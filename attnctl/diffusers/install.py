@@ -145,6 +145,15 @@ class Installation:
         self._encoding: Optional[Tuple[int, int]] = None
         self._true_cfg = False
         self.joint: Dict[str, JointLayer] = {}  # MM-DiT: each layer's block kind
+        self._hook = None
+        self._wrapped = False  # whether encode_prompt is this installation's wrapper
+        try:
+            self._put_in(model, pipe)
+        except BaseException:
+            self._restore()   # a failed install leaves the model and pipeline as they were
+            raise
+
+    def _put_in(self, model, pipe) -> None:
         if self.dit is not None:
             replayed = softmax_layers(model, self.dit)
             make = WanProcessor if self.dit == WAN else AttnctlProcessor
@@ -274,6 +283,7 @@ class Installation:
 
     def _wrap_encode_prompt(self, pipe) -> None:
         self._had_encode_prompt = pipe.__dict__.get("encode_prompt")
+        self._wrapped = True
         original = pipe.encode_prompt
         signature = inspect.signature(original)
 
@@ -418,15 +428,25 @@ class Installation:
         """Restore the original processor objects and remove every hook."""
         if getattr(self.model, _ATTRIBUTE, None) is not self:
             return
-        self.model.set_attn_processor(dict(self._original))
-        self._hook.remove()
-        if self.pipe is not None and "encode_prompt" in self.pipe.__dict__:
+        self._restore()
+        self.controllers.clear()
+
+    def _restore(self) -> None:
+        """Undo what installing did, as far as it got: processors, hook, encode_prompt."""
+        processors = self.model.attn_processors
+        if any(processors[name] is not proc for name, proc in self._original.items()):
+            self.model.set_attn_processor(dict(self._original))
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self._wrapped:
             if self._had_encode_prompt is None:
-                del self.pipe.__dict__["encode_prompt"]
+                self.pipe.__dict__.pop("encode_prompt", None)
             else:
                 self.pipe.__dict__["encode_prompt"] = self._had_encode_prompt
-        delattr(self.model, _ATTRIBUTE)
-        self.controllers.clear()
+            self._wrapped = False
+        if getattr(self.model, _ATTRIBUTE, None) is self:
+            delattr(self.model, _ATTRIBUTE)
 
     @property
     def active(self) -> bool:
@@ -456,15 +476,30 @@ def install(target, *controllers: Controller, backend: Optional[str] = None) -> 
     """
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+    for i, controller in enumerate(controllers):
+        if not isinstance(controller, Controller):
+            raise TypeError(f"controllers[{i}]: expected an attnctl.Controller, got {type(controller).__name__}")
     model, pipe = find_model(target)
     installation = getattr(model, _ATTRIBUTE, None)
-    if installation is None:
+    if installation is not None:
+        installation.check_processors(controllers)
+    # A controller's on_generation_start may raise: the call then leaves everything as it was.
+    created = installation is None
+    if created:
         installation = Installation(model, pipe, backend or "auto")
-    elif backend is not None:
-        installation.backend = backend
-    installation.check_processors(controllers)
-    for controller in controllers:
-        installation.add(controller)
+    previous_backend, previous_controllers = installation.backend, list(installation.controllers)
+    try:
+        if backend is not None:
+            installation.backend = backend
+        for controller in controllers:
+            installation.add(controller)
+    except BaseException:
+        if created:
+            installation.uninstall()
+        else:
+            installation.backend = previous_backend
+            installation.controllers[:] = previous_controllers
+        raise
     return installation
 
 

@@ -61,8 +61,11 @@ class HRVWork(Work):
         self.builder = HRVBuilder(pipe, concepts, model_id=model_id, probe_words=args.probe_words,
                                   probe_sot=not args.no_probe_sot, seed=args.seed)
         self.draws = _CountingBuilder(self.builder)
-        self.installation = install(pipe, backend=args.backend)
-        self.installation.add(self.builder)
+        try:
+            self.installation = install(pipe, self.builder, backend=args.backend)
+        except BaseException:
+            self.builder.close()   # its concept stream's hook (Flux, SD3)
+            raise
         sampled = args.probe_words == "sample"
         self.draws_per_batch = len(self.installation.cross_layers) * args.steps if sampled else 0
         self.next_batch = 0           # the batch the word generator stands at
@@ -143,6 +146,7 @@ def main(args, concepts) -> int:
                     progress=not getattr(args, "no_progress", False))
         finally:
             work.installation.uninstall()
+            work.builder.close()
     except (InputError, JobDirError) as exc:
         raise SystemExit(f"attnctl hrv: {exc}") from None
     return 0

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..diffusers.install import install, installation_of
+from ..diffusers.attach import Attachment
+from ..diffusers.install import find_unet
 from ..diffusers.unet_layers import attention_layers
 from .excite_maps import ExciteMaps, HRVMaps, MeanMaps
 from .hrv import HeadRelevance
@@ -266,32 +267,28 @@ def attend_and_excite(pipe, prompt: Union[str, List[str]], token_indices, *, map
             "auto": Triton for CUDA tensors, the reference on CPU).
     """
     thresholds = dict(DEFAULT_THRESHOLDS if thresholds is None else thresholds)
+    unet, _ = find_unet(pipe)
     if attn_res is None:
-        sdxl = getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
+        sdxl = getattr(unet.config, "addition_embed_type", None) == "text_time"
         attn_res = SDXL_ATTN_RES if sdxl else SD_ATTN_RES
     controller = maps if maps is not None else MeanMaps(attn_res)
     if not isinstance(controller, ExciteMaps):
         raise TypeError(f"maps: expected an attnctl.tools.excite_maps.ExciteMaps (MeanMaps, HRVMaps), "
                         f"got {type(controller).__name__}")
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"prompt: expected a prompt or a non-empty list of prompts (str), got {prompt!r}")
     token_lists = _token_lists(token_indices, len(prompts))
     if isinstance(controller, HRVMaps):
         wrong = [ind for ind in token_lists if len(ind) != len(controller.concepts)]
         if wrong:
             raise ValueError(f"token_indices: expected one index per concept of the HRV maps "
                              f"({controller.concepts}), got {wrong[0]}")
-    previous = installation_of(pipe)
-    installation = install(pipe, backend=backend)
-    installation.add(controller)
-    try:
+    with Attachment(pipe, controller, backend=backend):
         return _run(pipe, prompts, token_lists, controller, smoothing, height, width, num_inference_steps,
                     guidance_scale, negative_prompt, num_images_per_prompt, eta, generator, latents, output_type,
                     max_iter_to_alter, thresholds, scale_factor, scale_range, max_refinement_steps,
                     cross_attention_kwargs or {})
-    finally:
-        installation.remove(controller)
-        if previous is None:
-            installation.uninstall()
 
 
 class _Conditioning:

@@ -51,7 +51,8 @@ import torch
 
 from ..capture import Capture
 from ..diffusers.controller import AttentionCall, BatchLayout, Controller, DenoiseStep, Plan
-from ..diffusers.install import Generation, find_model, install, installation_of
+from ..diffusers.attach import Attachment
+from ..diffusers.install import Generation, find_model, installation_of
 from ..diffusers.mmdit import TEXT_SEGMENTS, generation_segment
 from .concept_stream import stream_layers
 from .hrv_joint import JointProbes
@@ -550,26 +551,17 @@ def build_hrv(pipe, concepts: Concepts, prompts: Sequence[str], *, steps: int = 
         model_id = str(getattr(getattr(pipe, "config", None), "_name_or_path", "") or "")
     builder = HRVBuilder(pipe, concepts, per_step=per_step, model_id=model_id, probe_words=probe_words,
                          probe_sot=probe_sot, seed=seed, text=text)
-    owns = installation_of(pipe) is None
-    try:
-        installation = install(pipe, backend=backend)
-    except Exception:
-        builder.close()
-        raise
-    installation.add(builder)
     size = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
     try:
-        for i in range(0, len(prompts), batch_size):
-            generator = torch.Generator(device="cpu").manual_seed(seed + i // batch_size)
-            with torch.no_grad():
-                pipe(prompts[i:i + batch_size], num_inference_steps=steps, guidance_scale=guidance_scale,
-                     generator=generator, output_type="latent", **size, **pipe_kwargs)
-        return builder.result()
+        with Attachment(pipe, builder, backend=backend):
+            for i in range(0, len(prompts), batch_size):
+                generator = torch.Generator(device="cpu").manual_seed(seed + i // batch_size)
+                with torch.no_grad():
+                    pipe(prompts[i:i + batch_size], num_inference_steps=steps, guidance_scale=guidance_scale,
+                         generator=generator, output_type="latent", **size, **pipe_kwargs)
+            return builder.result()
     finally:
         builder.close()
-        installation.remove(builder)
-        if owns:
-            installation.uninstall()
 
 
 # ---------------------------------------------------------------------------------------

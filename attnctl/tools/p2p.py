@@ -562,13 +562,19 @@ def edit(pipe, source: str, targets: Union[str, Sequence[str]], controller: Edit
     attnctl is installed for this call only (an installation that was already there is
     kept, with only ``controller`` removed at the end). A LocalBlend runs after every step,
     before the user's own ``callback_on_step_end`` (which then sees the blended latents)."""
-    from ..diffusers.install import find_unet, install, installation_of
+    from ..diffusers.attach import Attachment
+    from ..diffusers.install import find_unet
 
-    if not isinstance(controller, Edit):
-        raise TypeError(f"controller: expected attnctl.p2p.Replace, Refine or Reweight, got {type(controller).__name__}")
+    if not isinstance(source, str):
+        raise TypeError(f"source: expected a prompt (str), got {type(source).__name__}")
     targets = [targets] if isinstance(targets, str) else list(targets)
     if not targets:
         raise ValueError("targets: expected at least one target prompt, got none")
+    wrong = [t for t in targets if not isinstance(t, str)]
+    if wrong:
+        raise TypeError(f"targets: expected prompts (str), got a {type(wrong[0]).__name__}")
+    if not isinstance(controller, Edit):
+        raise TypeError(f"controller: expected attnctl.p2p.Replace, Refine or Reweight, got {type(controller).__name__}")
     unet, _ = find_unet(pipe)
     latent = _latent_size(pipe, unet, pipe_kwargs)
     if controller.local_blend is not None:
@@ -580,14 +586,8 @@ def edit(pipe, source: str, targets: Union[str, Sequence[str]], controller: Edit
                                                 pipe_kwargs.get("generator"))
     if controller.local_blend is not None:
         _add_blend_callback(controller.local_blend, pipe_kwargs)
-    owns = installation_of(pipe) is None
-    installation = install(pipe, controller, backend=backend)
-    try:
+    with Attachment(pipe, controller, backend=backend):
         return pipe([source] + targets, **pipe_kwargs)
-    finally:
-        installation.remove(controller)
-        if owns:
-            installation.uninstall()
 
 
 def _latent_size(pipe, unet, pipe_kwargs: dict) -> Tuple[int, int]:

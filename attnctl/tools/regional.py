@@ -55,7 +55,8 @@ import torch
 from ..diffusers.controller import AttentionCall, Controller, Plan
 from ..diffusers.dit import FAMILIES as CROSS_ATTENTION_FAMILIES
 from ..diffusers.dit import SANA, WAN, WAN_TEXT_TOKENS, dit_family
-from ..diffusers.install import Generation, install, installation_of
+from ..diffusers.attach import Attachment
+from ..diffusers.install import Generation, find_model
 from ..diffusers.joint import JointLayout
 from ..regions import MAX_MASK_LABELS, Regions
 from ._masks import as_mask, check_mask_size, mask_on_grid, mask_values
@@ -368,23 +369,17 @@ def regional_generate(pipe, base_prompt: Optional[str], regions: Sequence[Tuple[
     Installs attnctl on the pipeline for the call if it is not installed (and uninstalls
     after), adds a :class:`RegionalPrompting` controller for the call only, and returns
     the pipeline's output."""
+    find_model(pipe)   # a clear error for what is no supported pipeline
     masks, prompts = _mask_prompt_pairs(regions)
     guidance = inspect.signature(pipe.__call__).parameters.get("guidance_scale")
     cfg = pipe_kwargs.get("guidance_scale", guidance.default if guidance is not None else 7.0) > 1.0
     encode = {k: pipe_kwargs[k] for k in ("clean_caption", "complex_human_instruction") if k in pipe_kwargs}
-    kwargs, segment = regional_prompt_embeds(pipe, prompts, base_prompt, negative_prompt=negative_prompt,
-                                             max_sequence_length=max_sequence_length, cfg=cfg, **encode)
-    if max_sequence_length is not None:
-        kwargs["max_sequence_length"] = max_sequence_length
-    controller = RegionalPrompting(masks, segment, image_rule=image_rule, steps=steps, blocks=blocks)
-    installation = installation_of(pipe)
-    owned = installation is None
-    if owned:
-        installation = install(pipe)
-    installation.add(controller)
-    try:
+    # Attached before the prompts are encoded: encoding through an installation's
+    # encode_prompt starts a generation, which a failed call takes back.
+    with Attachment(pipe) as attached:
+        kwargs, segment = regional_prompt_embeds(pipe, prompts, base_prompt, negative_prompt=negative_prompt,
+                                                 max_sequence_length=max_sequence_length, cfg=cfg, **encode)
+        if max_sequence_length is not None:
+            kwargs["max_sequence_length"] = max_sequence_length
+        attached.add(RegionalPrompting(masks, segment, image_rule=image_rule, steps=steps, blocks=blocks))
         return pipe(**kwargs, **pipe_kwargs)
-    finally:
-        installation.remove(controller)
-        if owned:
-            installation.uninstall()

@@ -37,7 +37,8 @@ import torch
 
 from ..capture import Capture
 from ..diffusers.controller import AttentionCall, BatchLayout, Controller, DenoiseStep, Plan
-from ..diffusers.install import Generation, install, installation_of
+from ..diffusers.attach import Attachment
+from ..diffusers.install import Generation
 from .daam import counts_in_daam, is_daam_layer, output_side
 from .maps import ALL_STEPS, LayerMaps, TraceMaps, resolution_matches, select_layers
 from ..diffusers.joint import BLOCK_KINDS, IMAGE_SELF
@@ -270,16 +271,16 @@ class Trace:
         self.controller = controller
         self.backend = backend
         self.installation = None
-        self._owns_installation = False
+        self._attachment: Optional[Attachment] = None
 
     def __enter__(self) -> "Trace":
-        self._owns_installation = installation_of(self.pipe) is None
-        self.installation = install(self.pipe, backend=self.backend)
+        self._attachment = Attachment(self.pipe, backend=self.backend)
+        self.installation = self._attachment.installation
         try:
             self._select_layers()
-            self.installation.add(self.controller)
-        except Exception:
-            self._close()
+            self._attachment.add(self.controller)
+        except BaseException:
+            self._close(failed=True)
             raise
         return self
 
@@ -346,6 +347,11 @@ class Trace:
         """MM-DiT: the text segment whose key columns are traced, and its tokenizer."""
         installation, controller = self.installation, self.controller
         pipe = installation.pipe
+        present = sorted({layer.block for layer in installation.joint.values()} - {IMAGE_SELF})
+        missing = sorted(set(controller.kinds or ()) - set(present))
+        if missing:
+            raise ValueError(f"kinds: expected block kinds of this {type(installation.model).__name__} "
+                             f"({', '.join(present)}), got {missing}")
         if controller.per_head is None:
             controller.per_head = False
         segment = segment_spec(installation.family, controller.text)
@@ -356,14 +362,13 @@ class Trace:
         # Flux packs 2x2 latent pixels into a token (its patch_size is 1); SD3 patchifies by patch_size.
         controller.image_scale = int(vae or 1) * (2 if installation.family == FLUX else patch)
 
-    def __exit__(self, *exc) -> None:
-        self._close()
+    def __exit__(self, kind, value, traceback) -> None:
+        self._close(failed=kind is not None)
 
-    def _close(self) -> None:
-        if self.installation is not None:
-            self.installation.remove(self.controller)
-            if self._owns_installation:
-                self.installation.uninstall()
+    def _close(self, failed: bool = False) -> None:
+        if self._attachment is not None:
+            self._attachment.close(failed)
+            self._attachment = None
 
     def maps(self) -> TraceMaps:
         """The latest generation's captures (raises before any generation)."""
