@@ -132,6 +132,22 @@ def test_per_step_maps_sum_to_the_whole_and_select_steps(traced):
     torch.testing.assert_close(first.heat_map(0, **LATENT_GRID).value, only_first, **TOL)
 
 
+
+def test_steps_beyond_the_run_are_refused_before_the_first_step():
+    pipe = sd_pipe()
+    unet_calls = []
+    hook = pipe.unet.register_forward_hook(lambda *_: unet_calls.append(1))
+    try:
+        with trace_every(pipe, backend="torch", steps=[1, 10]) as tc:
+            with pytest.raises(ValueError, match=r"steps: expected denoising step indices below 3 \(this call "
+                                                 r"runs 3 steps: 0-2\), got \[10\]"):
+                generate(pipe, "a cat", steps=3)
+            assert unet_calls == []
+            generate(pipe, "a cat", steps=11)   # the same trace, a run that reaches step 10
+        assert tc.maps().steps_run == 11 and len(unet_calls) == 11
+    finally:
+        hook.remove()
+
 def test_token_mass_per_head_per_layer(reference, traced):
     store, _ = reference
     tc, _ = traced["summed"]

@@ -33,7 +33,7 @@ import torch
 from ..capture import Capture
 from ..diffusers.controller import AttentionCall, BatchLayout, Controller, DenoiseStep, Plan
 from ..diffusers.install import Generation, install, installation_of
-from .daam import counts_in_daam, is_daam_layer, output_side
+from .daam import counts_in_daam, daam_layer_problem, is_daam_layer, output_side
 from .maps import ALL_STEPS, LayerMaps, TraceMaps, resolution_matches, select_layers
 from ..diffusers.joint import BLOCK_KINDS, IMAGE_SELF
 from ..diffusers.dit import WAN
@@ -81,6 +81,7 @@ class TraceController(Controller):
         self.segment = None  # MM-DiT: (tokenizer, first column in the text, length or None = the rest)
         self.allowed_layers: Optional[frozenset] = None  # set by Trace from the UNet's layers
         self.daam_side: Optional[int] = None  # set by Trace: DAAM's output side for the pipeline
+        self.daam_check = None  # set by Trace on UNets under DAAM's layers: (installation, VAE factor)
         self.image_scale: Optional[int] = None  # MM-DiT: image pixels per image token (VAE x patch)
         self.dit: Optional[str] = None  # set by Trace on PixArt / Sana / Wan: the family
         self.frame_scale = 1  # Wan: video frames per latent frame after patchify (the VAE's 4)
@@ -137,7 +138,25 @@ class TraceController(Controller):
     def on_step(self, step: DenoiseStep, layout: BatchLayout) -> None:
         if layout.half != "uncond":  # Wan's unconditional call is not traced (see the module doc)
             self.layout = layout
+            if step.index == 0:
+                self._check_call(step)
         self.steps_run = step.index + 1
+
+    def _check_call(self, step: DenoiseStep) -> None:
+        """Before the first denoising step (the call's size and step count now known):
+        raise where ``steps`` or DAAM's layer rule would leave nothing to capture."""
+        total = step.num_calls
+        if self.steps is not None and total:
+            late = sorted(s for s in self.steps if s >= total)
+            if late:
+                raise ValueError(f"steps: expected denoising step indices below {total} (this call runs {total} "
+                                 f"steps: 0-{total - 1}), got {late}")
+        if self.daam_check is not None:
+            installation, factor = self.daam_check
+            problem = daam_layer_problem(installation.unet, factor, installation.latent)
+            if problem:
+                raise ValueError(f"layers: {problem}; generate at such a size, or pass layers='*' (every "
+                                 "cross-attention layer) or layer names")
 
     def plan(self, call: AttentionCall) -> Optional[Plan]:
         if not call.is_cross and (call.joint is None or not call.joint.text):
@@ -291,6 +310,7 @@ class Trace:
                              "call, which needs the pipeline's UNet sample size and VAE factor; got "
                              f"{what}; pass layers='*' (every cross-attention layer) or name patterns")
         controller.allowed_layers = frozenset(n for n in cross if is_daam_layer(n))
+        controller.daam_check = (installation, pipe.vae_scale_factor)
 
     def _select_dit(self) -> None:
         """PixArt / Sana / Wan: heads summed by default, maps on the token grid."""
