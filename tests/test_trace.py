@@ -169,6 +169,31 @@ def test_save_load_round_trip_answers_the_same_queries(traced, tmp_path):
         assert loaded.image_size == (32, 48) and loaded.steps == tc.maps().steps
 
 
+
+def test_a_corrupt_or_truncated_trace_file_is_named_with_what_is_wrong(traced, tmp_path):
+    tc, _ = traced["summed"]
+    path = tmp_path / "trace.safetensors"
+    tc.save(str(path))
+    data = path.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"path: .*cut.safetensors is not a complete attnctl trace: truncated or "
+                                         r"damaged safetensors data"):
+        TraceMaps.load(str(cut))
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty.safetensors is not a complete attnctl trace"):
+        TraceMaps.load(str(empty))
+    from safetensors.torch import save_file
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"weight": torch.zeros(2)}, str(foreign), metadata={"attnctl": '{"format": "attnctl-trace/1"'})
+    with pytest.raises(ValueError, match=r"foreign.safetensors is not a complete attnctl trace: its attnctl header "
+                                         r"is not JSON"):
+        TraceMaps.load(str(foreign))
+    with pytest.raises(ValueError, match=r"expected a trace file .* got '.*missing.safetensors' \(no such file\)"):
+        TraceMaps.load(str(tmp_path / "missing.safetensors"))
+
 def test_overlay_pngs_and_upsampling_to_image_size(traced, tmp_path):
     tc, images = traced["summed"]
     hm = tc.word_heat_map("cat", **LATENT_GRID)
