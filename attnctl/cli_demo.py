@@ -2,8 +2,9 @@
 costs next to materialised capture.
 
 Without ``--model`` it builds a small SD pipeline offline (random weights, so the image is
-noise; the maps are real maps of that network). With ``--model DIR`` it loads a local
-diffusers SD 1.x / 2.x / SDXL directory.
+noise; the maps are real maps of that network). With ``--model`` it loads a diffusers
+SD 1.x / 2.x / SDXL (or Flux / SD3) model: a local directory, or a hub id that is cached or
+reachable.
 """
 from __future__ import annotations
 
@@ -30,12 +31,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "demo", help="generate with a trace: image, per-word heat maps, fused vs materialised capture",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", metavar="DIR", help="local diffusers model directory (default: build a small SD offline)")
+    p.add_argument("--model", metavar="DIR|ID", help="diffusers model: a local directory, or a hub id that is cached "
+                   "or reachable (default: build a small SD offline)")
     p.add_argument("--offline-arch", choices=("sd", "sdxl", "flux", "sd3", "pixart", "wan"), default="sd",
                    help="architecture of the offline pipeline (default sd; flux and sd3: MM-DiT joint attention, "
                         "attnctl.cli_demo_mmdit; pixart and wan: cross-attention transformers, attnctl.cli_demo_dit)")
     p.add_argument("--prompt", default="a cat sitting on a red car")
     p.add_argument("--words", nargs="+", metavar="WORD", help="words to map (default: every word of the prompt)")
+    p.add_argument("--layers", nargs="+", metavar="PATTERN",
+                   help="cross-attention layers to trace: globs or name substrings, '*' for all (default: "
+                        "DAAM's layers at the image size; see attnctl.trace)")
     p.add_argument("--steps", type=int, help="denoising steps (default 25 with --model, 8 offline)")
     p.add_argument("--height", type=int, help="image height in pixels (default: the model's, 80 offline)")
     p.add_argument("--width", type=int, help="image width in pixels (default: the model's, 80 offline)")
@@ -63,18 +68,11 @@ def say(message: str) -> None:
 
 def load_pipeline(args, device: str, dtype: torch.dtype):
     if args.model:
-        from diffusers import DiffusionPipeline
+        from .jobs.common import load_pipeline as load_model, resolve_model
 
-        if not os.path.isdir(args.model):
-            raise SystemExit(f"attnctl demo: --model: expected a local model directory, got {args.model!r}")
+        resolve_model(args.model, "demo")
         say(f"loading {args.model} ({dtype}) ...")
-        # diffusers renamed torch_dtype to dtype (the old name warns where the new exists).
-        import diffusers.utils.deprecation_utils as deprecation
-
-        dtype_arg = "dtype" if hasattr(deprecation, "_resolve_dtype") else "torch_dtype"
-        pipe = DiffusionPipeline.from_pretrained(args.model, local_files_only=True, **{dtype_arg: dtype})
-        if hasattr(pipe, "safety_checker") and getattr(pipe, "safety_checker", None) is not None:
-            pipe.safety_checker = None  # it would blank images, and the maps are the point
+        pipe = load_model(args.model, device, dtype)
     elif args.offline_arch in ("flux", "sd3"):
         from .cli_demo_mmdit import offline_pipeline
 
@@ -187,6 +185,27 @@ def write_heat_maps(args: argparse.Namespace, heat, maps, image, out: Path):
     return words, files, heat_maps
 
 
+def check_before_generation(args, pipe, height, width) -> None:
+    """The words are in the prompt and DAAM's layer rule (without ``--layers``) keeps a
+    layer at the image size: said before the first generation, not after it."""
+    from .tools.daam import daam_layer_problem
+    from .tools.words import check_words
+
+    try:
+        check_words(pipe.tokenizer, args.prompt, args.words or ())
+    except ValueError as exc:
+        raise SystemExit(f"attnctl demo: --words: {exc}") from None
+    if args.layers:
+        return
+    factor = pipe.vae_scale_factor
+    height = height or pipe.unet.config.sample_size * factor
+    width = width or pipe.unet.config.sample_size * factor
+    problem = daam_layer_problem(pipe.unet, factor, (height // factor, width // factor))
+    if problem:
+        raise SystemExit(f"attnctl demo: --height/--width: {problem}; choose such a size, or --layers '*' "
+                         "(every cross-attention layer) or layer names")
+
+
 def main(args: argparse.Namespace) -> int:
     import attnctl
     from .tools.materialised import MaterialisedTrace
@@ -211,6 +230,7 @@ def main(args: argparse.Namespace) -> int:
         from . import cli_demo_concepts
 
         return cli_demo_concepts.run(args, pipe, out, steps, height, width, say)
+    check_before_generation(args, pipe, height, width)
     if not device.startswith("cuda") and args.backend in ("auto", "torch"):
         say("no CUDA device: 'auto' runs the PyTorch reference (it materialises P); the fused "
             "kernel runs on CUDA, or here with --backend triton and TRITON_INTERPRET=1 (slow)")
@@ -224,7 +244,7 @@ def main(args: argparse.Namespace) -> int:
     if compare:
         say("warming up each variant with one step (compilation and first-use costs stay out of the table)")
         run(1)
-        with attnctl.trace(pipe, backend=args.backend):
+        with attnctl.trace(pipe, layers=args.layers, backend=args.backend):
             run(1)
         with MaterialisedTrace(pipe):
             run(1)
@@ -235,7 +255,7 @@ def main(args: argparse.Namespace) -> int:
         _, seconds, peak = timed(lambda: run(steps), device)
         rows.append(("no capture (diffusers AttnProcessor2_0)", seconds, peak))
     say(f"traced generation, {steps} steps ...")
-    with attnctl.trace(pipe, backend=args.backend) as tc:
+    with attnctl.trace(pipe, layers=args.layers, backend=args.backend) as tc:
         result, seconds, peak = timed(lambda: run(steps), device)
         backend = last_dispatch().backend
     rows.append((f"attnctl.trace (fused capture, backend {backend})", seconds, peak))

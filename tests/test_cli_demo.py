@@ -44,11 +44,33 @@ def test_demo_loads_a_local_model_directory(tmp_path, capsys):
     assert [row["variant"] for row in summary["comparison"]] == [TRACE_ROW]
 
 
-def test_demo_rejects_bad_input(tmp_path):
-    with pytest.raises(SystemExit, match="--words: word: 'zebra' is not in the prompt"):
-        main(["demo", "--out", str(tmp_path), "--words", "zebra", "--no-compare", *SMALL])
-    with pytest.raises(SystemExit, match="--model: expected a local model directory"):
+def test_demo_rejects_bad_input_before_generating(tmp_path, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    def generate(*args, **kwargs):
+        raise AssertionError("the demo generated before checking its input")
+
+    with monkeypatch.context() as m:
+        m.setattr(StableDiffusionPipeline, "__call__", generate)
+        with pytest.raises(SystemExit, match="--words: word: 'zebra' is not in the prompt"):
+            main(["demo", "--out", str(tmp_path), "--words", "zebra", *SMALL])
+        # The tiny UNet at 32 x 32: DAAM's rule keeps no layer; the message names the sizes that do.
+        with pytest.raises(SystemExit, match=r"--height/--width: DAAM's layer rule keeps no cross-attention layer "
+                                             r"at 32x32 pixels .*square sizes that keep one: 12, 40-48, 68 and "
+                                             r"above \(multiples of 4 px\); .*--layers '\*'"):
+            main(["demo", "--out", str(tmp_path), "--steps", "1", "--height", "32", "--width", "32"])
+    with pytest.raises(SystemExit, match=r"--model: expected a local diffusers model directory or a Hugging Face "
+                                         r"hub id \(org/name\) that is cached or reachable; got '.*missing', which "
+                                         r"is neither a local directory nor a hub id that resolves \(.*\)"):
         main(["demo", "--model", str(tmp_path / "missing")])
+
+
+def test_demo_layers_option_traces_every_layer_where_daam_keeps_none(tmp_path):
+    out = tmp_path / "out"
+    assert main(["demo", "--out", str(out), "--steps", "1", "--height", "32", "--width", "32", "--no-compare",
+                 "--words", "cat", "--layers", "*"]) == 0
+    layers = [layer["name"] for layer in json.loads((out / "summary.json").read_text())["layers"]]
+    assert "mid_block.attentions.0.transformer_blocks.0.attn2" in layers and len(layers) == 4
 
 
 def test_cli_registers_demo_and_bench():

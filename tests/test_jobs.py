@@ -291,3 +291,141 @@ def test_maps_on_flux_keys_words_by_t5_tokens_and_keeps_no_token_mass(tmp_path):
     trace = TraceMaps.load(str(out / record["files"]["trace"]))
     assert trace.joint
     assert torch.equal(maps[record["word_keys"][1]], trace.heat_map(0).word("car").value)
+
+
+HUB_SCRIPT = """
+import json, sys
+from attnctl.cli import main
+
+def outcome(argv):
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return str(exc.code)
+
+prompts, out = sys.argv[1], sys.argv[2]
+small = ["--steps", "1", "--height", "40", "--width", "40"]
+print(json.dumps({
+    "maps": outcome(["maps", "--model", "attnctl/tiny-sd", "--prompts", prompts, "--out", out + "/maps",
+                     "--no-progress", *small]),
+    "demo": outcome(["demo", "--model", "attnctl/tiny-sd", "--out", out + "/demo", "--no-compare", *small]),
+    "hrv": outcome(["hrv", "--model", "attnctl/tiny-sd", "--out", out + "/hrv", "--prompts", "a cat", *small]),
+    "unknown": {command: outcome([command, "--model", "attnctl/no-such-model", "--out", out + "/u-" + command,
+                                  *({"maps": ["--prompts", prompts], "hrv": ["--prompts", prompts],
+                                     "edit": ["--pairs", sys.argv[3]]}[command])])
+                for command in ("maps", "hrv", "edit")},
+}))
+"""
+
+
+def test_model_takes_a_cached_hub_id_and_names_an_id_that_resolves_nowhere(model, tmp_path):
+    """A hub id in the Hugging Face cache (its layout: models--org--name/snapshots/REV,
+    refs/main) loads offline; an id neither local nor cached fails naming --model."""
+    import shutil
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--attnctl--tiny-sd"
+    shutil.copytree(model, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat on a red car\n")
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("a cat | a dog\n")
+    out = tmp_path / "out"
+    env = dict(_env(), HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    env.pop("HF_HUB_CACHE", None)
+    env.pop("HUGGINGFACE_HUB_CACHE", None)
+    result = subprocess.run([sys.executable, "-c", HUB_SCRIPT, str(prompts), str(out), str(pairs)], env=env,
+                            capture_output=True, text=True, timeout=600, cwd=str(Path(__file__).parents[1]))
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (outcome["maps"], outcome["demo"], outcome["hrv"]) == (0, 0, 0)
+    assert json.loads((out / "maps" / "job.json").read_text())["model"] == "attnctl/tiny-sd"
+    assert (out / "maps" / "manifest.jsonl").is_file() and (out / "demo" / "image.png").is_file()
+    assert json.loads((out / "hrv" / "hrv.json").read_text())["model_id"] == "attnctl/tiny-sd"
+    for command, message in outcome["unknown"].items():
+        assert message == (f"attnctl {command}: --model: expected a local diffusers model directory or a Hugging "
+                           "Face hub id (org/name) that is cached or reachable; got 'attnctl/no-such-model', which "
+                           "is neither a local directory nor a hub id that resolves (HF_HUB_OFFLINE is set and the "
+                           "id is not in the cache)")
+        assert not (out / f"u-{command}").exists()
+
+
+def test_maps_checks_words_size_and_out_before_the_model_loads_or_job_json_is_written(model, tmp_path,
+                                                                                       monkeypatch):
+    import attnctl.jobs.maps as maps_job
+
+    loaded = []
+    load = maps_job.load_pipeline
+    monkeypatch.setattr(maps_job, "load_pipeline", lambda *a, **k: loaded.append(1) or load(*a, **k))
+    words = tmp_path / "words.jsonl"
+    words.write_text('{"prompt": "a dog", "words": ["zebra"]}\n')
+    with pytest.raises(SystemExit, match=r"words.jsonl line 1: word: 'zebra' is not in the prompt"):
+        main(["maps", "--prompts", str(words), "--model", model, "--out", str(tmp_path / "o1"), *SMALL])
+    locked = tmp_path / "locked"
+    locked.write_text("a file where --out's parent should be")
+    with pytest.raises(SystemExit, match=r"--out: cannot create .*locked/o2: .*locked is not a writable directory"):
+        main(["maps", "--prompts", str(words), "--model", model, "--out", str(locked / "o2"), *SMALL])
+    assert loaded == [] and not (tmp_path / "o1").exists()
+
+    # The tiny model at its own size (32 x 32): DAAM's rule keeps no layer. Said after the
+    # model loads (the sizes follow from its UNet) but before job.json and any generation.
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat on a red car\n")
+    out = tmp_path / "o3"
+    with pytest.raises(SystemExit, match=r"attnctl maps: --height/--width: DAAM's layer rule keeps no cross-attention "
+                                         r"layer at 32x32 pixels .*square sizes that keep one: 12, 40-48, 68 and "
+                                         r"above \(multiples of 4 px\); choose such a size, or --layers '\*'"):
+        main(["maps", "--prompts", str(prompts), "--model", model, "--out", str(out), "--steps", "1", "--no-progress"])
+    assert not out.exists()
+    assert main(["maps", "--prompts", str(prompts), "--model", model, "--out", str(out), "--steps", "1",
+                 "--no-progress", "--layers", "*"]) == 0
+    assert json.loads((out / "job.json").read_text())["layers"] == ["*"]
+
+
+def test_a_first_run_that_committed_nothing_does_not_refuse_the_corrected_rerun(model, tmp_path, monkeypatch):
+    import attnctl.jobs.maps as maps_job
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        m.setattr(maps_job.MapsWork, "run", lambda *a: (_ for _ in ()).throw(RuntimeError("out of memory")))
+        with pytest.raises(RuntimeError, match="out of memory"):
+            main(["maps", "--prompts", str(prompts), "--model", model, "--out", str(out), *SMALL])
+    assert (out / "job.json").is_file()
+    assert main(["maps", "--prompts", str(prompts), "--model", model, "--out", str(out), *SMALL,
+                 "--steps", "1"]) == 0
+    assert json.loads((out / "job.json").read_text())["steps"] == 1
+    # With a batch committed the directory is that job's: another job is refused.
+    with pytest.raises(SystemExit, match=r"holds the manifest of another job \(steps: held 1, asked 2\)"):
+        main(["maps", "--prompts", str(prompts), "--model", model, "--out", str(out), *SMALL])
+
+
+def test_ctrl_c_stops_a_job_with_one_line_and_the_rerun_resumes(model, tmp_path, monkeypatch, capsys):
+    import attnctl.jobs.maps as maps_job
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    out = tmp_path / "out"
+    args = ["maps", "--prompts", str(prompts), "--model", model, "--out", str(out), "--batch-size", "1", *SMALL]
+    run = maps_job.MapsWork.run
+    batches = []
+
+    def interrupted_second(self, batch, *rest):
+        batches.append(batch)
+        if batch == 1:
+            raise KeyboardInterrupt
+        return run(self, batch, *rest)
+
+    with monkeypatch.context() as m:
+        m.setattr(maps_job.MapsWork, "run", interrupted_second)
+        with pytest.raises(SystemExit) as stopped:
+            main(args)
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"[attnctl maps] interrupted: 1 of 2 batches are committed in {out}; rerun the same command to resume")
+    assert main(args) == 0
+    assert "(1 already done)" in capsys.readouterr().out
+    assert len((out / "manifest.jsonl").read_text().splitlines()) == 2

@@ -132,6 +132,22 @@ def test_per_step_maps_sum_to_the_whole_and_select_steps(traced):
     torch.testing.assert_close(first.heat_map(0, **LATENT_GRID).value, only_first, **TOL)
 
 
+
+def test_steps_beyond_the_run_are_refused_before_the_first_step():
+    pipe = sd_pipe()
+    unet_calls = []
+    hook = pipe.unet.register_forward_hook(lambda *_: unet_calls.append(1))
+    try:
+        with trace_every(pipe, backend="torch", steps=[1, 10]) as tc:
+            with pytest.raises(ValueError, match=r"steps: expected denoising step indices below 3 \(this call "
+                                                 r"runs 3 steps: 0-2\), got \[10\]"):
+                generate(pipe, "a cat", steps=3)
+            assert unet_calls == []
+            generate(pipe, "a cat", steps=11)   # the same trace, a run that reaches step 10
+        assert tc.maps().steps_run == 11 and len(unet_calls) == 11
+    finally:
+        hook.remove()
+
 def test_token_mass_per_head_per_layer(reference, traced):
     store, _ = reference
     tc, _ = traced["summed"]
@@ -152,6 +168,31 @@ def test_save_load_round_trip_answers_the_same_queries(traced, tmp_path):
                                    tc.heat_map(2, **LATENT_GRID).word("dog").value)
         assert loaded.image_size == (32, 48) and loaded.steps == tc.maps().steps
 
+
+
+def test_a_corrupt_or_truncated_trace_file_is_named_with_what_is_wrong(traced, tmp_path):
+    tc, _ = traced["summed"]
+    path = tmp_path / "trace.safetensors"
+    tc.save(str(path))
+    data = path.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"path: .*cut.safetensors is not a complete attnctl trace: truncated or "
+                                         r"damaged safetensors data"):
+        TraceMaps.load(str(cut))
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty.safetensors is not a complete attnctl trace"):
+        TraceMaps.load(str(empty))
+    from safetensors.torch import save_file
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"weight": torch.zeros(2)}, str(foreign), metadata={"attnctl": '{"format": "attnctl-trace/1"'})
+    with pytest.raises(ValueError, match=r"foreign.safetensors is not a complete attnctl trace: its attnctl header "
+                                         r"is not JSON"):
+        TraceMaps.load(str(foreign))
+    with pytest.raises(ValueError, match=r"expected a trace file .* got '.*missing.safetensors' \(no such file\)"):
+        TraceMaps.load(str(tmp_path / "missing.safetensors"))
 
 def test_overlay_pngs_and_upsampling_to_image_size(traced, tmp_path):
     tc, images = traced["summed"]

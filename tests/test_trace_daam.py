@@ -242,10 +242,18 @@ def test_daam_rules_give_clear_errors(square32):
     with pytest.raises(ValueError, match="size: expected 'daam', 'latent' or"):
         tc.heat_map(size=64)
     # 24² image: the 12² level is factor 5 and the 6² level factor 10; DAAM finds no map.
-    with attnctl.trace(pipe, backend="torch") as none_kept:
-        run(pipe, 24)
-    with pytest.raises(RuntimeError, match="DAAM's layer selection at this image size"):
-        none_kept.heat_map()
+    # Said when the call starts, before its first denoising step, with the sizes that work.
+    unet_calls = []
+    hook = pipe.unet.register_forward_hook(lambda *_: unet_calls.append(1))
+    try:
+        with attnctl.trace(pipe, backend="torch"):
+            with pytest.raises(ValueError, match=r"layers: DAAM's layer rule keeps no cross-attention layer at "
+                                                 r"24x24 pixels \(its factors .* are \[5, 10\].*; square sizes "
+                                                 r"that keep one: .*32.* and above .*or pass layers='\*'"):
+                run(pipe, 24)
+    finally:
+        hook.remove()
+    assert unet_calls == []
     # Non-square images: DAAM reads M queries as a sqrt(M) square. (12 x 16: factor 4, kept.)
     with attnctl.trace(pipe, backend="torch") as wide:
         with torch.no_grad():

@@ -58,7 +58,7 @@ MODELS: Dict[str, Tuple[Callable[[torch.dtype], object], int, int]] = {
 
 def _job_args(steps: int, side: int, backend: str) -> argparse.Namespace:
     return argparse.Namespace(seed=0, steps=steps, guidance=7.5, height=side, width=side, backend=backend,
-                              overlays=False, per_head=False, prompts="<benchmark>")
+                              overlays=False, per_head=False, layers=None, prompts="<benchmark>")
 
 
 def run_throughput(model: str, *, batch: Optional[int] = None, steps: int = 20, repeats: int = 3,
@@ -68,7 +68,7 @@ def run_throughput(model: str, *, batch: Optional[int] = None, steps: int = 20, 
     (``side``: the image side in pixels, default the model's)."""
     import attnctl
     from ..jobs.inputs import PromptItem
-    from ..jobs.maps import MapsWork
+    from ..jobs.maps import MapsWork, validate_words
     from ..jobs.store import JobDir
 
     build, default_side, default_batch = MODELS[model]
@@ -98,7 +98,7 @@ def run_throughput(model: str, *, batch: Optional[int] = None, steps: int = 20, 
                     trace.maps()
                 return images
 
-        work = MapsWork(pipe, args, items)
+        work = MapsWork(pipe, args, validate_words(pipe.tokenizer, items, args.prompts))
         for contender in contenders:
             generate(contender, 0)                       # warm-up: Triton compiles, SDPA picks kernels
             times = []

@@ -129,6 +129,13 @@ class DenoiseStep:
         return getattr(self._scheduler, "num_inference_steps", None)
 
     @property
+    def num_calls(self) -> Optional[int]:
+        """Model calls the scheduler's timesteps make (``num_steps``, but 2N - 1 for Heun);
+        None when no scheduler is known."""
+        timesteps = getattr(self._scheduler, "timesteps", None)
+        return len(timesteps) if timesteps is not None else self.num_steps
+
+    @property
     def sigma(self) -> float:
         """The noise level σ of this step: the scheduler's ``sigmas[index]`` (k-diffusion
         style schedulers) or sqrt((1 - ᾱ_t) / ᾱ_t) from ``alphas_cumprod`` (DDPM style).

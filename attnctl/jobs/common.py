@@ -1,5 +1,5 @@
-"""What the job commands share: their common options, the model directory and the
-per-item seeds."""
+"""What the job commands share: their common options, the model (a local directory or a
+Hugging Face hub id) and the per-item seeds."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +14,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def add_common_options(p: argparse.ArgumentParser, *, model_required: bool = True) -> None:
-    p.add_argument("--model", metavar="DIR", required=model_required, help="local diffusers model directory")
+    p.add_argument("--model", metavar="DIR|ID", required=model_required,
+                   help="diffusers model: a local directory, or a hub id that is cached or reachable")
     p.add_argument("--out", metavar="DIR", required=True,
                    help="output directory (a rerun with the same job resumes it)")
     p.add_argument("--batch-size", type=int, default=4, help="items per pipeline call (default %(default)s)")
@@ -39,13 +40,40 @@ def check_common(args, command: str) -> None:
             raise SystemExit(f"attnctl {command}: --{name}: expected a positive integer, got {value}")
     if args.seed < 0:
         raise SystemExit(f"attnctl {command}: --seed: expected a non-negative integer, got {args.seed}")
-    if args.model and not os.path.isdir(args.model):
-        raise SystemExit(f"attnctl {command}: --model: expected a local model directory, got {args.model!r}")
+
+
+def resolve_model(model: str, command: str) -> str:
+    """The local directory holding ``--model``: the directory itself, or the hub id's
+    snapshot (from the cache, else downloaded where the hub is reachable; HF_HUB_OFFLINE=1
+    keeps to the cache). Errors name ``--model`` and what was given."""
+    if os.path.isdir(model):
+        return model
+    expected = "expected a local diffusers model directory or a Hugging Face hub id (org/name) that is cached or reachable"
+    if os.path.exists(model):
+        raise SystemExit(f"attnctl {command}: --model: {expected}; got {model!r}, a file")
+    from diffusers import DiffusionPipeline
+    from huggingface_hub import constants
+
+    try:
+        return DiffusionPipeline.download(model)
+    except Exception as exc:  # hub ids fail in many ways (invalid id, offline, not found, gated)
+        if constants.HF_HUB_OFFLINE:
+            reason = "HF_HUB_OFFLINE is set and the id is not in the cache"
+        else:
+            first = (str(exc).strip().splitlines() or [""])[0]
+            reason = f"{type(exc).__name__}: {first[:200]}{'...' if len(first) > 200 else ''}"
+    raise SystemExit(f"attnctl {command}: --model: {expected}; got {model!r}, which is neither a local directory "
+                     f"nor a hub id that resolves ({reason})")
+
+
+def model_identity(model: str) -> str:
+    """A job's model: a local directory's absolute path, a hub id as given."""
+    return str(Path(model).resolve()) if os.path.isdir(model) else model
 
 
 def job_options(args) -> dict:
     """The options that change what a job computes: part of its identity."""
-    return {"model": str(Path(args.model).resolve()), "batch_size": args.batch_size, "steps": args.steps,
+    return {"model": model_identity(args.model), "batch_size": args.batch_size, "steps": args.steps,
             "guidance": args.guidance, "height": args.height, "width": args.width, "seed": args.seed,
             "dtype": args.dtype, "backend": args.backend}
 
@@ -55,8 +83,9 @@ def resolve_dtype(args, device: str) -> torch.dtype:
 
 
 def load_pipeline(model: str, device: str, dtype: torch.dtype):
-    """A local diffusers pipeline on ``device``, progress bars off, no safety checker (it
-    would blank images; the maps are the point)."""
+    """The pipeline of ``model`` (a local directory, or a hub id :func:`resolve_model` has
+    put in the cache) on ``device``, progress bars off, no safety checker (it would blank
+    images; the maps are the point)."""
     from diffusers import DiffusionPipeline
     import diffusers.utils.deprecation_utils as deprecation
 

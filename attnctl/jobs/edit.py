@@ -23,7 +23,8 @@ from typing import List, Sequence
 import numpy as np
 import torch
 
-from .common import add_common_options, check_common, item_seed, job_options, load_pipeline, resolve_dtype
+from .common import (add_common_options, check_common, item_seed, job_options, load_pipeline, resolve_dtype,
+                     resolve_model)
 from .inputs import InputError, file_digest, read_pairs
 from .ranks import Ranks
 from .runner import Work, run_job
@@ -111,6 +112,7 @@ def main(args) -> int:
         items = read_pairs(args.pairs)
         ident = identity(args)
         JobDir(args.out, ident).check()  # before the model loads
+        resolve_model(args.model, "edit")
         ranks = Ranks()
         pipe = load_pipeline(args.model, ranks.device, resolve_dtype(args, ranks.device))
         work = EditWork(pipe, args, items)

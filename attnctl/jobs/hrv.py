@@ -16,7 +16,7 @@ files (``manifest.jsonl``: one line per prompt naming its batch's votes file).
 
 Prompt files: .txt (one prompt a line) or .jsonl {"prompt"}; per-prompt seeds and words
 have no meaning here (batches are seeded as in ``build_hrv``) and are refused. The job
-needs ``--model DIR``, keeps no per-step vectors, and runs each process on its own device
+needs ``--model`` (a local directory or a hub id), keeps no per-step vectors, and runs each process on its own device
 (accelerate's), not on ``--device``.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from .common import check_common, image_size, job_options, load_pipeline, resolve_dtype
+from .common import check_common, image_size, job_options, load_pipeline, resolve_dtype, resolve_model
 from .inputs import InputError, file_digest, read_prompts
 from .ranks import Ranks
 from .runner import Work, run_job
@@ -123,8 +123,8 @@ def main(args, concepts) -> int:
     """``attnctl hrv`` with ``--prompts FILE``: parsed by :mod:`attnctl.tools.hrv_cli`."""
     path = args.prompts[0]
     if not args.model:
-        raise SystemExit("attnctl hrv: --model: a prompt file runs as a job, which needs a local model "
-                         "directory (--model DIR)")
+        raise SystemExit("attnctl hrv: --model: a prompt file runs as a job, which needs a model (a local "
+                         "directory or a hub id), got none")
     if args.per_step:
         raise SystemExit("attnctl hrv: --per-step: not available with a prompt file (the job keeps the votes "
                          "summed over steps)")
@@ -138,6 +138,7 @@ def main(args, concepts) -> int:
                              "(batch g is seeded --seed + g, as build_hrv does; concepts come from --concepts)")
         ident = identity(args, concepts)
         JobDir(args.out, ident).check()  # before the model loads
+        resolve_model(args.model, "hrv")
         ranks = Ranks()
         pipe = load_pipeline(args.model, ranks.device, resolve_dtype(args, ranks.device))
         work = HRVWork(pipe, args, concepts, args.model)

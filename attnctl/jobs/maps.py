@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import re
+from pathlib import Path
 from typing import List, Optional, Sequence
 
 import torch
 
-from .common import add_common_options, check_common, image_size, item_seed, job_options, load_pipeline, resolve_dtype
+from .common import (add_common_options, check_common, image_size, item_seed, job_options, load_pipeline,
+                     resolve_dtype, resolve_model)
 from .inputs import InputError, file_digest, read_prompts
 from .ranks import Ranks
 from .runner import Work, run_job
@@ -43,6 +46,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_common_options(p)
     p.add_argument("--per-head", action="store_true", help="also save each batch's trace (every head's maps)")
     p.add_argument("--overlays", action="store_true", help="also write a PNG overlay per word")
+    p.add_argument("--layers", nargs="+", metavar="PATTERN",
+                   help="cross-attention layers to trace: globs or name substrings, '*' for all (default: "
+                        "DAAM's layers at the image size; see attnctl.trace)")
     p.set_defaults(func=main)
     return p
 
@@ -51,31 +57,42 @@ def _slug(word: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", word).strip("_") or "word"
 
 
-def word_tokenizer(pipe):
-    """The tokenizer of the text the trace maps: on Flux and SD3 the T5 tokenizer (the
-    trace's default text segment, see attnctl.tools.trace), else the pipeline's."""
-    from ..diffusers.mmdit import FLUX, mmdit_family
-
-    transformer = getattr(pipe, "transformer", None)
-    family = mmdit_family(transformer) if transformer is not None else None
-    if family is None:
-        return pipe.tokenizer
-    return pipe.tokenizer_2 if family == FLUX else pipe.tokenizer_3
+# The text the trace maps: on Flux and SD3 the T5 tokenizer's (the trace's default text
+# segment, see attnctl.tools.trace), else the pipeline's tokenizer's.
+_TOKENIZER_OF_TRANSFORMER = {"FluxTransformer2DModel": "tokenizer_2", "SD3Transformer2DModel": "tokenizer_3"}
 
 
-def word_length(pipe) -> Optional[int]:
-    """The tokens the text encoder of word_tokenizer(pipe) gets a prompt cut to when the
-    pipeline is called without ``max_sequence_length``: its signature's default (PixArt-Σ
-    300, Wan 512, Flux 512, SD3's T5 256: their tokenizers often have no limit of their
-    own); None on SD (the CLIP tokenizer's own 77)."""
-    parameter = inspect.signature(type(pipe).__call__).parameters.get("max_sequence_length")
+def model_word_tokenizer(folder: str):
+    """The tokenizer of the words, read from the model directory alone (the words are
+    checked before the model loads)."""
+    from transformers import AutoTokenizer
+
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    transformer = (index.get("transformer") or [None, None])[1]
+    return AutoTokenizer.from_pretrained(folder, subfolder=_TOKENIZER_OF_TRANSFORMER.get(transformer, "tokenizer"))
+
+
+def word_length(pipeline_class) -> Optional[int]:
+    """The tokens the text encoder of the words gets a prompt cut to when a pipeline of
+    ``pipeline_class`` is called without ``max_sequence_length``: its signature's default
+    (PixArt-Σ 300, Wan 512, Flux 512, SD3's T5 256: their tokenizers often have no limit of
+    their own); None on SD (the CLIP tokenizer's own 77)."""
+    parameter = inspect.signature(pipeline_class.__call__).parameters.get("max_sequence_length")
     return parameter.default if parameter is not None else None
 
 
+def model_word_length(folder: str) -> Optional[int]:
+    """word_length of the pipeline class a model directory names (model_index.json)."""
+    import diffusers
+
+    name = json.loads((Path(folder) / "model_index.json").read_text()).get("_class_name", "")
+    pipeline_class = getattr(diffusers, name, None)
+    return word_length(pipeline_class) if pipeline_class is not None else None
+
+
 class MapsWork(Work):
-    def __init__(self, pipe, args, items):
-        self.pipe, self.args = pipe, args
-        self.words = validate_words(word_tokenizer(pipe), items, args.prompts, word_length(pipe))
+    def __init__(self, pipe, args, words):
+        self.pipe, self.args, self.words = pipe, args, words
 
     def run(self, batch: int, items: Sequence, first: int, store) -> List[dict]:
         import attnctl
@@ -84,7 +101,7 @@ class MapsWork(Work):
         args, pipe = self.args, self.pipe
         seeds = [item_seed(item, first + i, args.seed) for i, item in enumerate(items)]
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-        with torch.no_grad(), attnctl.trace(pipe, backend=args.backend) as tc:
+        with torch.no_grad(), attnctl.trace(pipe, layers=args.layers, backend=args.backend) as tc:
             images = pipe([item.prompt for item in items], num_inference_steps=args.steps,
                           guidance_scale=args.guidance, generator=generators, **image_size(args)).images
         maps = tc.maps()
@@ -130,26 +147,43 @@ class MapsWork(Work):
 def validate_words(tokenizer, items, path: str, length: Optional[int] = None) -> List[List[str]]:
     """Every item's words (its own, checked against its prompt cut to ``length`` tokens as
     the text encoder gets it, else all of the prompt's), before any generation."""
-    from ..tools.words import record_prompt
+    from ..tools.words import check_words, record_prompt
 
     words = []
     for item in items:
-        text = record_prompt(tokenizer, item.prompt, length)
         if item.words is None:
-            words.append(list(dict.fromkeys(w for w, _ in text.words)))
+            words.append(list(dict.fromkeys(w for w, _ in record_prompt(tokenizer, item.prompt, length).words)))
             continue
-        for word in item.words:
-            try:
-                text.positions(word, None, tokenizer, "tokens")
-            except ValueError as exc:
-                raise InputError(f"--prompts: {path} line {item.line}: {exc}") from None
+        try:
+            check_words(tokenizer, item.prompt, item.words, length)
+        except ValueError as exc:
+            raise InputError(f"--prompts: {path} line {item.line}: {exc}") from None
         words.append(list(item.words))
     return words
 
 
 def identity(args) -> dict:
+    # "layers" only when given, so jobs written before the option existed still resume.
+    layers = {"layers": args.layers} if args.layers else {}
     return {"command": "maps", "prompts_sha256": file_digest(args.prompts), "per_head": args.per_head,
-            "overlays": args.overlays, **job_options(args)}
+            "overlays": args.overlays, **layers, **job_options(args)}
+
+
+def check_layers(pipe, args) -> None:
+    """DAAM's layer rule must keep a layer at the job's image size (UNets, default
+    layers): checked before job.json is written and before any generation."""
+    from ..tools.daam import daam_layer_problem
+
+    unet = getattr(pipe, "unet", None)
+    if args.layers or unet is None:
+        return
+    factor = pipe.vae_scale_factor
+    height = args.height or unet.config.sample_size * factor
+    width = args.width or unet.config.sample_size * factor
+    problem = daam_layer_problem(unet, factor, (height // factor, width // factor))
+    if problem:
+        raise InputError(f"--height/--width: {problem}; choose such a size, or --layers '*' (every "
+                         "cross-attention layer) or layer names")
 
 
 def main(args) -> int:
@@ -158,9 +192,12 @@ def main(args) -> int:
         items = read_prompts(args.prompts)
         ident = identity(args)
         JobDir(args.out, ident).check()  # before the model loads
+        folder = resolve_model(args.model, "maps")
+        words = validate_words(model_word_tokenizer(folder), items, args.prompts, model_word_length(folder))
         ranks = Ranks()
         pipe = load_pipeline(args.model, ranks.device, resolve_dtype(args, ranks.device))
-        work = MapsWork(pipe, args, items)
+        check_layers(pipe, args)
+        work = MapsWork(pipe, args, words)
         run_job("maps", args.out, ident, items, args.batch_size, work, ranks, progress=not args.no_progress)
     except (InputError, JobDirError) as exc:
         raise SystemExit(f"attnctl maps: {exc}") from None

@@ -6,6 +6,9 @@ batch (its items are ``first_index``, ``first_index + 1``, ... of the file), wri
 files through ``store`` and returns one record per item (with ``"index"`` and
 ``"files"``); ``finish(store, records)`` (process 0, after every batch) writes what needs
 all of them.
+
+Ctrl-C stops the job with one line (exit status 130): the batches committed stay, the one
+running is redone by the rerun.
 """
 from __future__ import annotations
 
@@ -73,6 +76,7 @@ class _GlobalProgress:
             self._thread.join()
             self.refresh()
             self.bar.close()
+            self.bar = None   # closed once: the interrupt's line comes after the bar
 
 
 def run_job(command: str, out: str, identity: dict, items: Sequence, batch_size: int, work: Work,
@@ -105,6 +109,11 @@ def run_job(command: str, out: str, identity: dict, items: Sequence, batch_size:
             records = work.run(batch, batches.items_of(batch), batch * batch_size, store)
             store.commit(batch, records, relative_files(records), time.perf_counter() - t0)
             generated += len(records) * work.images_per_item
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"[{label}] interrupted: {len(store.committed())} of {len(batches)} batches are committed in {out}; "
+              "rerun the same command to resume", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     finally:
         bar.close()
     seconds = time.perf_counter() - start

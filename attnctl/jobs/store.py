@@ -10,7 +10,9 @@ OUT/manifest.jsonl               the merge: one line per item, in file order
 OUT/summary.json                 counts, time, images/s of the latest run
 ```
 
-A batch is done when its line is in a part and its files exist. A process appends to
+A batch is done when its line is in a part and its files exist. A job.json whose job
+committed no batch (its first run failed) is another job's only until a rerun with other
+options replaces it. A process appends to
 its own part only, so parts never clash; a rerun with another number of processes reads
 every part.
 """
@@ -47,13 +49,20 @@ class JobDir:
 
     # ---- identity ------------------------------------------------------------------------
     def check(self) -> bool:
-        """Raise unless the directory is absent, empty, or this same job; True if it is
-        this job (a resume). Reads only."""
+        """Raise unless the directory is absent, empty, this same job or a job that
+        committed nothing, or cannot be written; True if it is this job (a resume). Reads
+        only."""
         job = self.root / "job.json"
         if not self.root.exists():
+            parent = next(p for p in self.root.resolve().parents if p.exists())
+            if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+                raise JobDirError(f"--out: cannot create {self.root}: {parent} is not a writable directory; "
+                                  "choose another --out (nothing was written)")
             return False
         if not self.root.is_dir():
             raise JobDirError(f"--out: expected a directory, got the file {self.root}")
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise JobDirError(f"--out: {self.root} is not writable; choose another --out (nothing was written)")
         if job.is_file():
             try:
                 held = json.loads(job.read_text())
@@ -62,6 +71,8 @@ class JobDir:
                                   "--out (nothing was written)") from None
             if held == self.identity:
                 return True
+            if held.get("format") == FORMAT and not self._has_commits():
+                return False   # a first run that failed before its first commit: create() replaces it
             if held.get("command") != self.identity.get("command"):
                 detail = f"an 'attnctl {held.get('command')}' job; this is 'attnctl {self.identity.get('command')}'"
             else:
@@ -75,8 +86,13 @@ class JobDir:
                               "command; choose another --out (nothing was written)")
         return False
 
+    def _has_commits(self) -> bool:
+        """Whether any part holds a complete line (a batch's commit)."""
+        return any(b"\n" in part.read_bytes() for part in self.parts.glob("rank-*.jsonl"))
+
     def create(self) -> None:
-        if not (self.root / "job.json").exists():
+        job = self.root / "job.json"
+        if not job.exists() or json.loads(job.read_text()) != self.identity:
             _write_atomic(self.root / "job.json", (json.dumps(self.identity, indent=2) + "\n").encode(), "create")
         self.parts.mkdir(parents=True, exist_ok=True)
 

@@ -3,7 +3,8 @@ head × concept matrix.
 
 Without ``--model`` it builds a small SD pipeline offline (random weights: the vectors
 are real HRVs of that network, not of a trained model). With ``--model DIR`` it loads a
-local diffusers SD 1.x / 2.x / SDXL directory. Writes ``hrv.safetensors`` (reload with
+diffusers SD 1.x / 2.x / SDXL model: a local directory, or a hub id that is cached or
+reachable. Writes ``hrv.safetensors`` (reload with
 ``attnctl.tools.hrv.HeadRelevance.load``), ``hrv.png`` and ``hrv.json`` (a summary) to
 ``--out``.
 """
@@ -27,7 +28,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "hrv", help="build head relevance vectors for concepts and plot the head x concept matrix",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", metavar="DIR", help="local diffusers model directory (default: a small offline SD)")
+    p.add_argument("--model", metavar="DIR|ID", help="diffusers model: a local directory, or a hub id that is cached "
+                   "or reachable (default: a small offline SD)")
     p.add_argument("--offline-arch", choices=("sd", "sdxl"), default="sd")
     p.add_argument("--concepts", nargs="+", default=DEFAULT_CONCEPTS, metavar="CONCEPT",
                    help="concepts; NAME=word1,word2 gives a concept several words (default: %(default)s)")
@@ -75,11 +77,10 @@ def main(args) -> int:
 
         return run_prompt_file(args, concepts)
     if args.model:
-        from diffusers import DiffusionPipeline
+        from ..jobs.common import load_pipeline, resolve_model
 
-        if not os.path.isdir(args.model):
-            raise SystemExit(f"attnctl hrv: --model: expected a local model directory, got {args.model!r}")
-        pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype, local_files_only=True)
+        resolve_model(args.model, "hrv")
+        pipe = load_pipeline(args.model, device, dtype)
         steps, size, model_id = args.steps or 50, {}, args.model
     else:
         from ..diffusers.offline import tiny_sd_pipeline, tiny_sdxl_pipeline

@@ -408,22 +408,41 @@ class TraceMaps:
     def load(cls, path: str, tokenizer=None, device: str = "cpu") -> "TraceMaps":
         """A trace saved by ``save``; ``tokenizer`` enables ``prompt=`` and exact query
         normalisation (words are found without it)."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(path, framework="pt", device=device) as f:
-            header = (f.metadata() or {}).get("attnctl")
-            if header is None:
-                raise ValueError(f"path: {path} is a safetensors file but not an attnctl trace")
-            meta = json.loads(header)
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"path: expected trace format {FORMAT}, got {meta.get('format')}")
-            layers = [LayerMaps(d["name"], tuple(d["grid"]), d["factor"], d["heads"],
-                                image_rows=tuple(d["image_rows"]) if d.get("image_rows") else None,
-                                frames=d.get("frames", 1))
-                      for d in meta["layers"]]
-            for key in f.keys():
-                _, i, kind, step = key.split(".")
-                getattr(layers[int(i)], kind)[int(step)] = f.get_tensor(key)
+        def corrupt(what: str) -> ValueError:
+            return ValueError(f"path: {path} is not a complete attnctl trace: {what}")
+
+        try:
+            with safe_open(path, framework="pt", device=device) as f:
+                header = (f.metadata() or {}).get("attnctl")
+                if header is None:
+                    raise ValueError(f"path: {path} is a safetensors file but not an attnctl trace")
+                try:
+                    meta = json.loads(header)
+                except json.JSONDecodeError as exc:
+                    raise corrupt(f"its attnctl header is not JSON ({exc.msg})") from None
+                if meta.get("format") != FORMAT:
+                    raise ValueError(f"path: expected trace format {FORMAT}, got {meta.get('format')}")
+                layers = [LayerMaps(d["name"], tuple(d["grid"]), d["factor"], d["heads"],
+                                    image_rows=tuple(d["image_rows"]) if d.get("image_rows") else None,
+                                    frames=d.get("frames", 1))
+                          for d in meta["layers"]]
+                for key in f.keys():
+                    _, i, kind, step = key.split(".")
+                    getattr(layers[int(i)], kind)[int(step)] = f.get_tensor(key)
+        except FileNotFoundError:
+            raise ValueError(f"path: expected a trace file (attnctl TraceMaps.save), got {path!r} (no such "
+                             "file)") from None
+        except ValueError as exc:
+            if str(exc).startswith("path: "):
+                raise
+            raise corrupt(str(exc)) from None
+        except (KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise corrupt(f"its header or tensor names do not describe a trace ({type(exc).__name__}: "
+                          f"{exc})") from None
+        except SafetensorError as exc:  # a cut or damaged file
+            raise corrupt(f"truncated or damaged safetensors data ({exc})") from None
         prompts = meta["prompts"]
         return cls(layers, BatchLayout(**meta["layout"]), tuple(meta["latent"]), meta["image_scale"],
                    [PromptText.from_json(p) for p in prompts] if prompts is not None else None,

@@ -39,7 +39,7 @@ from ..capture import Capture
 from ..diffusers.controller import AttentionCall, BatchLayout, Controller, DenoiseStep, Plan
 from ..diffusers.attach import Attachment
 from ..diffusers.install import Generation
-from .daam import counts_in_daam, is_daam_layer, output_side
+from .daam import counts_in_daam, daam_layer_problem, is_daam_layer, output_side
 from .maps import ALL_STEPS, LayerMaps, TraceMaps, resolution_matches, select_layers
 from ..diffusers.joint import BLOCK_KINDS, IMAGE_SELF
 from ..diffusers.dit import WAN
@@ -87,6 +87,7 @@ class TraceController(Controller):
         self.segment = None  # MM-DiT: (tokenizer, first column in the text, length or None = the rest)
         self.allowed_layers: Optional[frozenset] = None  # set by Trace from the UNet's layers
         self.daam_side: Optional[int] = None  # set by Trace: DAAM's output side for the pipeline
+        self.daam_check = None  # set by Trace on UNets under DAAM's layers: (installation, VAE factor)
         self.image_scale: Optional[int] = None  # MM-DiT: image pixels per image token (VAE x patch)
         self.dit: Optional[str] = None  # set by Trace on PixArt / Sana / Wan: the family
         self.frame_scale = 1  # Wan: video frames per latent frame after patchify (the VAE's 4)
@@ -143,6 +144,8 @@ class TraceController(Controller):
     def on_step(self, step: DenoiseStep, layout: BatchLayout) -> None:
         if layout.half != "uncond":  # the conditional call's layout (see _halves_apart for both)
             self.layout = layout
+            if step.index == 0:
+                self._check_call(step)
         self.steps_run = step.index + 1
 
     def _halves_apart(self, layout: BatchLayout) -> bool:
@@ -150,6 +153,22 @@ class TraceController(Controller):
         CFG with uncond=True): the maps then have 2B rows, [0, B) the negative prompt's
         call, [B, 2B) the prompt's."""
         return layout.half is not None and self.uncond
+
+    def _check_call(self, step: DenoiseStep) -> None:
+        """Before the first denoising step (the call's size and step count now known):
+        raise where ``steps`` or DAAM's layer rule would leave nothing to capture."""
+        total = step.num_calls
+        if self.steps is not None and total:
+            late = sorted(s for s in self.steps if s >= total)
+            if late:
+                raise ValueError(f"steps: expected denoising step indices below {total} (this call runs {total} "
+                                 f"steps: 0-{total - 1}), got {late}")
+        if self.daam_check is not None:
+            installation, factor = self.daam_check
+            problem = daam_layer_problem(installation.unet, factor, installation.latent)
+            if problem:
+                raise ValueError(f"layers: {problem}; generate at such a size, or pass layers='*' (every "
+                                 "cross-attention layer) or layer names")
 
     def plan(self, call: AttentionCall) -> Optional[Plan]:
         if not call.is_cross and (call.joint is None or not call.joint.text):
@@ -316,6 +335,7 @@ class Trace:
                              "call, which needs the pipeline's UNet sample size and VAE factor; got "
                              f"{what}; pass layers='*' (every cross-attention layer) or name patterns")
         controller.allowed_layers = frozenset(n for n in cross if is_daam_layer(n))
+        controller.daam_check = (installation, pipe.vae_scale_factor)
 
     def _select_dit(self) -> None:
         """PixArt / Sana / Wan: heads summed by default, maps on the token grid."""

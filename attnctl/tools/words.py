@@ -157,6 +157,15 @@ def record_prompt(tokenizer, prompt: str, max_length: Optional[int] = None) -> P
     return PromptText(prompt, tuple(tokens), words, truncated=len(tokenizer.tokenize(prompt)) > len(body))
 
 
+def check_words(tokenizer, prompt: str, words: Sequence[str], max_length: Optional[int] = None) -> None:
+    """Raise ValueError (as a heat map's ``word`` would) unless every one of ``words`` is
+    found in ``prompt`` cut to ``max_length`` tokens (see record_prompt): for checks before
+    any generation."""
+    text = record_prompt(tokenizer, prompt, max_length)
+    for word in words:
+        text.positions(word, None, tokenizer, "tokens")
+
+
 def record_after_instruction(tokenizer, prompt: str, instruction: Sequence[str], length: int) -> PromptText:
     """A prompt tokenised as SanaPipeline does with a ``complex_human_instruction``: the
     instruction lines joined by newlines, then the prompt, cut or padded to the
