@@ -11,6 +11,7 @@ from attnctl.injection import OwnTerm
 from attnctl.kernels.attention import LOG2E, attention_fwd_kernel, logit_max_kernel
 from attnctl.regions import Regions
 from ._layout import broadcast_strides, empty_output
+from .prepared import PreparedKernel
 
 
 def _next_pow2(n: int) -> int:
@@ -291,8 +292,14 @@ def attention_triton(q, k, v, *, scale: float, bias: Optional[torch.Tensor],
     grid, args, meta = kernel_arguments(q, k, v, out, scale=scale, bias=bias, prob_mult=prob_mult,
                                         capture=capture, regions=regions,
                                         source=source if fanout is None else None, own=own, fanout=fanout)
-    attention_fwd_kernel[grid](*args, **meta)
+    _attention_launches.launch(grid, args, meta)
     return out
+
+
+# The launches of attention_fwd_kernel, prepared per call signature: its pointer arguments
+# come first, up to the strides of q (see kernel_arguments).
+_attention_launches = PreparedKernel(attention_fwd_kernel, pointers=attention_fwd_kernel.arg_names.index("stride_qb"),
+                                     floats=("qk_scale_log2", "region_strength"))
 
 
 def logit_max_arguments(q, k, partial):

@@ -44,11 +44,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         f"the edit: at most {p2p_edit.MAX_STEPS}); a transformer's loop defaults to its own: "
                         + ", ".join(f"{m} {e2e_dit.MODELS[m].steps}" for m in e2e_dit.SMOKE))
     p.add_argument("--skip-kernels", action="store_true", help="only the end-to-end loop and/or the p2p edit")
+    p.add_argument("--host", action="store_true",
+                   help="only the host time of one call up to the driver's launch (CPU, the launch stubbed): "
+                        "SDPA, attnctl plain / captured / injection, and a UNet layer call against "
+                        "AttnProcessor2_0; writes bench/results/cpu/host-<date>.json (or --host-dir)")
+    p.add_argument("--host-repeat", type=int, default=2000, help="calls per --host median (default 2000)")
+    p.add_argument("--host-dir", default="bench/results/cpu", help="folder of the --host JSON")
     p.set_defaults(func=main)
     return p
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.host:
+        return _run_host(args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.p2p:  # before the kernel benchmarks, not after them
         try:
@@ -152,3 +160,14 @@ def _run_p2p(args: argparse.Namespace, device: str, result: report.ResultFile) -
         p2p_edit.run_p2p_edit(model, steps=steps, dtype=dtype, device=device,
                               contenders=args.p2p_contender, progress=progress)
         result.save()  # the ratios and latent differences, added when a model's contenders are done
+
+
+def _run_host(args: argparse.Namespace) -> int:
+    from pathlib import Path
+    from . import host
+    if args.host_repeat < 1:
+        raise SystemExit(f"attnctl bench: --host-repeat: expected a positive count, got {args.host_repeat}")
+    path = host.run(args.host_repeat, Path(args.host_dir))
+    print(path.read_text(), end="")
+    print(f"wrote {path}")
+    return 0

@@ -42,6 +42,7 @@ AttentionStore does (:class:`EditedCapture`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -93,6 +94,13 @@ def planned_attention(installation, describe: Callable[[], AttentionCall], q: to
     return out, call
 
 
+@functools.lru_cache(maxsize=None)
+def _unknown_fields(plan_type: type) -> Tuple[str, ...]:
+    """The fields of a Plan (sub)class without a composition rule: per class, not per call
+    (dataclasses.fields costs microseconds, and compose runs on every layer call)."""
+    return tuple(f.name for f in dataclasses.fields(plan_type) if f.name not in _KNOWN_FIELDS)
+
+
 def compose(plans: Sequence[Optional[Plan]], shape: Tuple[int, int, int, int],
             device: torch.device) -> Tuple[Optional[Plan], Optional[Callable[[], None]]]:
     """One plan for an op call of ``shape`` (B, H, M, N) on ``device``, and a function to
@@ -101,8 +109,7 @@ def compose(plans: Sequence[Optional[Plan]], shape: Tuple[int, int, int, int],
     if not plans:
         return None, None
     for plan in plans:
-        unknown = {f.name for f in dataclasses.fields(plan)} - _KNOWN_FIELDS
-        set_unknown = [name for name in unknown if getattr(plan, name) is not None]
+        set_unknown = [name for name in _unknown_fields(type(plan)) if getattr(plan, name) is not None]
         if set_unknown:
             raise NotImplementedError(f"compose: plan field(s) {set_unknown} of {type(plan).__name__} "
                                       "have no composition rule yet")
