@@ -371,21 +371,25 @@ def _attention_op(
                       probe_keys=probe_keys, probe_mass=present(probe_mass),
                       rows=range(*capture_rows) if capture_rows is not None else None)
     B, H, M, D = q.shape
-    check_capture(capture, B, H, M, k.shape[2], q.device, check_token_values=True,
+    # The checks that read values sync the device, which a CUDA graph capture forbids
+    # (torch.compile mode="reduce-overhead"): they run in its eager warm-up calls instead.
+    values = not (q.is_cuda and torch.cuda.is_current_stream_capturing())
+    check_capture(capture, B, H, M, k.shape[2], q.device, check_token_values=values,
                   dtype=q.dtype, head_dim=D)
     regions = None
     if labels_q is not None or labels_k is not None:
         regions = Regions(labels_q, labels_k, region_strength, region_allowed)
-        check_regions(regions, B, M, k.shape[2], q.device)
-    check_source(source, B, q.device)
-    check_bias_values(bias)
+        check_regions(regions, B, M, k.shape[2], q.device, values)
+    check_source(source, B, q.device, values)
+    if values:
+        check_bias_values(bias)
     own = None
     if own_values is not None:
         own_capture = Capture(*map(present, (own_token_mass, own_maps, own_head_maps, own_lse)),
                               tokens=own_tokens, head_weights=own_head_weights,
                               rows=range(*own_capture_rows) if own_capture_rows is not None else None)
         own = OwnTerm(own_values, own_prob_mult, None if own_capture.empty else own_capture)
-        check_own(own, q, k, v, source)
+        check_own(own, q, k, v, source, values)
     return _run(q, k, v, scale, bias, prob_mult, capture, backend, regions, source, own)
 
 

@@ -324,11 +324,16 @@ class Installation:
         encode_prompt.__signature__ = signature
         pipe.encode_prompt = encode_prompt
 
+    # The step hooks run eagerly under torch.compile(model): they count UNet calls and
+    # call the controllers' on_step, Python state that changes every step; traced, each
+    # new step index would be a guard failure and a recompile.
+    @torch.compiler.disable
     def _before_unet(self, module, args, kwargs) -> None:
         sample = args[0] if args else kwargs["sample"]
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         self._start_step(sample.shape[0], tuple(sample.shape[-2:]), timestep)
 
+    @torch.compiler.disable
     def _before_transformer(self, module, args, kwargs) -> None:
         rows, grid, self.text_tokens, timestep = self._read_forward(args, kwargs)
         self._encoding = None   # an encode_prompt call from now on starts a generation
@@ -347,6 +352,7 @@ class Installation:
         self._last_step = marker
         self._start_step(rows, grid, timestep)
 
+    @torch.compiler.disable
     def _before_dit(self, module, args, kwargs) -> None:
         rows, self.frames, grid, timestep = self._read_dit(args, kwargs)
         gen = self.generation

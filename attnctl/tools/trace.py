@@ -50,13 +50,17 @@ TOKEN_CHOICES = ("prompt", "all")
 
 
 class _LayerTrace:
-    __slots__ = ("maps", "selected", "head_weights", "columns")
+    __slots__ = ("maps", "selected", "head_weights", "columns", "current", "current_mass")
 
     def __init__(self, maps: LayerMaps, selected: bool, head_weights):
         self.maps = maps          # its dicts hold the buffers the kernel accumulates into
         self.selected = selected
         self.head_weights = head_weights
         self.columns: Optional[torch.Tensor] = None  # the captured key columns (shared per (T, first, device))
+        # The buffers of the current step's key in ``maps`` (token mass: None on MM-DiT);
+        # None until the layer's first captured call allocates them.
+        self.current: Optional[torch.Tensor] = None
+        self.current_mass: Optional[torch.Tensor] = None
 
 
 class TraceController(Controller):
@@ -97,6 +101,10 @@ class TraceController(Controller):
         self.layout: Optional[BatchLayout] = None
         self.latent: Optional[Tuple[int, int]] = None
         self.steps_run = 0
+        # Per-step state, set by on_step: whether this step is captured, and its key in the
+        # layers' maps (the step index with per_step, else ALL_STEPS).
+        self._active = True
+        self._key = ALL_STEPS
         self._layers: Dict[str, _LayerTrace] = {}
         self._columns: Dict[Tuple[int, int, torch.device], torch.Tensor] = {}
         # One Capture for every call, its buffers pointed at the layer's (and step's) own:
@@ -147,6 +155,24 @@ class TraceController(Controller):
             if step.index == 0:
                 self._check_call(step)
         self.steps_run = step.index + 1
+        # Every per-step decision is taken here, in the model's forward pre-hook, which runs
+        # eagerly under torch.compile: plan() reads no step index, only state that is the
+        # same at every step (a bool, each layer's current buffers), so a compiled UNet
+        # compiles once for the first step (which allocates) and once for the rest.
+        self._active = self.steps is None or step.index in self.steps
+        self._key = step.index if self.per_step else ALL_STEPS
+        if self._active and self.per_step:
+            for layer in self._layers.values():
+                if layer.current is not None and self._key not in layer.maps.maps:  # Wan: one step, two calls
+                    self._point_at(layer, self._key, torch.zeros_like(layer.current),
+                                   None if layer.current_mass is None else torch.zeros_like(layer.current_mass))
+
+    @staticmethod
+    def _point_at(layer: _LayerTrace, key: int, maps: torch.Tensor, token_mass: Optional[torch.Tensor]) -> None:
+        layer.maps.maps[key] = layer.current = maps
+        layer.current_mass = token_mass
+        if token_mass is not None:
+            layer.maps.token_mass[key] = token_mass
 
     def _halves_apart(self, layout: BatchLayout) -> bool:
         """Whether this trace keeps both CFG halves of calls that hold one each (Flux's true
@@ -181,16 +207,15 @@ class TraceController(Controller):
         layer = self._layers.get(call.layer)
         if layer is None:
             layer = self._layers[call.layer] = self._new_layer(call)
-        if not layer.selected or (self.steps is not None and call.step.index not in self.steps):
+        if not layer.selected or not self._active:
             return None
-        key = call.step.index if self.per_step else ALL_STEPS
-        maps = layer.maps.maps.get(key)
+        maps = layer.current
         if maps is None:
-            maps = self._allocate(call, layer, key)
+            maps = self._allocate(call, layer, self._key)
         elif layer.maps.image_rows is not None and layer.maps.image_rows != (call.joint.image.start,
                                                                               call.joint.image.stop):
             raise RuntimeError(f"trace: layer {call.layer} changed its joint layout within a generation")
-        token_mass = layer.maps.token_mass.get(key)  # None on MM-DiT (see _allocate)
+        token_mass = layer.current_mass  # None on MM-DiT (see _allocate)
         held = (maps.shape[0], maps.shape[-2], token_mass.shape[1:] if token_mass is not None else None)
         rows = 2 * call.batch if apart else call.batch
         if held != (rows, call.queries, (call.heads, call.keys) if token_mass is not None else None):
@@ -242,11 +267,10 @@ class TraceController(Controller):
         layer.columns = self._columns[(T, first, call.device)]
         zeros = dict(device=call.device, dtype=torch.float32)
         maps = torch.zeros((B, H, M, T) if self.per_head else (B, M, T), **zeros)
-        layer.maps.maps[key] = maps
-        if call.joint is None:
-            # Not on MM-DiT joint attention: its N (all text and image keys) spans many key
-            # blocks, where token mass costs the kernel a second pass over QKᵀ (+50 % FLOPs).
-            layer.maps.token_mass[key] = torch.zeros(B, H, N, **zeros)
+        # Not on MM-DiT joint attention: its N (all text and image keys) spans many key
+        # blocks, where token mass costs the kernel a second pass over QKᵀ (+50 % FLOPs).
+        token_mass = torch.zeros(B, H, N, **zeros) if call.joint is None else None
+        self._point_at(layer, key, maps, token_mass)
         return maps
 
     def result(self) -> TraceMaps:
