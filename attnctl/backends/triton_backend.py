@@ -173,9 +173,10 @@ def kernel_arguments(q, k, v, out, *, scale: float, bias: Optional[torch.Tensor]
     T_own = own_tokens.shape[-1] if own_tokens is not None else 0
     fan = fanout.shape[1] - 1 if fanout is not None else 1
     probes = cap.probe_keys is not None and cap.probe_mass is not None
+    controls = bias is not None or prob_mult is not None or regions is not None
     cfg = launch_config(D, DV, N, max(T, T_own), captures=not (cap.empty and own_cap.empty),
                         elem_size=q.element_size(), accumulators=2 if own is not None else fan, probes=probes,
-                        controls=bias is not None or prob_mult is not None or regions is not None)
+                        controls=controls)
     C = cap.probe_keys.shape[2] if probes else 0
     # Probe blocks: up to 64 probe keys per block (a concept set of a few words fits one).
     block_c = min(64, _pow2_at_least_16(C)) if probes else 16
@@ -233,9 +234,12 @@ def kernel_arguments(q, k, v, out, *, scale: float, bias: Optional[torch.Tensor]
         OWN_CAPTURE_HEAD_MAPS=own_cap.head_maps is not None, OWN_CAPTURE_LSE=own_cap.lse is not None,
         OWN_HAS_HEAD_WEIGHTS=own_cap.head_weights is not None,
         FANOUT=fan,
-        # Probes (HRV construction, off the denoising hot path) keep unhinted loads: with the
-        # hint ptxas spilled 16 B at d 40 on sm_90 (Triton 3.9), measured by compile_kernel.
-        ALIGN=1 if probes else stride_alignment(q.element_size(), q, k, v, out, own_values),
+        # Probes (HRV construction) and uncaptured controls (paint, scaling, Reweight) keep
+        # unhinted loads: their tiles sit at the register cap, and with the hint ptxas spilled
+        # (probes 16 B at d 40 on sm_90 with Triton 3.9, controls 8 B at d 40, N = 77 on sm_80
+        # with Triton 3.6; tests/compile_kernel.py).
+        ALIGN=1 if probes or (controls and cap.empty and own_cap.empty)
+        else stride_alignment(q.element_size(), q, k, v, out, own_values),
         **cfg,
     )
     programs = fanout.shape[0] if fanout is not None else B

@@ -42,7 +42,6 @@ AttentionStore does (:class:`EditedCapture`).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -94,11 +93,19 @@ def planned_attention(installation, describe: Callable[[], AttentionCall], q: to
     return out, call
 
 
-@functools.lru_cache(maxsize=None)
-def _unknown_fields(plan_type: type) -> Tuple[str, ...]:
-    """The fields of a Plan (sub)class without a composition rule: per class, not per call
-    (dataclasses.fields costs microseconds, and compose runs on every layer call)."""
-    return tuple(f.name for f in dataclasses.fields(plan_type) if f.name not in _KNOWN_FIELDS)
+_UNKNOWN_FIELDS: dict = {}   # Plan (sub)class -> its fields without a composition rule
+
+
+def _unknown_fields(plan: Plan) -> Tuple[str, ...]:
+    """The fields of a plan's class without a composition rule, once per class, not per call
+    (dataclasses.fields costs microseconds, and compose runs on every layer call). A plain
+    dict, not functools.lru_cache: torch.compile traces this and breaks the graph on the
+    latter."""
+    names = _UNKNOWN_FIELDS.get(type(plan))
+    if names is None:
+        names = _UNKNOWN_FIELDS[type(plan)] = tuple(f.name for f in dataclasses.fields(plan)
+                                                    if f.name not in _KNOWN_FIELDS)
+    return names
 
 
 def compose(plans: Sequence[Optional[Plan]], shape: Tuple[int, int, int, int],
@@ -109,7 +116,7 @@ def compose(plans: Sequence[Optional[Plan]], shape: Tuple[int, int, int, int],
     if not plans:
         return None, None
     for plan in plans:
-        set_unknown = [name for name in _unknown_fields(type(plan)) if getattr(plan, name) is not None]
+        set_unknown = [name for name in _unknown_fields(plan) if getattr(plan, name) is not None]
         if set_unknown:
             raise NotImplementedError(f"compose: plan field(s) {set_unknown} of {type(plan).__name__} "
                                       "have no composition rule yet")

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
+import weakref
 
 import torch
 
@@ -147,6 +148,24 @@ class DenoiseStep:
         return self._sigma
 
 
+_host_timesteps: dict = {}   # id(scheduler.timesteps) -> (weak reference, its values as a list)
+
+
+def _host_timestep(scheduler, index: int, timestep) -> int:
+    """The step's timestep as an int without reading the device tensor the model got (a
+    host sync per step): the scheduler's timesteps, read on the host once per schedule
+    (set_timesteps makes a new tensor), at the index that ``sigmas`` shares."""
+    steps = getattr(scheduler, "timesteps", None)
+    if not isinstance(steps, torch.Tensor) or index >= steps.numel():
+        return int(timestep)
+    entry = _host_timesteps.get(id(steps))
+    if entry is None or entry[0]() is not steps:
+        if len(_host_timesteps) > 16:
+            _host_timesteps.clear()
+        entry = _host_timesteps[id(steps)] = (weakref.ref(steps), [int(t) for t in steps.tolist()])
+    return entry[1][index]
+
+
 def _sigma_of(scheduler, index: int, timestep) -> float:
     if scheduler is None:
         raise RuntimeError("sigma: no scheduler is known for this call (install attnctl on a pipeline, "
@@ -156,7 +175,7 @@ def _sigma_of(scheduler, index: int, timestep) -> float:
         return float(sigmas[index])
     alphas = getattr(scheduler, "alphas_cumprod", None)
     if isinstance(alphas, torch.Tensor):
-        a = float(alphas[int(timestep)])
+        a = float(alphas[_host_timestep(scheduler, index, timestep)])
         return ((1.0 - a) / a) ** 0.5
     raise RuntimeError(f"sigma: scheduler {type(scheduler).__name__} has neither sigmas nor alphas_cumprod")
 

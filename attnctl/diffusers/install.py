@@ -116,6 +116,14 @@ def query_grid(latent: Tuple[int, int], queries: int) -> Tuple[Optional[Tuple[in
     return ((h, w), factor) if h * w == queries else (None, None)
 
 
+def _eager(hook):
+    """``hook`` run eagerly under torch.compile (torch.compiler.disable). Applied when the
+    hook is registered, not as a decorator: decorating at import would import torch._dynamo,
+    and with it triton, when attnctl is imported, before the CLI can choose Triton's CPU
+    interpreter (which must be set before triton first reads it)."""
+    return torch.compiler.disable(hook)
+
+
 class Installation:
     """attnctl installed on one UNet or MM-DiT transformer; shared by its processors. Use it
     as a context manager to uninstall on exit."""
@@ -160,15 +168,15 @@ class Installation:
             processors = {name: make(replayed[name], self) if name in replayed else proc
                           for name, proc in self._original.items()}
             self._read_dit = DiTReader(model, self.dit)
-            self._hook = model.register_forward_pre_hook(self._before_dit, with_kwargs=True)
+            self._hook = model.register_forward_pre_hook(_eager(self._before_dit), with_kwargs=True)
         elif self.family is None:
             processors = {name: AttnctlProcessor(name[: -len(".processor")], self) for name in self._original}
-            self._hook = model.register_forward_pre_hook(self._before_unet, with_kwargs=True)
+            self._hook = model.register_forward_pre_hook(_eager(self._before_unet), with_kwargs=True)
         else:
             self.joint = joint_layers(model, self.family)
             processors = {f"{layer}.processor": JointProcessor(layer, self, kind) for layer, kind in self.joint.items()}
             self._read_forward = ForwardReader(model, self.family)
-            self._hook = model.register_forward_pre_hook(self._before_transformer, with_kwargs=True)
+            self._hook = model.register_forward_pre_hook(_eager(self._before_transformer), with_kwargs=True)
         # the processors attnctl puts in (all but Sana's linear self-attention)
         self._routed = [name for name, proc in processors.items() if proc is not self._original[name]]
         if pipe is not None and hasattr(pipe, "encode_prompt"):
@@ -327,13 +335,11 @@ class Installation:
     # The step hooks run eagerly under torch.compile(model): they count UNet calls and
     # call the controllers' on_step, Python state that changes every step; traced, each
     # new step index would be a guard failure and a recompile.
-    @torch.compiler.disable
     def _before_unet(self, module, args, kwargs) -> None:
         sample = args[0] if args else kwargs["sample"]
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         self._start_step(sample.shape[0], tuple(sample.shape[-2:]), timestep)
 
-    @torch.compiler.disable
     def _before_transformer(self, module, args, kwargs) -> None:
         rows, grid, self.text_tokens, timestep = self._read_forward(args, kwargs)
         self._encoding = None   # an encode_prompt call from now on starts a generation
@@ -352,7 +358,6 @@ class Installation:
         self._last_step = marker
         self._start_step(rows, grid, timestep)
 
-    @torch.compiler.disable
     def _before_dit(self, module, args, kwargs) -> None:
         rows, self.frames, grid, timestep = self._read_dit(args, kwargs)
         gen = self.generation

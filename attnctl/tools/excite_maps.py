@@ -165,7 +165,7 @@ class HRVMaps(ExciteMaps):
         weights = self._weights.get(key)
         if weights is None:
             columns = [_layer_slice(self.hrv, self._offsets, vector, layer, heads) for vector in self._vectors]
-            weights = (torch.stack(columns) / self.head_divisor).to(device)
+            weights = (torch.stack(columns) / self.head_divisor).to(device, non_blocking=True)
             self._weights[key] = weights
         return weights
 

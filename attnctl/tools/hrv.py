@@ -395,11 +395,11 @@ class HRVBuilder(Controller):
         if self.probe_words == "all":
             avg = self._avg.get(device)
             if avg is None:
-                avg = self._avg[device] = self._avg_all.to(device)
+                avg = self._avg[device] = self._avg_all.to(device, non_blocking=True)
             return None, avg
         chosen = [ranges[i] for ranges, i in zip(self._word_tokens, self.sample_words())]
         tokens = ([0] if self.probe_sot else []) + [t for r in chosen for t in r]
-        return tokens, self._averaging(chosen, tokens).to(device)
+        return tokens, self._averaging(chosen, tokens).to(device, non_blocking=True)
 
     def _call_probe(self, probe: _LayerProbe, call: AttentionCall) -> None:
         """Point the layer's capture at this call's probe tokens and averaging."""
@@ -638,7 +638,7 @@ class _HeadTokenController(Controller):
             cols = [first + c for c in per_prompt[min(prompt, len(per_prompt) - 1)] if c < stop]
             columns[row, cols] = 1.0
         pm = 1.0 + columns[:, None, None, :] * (factor[None, :, None, None] - 1.0)
-        return pm.to(call.device)
+        return pm.to(call.device, non_blocking=True)
 
 
     def _text_columns(self, call: AttentionCall) -> List[List[int]]:

@@ -179,13 +179,13 @@ class InsideOutside(Controller):
                 factor[row, 0, 0, boosted] = self.cross_boost
                 factor[row, 0, 0, list(self.zeroed)] = 0.0
             if not bool((factor == 1).all()):
-                prob_mult = factor.to(call.device)
+                prob_mult = factor.to(call.device, non_blocking=True)
         else:
             if call.keys != call.queries:
                 raise RuntimeError(f"InsideOutside: self-attention {call.layer} has {call.keys} keys for "
                                    f"{call.queries} queries; expected the same pixels on both sides")
             labels_k = labels_q
-        return labels_q.to(call.device), labels_k.to(call.device), prob_mult
+        return labels_q.to(call.device, non_blocking=True), labels_k.to(call.device, non_blocking=True), prob_mult
 
 
 def _columns(items, text) -> Tuple[int, ...]:

@@ -302,7 +302,7 @@ class Edit(Controller):
         if restoring:
             W, own = self._restore(call, rows, t, steps, W, own, restoring)
         own_rows = [row for row, _, _ in rows if own[row].any()]
-        return Plan(source=self._device_source(source, call.device), value_map=W.to(call.device),
+        return Plan(source=self._device_source(source, call.device), value_map=W.to(call.device, non_blocking=True),
                     own_prob_mult=self._device_factor(own, call.device) if own_rows else None)
 
     def _restore(self, call: AttentionCall, rows, t: int, steps: int, W: torch.Tensor, own: torch.Tensor, specs):
@@ -331,7 +331,7 @@ class Edit(Controller):
         handing it the same tensor at every layer and step keeps that to a few syncs."""
         key = (tuple(source.tolist()), str(device))
         if key not in self._on_device:
-            self._on_device[key] = source.to(device)
+            self._on_device[key] = source.to(device, non_blocking=True)
         return self._on_device[key]
 
     def _device_factor(self, own: torch.Tensor, device) -> torch.Tensor:
@@ -340,7 +340,7 @@ class Edit(Controller):
         every step gives the same factor."""
         key = (tuple(own.shape), tuple(own.flatten().tolist()), str(device))
         if key not in self._on_device:
-            self._on_device[key] = own.to(device)
+            self._on_device[key] = own.to(device, non_blocking=True)
         return self._on_device[key]
 
     def _alpha(self, prompt: int, t: int, steps: int, N: int) -> torch.Tensor:

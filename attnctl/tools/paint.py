@@ -255,7 +255,7 @@ class PaintWithWords(Controller):
                 for start, stop in occurrences:
                     if start < len(text):
                         area[i, 0, :, start:min(stop, len(text))] += painted
-        area = area.to(call.device)
+        area = area.to(call.device, non_blocking=True)
         bias = torch.zeros(call.batch, 1, call.queries, call.keys, device=call.device)
         return area, bias
 

@@ -257,7 +257,8 @@ def _regions(labels_q: torch.Tensor, labels_k: torch.Tensor, allowed: torch.Tens
     labels[unmasked_rows.start:unmasked_rows.stop] = -1
     if len(unmasked_rows) == 0:
         labels = labels[:1]
-    return Regions(labels.to(device), labels_k[None].to(device), allowed=allowed.to(device))
+    return Regions(labels.to(device, non_blocking=True), labels_k[None].to(device, non_blocking=True),
+                   allowed=allowed.to(device, non_blocking=True))
 
 
 def _call_defaults(pipe, names: Sequence[str], given: dict) -> dict:

@@ -205,8 +205,8 @@ class StructuredGuidance(Controller):
         key = (rows, call.device)
         plan = self._plans.get(key)
         if plan is None:
-            keys = None if self.keys is None else self.keys[:, None].to(call.device)
-            plan = self._plans[key] = Plan(value_states=self.values[:, None].to(call.device), key_states=keys,
+            keys = None if self.keys is None else self.keys[:, None].to(call.device, non_blocking=True)
+            plan = self._plans[key] = Plan(value_states=self.values[:, None].to(call.device, non_blocking=True), key_states=keys,
                                            state_rows=rows)
         return plan
 
