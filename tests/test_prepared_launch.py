@@ -130,3 +130,38 @@ def test_bench_host_writes_json(tmp_path):
     assert set(result["ratios_to_sdpa"]) == {"plain", "captured", "injection", "plain_jit", "captured_jit",
                                              "injection_jit"}
     assert result["environment"]["repeat"] == 3
+
+
+def test_a_direct_launch_the_launcher_refuses_falls_back_to_the_jit_and_says_why(monkeypatch, caplog):
+    """The compiled launcher's calling convention is Triton-internal: where it refuses the
+    arguments (TypeError, before anything launches), every later call goes through the JIT,
+    with one warning and the reason queryable, never silently."""
+    from attnctl.backends import prepared
+
+    launched = []
+
+    class FakeKernel:
+        arg_names = ["X", "n"]
+
+        @staticmethod
+        def fn(X, n, BLOCK: "tl.constexpr" = 4):
+            pass
+
+        def __getitem__(self, grid):
+            return lambda *args, **meta: launched.append((grid, args, meta))
+
+    monkeypatch.setattr(prepared, "_current_device", lambda: 0)
+    kernel = prepared.PreparedKernel(FakeKernel(), pointers=1, floats=())
+    kernel._compiled = True
+    x = torch.zeros(4)
+
+    def refusing(grid, full_args, device):
+        raise TypeError("function takes exactly 13 arguments (12 given)")
+
+    kernel.entries[kernel.signature_key([x, 4], {"BLOCK": 4}, 0)] = ((4,), refusing)
+    with caplog.at_level("WARNING", logger="attnctl"):
+        kernel.launch((1, 1), [x, 4], {"BLOCK": 4})
+        kernel.launch((1, 1), [x, 4], {"BLOCK": 4})
+    assert len(launched) == 2 and launched[0][2] == {"BLOCK": 4}
+    assert "13 arguments" in kernel.direct_launch_unavailable
+    assert sum("direct launches" in r.getMessage() for r in caplog.records) == 1

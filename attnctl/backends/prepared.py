@@ -24,11 +24,14 @@ signature cache and the argument filling run (and are tested) on the CPU too.
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import Callable, Dict, Sequence, Tuple
 
 from triton import knobs
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
+
+logger = logging.getLogger("attnctl")
 
 
 class PreparedKernel:
@@ -48,6 +51,10 @@ class PreparedKernel:
         self._compiled = isinstance(kernel, JITFunction)
         self.max_entries = max_entries
         self.entries: Dict[tuple, Tuple[tuple, Callable]] = {}
+        # Why repeat calls go through the JIT instead (None while the direct launch works):
+        # the compiled launcher's calling convention is Triton-internal and has been read
+        # from the 3.6 and 3.9 sources, not yet run on a GPU.
+        self.direct_launch_unavailable = None
 
     def signature_key(self, args: list, meta: dict, device) -> tuple:
         scalars = args[self.pointers:]
@@ -65,7 +72,19 @@ class PreparedKernel:
             self._prepare(key, grid, args, meta)
             return
         tail, run = entry
-        run(grid, (*args, *tail), device)
+        if self.direct_launch_unavailable is not None:
+            self.kernel[grid](*args, **meta)
+            return
+        try:
+            run(grid, (*args, *tail), device)
+        except TypeError as exc:  # refused before launching: a launcher of another convention
+            if not self._compiled:
+                raise
+            self.direct_launch_unavailable = f"{type(exc).__name__}: {exc}"
+            logger.warning("attnctl: %s: direct launches of the compiled kernel failed (%s); every launch now "
+                           "goes through Triton's JIT binder (slower host path)", self.kernel.fn.__name__,
+                           self.direct_launch_unavailable)
+            self.kernel[grid](*args, **meta)
 
     def _prepare(self, key: tuple, grid: tuple, args: list, meta: dict) -> None:
         """First call of a signature: through the JIT (which compiles or finds the kernel

@@ -156,7 +156,7 @@ def _layer_times(repeat: int) -> Dict[str, float]:
     from attnctl.diffusers.offline import tiny_sd_pipeline
     pipe = tiny_sd_pipeline()
     times: Dict[str, float] = {}
-    with attnctl.trace(pipe, backend="triton"):
+    with attnctl.trace(pipe, layers="*", backend="triton"):
         name, attn = next((n, m) for n, m in pipe.unet.named_modules() if n.endswith("attn2"))
         traced, stock = attn.processor, AttnProcessor2_0()
 
