@@ -81,9 +81,12 @@ def _hrv_work(pipe, **changes):
 
 
 def _maps_work(pipe, words):
-    from attnctl.jobs.maps import MapsWork
+    """As the maps job does: the words checked (before the model loads), then the work."""
+    from attnctl.jobs.maps import MapsWork, validate_words, word_length
 
-    return MapsWork(pipe, _job_args(), _prompt_items(("a cat", words)))
+    items = _prompt_items(("a cat", words))
+    checked = validate_words(pipe.tokenizer, items, "prompts.jsonl", word_length(type(pipe)))
+    return MapsWork(pipe, _job_args(), checked)
 
 
 def _edit_work(pipe, source, target):
